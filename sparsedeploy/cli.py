@@ -54,7 +54,7 @@ def allocate(
     alpha: Optional[float] = typer.Option(None, help="DLP α (default: the paper's table for p)"),
     dlp_stat: str = typer.Option("median", help="median (paper) | mean (authors' code)"),
     owl_m: float = typer.Option(5.0, help="OWL outlier threshold M"),
-    owl_lambda: float = typer.Option(0.08, help="OWL λ"),
+    owl_lambda: Optional[float] = typer.Option(None, help="OWL λ (default 0.08, lowered where ratios would leave [0, 1))"),
     force: bool = typer.Option(False),
 ):
     """Per-decoder-layer sparsity ratios → RUN/ratios.json (+ ratios.png)."""
@@ -74,7 +74,7 @@ def prune(
     alpha: Optional[float] = typer.Option(None, help="DLP α (default: the paper's table for p)"),
     dlp_stat: str = typer.Option("median", help="median | mean"),
     owl_m: float = typer.Option(5.0),
-    owl_lambda: float = typer.Option(0.08),
+    owl_lambda: Optional[float] = typer.Option(None, help="OWL λ (default 0.08)"),
     calib: str = typer.Option("wikipedia-summaries"),
     nsamples: int = typer.Option(128),
     seqlen: int = typer.Option(2048),
@@ -169,15 +169,13 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors arrive here with standalone_mode=False
-        import click
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors (typer's bundled click) arrive here with standalone_mode=False
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):
             ui.console.print(f"error: {e.format_message()}", highlight=False, markup=False, soft_wrap=True)
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
-
 
 if __name__ == "__main__":
     main()

