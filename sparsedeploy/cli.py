@@ -114,6 +114,94 @@ def eval_(
 
 
 @app.command()
+def export(
+    run_or_model: str = typer.Argument(..., help="RUN directory, HF folder, .gguf, or 'smollm2-135m'"),
+    seqlen: int = typer.Option(512, help="total context S the deployment is compiled for (prompt + generated)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="deployment folder (default RUN/deployment)"),
+    force: bool = typer.Option(False),
+):
+    """KV-cache ONNX export → a deployment folder, verified (tokens = PyTorch's, sparsity = the plan)."""
+    from .export.stage import export as export_stage
+    dep = export_stage(run_or_model, seqlen=seqlen, out=out, force=force)
+    _print_export(dep)
+
+
+@app.command("compile")
+def compile_(
+    deployment: Path = typer.Argument(..., help="deployment folder (from `sparsedeploy export`)"),
+    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime"),
+    cores: Optional[int] = typer.Option(None, help="cores for the engine (default: all)"),
+):
+    """Compile one decode step on the engine (in its own process, on a copy) and check its tokens."""
+    from .bench.bench import compile_deployment
+    rec = compile_deployment(deployment, engine, cores)
+    note = f" (fallback: {rec['fallback_reason']})" if rec.get("fallback_reason") else ""
+    match = {True: "equal PyTorch's", False: "DIFFER from PyTorch's", None: "not checked"}[rec.get("tokens_equal_pytorch")]
+    ui.out.print(f"{rec['engine']}{note}: compiled in {rec['compile_s']:.2f} s, greedy tokens {match}, "
+                 f"peak RSS {rec['peak_rss_mb'] or 0:.0f} MB, model.onnx unchanged: {rec['onnx_unchanged']}")
+
+
+def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline):
+    from .bench.bench import BenchConfig
+    return BenchConfig(engine=engine, cores=cores, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
+                       group_size=group_size, ort_baseline=ort_baseline)
+
+
+@app.command()
+def bench(
+    deployments: list[Path] = typer.Argument(..., help="deployment folders (dense + pruned copies of one model)"),
+    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime"),
+    cores: Optional[int] = typer.Option(None),
+    prompt_tokens: int = typer.Option(64),
+    new_tokens: int = typer.Option(128),
+    rounds: int = typer.Option(3, help="interleaved rounds (latencies pooled)"),
+    group_size: Optional[int] = typer.Option(None, help="pruned models alive at once (each group re-runs the dense model)"),
+    ort_baseline: bool = typer.Option(True, help="also time the dense model on ONNX Runtime"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results here"),
+    out: Optional[Path] = typer.Option(None, help="also write OUT.{json,csv,md,png}"),
+):
+    """Decode latency, throughput and speedup vs dense: Table 5."""
+    from .bench import bench as bench_mod, report
+    cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline)
+    doc = bench_mod.bench(deployments, cfg, json_out=json_out)
+    if out is not None:
+        report.write_reports(doc, out)
+    _print_bench(doc)
+
+
+@app.command()
+def sweep(
+    model: str = typer.Argument("smollm2-135m", help="model to prune (ignored with --synthetic)"),
+    out: Path = typer.Option(..., "--out", help="sweep directory (resumable)"),
+    sparsities: str = typer.Option("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"),
+    allocator: str = typer.Option("dlp"),
+    method: str = typer.Option("wanda"),
+    synthetic: Optional[str] = typer.Option(None, help="llama2-7b: random weights with real layer shapes"),
+    layers: int = typer.Option(2, help="decoder layers of the synthetic model"),
+    nsamples: int = typer.Option(32), calib_seqlen: int = typer.Option(256),
+    seqlen: int = typer.Option(256, help="deployment context S"),
+    engine: str = typer.Option("deepsparse"), cores: Optional[int] = typer.Option(None),
+    prompt_tokens: int = typer.Option(64), new_tokens: int = typer.Option(128),
+    rounds: int = typer.Option(3), group_size: Optional[int] = typer.Option(None),
+    ort_baseline: bool = typer.Option(True),
+    prepare_only: bool = typer.Option(False, help="prune and export only; bench later (e.g. on an idle machine)"),
+):
+    """Prune at every sparsity, export each, bench them together: Table 5 (+ JSON/CSV/MD/PNG in OUT)."""
+    from .bench.sweep import SweepConfig, parse_sparsities, sweep as sweep_stage
+    if synthetic and method == "wanda":
+        method = "magnitude"
+    cfg = SweepConfig(model, parse_sparsities(sparsities), allocator, method, nsamples, calib_seqlen, seqlen, synthetic,
+                      layers, prepare_only, _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size,
+                                                          ort_baseline))
+    doc = sweep_stage(cfg, out)
+    if prepare_only:
+        ui.out.print(f"prepared {len(doc['deployments'])} deployments in {out}; rerun without --prepare-only to bench")
+        return
+    _print_bench(doc)
+    ui.out.print(f"reports: {out / 'table5'}.{{json,csv,md,png}}")
+
+
+@app.command()
 def run(
     model: str = typer.Option("smollm2-135m", help="model to prune (default: the embedded SmolLM2-135M)"),
     out: Path = typer.Option(DEFAULT_RUN, "--out"),
@@ -127,9 +215,15 @@ def run(
     max_windows: Optional[int] = typer.Option(64),
     data_file: Optional[str] = typer.Option(None),
     device: str = typer.Option("auto"),
+    deploy: bool = typer.Option(True, help="then export, compile and bench dense vs pruned"),
+    engine: str = typer.Option("deepsparse"),
+    export_seqlen: int = typer.Option(256),
+    prompt_tokens: int = typer.Option(64),
+    new_tokens: int = typer.Option(128),
     force: bool = typer.Option(False),
 ):
-    """The main job: prune the default model with DLP + Wanda and compare its perplexity with the dense model's."""
+    """The main job: prune the default model with DLP + Wanda, compare perplexity with the dense model's,
+    then export both, compile them and print the Table 5 decode benchmark."""
     st = _stages()
     cfg = st.PruneConfig(model, sparsity, allocator, method, "unstructured",
                          calib=st.CalibConfig(model, "wikipedia-summaries", nsamples, seqlen, 0, None, device),
@@ -149,6 +243,42 @@ def run(
     table.add_row(f"{allocator}+{method}", f"{pruned['sparsity']:.1%}", f"{pruned['perplexity']:.2f}")
     ui.out.print(table)
     ui.out.print(f"pruned model: {out / 'model'}   ratios: {out / st.RATIOS}   figure: {out / st.RATIOS_PNG}")
+    if not deploy:
+        return
+    from .bench import bench as bench_mod, report
+    from .export.stage import export as export_stage
+    dense_dep = export_stage(model, seqlen=export_seqlen, out=out / "dense-deployment", force=force)
+    pruned_dep = export_stage(str(out), seqlen=export_seqlen, force=force)
+    _print_export(pruned_dep)
+    rec = bench_mod.compile_deployment(pruned_dep, engine)
+    ui.out.print(f"compiled on {rec['engine']} in {rec['compile_s']:.2f} s; its greedy tokens equal PyTorch's")
+    cfg = _bench_config(engine, None, prompt_tokens, new_tokens, 3, None, True)
+    doc = bench_mod.bench([dense_dep, pruned_dep], cfg, title=f"{model}: dense vs {allocator.upper()}+{method} — decode ms/token")
+    report.write_reports(doc, out / "table5")
+    _print_bench(doc)
+    ui.out.print(f"bench reports: {out / 'table5'}.{{json,csv,md,png}}")
+
+
+def _print_export(dep: Path) -> None:
+    from .pipeline.rundir import read_json
+    meta = read_json(Path(dep) / "sparsedeploy.json")
+    v = meta.get("verified") or {}
+    ui.out.print(f"deployment: {dep}  (seqlen {meta['seqlen']}, weight sparsity {meta.get('sparsity', 0):.1%}; "
+                 f"{len(v.get('tokens', []))} greedy tokens on {v.get('engine', '-')} equal PyTorch's; "
+                 f"sparsity per layer equals {v.get('plan_from', '-')})")
+
+
+def _print_bench(doc: dict) -> None:
+    from .bench import report
+    for name, rows in doc["engines"].items():
+        if len(rows) > 1:   # an engine that only ran the dense baseline shows up as "vs dense ORT"
+            ui.out.print(report.table5(rows, f"{doc['title']} ({name})"))
+        ui.out.print(report.details_table(rows, f"{name}: details", doc.get("dense_ort_ms")))
+    m = doc["machine"]
+    ui.out.print(f"{m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; memory bandwidth {m['bandwidth']['gbs']:.1f} GB/s"
+                 + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""))
+    if doc.get("dense_tokens_agree_across_engines") is not None:
+        ui.out.print(f"dense greedy tokens equal across engines: {doc['dense_tokens_agree_across_engines']}")
 
 
 def _print_ratios(doc: dict) -> None:

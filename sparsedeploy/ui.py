@@ -1,13 +1,14 @@
 """Console output shared by the stages: one rich console on stderr and a progress helper."""
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable in logs
 
 
 @contextmanager

@@ -1,0 +1,309 @@
+"""Compile and benchmark deployments: each engine alone in its own worker process, models interleaved.
+
+A bench takes one or more deployment folders (typically the dense model and pruned copies of it), starts
+one worker per (deployment, engine), warms each up, then runs `rounds` rounds in which every worker decodes
+the same prompt in turn (the order rotates every round, so drift hits all models alike). Latencies of all
+rounds are pooled: median and p90 per token. Per group of workers the non-decoder part of a step
+(embedding, final norm, lm_head: the deployment's head.onnx) is timed on the same engine, which splits a
+step into decoder-layer time and the rest; a STREAM-like probe gives the memory bandwidth that turns the
+bytes a step must read into a lower bound on its time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import ui
+from ..errors import UserError, check
+from ..export.onnx_kv import read_deployment
+from ..pipeline.rundir import read_json, write_json
+from . import report
+from .runtime import ENGINES, WorkerRuntime
+
+DENSE_BELOW = 0.005          # a deployment with fewer zeros than this is "Dense"
+
+
+def label_for(sparsity: float) -> str:
+    return "Dense" if sparsity < DENSE_BELOW else f"{round(100 * sparsity)}%"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_engine(engine: str) -> str:
+    check(engine in ENGINES, f"unknown engine '{engine}'", f"use one of: {', '.join(ENGINES)}")
+    return engine
+
+
+def _check_cores(cores: int | None) -> None:
+    import os
+
+    n = os.cpu_count() or 1
+    check(cores is None or 1 <= cores <= n, f"--cores {cores} is not between 1 and this machine's {n}",
+          "omit --cores to use every core")
+
+
+# ----------------------------------------------------------------------------------------------- compile
+def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores: int | None = None) -> dict:
+    """Compile the deployment for one decode step on `engine` (in a worker, on a copy of model.onnx), check
+    that its greedy tokens equal PyTorch's from export time, and record compile time -> compile-<engine>.json."""
+    from ..export.verify import VerificationError
+
+    _check_engine(engine)
+    _check_cores(cores)
+    meta = read_deployment(deployment)
+    onnx_path = Path(meta["onnx"])
+    before = file_sha256(onnx_path)
+    with WorkerRuntime(engine, onnx_path, cores=cores, seq_len=1, cache_len=int(meta["seqlen"])) as w:
+        rec = {"requested_engine": engine, "engine": w.name, "fallback_reason": w.fallback_reason,
+               "compile_s": round(w.compile_seconds, 3), "cores": cores, "seqlen": meta["seqlen"]}
+        verified = meta.get("verified") or {}
+        if verified.get("tokens"):
+            res = w.decode(verified["prompt_ids"], len(verified["tokens"]))
+            rec["tokens_equal_pytorch"] = res.tokens == verified["tokens"]
+            if not rec["tokens_equal_pytorch"]:
+                raise VerificationError(f"{w.name} greedy tokens {res.tokens} differ from PyTorch's {verified['tokens']}",
+                                        "report it with the deployment; ONNX Runtime's tokens matched at export")
+            rec["decode_ms_median"] = res.summary()["decode_ms_median"]
+        rec["peak_rss_mb"] = w.peak_rss_mb()
+    rec["onnx_unchanged"] = file_sha256(onnx_path) == before
+    check(rec["onnx_unchanged"], f"{onnx_path} changed during compile", "report it: engines must only see a copy")
+    write_json(Path(deployment) / f"compile-{engine}.json", rec)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------- bench
+@dataclass
+class BenchConfig:
+    engine: str = "deepsparse"
+    cores: int | None = None
+    prompt_tokens: int = 64
+    new_tokens: int = 128
+    rounds: int = 3
+    ort_baseline: bool = True          # also time the dense model on ONNX Runtime in the same rounds
+    group_size: int | None = None      # pruned models per group (each group adds the dense model); None = all
+    bandwidth_mbytes: int = 256
+
+    def validate(self) -> None:
+        _check_engine(self.engine)
+        _check_cores(self.cores)
+        check(self.prompt_tokens >= 1, f"--prompt-tokens {self.prompt_tokens} must be at least 1", "use e.g. 64")
+        check(self.new_tokens >= 2, f"--new-tokens {self.new_tokens} must be at least 2", "use e.g. 128")
+        check(self.rounds >= 1, f"--rounds {self.rounds} must be at least 1", "use e.g. 3")
+        check(self.group_size is None or self.group_size >= 1, f"--group-size {self.group_size} must be at least 1",
+              "omit it to bench every model together")
+
+
+def prompt_ids(deployment: Path, n: int, seed: int = 0) -> list[int]:
+    """`n` token ids of held-out Wikipedia text through the deployment's own tokenizer (random ids when the
+    tokenizer or the text is unavailable, e.g. synthetic models: the cost of a step does not depend on them)."""
+    meta = read_json(deployment / "sparsedeploy.json")
+    ids: list[int] = []
+    if not meta.get("synthetic"):
+        try:
+            from tokenizers import Tokenizer
+
+            from ..pipeline.data import load_text
+
+            text = str(load_text("wikipedia-summaries-heldout"))[:20000]
+            ids = Tokenizer.from_file(str(deployment / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+        except Exception:  # noqa: BLE001 - any failure: fall back to random ids
+            ids = []
+    if len(ids) < n:
+        rng = np.random.default_rng(seed)
+        ids = rng.integers(0, int(meta["vocab_size"]), size=n).tolist()
+    return [int(t) for t in ids[:n]]
+
+
+def step_bytes(meta: dict) -> dict:
+    """Bytes one decode step reads: decoder linears in a compact encoding, the rest of the weights dense,
+    one embedding row, and the KV cache over all S slots (the graph attends to every slot)."""
+    weights = meta.get("weights") or {}
+    layers_prefix = ("model.layers.", "model.decoder.layers.")
+    linears, dense = [], 0
+    for name, (zeros, size) in weights.items():
+        if name.startswith(layers_prefix):
+            linears.append({"numel": int(size), "nnz": int(size - zeros)})
+        else:
+            dense += int(size) * 4
+    dense += int(meta["hidden_size"]) * 4
+    kv = 2 * int(meta["num_layers"]) * int(meta["num_kv_heads"]) * int(meta["seqlen"]) * int(meta["head_dim"]) * 4
+    return report.step_bytes(linears, dense, kv)
+
+
+def _group(deps: list[dict], size: int | None) -> list[list[dict]]:
+    dense = [d for d in deps if d["sparsity"] < DENSE_BELOW]
+    pruned = [d for d in deps if d["sparsity"] >= DENSE_BELOW]
+    if size is None or not dense or len(pruned) <= size:
+        return [deps]
+    return [dense[:1] + pruned[i:i + size] for i in range(0, len(pruned), size)]
+
+
+def _group_key(group: list[dict], cfg: BenchConfig) -> str:
+    parts = [json.dumps(asdict(cfg), sort_keys=True)]
+    parts += [f"{d['dir']}:{d.get('export_key')}" for d in group]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list[dict]:
+    """Workers for every model of the group (+ dense on ONNX Runtime), interleaved rounds -> one row each."""
+    jobs = [(d, cfg.engine) for d in group]
+    dense = next((d for d in group if d["sparsity"] < DENSE_BELOW), None)
+    if cfg.ort_baseline and cfg.engine != "onnxruntime" and dense is not None:
+        jobs.append((dense, "onnxruntime"))
+    workers: list[WorkerRuntime] = []
+    rows: list[dict] = []
+    try:
+        with ui.progress(f"compile {len(jobs)} engines", len(jobs)) as bar:
+            for j, (d, engine) in enumerate(jobs):
+                w = WorkerRuntime(engine, d["onnx"], cores=cfg.cores, seq_len=1, cache_len=int(d["seqlen"]))
+                workers.append(w)
+                w.decode(prompt[:8], 4)                                   # warm-up
+                rows.append({"label": label_for(d["sparsity"]), "sparsity": d["sparsity"], "deployment": d["dir"],
+                             "engine": w.name, "requested_engine": engine, "fallback_reason": w.fallback_reason,
+                             "compile_s": round(w.compile_seconds, 3), "synthetic": bool(d.get("synthetic")),
+                             "_decode": [], "_engine": [], "_overhead": [], "_prefill": [], "_tokens": None})
+                bar(j + 1)
+        head_ms = {}
+        if dense is not None and dense.get("head"):
+            for w, (d, engine) in zip(workers, jobs):
+                if d is dense and w.name not in head_ms:
+                    head_ms[w.name] = w.time_head(Path(d["dir"]) / d["head"])["head_ms"]
+        total = cfg.rounds * len(workers)
+        with ui.progress(f"decode {cfg.new_tokens} tokens × {cfg.rounds} rounds × {len(workers)} models", total) as bar:
+            done = 0
+            for r in range(cfg.rounds):
+                order = list(range(len(workers)))
+                order = order[r % len(order):] + order[:r % len(order)]
+                for i in order:
+                    res = workers[i].decode(prompt, cfg.new_tokens)
+                    row = rows[i]
+                    row["_decode"] += res.decode_ms
+                    row["_engine"] += res.engine_ms
+                    row["_overhead"] += res.overhead_ms
+                    row["_prefill"].append(res.prefill_ms)
+                    row["_tokens"] = res.tokens
+                    done += 1
+                    bar(done)
+        for w, row, (d, _) in zip(workers, rows, jobs):
+            row["peak_rss_mb"] = w.peak_rss_mb()
+            dec = np.asarray(row.pop("_decode"))
+            row["latency_ms"] = float(np.median(dec))
+            row["latency_p90_ms"] = float(np.percentile(dec, 90))
+            row["throughput_tps"] = 1000.0 / row["latency_ms"]
+            row["engine_ms"] = float(np.median(row.pop("_engine")))
+            row["overhead_ms"] = float(np.median(row.pop("_overhead")))
+            row["prefill_ms"] = float(np.median(row.pop("_prefill")))
+            row["prefill"] = "token by token"
+            row["tokens"] = row.pop("_tokens")
+            row["steps_timed"] = int(dec.size)
+            if row["engine"] in head_ms:
+                row["head_ms"] = head_ms[row["engine"]]
+                row["layer_ms"] = (row["latency_ms"] - head_ms[row["engine"]]) / int(d["num_layers"])
+            b = step_bytes(d)
+            row["step_bytes"] = b
+            row["num_layers"] = int(d["num_layers"])
+    finally:
+        for w in workers:
+            w.close()
+    return rows
+
+
+def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | None = None,
+          cache_dir: Path | None = None, title: str | None = None) -> dict:
+    """Benchmark deployments (see module doc). Returns the report document (report.write_reports format)."""
+    cfg.validate()
+    check(len(deployments) >= 1, "no deployment given", "pass one or more deployment folders")
+    deps = []
+    for dep in deployments:
+        meta = read_deployment(dep)
+        meta.setdefault("sparsity", 0.0)
+        S = int(meta["seqlen"])
+        check(cfg.prompt_tokens + cfg.new_tokens <= S, f"{cfg.prompt_tokens} prompt + {cfg.new_tokens} new tokens exceed "
+              f"{dep}'s cache of {S}", f"lower --prompt-tokens/--new-tokens or re-export with --seqlen {cfg.prompt_tokens + cfg.new_tokens}")
+        deps.append(meta)
+    sizes = {(m["num_layers"], m["hidden_size"], m["vocab_size"]) for m in deps}
+    check(len(sizes) == 1, "the deployments are different models (layers, hidden size or vocabulary differ)",
+          "bench pruned copies of one model together")
+    originals = {m["onnx"]: file_sha256(Path(m["onnx"])) for m in deps}
+    deps.sort(key=lambda m: m["sparsity"])
+    prompt = prompt_ids(Path(deps[0]["dir"]), cfg.prompt_tokens)
+    ui.info("measuring memory bandwidth…")
+    bw = report.measure_bandwidth(threads=cfg.cores, mbytes=cfg.bandwidth_mbytes)
+    machine = report.machine_info()
+    machine["bandwidth"] = bw
+    rows: list[dict] = []
+    groups = _group(deps, cfg.group_size)
+    for gi, group in enumerate(groups):
+        key = _group_key(group, cfg)
+        cached = cache_dir / f"group-{gi}.json" if cache_dir is not None else None
+        if cached is not None and cached.is_file():
+            try:
+                doc = read_json(cached)
+                if doc.get("key") == key:
+                    ui.info(f"bench group {gi + 1}/{len(groups)}: reusing {cached}")
+                    rows += [dict(r, group=gi) for r in doc["rows"]]
+                    continue
+            except UserError:
+                pass
+        ui.info(f"bench group {gi + 1}/{len(groups)}: {', '.join(label_for(d['sparsity']) for d in group)}")
+        grows = _bench_group(group, cfg, prompt)
+        if cached is not None:
+            write_json(cached, {"key": key, "rows": grows})
+        rows += [dict(r, group=gi) for r in grows]
+    for m in deps:
+        check(file_sha256(Path(m["onnx"])) == originals[m["onnx"]], f"{m['onnx']} changed during the bench",
+              "report it: engines must only see a copy")
+    doc = assemble(rows, cfg, machine, title=title, synthetic=any(m.get("synthetic") for m in deps))
+    if json_out is not None:
+        write_json(Path(json_out), doc)
+    return doc
+
+
+def assemble(rows: list[dict], cfg: BenchConfig, machine: dict, *, title: str | None, synthetic: bool) -> dict:
+    """Rows -> the report document: per engine, one row per model (dense pooled over groups), with
+    speedups against the dense model of the same group, bounds and token agreement."""
+    gbs = machine["bandwidth"]["gbs"]
+    engines: dict[str, list[dict]] = {}
+    dense_ort = [r for r in rows if r["engine"] == "onnxruntime" and r["sparsity"] < DENSE_BELOW]
+    for r in rows:
+        r = dict(r)
+        r["bound_ms"] = report.bound_ms(r["step_bytes"]["total"], gbs)
+        same = [x for x in rows if x["engine"] == r["engine"] and x["sparsity"] < DENSE_BELOW and x["group"] == r["group"]]
+        if same:
+            r["speedup_in_group"] = same[0]["latency_ms"] / r["latency_ms"]
+        engines.setdefault(r["engine"], []).append(r)
+    for name, erows in engines.items():   # the dense model measured in several groups: keep one pooled row
+        dense = [r for r in erows if r["sparsity"] < DENSE_BELOW]
+        if len(dense) > 1:
+            keep = dict(dense[0])
+            keep["latency_ms"] = float(np.median([r["latency_ms"] for r in dense]))
+            keep["throughput_tps"] = 1000.0 / keep["latency_ms"]
+            keep["groups"] = [r["group"] for r in dense]
+            engines[name] = [keep] + [r for r in erows if r["sparsity"] >= DENSE_BELOW]
+    tokens = {}
+    for name, erows in engines.items():
+        for r in erows:
+            if r["sparsity"] < DENSE_BELOW:
+                tokens[name] = r["tokens"]
+    agree = None
+    if len(tokens) > 1:
+        agree = len({tuple(t) for t in tokens.values()}) == 1
+    doc = {
+        "title": title or f"Decode latency, {cfg.prompt_tokens}-token prompt + {cfg.new_tokens} new tokens",
+        "machine": machine, "settings": asdict(cfg), "engines": engines, "synthetic": synthetic,
+        "dense_ort_ms": float(np.median([r["latency_ms"] for r in dense_ort])) if dense_ort else None,
+        "dense_tokens_agree_across_engines": agree,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return doc

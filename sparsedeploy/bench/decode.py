@@ -1,0 +1,187 @@
+"""The one greedy decode loop, for any Runtime (ONNX Runtime, DeepSparse, or a worker running either).
+
+Prefill: when a `prefill` runtime is given, the prompt goes through it in chunks of its L (DeepSparse:
+the L it was compiled for; ONNX Runtime: the whole prompt in one call, up to S - 1 tokens); the tokens
+left over (fewer than L) and everything after go through the single-token runtime. Without one, the
+prompt is fed token by token through the single-token runtime, so one compiled engine is enough. Either
+way the last prompt token's logits give the first generated token; `prefill_ms` covers all of that.
+
+The cache lives in arrays allocated once per generation, one [1, Hkv, S-L, D] array per cache input,
+and is never shifted or copied whole. The graph attends over (cache slots + fed tokens) with masks that
+say which slots hold something, and rotary / learned positions are applied before caching, so the slot
+order is irrelevant: each step writes only its L new key/value rows (the last L rows of each `present`
+output) into the free slots, or once the cache is full into the slots holding the oldest positions
+(the oldest entry is dropped, as in DeepSparse's own pipeline, without moving the others).
+`attention_mask` columns mirror slot occupancy and for L = 1 `causal_mask` is a view of it.
+
+Timing per decode step: `decode_ms` is the whole step (set inputs, engine call, store the new cache
+rows, argmax), `engine_ms` the engine call alone, `overhead_ms` their difference (the loop's own cost).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import UserError
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]                     # the n generated tokens (the prompt is not included)
+    prompt_len: int
+    engine: str
+    prefill: str                          # how the prompt was processed
+    prefill_ms: float                     # prompt in -> first generated token out
+    decode_ms: list[float] = field(default_factory=list)     # per later token: whole step
+    engine_ms: list[float] = field(default_factory=list)     # per later token: engine call only
+    overhead_ms: list[float] = field(default_factory=list)   # per later token: decode_ms - engine_ms
+
+    def summary(self) -> dict:
+        def med(xs):
+            return float(np.median(xs)) if xs else float("nan")
+
+        return {"engine": self.engine, "prompt_len": self.prompt_len, "new_tokens": len(self.tokens),
+                "prefill": self.prefill, "prefill_ms": round(self.prefill_ms, 3),
+                "decode_ms_median": round(med(self.decode_ms), 3), "engine_ms_median": round(med(self.engine_ms), 3),
+                "overhead_ms_median": round(med(self.overhead_ms), 4),
+                "overhead_ms_mean": round(float(np.mean(self.overhead_ms)) if self.overhead_ms else float("nan"), 4),
+                "tokens_per_s": round(1000.0 / med(self.decode_ms), 2) if self.decode_ms else None}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVSlots:
+    """Cache state for one compiled shape (L tokens per call, S total): inputs preallocated, updated in place."""
+
+    def __init__(self, runtime, seq_len: int, cache_len: int):
+        io = runtime.io
+        self.runtime = runtime
+        self.L, self.S = int(seq_len), int(cache_len)
+        self.P = self.S - self.L
+        if self.P < 1:
+            raise UserError(f"cache length {self.S} leaves no cache slots for {self.L} tokens per call",
+                            "use a longer cache (seqlen) or a shorter prefill chunk")
+        shape = (1, io["kv_heads"], self.P, io["head_dim"])
+        self.past = {name: np.zeros(shape, dtype=np.float32) for name in io["past_names"]}
+        self.pairs = list(zip(io["past_names"], io["present_names"]))
+        self.slot_pos = np.full(self.P, -1, dtype=np.int64)          # position held by each slot, -1 = empty
+        self.attention_mask = np.zeros((1, self.S), dtype=np.int64)
+        self.attention_mask[0, self.P:] = 1
+        if self.L == 1:
+            self.causal_mask = self.attention_mask.reshape(1, 1, 1, self.S)     # a view: always in sync
+        else:
+            self.causal_mask = np.zeros((1, 1, self.L, self.S), dtype=np.int64)
+            self.causal_mask[0, 0, :, self.P:] = np.tril(np.ones((self.L, self.L), dtype=np.int64))
+        self.input_ids = np.zeros((1, self.L), dtype=np.int64)
+        self.positions = np.zeros((1, self.L), dtype=np.int64)
+        self._arange = np.arange(self.L, dtype=np.int64)
+        self.feed = {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                     "positions": self.positions, "causal_mask": self.causal_mask, **self.past}
+
+    def load(self, other: "KVSlots") -> None:
+        """Take over another shape's cache (prefill -> decode): one copy per generation."""
+        n = min(self.P, other.P)
+        keep = np.argsort(other.slot_pos, kind="stable")[other.P - n:] if other.P > n else slice(None)
+        for name, _ in self.pairs:
+            self.past[name][:, :, :n, :] = other.past[name][:, :, keep, :]
+        self.slot_pos[:] = -1
+        self.slot_pos[:n] = other.slot_pos[keep]
+        self.attention_mask[0, :self.P] = self.slot_pos >= 0
+
+    def step(self, tokens, start: int) -> tuple[np.ndarray, float]:
+        """Feed L tokens at positions start.. ; returns (logits [1, L, V], engine seconds)."""
+        self.input_ids[0, :] = tokens
+        np.add(self._arange, start, out=self.positions[0])
+        if self.L > 1:
+            self.causal_mask[0, 0, :, :self.P] = self.attention_mask[0, :self.P]
+        t0 = time.perf_counter()
+        out = self.runtime.run(self.feed)
+        engine_s = time.perf_counter() - t0
+        self._store(out, start)
+        return out["logits"], engine_s
+
+    def _store(self, out: dict, start: int) -> None:
+        L, P = self.L, self.P
+        if L == 1:
+            slot = int(np.argmin(self.slot_pos))                  # an empty slot, else the oldest position
+            for past, present in self.pairs:
+                self.past[past][:, :, slot, :] = out[present][:, :, P, :]
+            self.slot_pos[slot] = start
+            self.attention_mask[0, slot] = 1
+            return
+        k = min(L, P)                                             # the newest k fed tokens are kept
+        slots = np.argsort(self.slot_pos, kind="stable")[:k]
+        for past, present in self.pairs:
+            self.past[past][:, :, slots, :] = out[present][:, :, self.S - k:, :]
+        self.slot_pos[slots] = start + L - k + np.arange(k)
+        self.attention_mask[0, slots] = 1
+
+
+def _argmax_last(logits: np.ndarray) -> int:
+    return int(np.argmax(logits[0, -1]))
+
+
+def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
+                  max_positions: int | None = None) -> DecodeResult:
+    """Greedy-generate `n` tokens after `prompt_ids` with `runtime` (L = 1).
+
+    prefill: a runtime with L > 1 (or ONNX Runtime, any L) for the prompt; None = token by token.
+    cache_len: S; defaults to runtime.cache_len.
+    max_positions: the model's position limit (OPT's learned positions and the rope table end there);
+        default: the limit export_onnx recorded in the graph. Exceeding it raises UserError.
+    """
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise UserError("the prompt is empty", "give at least one token")
+    if n < 1:
+        raise UserError(f"n={n} new tokens", "ask for at least one")
+    S = int(cache_len or runtime.cache_len or 0)
+    if S < 2:
+        raise UserError("no cache length (S) for decoding", "pass cache_len or build the runtime with cache_len")
+    if not runtime.dynamic and runtime.seq_len != 1:
+        raise UserError(f"the decode runtime feeds {runtime.seq_len} tokens per call", "use one compiled with seq_len=1")
+    total = len(prompt) + n - 1
+    if max_positions is None:
+        max_positions = runtime.io.get("max_positions")       # recorded in the graph by export_onnx
+    if max_positions is not None and total > max_positions:
+        raise UserError(f"{len(prompt)} prompt + {n} new tokens exceed the model's {max_positions} positions",
+                        "shorten the prompt or generate fewer tokens")
+    dec = KVSlots(runtime, 1, S)
+
+    t0 = time.perf_counter()
+    pos = 0
+    logits = None
+    mode = "token by token"
+    if prefill is not None:
+        chunk = min(len(prompt), S - 1) if getattr(prefill, "dynamic", False) else int(prefill.seq_len or 1)
+        if chunk > 1 and len(prompt) >= chunk:
+            pre = KVSlots(prefill, chunk, S)
+            while len(prompt) - pos >= chunk:
+                logits, _ = pre.step(prompt[pos:pos + chunk], pos)
+                pos += chunk
+            dec.load(pre)
+            mode = f"{pos // chunk} chunk(s) of {chunk}" + (f" + {len(prompt) - pos} single" if pos < len(prompt) else "")
+    while pos < len(prompt):
+        logits, _ = dec.step(prompt[pos:pos + 1], pos)
+        pos += 1
+    token = _argmax_last(logits)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+
+    result = DecodeResult(tokens=[token], prompt_len=len(prompt), engine=runtime.name, prefill=mode,
+                          prefill_ms=prefill_ms)
+    tokens, decode_ms, engine_ms, overhead_ms = result.tokens, result.decode_ms, result.engine_ms, result.overhead_ms
+    clock = time.perf_counter
+    for _ in range(n - 1):
+        t_start = clock()
+        logits, engine_s = dec.step((token,), pos)
+        token = int(np.argmax(logits[0, -1]))
+        step_s = clock() - t_start
+        pos += 1
+        tokens.append(token)
+        decode_ms.append(step_s * 1e3)
+        engine_ms.append(engine_s * 1e3)
+        overhead_ms.append((step_s - engine_s) * 1e3)
+    return result

@@ -1,0 +1,178 @@
+"""The deployment CLI on tiny random Llama (GQA) and OPT models: prune → export → compile → bench → sweep.
+
+References: PyTorch's own greedy tokens (recorded and checked at export), torch's zero counts per layer,
+file hashes of model.onnx before and after the engines ran.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsedeploy import cli
+from sparsedeploy.bench.runtime import deepsparse_unavailable
+
+DS = deepsparse_unavailable() is None
+ENGINE = "deepsparse" if DS else "onnxruntime"
+
+
+def _cli(argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sparsedeploy", *map(str, argv)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, tiny_model_dir, corpus_file):
+    """A dense and a 50% Wanda+DLP deployment of the tiny model (Llama and OPT)."""
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline import stages
+
+    root = tmp_path_factory.mktemp("deploy")
+    run = root / "run"
+    calib = stages.CalibConfig(str(tiny_model_dir), f"file:{corpus_file}", 8, 48, 0, None, "cpu")
+    stages.prune(stages.RunDir(run), stages.PruneConfig(str(tiny_model_dir), 0.5, "dlp", "wanda", calib=calib, device="cpu"))
+    dense = export(str(tiny_model_dir), seqlen=64, out=root / "dense")
+    pruned = export(str(run), seqlen=64)
+    return {"root": root, "run": run, "dense": dense, "pruned": pruned}
+
+
+def test_export_writes_a_verified_deployment_that_matches_the_plan(deployed):
+    run, dep = deployed["run"], deployed["pruned"]
+    assert dep == run / "deployment"
+    for name in ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "head.onnx", "sparsedeploy.json"):
+        assert (dep / name).is_file(), name
+    meta = json.loads((dep / "sparsedeploy.json").read_text())
+    plan = json.loads((run / "ratios.json").read_text())
+    v = meta["verified"]
+    assert v["plan_from"] == "ratios.json" and len(v["tokens"]) == 16
+    # every layer's exported zero fraction is the realized one from the torch weights, and near R_l
+    for layer in plan["layers"]:
+        key = next(k for k in v["layer_sparsity"] if k.endswith(f"layers.{layer['index']}"))
+        assert v["layer_sparsity"][key] == pytest.approx(layer["realized"], abs=1e-6)
+        assert abs(v["layer_sparsity"][key] - layer["sparsity"]) < 1 / 64 + 1e-6
+    assert meta["sparsity"] == pytest.approx(plan["realized_sparsity"], abs=1e-9)
+
+
+def test_export_skips_when_up_to_date_and_refuses_a_wrong_plan(deployed, monkeypatch, capsys):
+    from sparsedeploy.export.stage import export
+
+    dep = deployed["pruned"]
+    before = sha(dep / "model.onnx")
+    code, out, err = _cli(["export", deployed["run"], "--seqlen", 64], monkeypatch, capsys)
+    assert code == 0 and "up to date" in err and sha(dep / "model.onnx") == before
+    # a plan the weights do not follow: the export fails in one line and leaves the old deployment alone
+    ratios = deployed["run"] / "ratios.json"
+    saved = ratios.read_text()
+    doc = json.loads(saved)
+    doc["layers"][0]["sparsity"] = 0.9
+    ratios.write_text(json.dumps(doc))
+    try:
+        code, out, err = _cli(["export", deployed["run"], "--seqlen", 64, "--force"], monkeypatch, capsys)
+    finally:
+        ratios.write_text(saved)
+    assert code == 2 and err.startswith("error:") and "planned 0.9" in err and len(err.strip().splitlines()) == 1
+    assert sha(dep / "model.onnx") == before
+    assert not [p for p in dep.parent.iterdir() if p.name.startswith(".deployment")]
+
+
+def test_compile_checks_tokens_and_never_touches_model_onnx(deployed, monkeypatch, capsys):
+    dep = deployed["pruned"]
+    before = sha(dep / "model.onnx")
+    code, out, err = _cli(["compile", dep, "--engine", ENGINE, "--cores", 1], monkeypatch, capsys)
+    assert code == 0, err
+    rec = json.loads((dep / f"compile-{ENGINE}.json").read_text())
+    assert rec["engine"] == ENGINE and rec["tokens_equal_pytorch"] is True and rec["onnx_unchanged"] is True
+    assert rec["compile_s"] > 0
+    assert sha(dep / "model.onnx") == before
+
+
+def test_bench_table5_and_report_files(deployed, monkeypatch, capsys, tmp_path):
+    deps = [deployed["pruned"], deployed["dense"]]
+    before = {d: sha(d / "model.onnx") for d in deps}
+    js = tmp_path / "b.json"
+    code, out, err = _cli(["bench", *deps, "--engine", ENGINE, "--cores", 1, "--prompt-tokens", 8, "--new-tokens", 12,
+                           "--rounds", 2, "--json", js, "--out", tmp_path / "t5"], monkeypatch, capsys)
+    assert code == 0, err
+    for row in ("Latency (ms)", "Throughput (tokens/sec)", "Speedup", "Dense"):
+        assert row in out
+    doc = json.loads(js.read_text())
+    rows = doc["engines"][ENGINE]
+    assert [r["label"] for r in rows][0] == "Dense" and len(rows) == 2
+    for r in rows:
+        assert r["steps_timed"] == 2 * 11
+        assert r["latency_p90_ms"] >= r["latency_ms"] > 0
+        assert r["overhead_ms"] >= 0 and r["engine_ms"] <= r["latency_ms"]
+        assert r["step_bytes"]["total"] > 0 and r["bound_ms"] > 0
+    # the pruned model's step must read fewer bytes in the compact encoding than the dense one
+    assert rows[1]["step_bytes"]["weights"] < rows[0]["step_bytes"]["weights"]
+    if ENGINE == "deepsparse":
+        assert doc["dense_ort_ms"] > 0 and doc["dense_tokens_agree_across_engines"] is True
+    assert doc["machine"]["bandwidth"]["gbs"] > 0
+    for ext in ("json", "csv", "md", "png"):
+        assert (tmp_path / f"t5.{ext}").is_file()
+    assert all(sha(d / "model.onnx") == h for d, h in before.items())
+
+
+def test_bench_bad_input_is_one_line(deployed, monkeypatch, capsys, tmp_path, tiny_tokenizer):
+    dep = deployed["dense"]
+    cases = [
+        (["bench", tmp_path / "nope"], "does not exist"),
+        (["bench", dep, "--prompt-tokens", 60, "--new-tokens", 10], "exceed"),
+        (["bench", dep, "--engine", "tensorrt"], "unknown engine"),
+        (["bench", dep, "--cores", 999], "--cores"),
+        (["compile", deployed["root"]], "missing"),
+        (["export", deployed["run"], "--seqlen", 2], "--seqlen"),
+        (["sweep", "x", "--out", tmp_path / "s", "--sparsities", "0,1.5"], "outside"),
+        (["sweep", "x", "--out", tmp_path / "s", "--synthetic", "gpt5"], "unknown synthetic"),
+    ]
+    for argv, needle in cases:
+        code, out, err = _cli(argv, monkeypatch, capsys)
+        assert code == 2 and err.startswith("error:") and needle in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+    # a corrupt model.onnx in a copy of the deployment
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dep, bad)
+    (bad / "model.onnx").write_bytes(b"garbage" * 10)
+    code, out, err = _cli(["bench", bad], monkeypatch, capsys)
+    assert code == 2 and "model.onnx" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sweep_resumes_and_reuses_calibration(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", tiny_llama_dir, "--out", out, "--sparsities", "0,0.5", "--nsamples", 4, "--calib-seqlen", 32,
+            "--seqlen", 48, "--engine", ENGINE, "--cores", 1, "--prompt-tokens", 8, "--new-tokens", 8, "--rounds", 1]
+    code, out1, err = _cli(argv, monkeypatch, capsys)
+    assert code == 0, err
+    assert (out / "p50" / "deployment" / "model.onnx").is_file() and (out / "dense" / "deployment").is_dir()
+    for ext in ("json", "csv", "md", "png"):
+        assert (out / f"table5.{ext}").is_file()
+    calib = (out / "base" / "calib_stats.safetensors").read_bytes()
+    assert (out / "p50" / "calib_stats.safetensors").read_bytes() == calib
+    stamp = (out / "p50" / "deployment" / "model.onnx").stat().st_mtime_ns
+    code, out2, err = _cli(argv, monkeypatch, capsys)
+    assert code == 0, err
+    assert "reusing" in err and "up to date" in err
+    assert (out / "p50" / "deployment" / "model.onnx").stat().st_mtime_ns == stamp
+
+
+def test_parse_sparsities_and_synthetic_shapes():
+    from sparsedeploy.bench.sweep import SYNTHETIC, parse_sparsities
+
+    assert parse_sparsities("0.5, 0,0.9,0.5") == (0.0, 0.5, 0.9)
+    shapes = SYNTHETIC["llama2-7b"]
+    assert (shapes["hidden_size"], shapes["intermediate_size"], shapes["num_attention_heads"], shapes["vocab_size"]) == \
+        (4096, 11008, 32, 32000)
