@@ -141,10 +141,10 @@ def compile_(
                  f"peak RSS {rec['peak_rss_mb'] or 0:.0f} MB, model.onnx unchanged: {rec['onnx_unchanged']}")
 
 
-def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline):
+def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk=0):
     from .bench.bench import BenchConfig
     return BenchConfig(engine=engine, cores=cores, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
-                       group_size=group_size, ort_baseline=ort_baseline)
+                       group_size=group_size, ort_baseline=ort_baseline, prefill_chunk=prefill_chunk)
 
 
 @app.command()
@@ -157,12 +157,13 @@ def bench(
     rounds: int = typer.Option(3, help="interleaved rounds (latencies pooled)"),
     group_size: Optional[int] = typer.Option(None, help="pruned models alive at once (each group re-runs the dense model)"),
     ort_baseline: bool = typer.Option(True, help="also time the dense model on ONNX Runtime"),
+    prefill_chunk: int = typer.Option(0, help="0: prefill token by token; L: a second engine for L-token chunks"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results here"),
     out: Optional[Path] = typer.Option(None, help="also write OUT.{json,csv,md,png}"),
 ):
     """Decode latency, throughput and speedup vs dense: Table 5."""
     from .bench import bench as bench_mod, report
-    cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline)
+    cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk)
     doc = bench_mod.bench(deployments, cfg, json_out=json_out)
     if out is not None:
         report.write_reports(doc, out)

@@ -232,6 +232,11 @@ def test_magnitude_pruned_onnx_sparsity_equals_plan(tmp_path, tiny_tokenizer):
     for name, want in plan.items():
         assert measured[name] == pytest.approx(want, abs=1e-9), name
     assert measured["lm_head"] < 0.01
+    # SparseML's onnx_nodes_sparsities and our direct count of the initializers agree exactly
+    from sparsedeploy.export.verify import weight_zero_counts
+    by_sparseml, src = weight_zero_counts(path, counter="sparseml")
+    by_own, src_own = weight_zero_counts(path, counter="own")
+    assert (src, src_own) == ("sparseml", "own") and by_sparseml == by_own
     assert verify_sparsity(path, plan, tol=1e-6) == pytest.approx(plan)
     # layer prefixes aggregate that layer's linears by size
     layer0 = [n for n in linears if n.startswith("model.layers.0.")]

@@ -58,3 +58,31 @@ def test_dlp_beats_uniform_on_smollm2(tmp_path_factory, eval_cfg):
         assert torch.equal(model(ids).logits, again(ids).logits)
     w = model.model.layers[5].mlp.down_proj.weight
     assert abs(float((w == 0).float().mean()) - sp[5]) < 2e-3
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_smollm2_greedy_tokens_equal_across_pytorch_onnxruntime_deepsparse(tmp_path, sparsity):
+    """Dense and 50% magnitude-pruned SmolLM2: 16 greedy tokens from PyTorch (checked at export against ONNX
+    Runtime), ONNX Runtime in a worker and DeepSparse in a worker are the same list."""
+    from sparsedeploy.bench.runtime import WorkerRuntime, deepsparse_unavailable
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.export.verify import greedy_torch
+    from sparsedeploy.pipeline.models import load, resolve
+
+    source = "smollm2-135m"
+    if sparsity:
+        run = RunDir(tmp_path / "run")
+        stages.prune(run, stages.PruneConfig("smollm2-135m", sparsity, "uniform", "magnitude", device="cpu"))
+        source = str(run.path)
+    dep = export(source, seqlen=64, out=tmp_path / "deployment", head=False)
+    meta = json.loads((dep / "sparsedeploy.json").read_text())
+    prompt, torch_tokens = meta["verified"]["prompt_ids"], meta["verified"]["tokens"]
+    assert len(torch_tokens) == 16
+    model, _ = load(resolve(source))
+    assert greedy_torch(model, prompt, 16) == torch_tokens
+    assert abs(meta["sparsity"] - sparsity) < 1e-3
+    engines = ["onnxruntime"] + (["deepsparse"] if deepsparse_unavailable() is None else [])
+    for engine in engines:
+        with WorkerRuntime(engine, dep / "model.onnx", cores=1, seq_len=1, cache_len=64) as w:
+            assert w.name == engine
+            assert w.decode(prompt, 16).tokens == torch_tokens, engine

@@ -93,12 +93,17 @@ class BenchConfig:
     ort_baseline: bool = True          # also time the dense model on ONNX Runtime in the same rounds
     group_size: int | None = None      # pruned models per group (each group adds the dense model); None = all
     bandwidth_mbytes: int = 256
+    prefill_chunk: int = 0             # 0: prompt token by token through the decode engine; L > 1: a second
+                                       # engine compiled for L-token chunks (ONNX Runtime: one call, any L)
 
     def validate(self) -> None:
         _check_engine(self.engine)
         _check_cores(self.cores)
         check(self.prompt_tokens >= 1, f"--prompt-tokens {self.prompt_tokens} must be at least 1", "use e.g. 64")
         check(self.new_tokens >= 2, f"--new-tokens {self.new_tokens} must be at least 2", "use e.g. 128")
+        check(self.prefill_chunk == 0 or 2 <= self.prefill_chunk <= self.prompt_tokens,
+              f"--prefill-chunk {self.prefill_chunk} must be 0 or between 2 and --prompt-tokens",
+              "use 0 (token by token) or e.g. 16")
         check(self.rounds >= 1, f"--rounds {self.rounds} must be at least 1", "use e.g. 3")
         check(self.group_size is None or self.group_size >= 1, f"--group-size {self.group_size} must be at least 1",
               "omit it to bench every model together")
@@ -166,7 +171,8 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
     try:
         with ui.progress(f"compile {len(jobs)} engines", len(jobs)) as bar:
             for j, (d, engine) in enumerate(jobs):
-                w = WorkerRuntime(engine, d["onnx"], cores=cfg.cores, seq_len=1, cache_len=int(d["seqlen"]))
+                w = WorkerRuntime(engine, d["onnx"], cores=cfg.cores, seq_len=1, cache_len=int(d["seqlen"]),
+                                  prefill_len=cfg.prefill_chunk or None)
                 workers.append(w)
                 w.decode(prompt[:8], 4)                                   # warm-up
                 rows.append({"label": label_for(d["sparsity"]), "sparsity": d["sparsity"], "deployment": d["dir"],
@@ -193,6 +199,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
                     row["_overhead"] += res.overhead_ms
                     row["_prefill"].append(res.prefill_ms)
                     row["_tokens"] = res.tokens
+                    row["prefill"] = res.prefill
                     done += 1
                     bar(done)
         for w, row, (d, _) in zip(workers, rows, jobs):
@@ -204,7 +211,6 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
             row["engine_ms"] = float(np.median(row.pop("_engine")))
             row["overhead_ms"] = float(np.median(row.pop("_overhead")))
             row["prefill_ms"] = float(np.median(row.pop("_prefill")))
-            row["prefill"] = "token by token"
             row["tokens"] = row.pop("_tokens")
             row["steps_timed"] = int(dec.size)
             if row["engine"] in head_ms:

@@ -115,21 +115,27 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- architectures
-class _LlamaGraph(nn.Module):
-    """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3): pre-norm blocks, rotary positions, GQA."""
+class _Graph(nn.Module):
+    """What every architecture's graph holds: the model, its decoder layers, head geometry, embeddings."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec):
         super().__init__()
-        cfg = model.config
         self.model = model
         self.spec = spec
         self.layers = decoder_layers(model, spec)
-        first_attn = get_module(self.layers[0], spec.attn)
-        self.att = _Attention(cfg, first_attn)
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.att = _Attention(model.config, get_module(self.layers[0], spec.attn))
         self.embed = model.get_input_embeddings()
-        self.norm = base.norm
         self.lm_head = model.get_output_embeddings()
+
+
+class _LlamaGraph(_Graph):
+    """Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3): pre-norm blocks, rotary positions, GQA."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec):
+        super().__init__(model, spec)
+        cfg = model.config
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.norm = base.norm
         rotary = getattr(base, "rotary_emb", None)
         if rotary is None or not hasattr(rotary, "inv_freq"):
             raise UserError(f"{spec.name} model without a rotary embedding module", "this export supports HF rotary models only")
@@ -178,24 +184,18 @@ class _LlamaGraph(nn.Module):
         return self.lm_head(self.norm(self.embed(input_ids)))
 
 
-class _OPTGraph(nn.Module):
+class _OPTGraph(_Graph):
     """OPT: learned positions (offset 2), pre- or post-LayerNorm blocks, optional in/out projections."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec):
-        super().__init__()
+        super().__init__(model, spec)
         cfg = model.config
-        self.model = model
-        self.spec = spec
-        self.layers = decoder_layers(model, spec)
-        self.att = _Attention(cfg, get_module(self.layers[0], spec.attn))
         dec = model.model.decoder
-        self.embed = model.get_input_embeddings()
         self.pos = dec.embed_positions
         self.pos_offset = int(getattr(dec.embed_positions, "offset", 2))
         self.project_in = dec.project_in
         self.project_out = dec.project_out
         self.final_norm = dec.final_layer_norm
-        self.lm_head = model.get_output_embeddings()
         self.pre_norm = bool(cfg.do_layer_norm_before)
 
     def forward(self, input_ids, positions, mask_bias, pasts):

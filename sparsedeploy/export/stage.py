@@ -107,7 +107,7 @@ def export(source: str, *, seqlen: int = 512, out: Path | None = None, force: bo
         weights = {name: [z, n] for name, (z, n) in counts.items()}
         if not verify:
             return {"verified": None, "weights": weights}
-        measured = verify_sparsity(onnx_path, plan, tol=plan_tolerance(model))
+        measured = verify_sparsity(onnx_path, plan, tol=plan_tolerance(model), counts=counts)
         from .verify import VerificationError
         for prefix, (z, n) in torch_counts.items():
             oz = sum(c[0] for name, c in counts.items() if name.startswith(prefix + "."))

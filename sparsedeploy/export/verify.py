@@ -157,13 +157,25 @@ def _counts_own(proto) -> dict[str, tuple[int, int]]:
     return out
 
 
-def weight_zero_counts(onnx_path: str | Path) -> tuple[dict[str, tuple[int, int]], str]:
-    """{linear name: (zeros, size)} for every constant weight of a MatMul/Gemm, and which counter produced it
-    ("sparseml" - its onnx_nodes_sparsities - or "own" when SparseML is unavailable or fails)."""
+SPARSEML_MAX_NODES = 1500   # its onnx_nodes_sparsities scans every initializer per node: minutes on SmolLM2
+
+
+def weight_zero_counts(onnx_path: str | Path, counter: str = "auto") -> tuple[dict[str, tuple[int, int]], str]:
+    """{linear name: (zeros, size)} for every constant weight of a MatMul/Gemm, and which counter produced it.
+
+    counter: "sparseml" (its onnx_nodes_sparsities), "own" (a direct count of the initializers), or "auto":
+    SparseML for graphs up to SPARSEML_MAX_NODES nodes (its lookups are quadratic in the graph size; the two
+    agree exactly, see tests/test_export.py), our own count beyond that or when SparseML fails."""
     proto = _load_onnx(onnx_path)
-    try:
-        raw, source = _counts_sparseml(proto), "sparseml"
-    except Exception:  # noqa: BLE001 - SparseML is optional here; the own counter gives the same numbers
+    use_sparseml = counter == "sparseml" or (counter == "auto" and len(proto.graph.node) <= SPARSEML_MAX_NODES)
+    raw = None
+    if use_sparseml:
+        try:
+            raw, source = _counts_sparseml(proto), "sparseml"
+        except Exception:  # noqa: BLE001 - SparseML is optional here; the own counter gives the same numbers
+            if counter == "sparseml":
+                raise
+    if raw is None:
         raw, source = _counts_own(proto), "own"
     out: dict[str, tuple[int, int]] = {}
     for init, (z, n) in raw.items():
@@ -182,7 +194,8 @@ def onnx_weight_sparsity(onnx_path: str | Path) -> dict[str, float]:
     return {name: z / n for name, (z, n) in counts.items() if n}
 
 
-def verify_sparsity(onnx_path: str | Path, planned: dict[str, float], tol: float = 0.01) -> dict[str, float]:
+def verify_sparsity(onnx_path: str | Path, planned: dict[str, float], tol: float = 0.01, *,
+                    counts: dict[str, tuple[int, int]] | None = None) -> dict[str, float]:
     """Each planned key must match the exported weights' zero fraction within `tol` (absolute).
 
     A key is a linear's name (`model.layers.0.self_attn.q_proj`) or any prefix of such names
@@ -194,7 +207,8 @@ def verify_sparsity(onnx_path: str | Path, planned: dict[str, float], tol: float
     bad_values = [k for k, v in planned.items() if not isinstance(v, (int, float)) or not 0 <= float(v) <= 1]
     if bad_values:
         raise UserError(f"planned sparsity of {bad_values[0]} is not a fraction in [0, 1]", "give fractions, e.g. 0.5")
-    counts, _ = weight_zero_counts(onnx_path)
+    if counts is None:
+        counts, _ = weight_zero_counts(onnx_path)
     measured: dict[str, float] = {}
     missing, off = [], []
     for key, want in planned.items():
