@@ -218,6 +218,7 @@ def run(
     device: str = typer.Option("auto"),
     deploy: bool = typer.Option(True, help="then export, compile and bench dense vs pruned"),
     engine: str = typer.Option("deepsparse"),
+    cores: Optional[int] = typer.Option(None, help="cores for the engines (default: all)"),
     export_seqlen: int = typer.Option(256),
     prompt_tokens: int = typer.Option(64),
     new_tokens: int = typer.Option(128),
@@ -251,9 +252,9 @@ def run(
     dense_dep = export_stage(model, seqlen=export_seqlen, out=out / "dense-deployment", force=force)
     pruned_dep = export_stage(str(out), seqlen=export_seqlen, force=force)
     _print_export(pruned_dep)
-    rec = bench_mod.compile_deployment(pruned_dep, engine)
+    rec = bench_mod.compile_deployment(pruned_dep, engine, cores)
     ui.out.print(f"compiled on {rec['engine']} in {rec['compile_s']:.2f} s; its greedy tokens equal PyTorch's")
-    cfg = _bench_config(engine, None, prompt_tokens, new_tokens, 3, None, True)
+    cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, 3, None, True)
     doc = bench_mod.bench([dense_dep, pruned_dep], cfg, title=f"{model}: dense vs {allocator.upper()}+{method} — decode ms/token")
     report.write_reports(doc, out / "table5")
     _print_bench(doc)

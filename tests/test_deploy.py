@@ -176,3 +176,19 @@ def test_parse_sparsities_and_synthetic_shapes():
     shapes = SYNTHETIC["llama2-7b"]
     assert (shapes["hidden_size"], shapes["intermediate_size"], shapes["num_attention_heads"], shapes["vocab_size"]) == \
         (4096, 11008, 32, 32000)
+
+
+def test_run_goes_from_model_to_table5(tiny_llama_dir, corpus_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = _cli(["run", "--model", tiny_llama_dir, "--out", out, "--nsamples", 4, "--seqlen", 32,
+                              "--eval-data", f"file:{corpus_file}", "--eval-seqlen", 32, "--max-windows", 2,
+                              "--export-seqlen", 48, "--prompt-tokens", 8, "--new-tokens", 8, "--device", "cpu",
+                              "--engine", ENGINE, "--cores", 1], monkeypatch, capsys)
+    assert code == 0, err
+    assert "perplexity" in stdout and "Latency (ms)" in stdout and "Speedup" in stdout
+    doc = json.loads((out / "table5.json").read_text())
+    rows = doc["engines"][ENGINE]
+    assert [r["label"] for r in rows][0] == "Dense" and len(rows) == 2
+    assert abs(rows[1]["sparsity"] - 0.6) < 1 / 64 and rows[1]["label"] == f"{round(100 * rows[1]['sparsity'])}%"
+    assert (out / "deployment" / "model.onnx").is_file() and (out / "dense-deployment" / "model.onnx").is_file()
+    assert json.loads((out / "deployment" / f"compile-{ENGINE}.json").read_text())["tokens_equal_pytorch"] is True
