@@ -192,3 +192,22 @@ def test_run_goes_from_model_to_table5(tiny_llama_dir, corpus_file, tmp_path, mo
     assert abs(rows[1]["sparsity"] - 0.6) < 1 / 64 and rows[1]["label"] == f"{round(100 * rows[1]['sparsity'])}%"
     assert (out / "deployment" / "model.onnx").is_file() and (out / "dense-deployment" / "model.onnx").is_file()
     assert json.loads((out / "deployment" / f"compile-{ENGINE}.json").read_text())["tokens_equal_pytorch"] is True
+
+
+def test_synthetic_sweep_is_labelled_and_pruned_as_planned(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "syn"
+    code, stdout, err = _cli(["sweep", "--synthetic", "llama-tiny", "--layers", 2, "--method", "magnitude", "--out", out,
+                              "--sparsities", "0,0.5,0.9", "--seqlen", 32, "--engine", ENGINE, "--cores", 1,
+                              "--prompt-tokens", 4, "--new-tokens", 8, "--rounds", 1, "--group-size", 1],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    assert "SYNTHETIC" in stdout
+    doc = json.loads((out / "table5.json").read_text())
+    assert doc["synthetic"] is True and "SYNTHETIC" in doc["title"]
+    assert "SYNTHETIC" in (out / "table5.md").read_text()
+    rows = doc["engines"][ENGINE]
+    assert [r["label"] for r in rows] == ["Dense", "50%", "90%"]
+    assert sorted({r["group"] for r in doc["engines"][ENGINE]}) == [0, 1]   # group size 1: two groups, dense in both
+    meta = json.loads((out / "p90" / "deployment" / "sparsedeploy.json").read_text())
+    assert meta["verified"]["plan_from"] == "uniform 0.9"
+    assert all(abs(v - 0.9) < 1 / 64 for v in meta["verified"]["layer_sparsity"].values())

@@ -21,6 +21,9 @@ from .bench import BenchConfig, bench
 SYNTHETIC = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                       vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # a smoke-test shape (GQA) for checking the synthetic path in seconds
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=512, max_position_embeddings=512, tie_word_embeddings=False),
 }
 DEFAULT_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -149,7 +152,8 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
         if p > 0:
             for lin in prunable_linears(model).values():
                 lin.weight.data = prune_magnitude(lin.weight.data, None, p, None)
-        export(str(dest.parent), seqlen=cfg.export_seqlen, out=dest, model=model, tokenizer=tok, head=(p == 0))
+        export(str(dest.parent), seqlen=cfg.export_seqlen, out=dest, model=model, tokenizer=tok, head=(p == 0),
+               uniform_plan=p)
         meta = read_json(dest / DEPLOY_META)
         meta.update({"synthetic": cfg.synthetic, "synthetic_key": key})
         from ..pipeline.rundir import write_json

@@ -73,9 +73,12 @@ def _verify_prompt_ids(tokenizer) -> list[int]:
 
 
 def export(source: str, *, seqlen: int = 512, out: Path | None = None, force: bool = False,
-           model=None, tokenizer=None, head: bool = True, verify: bool = True) -> Path:
+           model=None, tokenizer=None, head: bool = True, verify: bool = True,
+           uniform_plan: float | None = None) -> Path:
     """Export `source` (RUN dir, HF folder, .gguf or alias) to a verified deployment folder; skip when the
-    folder already holds a verified export of the same weights and seqlen."""
+    folder already holds a verified export of the same weights and seqlen. `model`/`tokenizer`: export this
+    in-memory model instead of loading `source`; `uniform_plan`: its planned sparsity of every layer (else
+    the RUN's ratios.json, or dense)."""
     from ..export.onnx_kv import DEPLOY_META, write_deployment
     from ..export.verify import verify_sparsity, verify_tokens, weight_zero_counts
     from ..pipeline.models import load, resolve
@@ -98,6 +101,8 @@ def export(source: str, *, seqlen: int = 512, out: Path | None = None, force: bo
     if model is None:
         model, tokenizer = load(ref)
     plan, plan_from = sparsity_plan(str(source), model)
+    if uniform_plan is not None:
+        plan, plan_from = {k: float(uniform_plan) for k in plan}, f"uniform {uniform_plan:g}"
     torch_counts = layer_zero_counts(model)
     prompt = _verify_prompt_ids(tokenizer)
 
