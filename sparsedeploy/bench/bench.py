@@ -26,6 +26,8 @@ from . import report
 from .runtime import ENGINES, WorkerRuntime
 
 DENSE_BELOW = 0.005          # a deployment with fewer zeros than this is "Dense"
+SETTLE_S = 0.25              # pause before each timed decode: the previous engine's worker threads spin-wait a
+                             # little after their last call, which would otherwise steal cores from the next
 
 
 def label_for(sparsity: float) -> str:
@@ -192,6 +194,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
                 order = list(range(len(workers)))
                 order = order[r % len(order):] + order[:r % len(order)]
                 for i in order:
+                    time.sleep(SETTLE_S)
                     res = workers[i].decode(prompt, cfg.new_tokens)
                     row = rows[i]
                     row["_decode"] += res.decode_ms

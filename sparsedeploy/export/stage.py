@@ -87,7 +87,8 @@ def export(source: str, *, seqlen: int = 512, out: Path | None = None, force: bo
           "use e.g. --seqlen 512 (prompt + generated tokens)")
     out = Path(out) if out is not None else default_out(source)
     ref = resolve(source) if model is None else None
-    key = {"source": str(source), "fingerprint": ref.fingerprint() if ref else None, "seqlen": seqlen, "head": head}
+    where = Path(source).resolve() if Path(source).exists() else source    # the same folder by any path
+    key = {"source": str(where), "fingerprint": ref.fingerprint() if ref else None, "seqlen": seqlen, "head": head}
     meta_path = out / DEPLOY_META
     if not force and ref is not None and meta_path.is_file():
         try:
