@@ -147,11 +147,13 @@ def derived(rows: list[dict], dense_ort_ms: float | None = None, *, baseline: st
         lat = _num(r.get("latency_ms"))
         if _num(r.get("throughput_tps")) is None:
             r["throughput_tps"] = _ratio(1000.0, lat)
-        r["speedup"] = _ratio(dense.get("latency_ms"), lat)
+        # A row may carry its own baseline (the dense model timed in the same group of rounds): "in_group".
+        base = r.get("in_group") or dense
+        r["speedup"] = _ratio(base.get("latency_ms"), lat)
         ort = r.get("dense_ort_ms")
         r["speedup_vs_ort"] = _ratio(dense_ort_ms if ort is None else ort, lat)
-        r["layer_speedup"] = _ratio(dense.get("layer_ms"), r.get("layer_ms"))
-        r["engine_speedup"] = _ratio(dense.get("engine_ms"), r.get("engine_ms"))
+        r["layer_speedup"] = _ratio(base.get("layer_ms"), r.get("layer_ms"))
+        r["engine_speedup"] = _ratio(base.get("engine_ms"), r.get("engine_ms"))
         r["bandwidth_use"] = _ratio(r.get("bound_ms"), lat)
         r["bound_speedup"] = _ratio(dense.get("bound_ms"), r.get("bound_ms"))
         r["bound_fraction"] = _ratio(r["speedup"], r["bound_speedup"])
@@ -287,6 +289,7 @@ def _md_text(doc: dict, engines: dict[str, list[dict]]) -> str:
     out = [f"# {title}", ""]
     if doc.get("synthetic"):
         out += ["**SYNTHETIC WEIGHTS (random, real layer shapes)**", ""]
+    out += [f"_{n}_\n" for n in doc.get("notes") or []]
     for engine, rows in engines.items():
         out += [f"## {engine}", "", "### Table 5", ""]
         try:
@@ -295,11 +298,12 @@ def _md_text(doc: dict, engines: dict[str, list[dict]]) -> str:
             out += [f"_Table 5 not available: {e}_", ""]
         out += ["### Details", "", _markdown(*_details_cells(rows, doc.get("dense_ort_ms"))), ""]
     m = doc.get("machine", {}) or {}
-    bw = ", ".join(f"{k[:-4]} {m[k]} GB/s" for k in ("add_gbs", "copy_gbs") if k in m)
+    b = m.get("bandwidth") if isinstance(m.get("bandwidth"), dict) else m
+    bw = ", ".join(f"{k[:-4]} {b[k]} GB/s" for k in ("add_gbs", "copy_gbs") if k in b)
     out += ["## Machine", "", f"- cpu: {m.get('cpu', DASH)}", f"- cores: {m.get('cores', DASH)}",
             f"- isa: {', '.join(m.get('isa') or []) or DASH}",
-            f"- bandwidth: {bw or DASH}" + (f" ({m['threads']} threads, {m['mbytes']} MiB arrays)"
-                                            if bw and "threads" in m and "mbytes" in m else "")]
+            f"- bandwidth: {bw or DASH}" + (f" ({b['threads']} threads, {b['mbytes']} MiB arrays)"
+                                            if bw and "threads" in b and "mbytes" in b else "")]
     if m.get("versions"):
         out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     if doc.get("synthetic"):
