@@ -131,6 +131,8 @@ def render_markdown(doc: dict) -> str:
             lines.append(f"| {method} | {allocator} | " + " | ".join(cells) + " |")
     lines += ["", "Bold: the best allocator for that method and sparsity.", "",
               "## Prune cost (each prune in its own process, 2 threads)", "",
+              "Wall times here are upper bounds, not costs: other benchmarks shared the 2 cores, and some prunes were "
+              "paused (SIGSTOP) while decode latencies were timed (e.g. wanda-uniform-70%).", "",
               "| Method | Allocator | Sparsity | Prune wall time (s) | Process time incl. load/save (s) | Peak RSS (MB) | Realized sparsity |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:

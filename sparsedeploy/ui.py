@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(stderr=True)
-out = Console(width=None if sys.stdout.isatty() else 160)  # tables stay readable in logs
+out = Console(width=None if sys.stdout.isatty() else 230)  # tables stay readable in logs
 
 
 @contextmanager
