@@ -26,6 +26,20 @@ from sparsedeploy.pipeline.rundir import RunDir  # noqa: E402
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
+def _finished_prune(run: Path, method: str, allocator: str, p: float) -> dict | None:
+    """A prune an interrupted earlier invocation finished (its RUN says so): reuse it, process time unknown."""
+    try:
+        rec = RunDir(run).stage("prune")
+        plan = json.loads((run / "ratios.json").read_text())
+    except Exception:  # noqa: BLE001 - anything missing: prune again
+        return None
+    if not (rec and rec.get("done") and rec["args"].get("method") == method and plan.get("allocator") == allocator
+            and abs(plan.get("target_sparsity", -1) - p) < 1e-9 and (run / "model" / "config.json").is_file()):
+        return None
+    return {"prune_s": rec["seconds"], "process_s": None, "peak_rss_mb": round(rec["peak_rss_mb"]),
+            "realized": rec["realized_sparsity"]}
+
+
 def prune_in_subprocess(run: Path, method: str, allocator: str, p: float, a) -> dict:
     cmd = [sys.executable, "-m", "sparsedeploy.cli", "prune", "smollm2-135m", "--out", str(run),
            "--sparsity", str(p), "--allocator", allocator, "--method", method,
@@ -61,7 +75,6 @@ def main() -> None:
     stages.calibrate(RunDir(base), stages.CalibConfig("smollm2-135m", "wikipedia-summaries", a.nsamples, a.seqlen, 0, None, "cpu"))
     dense = stages.evaluate("smollm2-135m", ecfg, out=work / "dense_eval.json")
 
-    rows = []
     results_path = Path(a.out).with_suffix(".json")
     done = {}
     if results_path.is_file():  # resume: keep finished cells measured with the same settings
@@ -75,18 +88,23 @@ def main() -> None:
             for allocator in a.allocators.split(","):
                 key = (method, allocator, p)
                 if key in done:
-                    rows.append(done[key])
                     continue
                 run = work / f"{method}-{allocator}-{int(p * 100)}"
                 if not run.exists():
                     shutil.copytree(base, run)
-                info = prune_in_subprocess(run, method, allocator, p, a)
+                info = _finished_prune(run, method, allocator, p) or prune_in_subprocess(run, method, allocator, p, a)
                 ev = stages.evaluate(str(run), ecfg)
                 row = {"method": method, "allocator": allocator, "sparsity": p, "perplexity": ev["perplexity"], **info}
                 print(json.dumps(row), flush=True)
-                rows.append(row)
-                _write(results_path, a, dense, rows)
-    _write(results_path, a, dense, rows)
+                done[key] = row
+                _write(results_path, a, dense, _ordered(done))   # every finished cell, so an interruption loses none
+    _write(results_path, a, dense, _ordered(done))
+
+
+def _ordered(done: dict) -> list[dict]:
+    methods = {"magnitude": 0, "wanda": 1, "sparsegpt": 2}
+    allocators = {"uniform": 0, "owl": 1, "dlp": 2}
+    return sorted(done.values(), key=lambda r: (r["sparsity"], methods.get(r["method"], 9), allocators.get(r["allocator"], 9)))
 
 
 def _write(results_path: Path, a, dense: dict, rows: list[dict]) -> None:
@@ -136,7 +154,8 @@ def render_markdown(doc: dict) -> str:
               "| Method | Allocator | Sparsity | Prune wall time (s) | Process time incl. load/save (s) | Peak RSS (MB) | Realized sparsity |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['allocator']} | {r['sparsity']:.0%} | {r['prune_s']:.1f} | {r['process_s']:.1f} | "
+        lines.append(f"| {r['method']} | {r['allocator']} | {r['sparsity']:.0%} | {r['prune_s']:.1f} | "
+                     f"{'–' if r['process_s'] is None else format(r['process_s'], '.1f')} | "
                      f"{r['peak_rss_mb']} | {r['realized']:.4f} |")
     return "\n".join(lines) + "\n"
 
