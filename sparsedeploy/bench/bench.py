@@ -111,10 +111,9 @@ class BenchConfig:
               "omit it to bench every model together")
 
 
-def prompt_ids(deployment: Path, n: int, seed: int = 0) -> list[int]:
+def prompt_ids(meta: dict, n: int, seed: int = 0) -> list[int]:
     """`n` token ids of held-out Wikipedia text through the deployment's own tokenizer (random ids when the
     tokenizer or the text is unavailable, e.g. synthetic models: the cost of a step does not depend on them)."""
-    meta = read_json(deployment / "sparsedeploy.json")
     ids: list[int] = []
     if not meta.get("synthetic"):
         try:
@@ -123,7 +122,7 @@ def prompt_ids(deployment: Path, n: int, seed: int = 0) -> list[int]:
             from ..pipeline.data import load_text
 
             text = str(load_text("wikipedia-summaries-heldout"))[:20000]
-            ids = Tokenizer.from_file(str(deployment / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+            ids = Tokenizer.from_file(str(Path(meta["dir"]) / "tokenizer.json")).encode(text, add_special_tokens=False).ids
         except Exception:  # noqa: BLE001 - any failure: fall back to random ids
             ids = []
     if len(ids) < n:
@@ -246,7 +245,7 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
           "bench pruned copies of one model together")
     originals = {m["onnx"]: file_sha256(Path(m["onnx"])) for m in deps}
     deps.sort(key=lambda m: m["sparsity"])
-    prompt = prompt_ids(Path(deps[0]["dir"]), cfg.prompt_tokens)
+    prompt = prompt_ids(deps[0], cfg.prompt_tokens)
     ui.info("measuring memory bandwidth…")
     bw = report.measure_bandwidth(threads=cfg.cores, mbytes=cfg.bandwidth_mbytes)
     machine = report.machine_info()

@@ -35,25 +35,10 @@ def default_out(source: str) -> Path:
     return Path("runs") / f"dense-{name}" / "deployment"
 
 
-def layer_zero_counts(model) -> dict[str, tuple[int, int]]:
-    """{decoder layer prefix: (zeros, size)} over its prunable linears, counted on the torch weights."""
-    from ..pipeline.arch import decoder_layers, layer_linears, spec_for
-
-    spec = spec_for(model)
-    out = {}
-    for i, layer in enumerate(decoder_layers(model, spec)):
-        z = n = 0
-        for lin in layer_linears(layer, spec).values():
-            w = lin.weight.detach()
-            z += int((w == 0).sum())
-            n += w.numel()
-        out[f"{spec.layers}.{i}"] = (z, n)
-    return out
-
-
 def sparsity_plan(source: str, model) -> tuple[dict[str, float], str]:
     """Per decoder layer prefix: the planned sparsity. A RUN with ratios.json gives R_l; anything else is dense."""
     from ..pipeline.arch import spec_for
+    from ..pipeline.stages import layer_zero_counts
 
     spec = spec_for(model)
     ratios = Path(source) / "ratios.json"
@@ -82,6 +67,7 @@ def export(source: str, *, seqlen: int = 512, out: Path | None = None, force: bo
     from ..export.onnx_kv import DEPLOY_META, write_deployment
     from ..export.verify import verify_sparsity, verify_tokens, weight_zero_counts
     from ..pipeline.models import load, resolve
+    from ..pipeline.stages import layer_zero_counts
 
     check(isinstance(seqlen, int) and 8 <= seqlen <= 32768, f"--seqlen {seqlen} is out of range",
           "use e.g. --seqlen 512 (prompt + generated tokens)")

@@ -306,19 +306,22 @@ def _set_model(run: RunDir, model: str) -> None:
         write_json(run.manifest_path, man)
 
 
+def layer_zero_counts(model) -> dict[str, tuple[int, int]]:
+    """{decoder layer prefix (e.g. model.layers.3): (zeros, size)} over its prunable linears' weights."""
+    spec = spec_for(model)
+    out = {}
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        ws = [lin.weight.detach() for lin in layer_linears(layer, spec).values()]
+        out[f"{spec.layers}.{i}"] = (sum(int((w == 0).sum()) for w in ws), sum(w.numel() for w in ws))
+    return out
+
+
 def record_realized(run: RunDir, model, plan: dict) -> dict:
     """Measure each decoder layer's sparsity from the weights and store it beside the plan."""
-    spec = spec_for(model)
-    zeros = total = 0
-    for entry, layer in zip(plan["layers"], decoder_layers(model, spec)):
-        z = n = 0
-        for lin in layer_linears(layer, spec).values():
-            w = lin.weight.detach()
-            z += int((w == 0).sum())
-            n += w.numel()
+    counts = list(layer_zero_counts(model).values())
+    for entry, (z, n) in zip(plan["layers"], counts):
         entry["realized"] = z / n
-        zeros, total = zeros + z, total + n
-    plan["realized_sparsity"] = zeros / total
+    plan["realized_sparsity"] = sum(z for z, _ in counts) / sum(n for _, n in counts)
     plan["realized_from"] = "weights"
     write_json(run.path / RATIOS, plan)
     return plan
