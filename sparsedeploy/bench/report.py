@@ -28,7 +28,7 @@ _ISA = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
 _PKGS = {"numpy": ("numpy",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
          "deepsparse": ("deepsparse", "deepsparse-nightly"), "torch": ("torch",)}
 _DETAIL_COLS = ("Model", "Sparsity", "Median ms", "p90 ms", "Tokens/s", "Prefill ms", "Compile s", "Peak RSS MB",
-                "Loop overhead", "Speedup", "Engine-only speedup", "vs dense ORT", "Layer speedup", "Bound ms",
+                "Weights MB", "Loop overhead", "Speedup", "Engine-only speedup", "vs dense ORT", "Layer speedup", "Bound ms",
                 "BW use", "Bound speedup", "Of bound")
 
 
@@ -196,7 +196,8 @@ def _details_cells(rows: list[dict], dense_ort_ms: float | None = None,
         body.append([str(r.get("label", DASH)), _fmt(None if s is None else 100 * s, ".1f", "%"),
                      _fmt_lat(r.get("latency_ms")), _fmt_lat(r.get("latency_p90_ms")), _fmt(r.get("throughput_tps")),
                      _fmt(r.get("prefill_ms"), ".1f"), _fmt(r.get("compile_s"), ".1f"),
-                     _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("overhead_pct"), ".1f", "%"),
+                     _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("weight_mb"), ".0f"),
+                     _fmt(r.get("overhead_pct"), ".1f", "%"),
                      _fmt(r.get("speedup"), ".2f", "x"), _fmt(r.get("engine_speedup"), ".2f", "x"),
                      _fmt(r.get("speedup_vs_ort"), ".2f", "x"),
                      _fmt(r.get("layer_speedup"), ".2f", "x"), _fmt_lat(r.get("bound_ms")),
