@@ -288,6 +288,9 @@ def _print_bench(doc: dict) -> None:
         if len(rows) > 1:   # an engine that only ran the dense baseline shows up as "vs dense ORT"
             ui.out.print(report.table5(rows, f"{doc['title']} ({name})"))
         ui.out.print(report.details_table(rows, f"{name}: details", doc.get("dense_ort_ms")))
+    sbs = report.side_by_side(doc["engines"], f"{doc['title']}: engines side by side")
+    if sbs is not None:
+        ui.out.print(sbs)
     m = doc["machine"]
     ui.out.print(f"{m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; memory bandwidth {m['bandwidth']['gbs']:.1f} GB/s"
                  + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""))

@@ -209,3 +209,56 @@ def test_bench_native_runs_where_deepsparse_cannot_be_imported(deployments, tmp_
     assert rows[1]["weight_mb"] < rows[0]["weight_mb"]
     check = subprocess.run([sys.executable, "-c", "import deepsparse"], env=env, capture_output=True, text=True)
     assert check.returncode != 0 and "not installed" in check.stderr
+
+
+def _cli(argv, monkeypatch, capsys):
+    from sparsedeploy import cli
+
+    monkeypatch.setattr(sys, "argv", ["sparsedeploy", *map(str, argv)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["compile", "{dep}", "--engine", "native", "--crossover", "2"], "crossover"),
+    (["bench", "{dep}", "--engine", "native,warp"], "unknown engine 'warp'"),
+    (["bench", "{dep}", "--engine", "native,native"], "listed twice"),
+])
+def test_native_cli_bad_input_is_one_line(deployments, monkeypatch, capsys, argv, needle):
+    argv = [a.replace("{dep}", str(deployments["wanda"])) for a in argv]
+    code, out, err = _cli(argv, monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_pick_engine_probes_every_available_engine(deployments):
+    from sparsedeploy.bench.bench import available_engines, pick_engine
+
+    engine, why = pick_engine(deployments["wanda"], cores=1, prompt_tokens=4, new_tokens=4, rounds=1)
+    avail = available_engines()
+    assert engine in avail and "native" in avail
+    for e in avail:
+        assert f"{e} " in why           # every engine's probe time is named
+
+
+def test_synthetic_sweep_with_native_and_ort_in_one_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "syn"
+    code, stdout, err = _cli(["sweep", "--synthetic", "llama-tiny", "--layers", 2, "--method", "magnitude", "--out", out,
+                              "--sparsities", "0,0.9", "--seqlen", 32, "--engine", "native,onnxruntime", "--cores", 1,
+                              "--prompt-tokens", 4, "--new-tokens", 8, "--rounds", 1], monkeypatch, capsys)
+    assert code == 0, err
+    doc = json.loads((out / "table5.json").read_text())
+    assert set(doc["engines"]) == {"native", "onnxruntime"}
+    nat, ort = doc["engines"]["native"], doc["engines"]["onnxruntime"]
+    assert [r["label"] for r in nat] == ["Dense", "90%"] == [r["label"] for r in ort]
+    for a, b in zip(nat, ort):          # same greedy tokens from both engines on both models
+        assert a["tokens"] == b["tokens"]
+    assert nat[1]["layer_bound_ms"] > 0 and nat[1]["weight_mb"] < nat[0]["weight_mb"]
+    idx = json.loads((out / "p90" / "deployment" / "native" / "native.json").read_text())
+    assert {g["format"] for layer in idx["layers"] for g in layer.values()} == {"csr"}
+    assert "side by side" in (out / "table5.md").read_text()
+    # the embedding/lm_head file is the same at every sparsity: stored once, hard-linked
+    a, b = (out / d / "deployment" / "native" / "shared.safetensors" for d in ("dense", "p90"))
+    assert a.stat().st_ino == b.stat().st_ino and idx["shared_linked_from"]

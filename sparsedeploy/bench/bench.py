@@ -258,6 +258,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
                 native = getattr(w, "native", None)
                 rows.append({"label": label_for(d["sparsity"]), "sparsity": d["sparsity"], "deployment": d["dir"],
                              "weight_mb": round(native["weight_bytes"]["total"] / 2**20, 1) if native else None,
+                             "native_bytes": native["weight_bytes"] if native else None,
                              "engine": w.name, "requested_engine": engine, "fallback_reason": w.fallback_reason,
                              "compile_s": round(w.compile_seconds, 3), "synthetic": bool(d.get("synthetic")),
                              "_decode": [], "_engine": [], "_overhead": [], "_prefill": [], "_tokens": None})
@@ -287,6 +288,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
                     bar(done)
         for w, row, (d, _) in zip(workers, rows, jobs):
             row["peak_rss_mb"] = w.peak_rss_mb()
+            row["rss_mb"] = w.rss_mb()
             dec = np.asarray(row.pop("_decode"))
             row["latency_ms"] = float(np.median(dec))
             row["latency_p90_ms"] = float(np.percentile(dec, 90))
@@ -302,6 +304,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
             b = step_bytes(d)
             row["step_bytes"] = b
             row["num_layers"] = int(d["num_layers"])
+            row["seqlen"] = int(d["seqlen"])
     finally:
         for w in workers:
             w.close()
@@ -377,6 +380,15 @@ def assemble(rows: list[dict], cfg: BenchConfig, machine: dict, *, title: str | 
         same = [x for x in rows if x["engine"] == r["engine"] and x["sparsity"] < DENSE_BELOW and x["group"] == r["group"]]
         if same and len(groups) > 1:   # speedups against the dense model timed in the same rounds
             r["in_group"] = {k: same[0].get(k) for k in ("latency_ms", "engine_ms", "layer_ms")}
+        nb = r.get("native_bytes")
+        if nb and r.get("layer_ms") is not None:
+            # the native engine's own bytes per decoder layer: its stored linears (CSR/ELL with 16-bit indices, or
+            # dense) + the key/value rows it attends to (occupied slots only: prompt + half the new tokens on average)
+            sb = r["step_bytes"]
+            slots = min(1.0, (cfg.prompt_tokens + cfg.new_tokens / 2) / max(1, int(r.get("seqlen") or 0) or 1))
+            per_layer = (nb["decoder_linears"] + sb["kv"] * slots) / int(r["num_layers"])
+            r["layer_bound_ms"] = report.bound_ms(per_layer, gbs)
+            r["layer_of_bound"] = r["layer_ms"] / r["layer_bound_ms"]
         ort = [x for x in dense_ort if x["group"] == r["group"]]
         if ort:
             r["dense_ort_ms"] = ort[0]["latency_ms"]

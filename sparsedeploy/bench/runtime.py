@@ -484,15 +484,19 @@ class WorkerRuntime(Runtime):
         """Time head.onnx on this worker's engine (see time_head)."""
         return self._call(("time_head", str(Path(head_path).resolve()), int(repeats)))
 
-    def peak_rss_mb(self) -> float | None:
-        """The worker's peak resident memory so far (Linux), engine and cache included."""
+    def peak_rss_mb(self, field: str = "VmHWM") -> float | None:
+        """The worker's peak resident memory so far (Linux), engine and cache included (field="VmRSS": now)."""
         try:
             for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
         except (OSError, ValueError, AttributeError):
             pass
         return None
+
+    def rss_mb(self) -> float | None:
+        """The worker's resident memory now."""
+        return self.peak_rss_mb("VmRSS")
 
     def close(self) -> None:
         proc, self._proc = self._proc, None

@@ -135,6 +135,13 @@ def _synthetic_pruned(cfg: SweepConfig, p: float):
     return model
 
 
+def _share(deps: list[Path]) -> Path | None:
+    """The first deployment's native folder: its embedding/lm_head file is the same for every sparsity."""
+    from ..native.pack import NATIVE_DIR
+
+    return Path(deps[0]) / NATIVE_DIR if deps else None
+
+
 def _native_current(meta: dict) -> bool:
     from ..native.pack import DEFAULT_CROSSOVER, NATIVE_DIR, read_index
     from ..native.stage import native_key
@@ -165,7 +172,7 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
                     meta["dir"] = str(dest)
                     if want_native and not _native_current(meta):
                         ui.info(f"synthetic {cfg.synthetic}: native weights for {p:.0%}")
-                        build_from_model(_synthetic_pruned(cfg, p), meta)
+                        build_from_model(_synthetic_pruned(cfg, p), meta, share_with=_share(deps))
                     ui.info(f"export: up to date in {dest}")
                     deps.append(dest)
                     continue
@@ -180,7 +187,7 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
         from ..pipeline.rundir import write_json
         write_json(dest / DEPLOY_META, meta)
         if want_native:
-            build_from_model(model, dict(meta, dir=str(dest)))
+            build_from_model(model, dict(meta, dir=str(dest)), share_with=_share(deps))
         del model
         deps.append(dest)
     return deps

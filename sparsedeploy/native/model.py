@@ -20,7 +20,7 @@ from ..bench.runtime import Runtime
 from ..errors import UserError
 from . import kernels as K
 from .arch import native_arch, rope_theta
-from .pack import INDEX, WEIGHTS, read_index
+from .pack import INDEX, SHARED, WEIGHTS, read_index
 
 _EMPTY = np.zeros(0, dtype=np.float32)
 
@@ -85,17 +85,20 @@ class Linear:
 
 class NativeModel:
     def __init__(self, native_dir: str | Path):
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
         native_dir = Path(native_dir)
         index = read_index(native_dir)
         if index is None:
-            raise UserError(f"{native_dir} holds no native weights ({INDEX} + {WEIGHTS})",
+            raise UserError(f"{native_dir} holds no native weights of this version ({INDEX}, {WEIGHTS}, {SHARED})",
                             "build them: sparsedeploy compile DEPLOYMENT --engine native")
         self.index = index
         cfg = index["config"]
         self.arch = native_arch(cfg)
-        t = load_file(str(native_dir / WEIGHTS))
+        t = {}
+        for name in (WEIGHTS, SHARED):
+            with safe_open(str(native_dir / name), framework="numpy") as f:     # one tensor at a time: no 2x peak
+                t.update({k: f.get_tensor(k) for k in f.keys()})
         self.n_layers = int(cfg["num_hidden_layers"])
         self.hidden = int(cfg["hidden_size"])
         self.H = int(cfg["num_attention_heads"])

@@ -8,8 +8,10 @@ decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) an
 with uint16 column indices when the input width fits in 16 bits, else uint32. The crossover (default
 0.55, set by --crossover) is where the sparse product starts to beat the dense one on this kind of CPU:
 a nonzero costs 6 bytes against 4 for a dense weight, plus an indexed load; see benchmarks/native_gemv.md.
-Norms, embeddings, positions and lm_head stay dense. native.json records the format of every group and
-each linear's zero count, which the loader's caller checks against the export's counts.
+Norms, embeddings, positions and lm_head stay dense, in shared.safetensors: a sweep's deployments hold the
+same ones, so a build given `share_with` (another native folder) hard-links that file when its content key
+matches instead of writing another copy (1 GB per deployment at LLaMA-7B shapes). native.json records the
+format of every group and each linear's zero count, which the caller checks against the export's counts.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import numpy as np
 from ..errors import UserError, check
 from .arch import native_arch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NATIVE_DIR = "native"
-WEIGHTS = "weights.safetensors"
+WEIGHTS = "weights.safetensors"          # the decoder layers
+SHARED = "shared.safetensors"            # embedding, lm_head, final norm, positions: dense, the same at every sparsity
 INDEX = "native.json"
 DEFAULT_CROSSOVER = 0.55
 
@@ -62,9 +65,21 @@ def _get(tensors: dict, name: str) -> np.ndarray:
     return np.asarray(tensors[name], dtype=np.float32)
 
 
+def _content_key(arrays: dict[str, np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
 def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
-          crossover: float = DEFAULT_CROSSOVER) -> dict:
-    """Compress `tensors` into out_dir (written to a temp folder, then renamed into place). Returns the index."""
+          crossover: float = DEFAULT_CROSSOVER, share_with: str | Path | None = None) -> dict:
+    """Compress `tensors` into out_dir (written to a temp folder, then renamed into place). Returns the index.
+    share_with: a native folder whose shared.safetensors is hard-linked when its content is the same."""
     from safetensors.numpy import save_file
 
     check(0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]", "use e.g. 0.55")
@@ -116,18 +131,31 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         if opt_name and f"{opt_name}.weight" in tensors:
             put(dst, _get(tensors, f"{opt_name}.weight"))
 
-    nbytes = {k: int(a.nbytes) for k, a in arrays.items()}
+    shared = {k: arrays.pop(k) for k in list(arrays) if not k.startswith("layers.")}
+    shared_key = _content_key(shared)
+    nbytes = {k: int(a.nbytes) for k, a in {**arrays, **shared}.items()}
     dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
     stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
     index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
              "config": config, "layers": groups_index, "tied_lm_head": tied, "zeros": zeros,
              "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
-                       "decoder_linears_dense": dense_bytes}}
+                       "decoder_linears_dense": dense_bytes}, "shared_key": shared_key}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(arrays, str(tmp / WEIGHTS))
+        other = read_index(share_with) if share_with is not None else None
+        linked = False
+        if other is not None and other.get("shared_key") == shared_key and (Path(share_with) / SHARED).is_file():
+            try:
+                os.link(Path(share_with) / SHARED, tmp / SHARED)
+                linked = True
+            except OSError:               # another file system, or links not allowed: write a copy
+                pass
+        if not linked:
+            save_file(shared, str(tmp / SHARED))
+        index["shared_linked_from"] = str(share_with) if linked else None
         (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
         old = None
         if out_dir.exists():
@@ -144,12 +172,13 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
 
 def read_index(native_dir: str | Path) -> dict | None:
     p = Path(native_dir) / INDEX
-    if not p.is_file() or not (Path(native_dir) / WEIGHTS).is_file():
+    if not p.is_file() or not (Path(native_dir) / WEIGHTS).is_file() or not (Path(native_dir) / SHARED).is_file():
         return None
     try:
-        return json.loads(p.read_text())
+        index = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
+    return index if index.get("format_version") == FORMAT_VERSION else None
 
 
 def load_tensors(folder: str | Path) -> dict[str, np.ndarray]:

@@ -30,11 +30,13 @@ def check_zeros(index: dict, meta: dict) -> None:
                   "rebuild with sparsedeploy compile DEPLOYMENT --engine native --force")
 
 
-def build_from_model(model, meta: dict, *, crossover: float = DEFAULT_CROSSOVER) -> dict:
-    """Native weights straight from an in-memory torch model (synthetic sweeps have no weights on disk)."""
+def build_from_model(model, meta: dict, *, crossover: float = DEFAULT_CROSSOVER, share_with: Path | None = None) -> dict:
+    """Native weights straight from an in-memory torch model (synthetic sweeps have no weights on disk).
+    share_with: another deployment's native folder whose embedding/lm_head file may be hard-linked."""
     tensors = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     config = json.loads((Path(meta["dir"]) / "config.json").read_text())
-    index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR, key=native_key(meta, crossover), crossover=crossover)
+    index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR, key=native_key(meta, crossover), crossover=crossover,
+                  share_with=share_with)
     check_zeros(index, meta)
     return index
 
