@@ -144,7 +144,8 @@ def test_native_greedy_tokens_equal_pytorch(deployments, which, crossover, forma
         assert wb["decoder_linears"] < wb["decoder_linears_dense"]          # compressed is smaller
 
 
-def test_native_prefill_in_chunks_and_stored_weights_equal_torch(deployments):
+@pytest.mark.parametrize("which", ["magnitude", "dense"])
+def test_native_prefill_in_chunks_and_stored_weights_equal_torch(deployments, which):
     """In process: the L > 1 path (prompt in one call) gives PyTorch's tokens; every stored group equals
     the torch weights it came from, stacked."""
     from safetensors.numpy import load_file
@@ -154,14 +155,16 @@ def test_native_prefill_in_chunks_and_stored_weights_equal_torch(deployments):
     from sparsedeploy.native.model import NativeRuntime
     from sparsedeploy.native.stage import ensure_native
 
-    dep = deployments["magnitude"]
+    dep = deployments[which]
     meta = read_deployment(dep)
-    ensure_native(meta)
+    ensure_native(meta, crossover=0.55, force=True)
     rt = NativeRuntime(meta["onnx"], cache_len=int(meta["seqlen"]))
     v = meta["verified"]
     res = greedy_decode(rt, v["prompt_ids"], len(v["tokens"]), prefill=rt)
     assert res.tokens == v["tokens"] and res.prefill.startswith("1 chunk")
-    src = load_file(str(Path(meta["export_key"]["source"]) / "model" / "model.safetensors"))
+    src_dir = Path(meta["export_key"]["source"])
+    src = load_file(str(next((src_dir / "model").glob("*.safetensors")) if (src_dir / "model").is_dir()
+                        else next(src_dir.glob("*.safetensors"))))
     arch = rt.model.arch
     for i, layer in enumerate(rt.model.layers):
         for g, names in arch.groups().items():

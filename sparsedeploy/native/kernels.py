@@ -197,8 +197,8 @@ def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, 
     qoff = 0
     koff = H * D
     voff = koff + Hkv * D
-    # new keys/values (rotate keys), one kv head per thread
-    for g in prange(Hkv):
+    # new keys/values (rotate keys): a few hundred values, serial (a parallel region costs more than it saves)
+    for g in range(Hkv):
         for l in range(L):
             p = positions[l]
             for i in range(D):
