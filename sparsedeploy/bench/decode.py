@@ -257,10 +257,15 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
     dec = KVSlots(runtime, 1, S)
     pos, logits = 0, None
     if prefill is not None:
-        chunk = min(len(prompt), S - 1) if getattr(prefill, "dynamic", False) else int(prefill.seq_len or 1)
+        # A prefill shape of L tokens has S - L cache slots: only chunks whose tokens all fit there are fed
+        # that way (more would push the oldest prompt tokens out); the rest go one by one.
+        if getattr(prefill, "dynamic", False):
+            chunk = min(len(prompt), S - len(prompt)) if len(prompt) < S else 0
+        else:
+            chunk = int(prefill.seq_len or 1)
         if chunk > 1 and len(prompt) >= chunk:
             pre = KVSlots(prefill, chunk, S)
-            while len(prompt) - pos >= chunk:
+            while len(prompt) - pos >= chunk and pos + chunk <= S - chunk:
                 logits, _ = pre.step(prompt[pos:pos + chunk], pos)
                 pos += chunk
             dec.load(pre)
