@@ -236,6 +236,7 @@ def main() -> None:
     a = ap.parse_args()
 
     dep = ensure_deployment(a.deployment)
+    host = machine()                                            # load average before the server starts
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = _cli("serve", str(dep), "--engine", a.engine, "--port", str(port), "--queue-size", str(a.queue_size),
@@ -280,7 +281,7 @@ def main() -> None:
                       "max_tokens": a.max_tokens, "temperature": a.temperature, "queue_size": a.queue_size,
                       "timeout_s": a.timeout_s, "prefill_chunk": a.prefill_chunk},
            "server": {"engine": health["engine"], "seqlen": health["seqlen"], "exit_code": code},
-           "machine": machine(), "summary": summary, "rss_before": before, "rss_after": after,
+           "machine": host, "summary": summary, "rss_before": before, "rss_after": after,
            "server_metrics": metrics}
     write_reports(doc, a.out)
     print(json.dumps(summary, indent=2))

@@ -121,6 +121,34 @@ def test_sample_decode_at_temperature_zero_is_greedy_decode(deployment, meta):
 
 
 # ----------------------------------------------------------------------------------- the real engine
+def test_worker_streams_generate_and_sigusr1_cancels(deployment, meta, monkeypatch):
+    """WorkerRuntime.generate streams the tokens of the greedy loop; the worker's side stops on SIGUSR1."""
+    from sparsedeploy.bench import decode, runtime
+
+    prompt = meta["verified"]["prompt_ids"]
+    with runtime.WorkerRuntime("onnxruntime", deployment / "model.onnx", cores=1, seq_len=1, cache_len=64) as w:
+        events = list(w.generate(prompt, 16, temperature=0.0))
+        assert [e[0] for e in events] == ["token"] * 16 + ["done"]
+        assert [e[1] for e in events[:-1]] == events[-1][1].tokens == meta["verified"]["tokens"]
+        assert w.decode(prompt, 4).tokens == meta["verified"]["tokens"][:4]    # the protocol is still in step
+    rt = runtime.OrtRuntime(deployment / "model.onnx", cores=1, seq_len=1, cache_len=64)
+    sent = []
+
+    def send(stream, obj):
+        sent.append(obj)
+        if len(sent) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)      # what WorkerRuntime.cancel sends
+
+    monkeypatch.setattr(runtime, "_send", send)
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        res = runtime._generate_in_worker(decode, rt, None, None, ("generate", prompt, 30, {}))
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        runtime._CANCEL["installed"] = False
+    assert res.finish_reason == "cancelled" and res.tokens == [o[1] for o in sent] and len(res.tokens) == 2
+
+
 def test_completion_is_pytorchs_greedy_text_and_stream_equals_it(real_server, deployment, meta):
     url, app = real_server
     from sparsedeploy.export.stage import VERIFY_PROMPT
@@ -383,6 +411,8 @@ def test_serve_binds_loopback_by_default_and_sigterm_finishes_in_flight_requests
         _wait_health(url, proc)
         listening = [c.laddr for c in psutil.Process(proc.pid).net_connections(kind="inet") if c.status == "LISTEN"]
         assert [a.ip for a in listening] == ["127.0.0.1"], listening
+        maps = {m.path for m in psutil.Process(proc.pid).memory_maps()}
+        assert not [m for m in maps if "libtorch" in m], "the HTTP process must not load torch"
         worker = httpx.get(f"{url}/health").json()["worker_pid"]
         os.kill(worker, signal.SIGSTOP)                   # the request below is in flight until SIGCONT
         with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "the cat", "max_tokens": 30,

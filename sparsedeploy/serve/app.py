@@ -213,10 +213,40 @@ def default_worker_factory(settings: Settings, meta: dict):
     return factory
 
 
+SERVE_FILES = ("model.onnx", "config.json", "tokenizer.json", "sparsedeploy.json")
+
+
+def read_deployment_light(path: str | Path) -> dict:
+    """export.onnx_kv.read_deployment's checks that serving needs, without importing torch (that module does):
+    the HTTP process stays ~300 MB smaller. Returns sparsedeploy.json plus `dir` and `onnx`."""
+    from ..bench.runtime import model_io
+
+    d = Path(path)
+    if not d.is_dir():
+        raise UserError(f"deployment folder {d} does not exist", "write one with `sparsedeploy export`")
+    for name in SERVE_FILES:
+        if not (d / name).is_file() or (d / name).stat().st_size == 0:
+            raise UserError(f"deployment {d} is missing {name}", "re-export the deployment")
+    docs = {}
+    for name in SERVE_FILES[1:]:
+        try:
+            docs[name] = json.loads((d / name).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"deployment {d}: {name} is not valid JSON ({type(e).__name__})", "re-export the deployment")
+    meta = docs["sparsedeploy.json"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("seqlen"), int) or meta["seqlen"] < 2:
+        raise UserError(f"deployment {d}: sparsedeploy.json lacks a valid 'seqlen'", "re-export the deployment")
+    io = model_io(d / "model.onnx")                    # a corrupt graph fails here in one line
+    for name in io["data_files"]:
+        if not (d / name).is_file():
+            raise UserError(f"deployment {d} is missing the weights file {name}", "re-export the deployment")
+    meta = {**meta, "dir": str(d), "onnx": str(d / "model.onnx")}
+    meta.setdefault("max_positions", io.get("max_positions"))
+    return meta
+
+
 def validate_settings(s: Settings) -> dict:
     """Check the settings and the deployment; returns the deployment's metadata (UserError on bad input)."""
-    from ..export.onnx_kv import read_deployment
-
     check(isinstance(s.port, int) and 0 <= s.port <= 65535, f"--port {s.port} is not a TCP port", "use 1-65535 (0: any free port)")
     check(bool(s.host) and not any(c.isspace() for c in s.host), f"--host {s.host!r} is not a host name or address",
           "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface, e.g. in a container)")
@@ -226,7 +256,7 @@ def validate_settings(s: Settings) -> dict:
     n = os.cpu_count() or 1
     check(s.cores is None or 1 <= s.cores <= n, f"--cores {s.cores} is not between 1 and this machine's {n}",
           "omit --cores to use every core")
-    meta = read_deployment(s.deployment)
+    meta = read_deployment_light(s.deployment)
     seqlen = int(meta["seqlen"])
     for name in ("max_prompt_tokens", "max_new_tokens"):
         v = getattr(s, name)
