@@ -29,8 +29,8 @@ class FakeWorker:
     fallback_reason = None
     compile_seconds = 0.0
 
-    def __init__(self, delay: float = 0.0, vocab: int = 300):
-        self.delay, self.vocab = delay, vocab
+    def __init__(self, delay: float = 0.0, vocab: int = 300, hang: bool = False):
+        self.delay, self.vocab, self.hang = delay, vocab, hang
         self._proc = FakeProc()
         self.pid = 0
         self.cancels = 0
@@ -44,6 +44,10 @@ class FakeWorker:
         t0 = time.monotonic()
         tokens, reason = [], "length"
         for i in range(n):
+            if self._proc.dead:
+                raise RuntimeError("the engine worker process died (exit code -9)")
+            while self.hang and not self._proc.dead:       # stuck: ignores cancel and time limit
+                time.sleep(0.02)
             if self._proc.dead:
                 raise RuntimeError("the engine worker process died (exit code -9)")
             time.sleep(self.delay)

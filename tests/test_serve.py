@@ -303,6 +303,24 @@ def test_client_that_leaves_a_stream_cancels_its_generation(deployment):
         assert app.state.service.pending() == 0 and worker.cancels >= 1
 
 
+def test_a_hung_worker_is_killed_by_the_watchdog_and_replaced(deployment):
+    workers = []
+
+    def factory():
+        workers.append(FakeWorker(hang=not workers))     # the first one hangs, its replacement works
+        return workers[-1]
+
+    app = create_app(Settings(str(deployment), timeout_s=0.5, hang_grace_s=0.5), worker_factory=factory)
+    with running(app) as url:
+        r = post(url, {"prompt": "the cat", "max_tokens": 5})
+        assert r.status_code == 504
+        deadline = time.monotonic() + 10
+        while app.state.service.restarts < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert workers[0]._proc.dead and app.state.service.restarts == 1
+        assert post(url, {"prompt": "the cat", "max_tokens": 5}).status_code == 200
+
+
 def test_engine_that_cannot_restart_enters_a_failed_state(deployment):
     workers = []
 

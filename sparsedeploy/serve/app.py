@@ -52,6 +52,7 @@ class Settings:
     prefill_chunk: int = 0                      # 0: prompt token by token; L: a prefill engine with L tokens per call
     max_body_bytes: int = 1 << 20
     max_restarts: int = 3
+    hang_grace_s: float = 10.0                  # a request still running this long past its deadline: kill the worker
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -293,7 +294,8 @@ def create_app(settings: Settings, *, worker_factory=None):
     for name in ("generated_tokens_total", "prompt_tokens_total", "worker_restarts_total"):
         metrics.inc(name, 0)
     factory = worker_factory or default_worker_factory(settings, meta)
-    service = EngineService(factory, queue_size=settings.queue_size, metrics=metrics, max_restarts=settings.max_restarts)
+    service = EngineService(factory, queue_size=settings.queue_size, metrics=metrics, max_restarts=settings.max_restarts,
+                            hang_grace_s=settings.hang_grace_s)
 
     @asynccontextmanager
     async def lifespan(app):
