@@ -136,8 +136,20 @@ def test_the_images_install_steps_work_in_a_fresh_virtualenv_and_serve_offline(t
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     install_s = time.monotonic() - t0
     print(f"install steps: {install_s:.0f} s")
-    assert not (venv / "lib" / "python3.11" / "site-packages" / "sparsedeploy" / "__init__.py").is_symlink()
     assert (venv / "bin" / "sparsedeploy").is_file()
+    # every package the image gets is pinned exactly in constraints.txt (a new unpinned dependency fails here)
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    pins = {norm(n): v for n, v in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)}
+    frozen = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze", "--all"], capture_output=True,
+                            text=True, check=True).stdout
+    unpinned = []
+    for line in frozen.splitlines():
+        m = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)$", line)
+        if m and norm(m[1]) not in ("pip", "setuptools", "wheel"):
+            if pins.get(norm(m[1]), "").split("+")[0] != m[2].split("+")[0]:
+                unpinned.append(line)
+    assert not unpinned, f"installed but not pinned in constraints.txt: {unpinned}"
+    assert "sparsedeploy" in frozen
 
     # run the image's ENTRYPOINT from that virtualenv, with the runtime stage's ENV, in an empty network
     # namespace (no network at all, loopback only), and probe it with the HEALTHCHECK command
