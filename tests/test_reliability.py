@@ -380,16 +380,16 @@ def test_allocators_refuse_nonsense_targets_with_user_errors(p, n):
 
 
 # ------------------------------------------------------------------------------- hypothesis: request schema
-json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=False),
-                      st.text(max_size=20))
+any_text = st.lists(st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=20).map("".join)  # + lone surrogates
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.floats(allow_nan=False), any_text)
 json_value = st.recursive(json_leaf, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)),
                           max_leaves=12)
 FIELDS = ["prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed", "n", "model"]
 request_doc = st.dictionaries(st.sampled_from(FIELDS), json_value, max_size=len(FIELDS)) | \
-    st.fixed_dictionaries({"prompt": st.text(max_size=30)},
+    st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=30), any_text)},
                           optional={"max_tokens": st.integers(-3, 100), "temperature": st.floats(-1, 3),
                                     "top_p": st.floats(-0.5, 1.5), "stream": st.booleans(),
-                                    "stop": st.one_of(st.text(max_size=3), st.lists(st.text(max_size=3), max_size=6)),
+                                    "stop": st.one_of(any_text, st.lists(any_text, max_size=6)),
                                     "seed": st.integers(-5, 2**64)})
 
 

@@ -95,11 +95,20 @@ def parse_request(body: bytes, schema=CompletionRequest) -> CompletionRequest:
     if not isinstance(doc, dict):
         raise ServeError(422, "invalid_request_error", "the request body must be a JSON object")
     try:
-        return schema.model_validate(doc)
+        req = schema.model_validate(doc)
     except ValidationError as e:
         raise ServeError(422, "invalid_request_error", _validation_message(e)) from None
     except (RecursionError, ValueError, TypeError) as e:
         raise ServeError(422, "invalid_request_error", f"invalid request ({type(e).__name__})") from None
+    # JSON may escape lone surrogates ("\ud800"): valid JSON, but not text any tokenizer can take
+    texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    texts += [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ServeError(400, "invalid_request_error", "prompt/stop hold invalid Unicode (a lone surrogate)") from None
+    return req
 
 
 def _reject_constant(name: str):
