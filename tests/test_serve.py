@@ -377,7 +377,7 @@ BAD_REQUESTS = [
     (b'{"prompt": "x", "seed": -1}', 422, "seed"),
     (b'{"prompt": "x", "n": 2}', 422, "n"),
     (b'{"prompt": "a\\ud800b"}', 400, "surrogate"),
-    (b'{"prompt": "x", "stop": "\\udfff"}', 400, "surrogate"),
+    (b'{"prompt": "x", "stop": "\\udfff"}', 422, "stop"),
     (b'{"prompt": "x", "max_tokens": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, ""),
 ]
 
