@@ -25,7 +25,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 RUN groupadd --system --gid 10001 sparsedeploy \
     && useradd --system --uid 10001 --gid sparsedeploy --home-dir /home/sparsedeploy --create-home sparsedeploy
 COPY --from=build /opt/venv /opt/venv

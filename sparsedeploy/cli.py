@@ -129,16 +129,24 @@ def export(
 @app.command("compile")
 def compile_(
     deployment: Path = typer.Argument(..., help="deployment folder (from `sparsedeploy export`)"),
-    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime"),
+    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime | native"),
     cores: Optional[int] = typer.Option(None, help="cores for the engine (default: all)"),
+    crossover: Optional[float] = typer.Option(None, help="native: store a linear compressed from this sparsity on (default 0.55)"),
+    force: bool = typer.Option(False, help="native: rebuild DEPLOYMENT/native/"),
 ):
     """Compile one decode step on the engine (in its own process, on a copy) and check its tokens."""
     from .bench.bench import compile_deployment
-    rec = compile_deployment(deployment, engine, cores)
+    rec = compile_deployment(deployment, engine, cores, crossover=crossover, force=force)
     note = f" (fallback: {rec['fallback_reason']})" if rec.get("fallback_reason") else ""
     match = {True: "equal PyTorch's", False: "DIFFER from PyTorch's", None: "not checked"}[rec.get("tokens_equal_pytorch")]
     ui.out.print(f"{rec['engine']}{note}: compiled in {rec['compile_s']:.2f} s, greedy tokens {match}, "
                  f"peak RSS {rec['peak_rss_mb'] or 0:.0f} MB, model.onnx unchanged: {rec['onnx_unchanged']}")
+    if rec.get("native"):
+        n = rec["native"]
+        wb = n["weight_bytes"]
+        ui.out.print(f"native: {n['threads']} threads ({n['threading_layer']}), stored groups {n['formats']}, crossover "
+                     f"{n['crossover']:g}; decoder linears {wb['decoder_linears'] / 2**20:.1f} MB "
+                     f"(dense {wb['decoder_linears_dense'] / 2**20:.1f} MB), all weights {wb['total'] / 2**20:.1f} MB")
 
 
 def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk=0):
@@ -150,7 +158,7 @@ def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, 
 @app.command()
 def bench(
     deployments: list[Path] = typer.Argument(..., help="deployment folders (dense + pruned copies of one model)"),
-    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime"),
+    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime | native, several comma-separated, or all"),
     cores: Optional[int] = typer.Option(None),
     prompt_tokens: int = typer.Option(64),
     new_tokens: int = typer.Option(128),
@@ -181,7 +189,8 @@ def sweep(
     layers: int = typer.Option(2, help="decoder layers of the synthetic model"),
     nsamples: int = typer.Option(32), calib_seqlen: int = typer.Option(256),
     seqlen: int = typer.Option(256, help="deployment context S"),
-    engine: str = typer.Option("deepsparse"), cores: Optional[int] = typer.Option(None),
+    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime | native, several comma-separated, or all"),
+    cores: Optional[int] = typer.Option(None),
     prompt_tokens: int = typer.Option(64), new_tokens: int = typer.Option(128),
     rounds: int = typer.Option(3), group_size: Optional[int] = typer.Option(None),
     ort_baseline: bool = typer.Option(True),
@@ -217,7 +226,7 @@ def run(
     data_file: Optional[str] = typer.Option(None),
     device: str = typer.Option("auto"),
     deploy: bool = typer.Option(True, help="then export, compile and bench dense vs pruned"),
-    engine: str = typer.Option("deepsparse"),
+    engine: str = typer.Option("auto", help="auto (the fastest on a short probe) | deepsparse | onnxruntime | native"),
     cores: Optional[int] = typer.Option(None, help="cores for the engines (default: all)"),
     export_seqlen: int = typer.Option(256),
     prompt_tokens: int = typer.Option(64),
@@ -252,6 +261,9 @@ def run(
     dense_dep = export_stage(model, seqlen=export_seqlen, out=out / "dense-deployment", force=force)
     pruned_dep = export_stage(str(out), seqlen=export_seqlen, force=force)
     _print_export(pruned_dep)
+    if engine == "auto":
+        engine, why = bench_mod.pick_engine(pruned_dep, cores)
+        ui.out.print(f"engine: {engine} — {why}")
     rec = bench_mod.compile_deployment(pruned_dep, engine, cores)
     ui.out.print(f"compiled on {rec['engine']} in {rec['compile_s']:.2f} s; its greedy tokens equal PyTorch's")
     cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, 3, None, True)
@@ -296,6 +308,9 @@ def _print_bench(doc: dict) -> None:
         if len(rows) > 1:   # an engine that only ran the dense baseline shows up as "vs dense ORT"
             ui.out.print(report.table5(rows, f"{doc['title']} ({name})"))
         ui.out.print(report.details_table(rows, f"{name}: details", doc.get("dense_ort_ms")))
+    sbs = report.side_by_side(doc["engines"], f"{doc['title']}: engines side by side")
+    if sbs is not None:
+        ui.out.print(sbs)
     m = doc["machine"]
     ui.out.print(f"{m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; memory bandwidth {m['bandwidth']['gbs']:.1f} GB/s"
                  + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""))

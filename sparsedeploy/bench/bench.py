@@ -47,6 +47,16 @@ def _check_engine(engine: str) -> str:
     return engine
 
 
+def parse_engines(text: str) -> list[str]:
+    """'native,deepsparse' -> ['native', 'deepsparse'] (each checked; 'all' = every engine)."""
+    names = list(ENGINES) if text.strip() == "all" else [e.strip() for e in text.split(",") if e.strip()]
+    check(bool(names), "no engine given", f"use one or more of: {', '.join(ENGINES)} (comma-separated)")
+    check(len(set(names)) == len(names), f"engine listed twice in '{text}'", "name each engine once")
+    for e in names:
+        _check_engine(e)
+    return names
+
+
 def _check_cores(cores: int | None) -> None:
     import os
 
@@ -56,9 +66,12 @@ def _check_cores(cores: int | None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- compile
-def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores: int | None = None) -> dict:
+def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores: int | None = None, *,
+                       crossover: float | None = None, force: bool = False) -> dict:
     """Compile the deployment for one decode step on `engine` (in a worker, on a copy of model.onnx), check
-    that its greedy tokens equal PyTorch's from export time, and record compile time -> compile-<engine>.json."""
+    that its greedy tokens equal PyTorch's from export time, and record compile time -> compile-<engine>.json.
+    The native engine first builds DEPLOYMENT/native/ from the pruned safetensors (`crossover`: the sparsity
+    from which a linear is stored compressed; `force`: rebuild)."""
     from ..export.verify import VerificationError
 
     _check_engine(engine)
@@ -66,9 +79,19 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     meta = read_deployment(deployment)
     onnx_path = Path(meta["onnx"])
     before = file_sha256(onnx_path)
+    t0 = time.perf_counter()
+    index = None
+    if engine == "native":
+        from ..native.stage import ensure_native
+
+        index = ensure_native(meta, crossover=crossover, force=force)
+    build_s = time.perf_counter() - t0
     with WorkerRuntime(engine, onnx_path, cores=cores, seq_len=1, cache_len=int(meta["seqlen"])) as w:
         rec = {"requested_engine": engine, "engine": w.name, "fallback_reason": w.fallback_reason,
-               "compile_s": round(w.compile_seconds, 3), "cores": cores, "seqlen": meta["seqlen"]}
+               "compile_s": round(w.compile_seconds + build_s, 3), "cores": cores, "seqlen": meta["seqlen"]}
+        if index is not None:
+            rec["native"] = {**(w.native or {}), "crossover": index["crossover"], "build_s": round(build_s, 3),
+                             "formats": _format_counts(index), "deepsparse_loaded": w.deepsparse_loaded}
         verified = meta.get("verified") or {}
         if verified.get("tokens"):
             res = w.decode(verified["prompt_ids"], len(verified["tokens"]))
@@ -82,6 +105,58 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     check(rec["onnx_unchanged"], f"{onnx_path} changed during compile", "report it: engines must only see a copy")
     write_json(Path(deployment) / f"compile-{engine}.json", rec)
     return rec
+
+
+def _format_counts(index: dict) -> dict:
+    out: dict[str, int] = {}
+    for layer in index["layers"]:
+        for g in layer.values():
+            out[g["format"]] = out.get(g["format"], 0) + 1
+    return out
+
+
+def available_engines() -> list[str]:
+    """Engines that can run here: native and ONNX Runtime everywhere, DeepSparse where it imports."""
+    from .runtime import deepsparse_unavailable
+
+    return [e for e in ("native", "deepsparse", "onnxruntime") if e != "deepsparse" or deepsparse_unavailable() is None]
+
+
+def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_tokens: int = 16, new_tokens: int = 32,
+                rounds: int = 2) -> tuple[str, str]:
+    """The fastest engine on this machine for this deployment, from a short interleaved decode probe of
+    every available engine; returns (engine, a one-line reason with the probe's numbers)."""
+    meta = read_deployment(deployment)
+    engines = available_engines()
+    if "native" in engines:
+        from ..native.stage import ensure_native
+        try:
+            ensure_native(meta)
+        except UserError as e:
+            ui.info(f"native engine skipped: {e}")
+            engines.remove("native")
+    prompt = prompt_ids(meta, prompt_tokens)
+    S = int(meta["seqlen"])
+    n = max(2, min(new_tokens, S - len(prompt)))
+    times: dict[str, list[float]] = {}
+    workers = []
+    try:
+        for e in engines:
+            w = WorkerRuntime(e, meta["onnx"], cores=cores, seq_len=1, cache_len=S)
+            workers.append(w)
+            w.decode(prompt[:4], 2)
+        for r in range(rounds):
+            for w in workers[r % len(workers):] + workers[:r % len(workers)]:
+                time.sleep(SETTLE_S)
+                times.setdefault(w.name, []).extend(w.decode(prompt, n).decode_ms)
+    finally:
+        for w in workers:
+            w.close()
+    med = {e: float(np.median(t)) for e, t in times.items()}
+    best = min(med, key=med.get)
+    others = ", ".join(f"{e} {ms:.1f}" for e, ms in sorted(med.items(), key=lambda kv: kv[1]))
+    return best, (f"fastest at {meta.get('sparsity', 0):.0%} sparsity on a {n}-token probe (ms/token: {others}); "
+                  "name one with --engine")
 
 
 # ----------------------------------------------------------------------------------------------- bench
@@ -98,8 +173,12 @@ class BenchConfig:
     prefill_chunk: int = 0             # 0: prompt token by token through the decode engine; L > 1: a second
                                        # engine compiled for L-token chunks (ONNX Runtime: one call, any L)
 
+    @property
+    def engines(self) -> list[str]:
+        return parse_engines(self.engine)
+
     def validate(self) -> None:
-        _check_engine(self.engine)
+        self.engines  # noqa: B018 - checks every name
         _check_cores(self.cores)
         check(self.prompt_tokens >= 1, f"--prompt-tokens {self.prompt_tokens} must be at least 1", "use e.g. 64")
         check(self.new_tokens >= 2, f"--new-tokens {self.new_tokens} must be at least 2", "use e.g. 128")
@@ -163,9 +242,9 @@ def _group_key(group: list[dict], cfg: BenchConfig) -> str:
 
 def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list[dict]:
     """Workers for every model of the group (+ dense on ONNX Runtime), interleaved rounds -> one row each."""
-    jobs = [(d, cfg.engine) for d in group]
+    jobs = [(d, e) for e in cfg.engines for d in group]
     dense = next((d for d in group if d["sparsity"] < DENSE_BELOW), None)
-    if cfg.ort_baseline and cfg.engine != "onnxruntime" and dense is not None:
+    if cfg.ort_baseline and "onnxruntime" not in cfg.engines and dense is not None:
         jobs.append((dense, "onnxruntime"))
     workers: list[WorkerRuntime] = []
     rows: list[dict] = []
@@ -176,7 +255,10 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
                                   prefill_len=cfg.prefill_chunk or None)
                 workers.append(w)
                 w.decode(prompt[:8], 4)                                   # warm-up
+                native = getattr(w, "native", None)
                 rows.append({"label": label_for(d["sparsity"]), "sparsity": d["sparsity"], "deployment": d["dir"],
+                             "weight_mb": round(native["weight_bytes"]["total"] / 2**20, 1) if native else None,
+                             "native_bytes": native["weight_bytes"] if native else None,
                              "engine": w.name, "requested_engine": engine, "fallback_reason": w.fallback_reason,
                              "compile_s": round(w.compile_seconds, 3), "synthetic": bool(d.get("synthetic")),
                              "_decode": [], "_engine": [], "_overhead": [], "_prefill": [], "_tokens": None})
@@ -206,6 +288,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
                     bar(done)
         for w, row, (d, _) in zip(workers, rows, jobs):
             row["peak_rss_mb"] = w.peak_rss_mb()
+            row["rss_mb"] = w.rss_mb()
             dec = np.asarray(row.pop("_decode"))
             row["latency_ms"] = float(np.median(dec))
             row["latency_p90_ms"] = float(np.percentile(dec, 90))
@@ -221,6 +304,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
             b = step_bytes(d)
             row["step_bytes"] = b
             row["num_layers"] = int(d["num_layers"])
+            row["seqlen"] = int(d["seqlen"])
     finally:
         for w in workers:
             w.close()
@@ -243,6 +327,11 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
     sizes = {(m["num_layers"], m["hidden_size"], m["vocab_size"]) for m in deps}
     check(len(sizes) == 1, "the deployments are different models (layers, hidden size or vocabulary differ)",
           "bench pruned copies of one model together")
+    if "native" in cfg.engines:
+        from ..native.stage import ensure_native
+
+        for m in deps:
+            ensure_native(m)
     originals = {m["onnx"]: file_sha256(Path(m["onnx"])) for m in deps}
     deps.sort(key=lambda m: m["sparsity"])
     prompt = prompt_ids(deps[0], cfg.prompt_tokens)
@@ -291,6 +380,15 @@ def assemble(rows: list[dict], cfg: BenchConfig, machine: dict, *, title: str | 
         same = [x for x in rows if x["engine"] == r["engine"] and x["sparsity"] < DENSE_BELOW and x["group"] == r["group"]]
         if same and len(groups) > 1:   # speedups against the dense model timed in the same rounds
             r["in_group"] = {k: same[0].get(k) for k in ("latency_ms", "engine_ms", "layer_ms")}
+        nb = r.get("native_bytes")
+        if nb and r.get("layer_ms") is not None:
+            # the native engine's own bytes per decoder layer: its stored linears (CSR/ELL with 16-bit indices, or
+            # dense) + the key/value rows it attends to (occupied slots only: prompt + half the new tokens on average)
+            sb = r["step_bytes"]
+            slots = min(1.0, (cfg.prompt_tokens + cfg.new_tokens / 2) / max(1, int(r.get("seqlen") or 0) or 1))
+            per_layer = (nb["decoder_linears"] + sb["kv"] * slots) / int(r["num_layers"])
+            r["layer_bound_ms"] = report.bound_ms(per_layer, gbs)
+            r["layer_of_bound"] = r["layer_ms"] / r["layer_bound_ms"]
         ort = [x for x in dense_ort if x["group"] == r["group"]]
         if ort:
             r["dense_ort_ms"] = ort[0]["latency_ms"]

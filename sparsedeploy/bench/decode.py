@@ -10,7 +10,7 @@ The cache lives in arrays allocated once per generation, one [1, Hkv, S-L, D] ar
 and is never shifted or copied whole. The graph attends over (cache slots + fed tokens) with masks that
 say which slots hold something, and rotary / learned positions are applied before caching, so the slot
 order is irrelevant: each step writes only its L new key/value rows (the last L rows of each `present`
-output) into the free slots, or once the cache is full into the slots holding the oldest positions
+output: all S rows from the ONNX engines, only the L new ones from the native engine) into the free slots, or once the cache is full into the slots holding the oldest positions
 (the oldest entry is dropped, as in DeepSparse's own pipeline, without moving the others).
 `attention_mask` columns mirror slot occupancy and for L = 1 `causal_mask` is a view of it.
 
@@ -108,14 +108,14 @@ class KVSlots:
         if L == 1:
             slot = int(np.argmin(self.slot_pos))                  # an empty slot, else the oldest position
             for past, present in self.pairs:
-                self.past[past][:, :, slot, :] = out[present][:, :, P, :]
+                self.past[past][:, :, slot, :] = out[present][:, :, -1, :]
             self.slot_pos[slot] = start
             self.attention_mask[0, slot] = 1
             return
         k = min(L, P)                                             # the newest k fed tokens are kept
         slots = np.argsort(self.slot_pos, kind="stable")[:k]
         for past, present in self.pairs:
-            self.past[past][:, :, slots, :] = out[present][:, :, self.S - k:, :]
+            self.past[past][:, :, slots, :] = out[present][:, :, -k:, :]
         self.slot_pos[slots] = start + L - k + np.arange(k)
         self.attention_mask[0, slots] = 1
 

@@ -28,7 +28,7 @@ _ISA = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
 _PKGS = {"numpy": ("numpy",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
          "deepsparse": ("deepsparse", "deepsparse-nightly"), "torch": ("torch",)}
 _DETAIL_COLS = ("Model", "Sparsity", "Median ms", "p90 ms", "Tokens/s", "Prefill ms", "Compile s", "Peak RSS MB",
-                "Loop overhead", "Speedup", "Engine-only speedup", "vs dense ORT", "Layer speedup", "Bound ms",
+                "Weights MB", "Loop overhead", "Speedup", "Engine-only speedup", "vs dense ORT", "Layer speedup", "Layer ms", "Layer/own bound", "Bound ms",
                 "BW use", "Bound speedup", "Of bound")
 
 
@@ -196,10 +196,12 @@ def _details_cells(rows: list[dict], dense_ort_ms: float | None = None,
         body.append([str(r.get("label", DASH)), _fmt(None if s is None else 100 * s, ".1f", "%"),
                      _fmt_lat(r.get("latency_ms")), _fmt_lat(r.get("latency_p90_ms")), _fmt(r.get("throughput_tps")),
                      _fmt(r.get("prefill_ms"), ".1f"), _fmt(r.get("compile_s"), ".1f"),
-                     _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("overhead_pct"), ".1f", "%"),
+                     _fmt(r.get("peak_rss_mb"), ".0f"), _fmt(r.get("weight_mb"), ".0f"),
+                     _fmt(r.get("overhead_pct"), ".1f", "%"),
                      _fmt(r.get("speedup"), ".2f", "x"), _fmt(r.get("engine_speedup"), ".2f", "x"),
                      _fmt(r.get("speedup_vs_ort"), ".2f", "x"),
-                     _fmt(r.get("layer_speedup"), ".2f", "x"), _fmt_lat(r.get("bound_ms")),
+                     _fmt(r.get("layer_speedup"), ".2f", "x"), _fmt(r.get("layer_ms"), ".2f"),
+                     _fmt(r.get("layer_of_bound"), ".2f", "x"), _fmt_lat(r.get("bound_ms")),
                      _fmt(r.get("bandwidth_use"), ".0%"),
                      _fmt(r.get("bound_speedup"), ".2f", "x"), _fmt(r.get("bound_fraction"), ".0%")])
     return list(_DETAIL_COLS), body
@@ -284,12 +286,45 @@ def _csv_text(engines: dict[str, list[dict]], path: Path) -> None:
                 w.writerow([engine, r.get("label", ""), *("" if _num(r.get(k)) is None else r[k] for k in keys)])
 
 
+def _side_by_side_cells(engines: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]] | None:
+    """One line per sparsity, one latency column per engine (ms/token, in-group speedup vs that engine's dense
+    in brackets), and the first engine's speedup over each other one (their latency / its latency; > 1: the first
+    is faster). None with fewer than two engines."""
+    if len(engines) < 2:
+        return None
+    names = sorted(engines, key=lambda e: e != "native")          # the native engine first, when present
+    by = {e: {r.get("label"): r for r in derived(rows, None)} for e, rows in engines.items()}
+    labels = [r.get("label") for r in engines[names[0]]]
+    header = ["Sparsity"] + [f"{e} ms (speedup)" for e in names] + [f"{names[0]} speedup over {e}" for e in names[1:]]
+    body = []
+    for lab in labels:
+        cells = [str(lab)]
+        for e in names:
+            r = by[e].get(lab)
+            cells.append(DASH if r is None else f"{_fmt_lat(r.get('latency_ms'))} ({_fmt(r.get('speedup'), '.2f', 'x')})")
+        first = by[names[0]].get(lab)
+        for e in names[1:]:
+            r = by[e].get(lab)
+            cells.append(_fmt(_ratio(r.get("latency_ms") if r else None, first.get("latency_ms") if first else None),
+                              ".2f", "x"))
+        body.append(cells)
+    return header, body
+
+
+def side_by_side(engines: dict[str, list[dict]], title: str) -> Table | None:
+    cells = _side_by_side_cells(engines)
+    return _rich(title, *cells) if cells else None
+
+
 def _md_text(doc: dict, engines: dict[str, list[dict]]) -> str:
     title = doc.get("title", "Decode benchmark")
     out = [f"# {title}", ""]
     if doc.get("synthetic"):
         out += ["**SYNTHETIC WEIGHTS (random, real layer shapes)**", ""]
     out += [f"_{n}_\n" for n in doc.get("notes") or []]
+    sbs = _side_by_side_cells(engines)
+    if sbs:
+        out += ["## Engines side by side (ms/token; speedup vs the same engine's dense model)", "", _markdown(*sbs), ""]
     for engine, rows in engines.items():
         out += [f"## {engine}", "", "### Table 5", ""]
         try:

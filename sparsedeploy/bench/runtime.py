@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import UserError
 
-ENGINES = ("deepsparse", "onnxruntime")
+ENGINES = ("deepsparse", "onnxruntime", "native")
 CACHE_INPUT_PREFIX = "past_key_values."
 CACHE_OUTPUT_PREFIX = "present."
 
@@ -245,7 +245,8 @@ class DeepSparseRuntime(Runtime):
 
 def make_runtime(engine: str, onnx_path: str | Path, *, cores: int | None = None, seq_len: int | None = 1,
                  cache_len: int | None = None, notice: Callable[[str], None] | None = _stderr_notice) -> Runtime:
-    """`engine` is "deepsparse" or "onnxruntime". Where DeepSparse cannot run (non-x86, Python >= 3.12, import
+    """`engine` is "deepsparse", "onnxruntime" or "native" (sparsedeploy.native: numba kernels over the
+    deployment's native/ weights; needs neither torch nor deepsparse). Where DeepSparse cannot run (non-x86, Python >= 3.12, import
     failure) this says so in one line through `notice` and returns ONNX Runtime instead (its `fallback_reason`
     says why)."""
     engine = engine.lower().replace("-", "").replace("_", "")
@@ -254,6 +255,10 @@ def make_runtime(engine: str, onnx_path: str | Path, *, cores: int | None = None
         raise UserError(f"unknown engine '{engine}'", f"use one of: {', '.join(ENGINES)}")
     if cores is not None and int(cores) < 1:
         raise UserError(f"cores={cores} must be at least 1", "omit it to use every core")
+    if engine == "native":
+        from ..native.model import NativeRuntime
+
+        return NativeRuntime(onnx_path, cores=cores, seq_len=seq_len, cache_len=cache_len)
     if engine == "deepsparse":
         reason = deepsparse_unavailable()
         if reason is None:
@@ -388,7 +393,7 @@ def _worker_main() -> None:
         runtimes.append(step)
         prefill = None
         if cfg.get("prefill_len"):
-            if step.name == "onnxruntime":
+            if step.dynamic:
                 prefill = step                  # dynamic shapes: the same session prefills
             else:
                 prefill = make_runtime(cfg["engine"], cfg["onnx_path"], cores=cfg["cores"],
@@ -396,7 +401,10 @@ def _worker_main() -> None:
                 runtimes.append(prefill)
         _send(proto_out, ("ok", {"name": step.name, "compile_seconds": sum(r.compile_seconds for r in runtimes),
                                  "fallback_reason": step.fallback_reason, "output_names": step.output_names,
-                                 "torch_loaded": "torch" in sys.modules, "pid": os.getpid()}))
+                                 "torch_loaded": "torch" in sys.modules, "deepsparse_loaded": "deepsparse" in sys.modules,
+                                 "pid": os.getpid(), "dynamic": bool(step.dynamic),
+                                 "native": ({"threads": step.threads, "threading_layer": step.threading_layer,
+                                             "weight_bytes": step.model.weight_bytes()} if step.name == "native" else None)}))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         _send(proto_out, ("error", _portable_error(e)))
         return
@@ -414,7 +422,10 @@ def _worker_main() -> None:
                 # builtin dtype instances ("unsupported type 'int64'"), so re-view them with those.
                 result = step.run({k: np.asarray(v).view(np.asarray(v).dtype.type) for k, v in msg[1].items()})
             elif kind == "time_head":
-                result = time_head(step.name, msg[1], cores=cfg["cores"], repeats=msg[2])
+                if hasattr(step, "time_head"):       # the native engine times its own head part
+                    result = step.time_head(repeats=msg[2])
+                else:
+                    result = time_head(step.name, msg[1], cores=cfg["cores"], repeats=msg[2])
             elif kind == "decode":
                 result = dec.greedy_decode(step, msg[1], msg[2], prefill=prefill, **msg[3])
             elif kind == "generate":    # streamed: ("token", t) per token, then the final ("ok", GenerateResult)
@@ -458,7 +469,9 @@ class WorkerRuntime(Runtime):
             self.close()
             raise
         self.name = info["name"]
-        self.dynamic = info["name"] == "onnxruntime"
+        self.dynamic = info["dynamic"]
+        self.native = info["native"]
+        self.deepsparse_loaded = info["deepsparse_loaded"]
         self.compile_seconds = info["compile_seconds"]
         self.fallback_reason = info["fallback_reason"]
         self.output_names = info["output_names"]
@@ -536,15 +549,19 @@ class WorkerRuntime(Runtime):
         """Time head.onnx on this worker's engine (see time_head)."""
         return self._call(("time_head", str(Path(head_path).resolve()), int(repeats)))
 
-    def peak_rss_mb(self) -> float | None:
-        """The worker's peak resident memory so far (Linux), engine and cache included."""
+    def peak_rss_mb(self, field: str = "VmHWM") -> float | None:
+        """The worker's peak resident memory so far (Linux), engine and cache included (field="VmRSS": now)."""
         try:
             for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
         except (OSError, ValueError, AttributeError):
             pass
         return None
+
+    def rss_mb(self) -> float | None:
+        """The worker's resident memory now."""
+        return self.peak_rss_mb("VmRSS")
 
     def close(self) -> None:
         proc, self._proc = self._proc, None

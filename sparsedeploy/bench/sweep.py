@@ -124,11 +124,36 @@ def synthetic_model(name: str, layers: int, seed: int = 0):
     return model.eval()
 
 
+def _synthetic_pruned(cfg: SweepConfig, p: float):
+    from ..pipeline.arch import prunable_linears
+    from ..pipeline.prune import prune_magnitude
+
+    model = synthetic_model(cfg.synthetic, cfg.layers)
+    if p > 0:
+        for lin in prunable_linears(model).values():
+            lin.weight.data = prune_magnitude(lin.weight.data, None, p, None)
+    return model
+
+
+def _share(deps: list[Path]) -> Path | None:
+    """The first deployment's native folder: its embedding/lm_head file is the same for every sparsity."""
+    from ..native.pack import NATIVE_DIR
+
+    return Path(deps[0]) / NATIVE_DIR if deps else None
+
+
+def _native_current(meta: dict) -> bool:
+    from ..native.pack import DEFAULT_CROSSOVER, NATIVE_DIR, read_index
+    from ..native.stage import native_key
+
+    index = read_index(Path(meta["dir"]) / NATIVE_DIR)
+    return index is not None and index.get("key") == native_key(meta, index.get("crossover", DEFAULT_CROSSOVER))
+
+
 def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
     from ..export.onnx_kv import DEPLOY_META
     from ..export.stage import export
-    from ..pipeline.arch import prunable_linears
-    from ..pipeline.prune import prune_magnitude
+    from ..native.stage import build_from_model
 
     check(cfg.synthetic in SYNTHETIC, f"unknown synthetic model '{cfg.synthetic}'", f"use one of: {', '.join(SYNTHETIC)}")
     check(1 <= cfg.layers <= 64, f"--layers {cfg.layers} must be between 1 and 64", "use e.g. --layers 2")
@@ -139,25 +164,30 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
     for p in cfg.sparsities:
         dest = out / _tag(p) / "deployment"
         key = {"synthetic": cfg.synthetic, "layers": cfg.layers, "sparsity": p, "seqlen": cfg.export_seqlen}
+        want_native = "native" in cfg.bench.engines
         if (dest / DEPLOY_META).is_file():
             try:
-                if read_json(dest / DEPLOY_META).get("synthetic_key") == key:
+                meta = read_json(dest / DEPLOY_META)
+                if meta.get("synthetic_key") == key:
+                    meta["dir"] = str(dest)
+                    if want_native and not _native_current(meta):
+                        ui.info(f"synthetic {cfg.synthetic}: native weights for {p:.0%}")
+                        build_from_model(_synthetic_pruned(cfg, p), meta, share_with=_share(deps))
                     ui.info(f"export: up to date in {dest}")
                     deps.append(dest)
                     continue
             except UserError:
                 pass
         ui.info(f"synthetic {cfg.synthetic} ({cfg.layers} layers): magnitude-pruning to {p:.0%} and exporting")
-        model = synthetic_model(cfg.synthetic, cfg.layers)
-        if p > 0:
-            for lin in prunable_linears(model).values():
-                lin.weight.data = prune_magnitude(lin.weight.data, None, p, None)
+        model = _synthetic_pruned(cfg, p)
         export(str(dest.parent), seqlen=cfg.export_seqlen, out=dest, model=model, tokenizer=tok, head=(p == 0),
                uniform_plan=p)
         meta = read_json(dest / DEPLOY_META)
         meta.update({"synthetic": cfg.synthetic, "synthetic_key": key})
         from ..pipeline.rundir import write_json
         write_json(dest / DEPLOY_META, meta)
+        if want_native:
+            build_from_model(model, dict(meta, dir=str(dest)), share_with=_share(deps))
         del model
         deps.append(dest)
     return deps

@@ -1,0 +1,74 @@
+"""Table 5 on three engines in one run: the native numba engine, DeepSparse and ONNX Runtime (issue 6).
+
+(b) Synthetic LLaMA2-7B shapes (random weights), 2 decoder layers, magnitude pruning 0–90%: every engine
+    on every sparsity; groups of one pruned model + the dense one (six 7B-sized workers fit in memory),
+    each group re-timing dense on every engine, so each speedup is against dense timed in the same rounds.
+(c) SmolLM2-135M, Wanda + DLP 0–90% (the deployments of benchmarks/table5.py, reused), groups of three.
+
+Resumable (exports, native weights and finished bench groups are reused). Results are copied to
+benchmarks/results/native_<name>.{json,csv,md,png}. Run on an otherwise idle machine:
+
+    .venv/bin/python benchmarks/native_table5.py [--only synthetic|smollm2] [--prepare-only]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparsedeploy.bench.bench import BenchConfig  # noqa: E402
+from sparsedeploy.bench.sweep import SweepConfig, sweep  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+ENGINES = "native,deepsparse,onnxruntime"
+
+
+def _publish(src_stem: Path, name: str) -> None:
+    for ext in ("json", "csv", "md", "png"):
+        shutil.copy2(src_stem.with_suffix(f".{ext}"), RESULTS / f"{name}.{ext}")
+    print(f"wrote {RESULTS / name}.{{json,csv,md,png}}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["smollm2", "synthetic"], action="append")
+    ap.add_argument("--work", default=str(ROOT / "runs"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prepare-only", action="store_true")
+    a = ap.parse_args()
+    work = Path(a.work)
+    todo = a.only or ["synthetic", "smollm2"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if "synthetic" in todo:
+        cfg = SweepConfig(synthetic="llama2-7b", layers=2, method="magnitude", allocator="uniform", export_seqlen=256,
+                          prepare_only=a.prepare_only,
+                          bench=BenchConfig(engine=ENGINES, group_size=1, prompt_tokens=16, new_tokens=64,
+                                            rounds=a.rounds, ort_baseline=False))
+        sweep(cfg, work / "sweep_synthetic_llama2_7b")
+        if not a.prepare_only:
+            _publish(work / "sweep_synthetic_llama2_7b" / "table5", "native_table5_synthetic_llama2_7b_2layers")
+    if "smollm2" in todo:
+        cfg = SweepConfig("smollm2-135m", allocator="dlp", method="wanda", nsamples=32, calib_seqlen=256,
+                          export_seqlen=256, prepare_only=a.prepare_only,
+                          bench=BenchConfig(engine=ENGINES, group_size=3, prompt_tokens=64, new_tokens=128,
+                                            rounds=a.rounds, ort_baseline=False))
+        out = work / "sweep_smollm2"
+        if a.prepare_only:
+            sweep(cfg, out)
+        else:
+            from sparsedeploy.bench import report
+            from sparsedeploy.bench.bench import bench
+
+            cfg.prepare_only = True
+            deps = sweep(cfg, out)["deployments"]
+            doc = bench(deps, cfg.bench, cache_dir=work / "sweep_smollm2_native", title="smollm2-135m: DLP + wanda — decode ms/token")
+            report.write_reports(doc, work / "sweep_smollm2_native" / "table5")
+            _publish(work / "sweep_smollm2_native" / "table5", "native_table5_smollm2")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""numba kernels of the native engine: sparse and dense matrix-vector products and the small per-token ops.
+
+Every kernel writes into an output array it is given (no allocation per token) and runs its outer loop
+over output rows (or heads) with `prange`, so the thread count is numba's (`set_threads`). Two details
+decide whether the sparse loops vectorise and reach memory bandwidth: row bounds and column indices are
+cast to unsigned 64-bit inside the loop (signed indices keep bounds checks and wrap-around logic in the
+inner loop), and `fastmath` lets the float32 reduction be reordered into SIMD lanes. Column indices are
+uint16 when the input width fits (half the index traffic of int32), else uint32.
+
+Formats (see pack.py): dense [out, in]; CSR (rowptr int64 [out+1], cols uint16/32 [nnz], vals f32 [nnz]);
+ELL (cols [out, k], vals [out, k]) when every row keeps the same count k, as per-output-row pruners give.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, set_num_threads, get_num_threads, config as numba_config
+
+_OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+_SERIAL = dict(fastmath=True, cache=True, nogil=True)
+
+
+def set_threads(n: int | None) -> int:
+    """Use `n` threads (None: numba's default, every core); returns the count in effect."""
+    if n:
+        set_num_threads(max(1, min(int(n), numba_config.NUMBA_NUM_THREADS)))
+    return get_num_threads()
+
+
+def threading_layer() -> str:
+    from numba import threading_layer as tl
+    try:
+        return tl()
+    except ValueError:           # nothing ran in parallel yet
+        return "not initialised"
+
+
+# ----------------------------------------------------------------------------- products, one token (L = 1)
+# out[r] = (acc ? out[r] : 0) + bias[r] (when bias has rows) + sum_j W[r, j] x[j]
+@njit(**_OPTS)
+def dense_gemv(W, x, bias, out, acc):
+    n, m = W.shape
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = np.float32(0.0)
+        for j in range(m):
+            s += W[r, j] * x[j]
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def csr_gemv(rowptr, cols, vals, x, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        lo = np.uint64(rowptr[r])
+        hi = np.uint64(rowptr[r + 1])
+        s = np.float32(0.0)
+        for j in range(lo, hi):
+            s += vals[j] * x[np.uint64(cols[j])]
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def ell_gemv(cols, vals, x, bias, out, acc):
+    n, k = vals.shape
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = np.float32(0.0)
+        for j in range(k):
+            s += vals[r, j] * x[np.uint64(cols[r, j])]
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+# ----------------------------------------------------------------------------- products, L tokens (prefill)
+# X [L, in] -> Y [L, out]; same acc/bias convention.
+@njit(**_OPTS)
+def csr_gemm(rowptr, cols, vals, X, bias, Y, acc):
+    n = rowptr.shape[0] - 1
+    L = X.shape[0]
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        lo = np.uint64(rowptr[r])
+        hi = np.uint64(rowptr[r + 1])
+        s = np.zeros(L, dtype=np.float32)
+        for j in range(lo, hi):
+            v = vals[j]
+            c = np.uint64(cols[j])
+            for l in range(L):
+                s[l] += v * X[l, c]
+        for l in range(L):
+            t = s[l] + (bias[r] if has_bias else np.float32(0.0))
+            if acc:
+                Y[l, r] += t
+            else:
+                Y[l, r] = t
+
+
+@njit(**_OPTS)
+def ell_gemm(cols, vals, X, bias, Y, acc):
+    n, k = vals.shape
+    L = X.shape[0]
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = np.zeros(L, dtype=np.float32)
+        for j in range(k):
+            v = vals[r, j]
+            c = np.uint64(cols[r, j])
+            for l in range(L):
+                s[l] += v * X[l, c]
+        for l in range(L):
+            t = s[l] + (bias[r] if has_bias else np.float32(0.0))
+            if acc:
+                Y[l, r] += t
+            else:
+                Y[l, r] = t
+
+
+# ----------------------------------------------------------------------------- per-token ops
+@njit(**_SERIAL)
+def rms_norm(X, w, eps, out):
+    L, m = X.shape
+    for l in range(L):
+        ss = np.float32(0.0)
+        for j in range(m):
+            ss += X[l, j] * X[l, j]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(m) + np.float32(eps))
+        for j in range(m):
+            out[l, j] = w[j] * (X[l, j] * inv)
+
+
+@njit(**_SERIAL)
+def layer_norm(X, w, b, eps, out):
+    L, m = X.shape
+    for l in range(L):
+        mu = np.float32(0.0)
+        for j in range(m):
+            mu += X[l, j]
+        mu /= np.float32(m)
+        var = np.float32(0.0)
+        for j in range(m):
+            d = X[l, j] - mu
+            var += d * d
+        inv = np.float32(1.0) / np.sqrt(var / np.float32(m) + np.float32(eps))
+        for j in range(m):
+            out[l, j] = (X[l, j] - mu) * inv * w[j] + b[j]
+
+
+@njit(**_SERIAL)
+def silu_mul(GU, inter, out):
+    """GU [L, 2*inter] = gate | up  ->  out [L, inter] = silu(gate) * up."""
+    L = GU.shape[0]
+    for l in range(L):
+        for j in range(inter):
+            g = GU[l, j]
+            out[l, j] = g / (np.float32(1.0) + np.exp(-g)) * GU[l, inter + j]
+
+
+@njit(**_SERIAL)
+def relu_(X):
+    L, m = X.shape
+    for l in range(L):
+        for j in range(m):
+            if X[l, j] < 0:
+                X[l, j] = 0
+
+
+# ----------------------------------------------------------------------------- attention over the cache slots
+@njit(**_OPTS)
+def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, mask, out, new_k, new_v):
+    """One layer's attention for L new tokens.
+
+    QKV [L, (H + 2 Hkv) D]: q | k | v projections of the new tokens (rotary not yet applied).
+    positions [L]; cos/sin [max_pos, D/2] tables (rope=False: none, e.g. OPT's learned positions).
+    past_k/past_v [Hkv, P, D]: the cache slots; mask [L, P + L]: 1 where token l may attend to slot/token.
+    out [L, H D]; new_k/new_v [Hkv, L, D] receive the new keys (rotated) and values: the `present` rows.
+    Grouped-query attention: head h reads kv head h // (H / Hkv); the cache is never repeated.
+    """
+    L = QKV.shape[0]
+    P = past_k.shape[1]
+    half = D // 2
+    rep = H // Hkv
+    qoff = 0
+    koff = H * D
+    voff = koff + Hkv * D
+    # new keys/values (rotate keys): a few hundred values, serial (a parallel region costs more than it saves)
+    for g in range(Hkv):
+        for l in range(L):
+            p = positions[l]
+            for i in range(D):
+                new_v[g, l, i] = QKV[l, voff + g * D + i]
+            if rope:
+                for i in range(half):
+                    a = QKV[l, koff + g * D + i]
+                    b = QKV[l, koff + g * D + half + i]
+                    new_k[g, l, i] = a * cos[p, i] - b * sin[p, i]
+                    new_k[g, l, half + i] = b * cos[p, i] + a * sin[p, i]
+            else:
+                for i in range(D):
+                    new_k[g, l, i] = QKV[l, koff + g * D + i]
+    for hl in prange(H * L):
+        h = hl // L
+        l = hl % L
+        g = h // rep
+        p = positions[l]
+        q = np.empty(D, dtype=np.float32)
+        if rope:
+            for i in range(half):
+                a = QKV[l, qoff + h * D + i]
+                b = QKV[l, qoff + h * D + half + i]
+                q[i] = a * cos[p, i] - b * sin[p, i]
+                q[half + i] = b * cos[p, i] + a * sin[p, i]
+        else:
+            for i in range(D):
+                q[i] = QKV[l, qoff + h * D + i]
+        scores = np.empty(P + L, dtype=np.float32)
+        m = np.float32(-np.inf)
+        for t in range(P + L):
+            if mask[l, t] != 0:
+                s = np.float32(0.0)
+                if t < P:
+                    for i in range(D):
+                        s += q[i] * past_k[g, t, i]
+                else:
+                    for i in range(D):
+                        s += q[i] * new_k[g, t - P, i]
+                s *= scale
+                scores[t] = s
+                if s > m:
+                    m = s
+        total = np.float32(0.0)
+        for t in range(P + L):
+            if mask[l, t] != 0:
+                e = np.exp(scores[t] - m)
+                scores[t] = e
+                total += e
+            else:
+                scores[t] = 0
+        o = np.zeros(D, dtype=np.float32)
+        if total > 0:
+            inv = np.float32(1.0) / total
+            for t in range(P + L):
+                w = scores[t]
+                if w != 0:
+                    w *= inv
+                    if t < P:
+                        for i in range(D):
+                            o[i] += w * past_v[g, t, i]
+                    else:
+                        for i in range(D):
+                            o[i] += w * new_v[g, t - P, i]
+        for i in range(D):
+            out[l, h * D + i] = o[i]

@@ -1,0 +1,286 @@
+"""The native engine: a decoder-only LM run token by token with numba kernels, no torch, no ONNX engine.
+
+`NativeModel` loads DEPLOYMENT/native/ (pack.py) and runs the same contract as the exported graph:
+input_ids [1, L], positions [1, L], causal_mask [1, 1, L, S] (1 = may attend), past_key_values.{i}.{key,value}
+[1, Hkv, S-L, D] -> logits [1, L, V] and present.{i}.{key,value}. One difference, declared by
+`present_rows = "new"`: `present` holds only the L new rows [1, Hkv, L, D], not all S (the decode loop
+stores only those, so copying the whole cache back every token would be wasted bandwidth).
+
+Per token the Python side makes 8 kernel calls per decoder layer (norm, q|k|v, attention, o + residual,
+norm, gate|up, activation, down + residual); `bench` reports what that costs (`python_ms`).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..bench.runtime import Runtime
+from ..errors import UserError
+from . import kernels as K
+from .arch import native_arch, rope_theta
+from .pack import INDEX, SHARED, WEIGHTS, read_index
+
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+class Linear:
+    """One stored group (dense / ELL / CSR): y = W x (+ bias), optionally added into y."""
+
+    __slots__ = ("fmt", "a", "b", "c", "bias", "rows", "cols_in", "nbytes")
+
+    def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape):
+        self.fmt = fmt
+        self.rows, self.cols_in = int(shape[0]), int(shape[1])
+        self.bias = _EMPTY if bias is None else bias
+        if fmt == "dense":
+            self.a, self.b, self.c = arrays["w"], None, None
+        elif fmt == "ell":
+            self.a, self.b, self.c = arrays["cols"], arrays["vals"], None
+        elif fmt == "csr":
+            self.a, self.b, self.c = arrays["rowptr"], arrays["cols"], arrays["vals"]
+        else:
+            raise UserError(f"unknown stored format '{fmt}' in native weights", "rebuild them: sparsedeploy compile --engine native")
+        self.nbytes = sum(int(x.nbytes) for x in arrays.values()) + int(self.bias.nbytes)
+
+    def vec(self, x: np.ndarray, out: np.ndarray, acc: bool) -> None:
+        """x [in] -> out [rows]."""
+        if self.fmt == "csr":
+            K.csr_gemv(self.a, self.b, self.c, x, self.bias, out, acc)
+        elif self.fmt == "ell":
+            K.ell_gemv(self.a, self.b, x, self.bias, out, acc)
+        else:
+            K.dense_gemv(self.a, x, self.bias, out, acc)
+
+    def mat(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
+        """X [L, in] -> Y [L, rows]."""
+        if X.shape[0] == 1:
+            self.vec(X[0], Y[0], acc)
+        elif self.fmt == "csr":
+            K.csr_gemm(self.a, self.b, self.c, X, self.bias, Y, acc)
+        elif self.fmt == "ell":
+            K.ell_gemm(self.a, self.b, X, self.bias, Y, acc)
+        else:
+            r = X @ self.a.T
+            if self.bias.shape[0]:
+                r += self.bias
+            if acc:
+                Y += r
+            else:
+                Y[...] = r
+
+    def dense(self) -> np.ndarray:
+        """The matrix this group stores, dense (for tests)."""
+        W = np.zeros((self.rows, self.cols_in), dtype=np.float32)
+        if self.fmt == "dense":
+            W[:] = self.a
+        elif self.fmt == "ell":
+            np.put_along_axis(W, self.a.astype(np.int64), self.b, axis=1)
+        else:
+            counts = np.diff(self.a)
+            W[np.repeat(np.arange(self.rows), counts), self.b.astype(np.int64)] = self.c
+        return W
+
+
+class NativeModel:
+    def __init__(self, native_dir: str | Path):
+        from safetensors import safe_open
+
+        native_dir = Path(native_dir)
+        index = read_index(native_dir)
+        if index is None:
+            raise UserError(f"{native_dir} holds no native weights of this version ({INDEX}, {WEIGHTS}, {SHARED})",
+                            "build them: sparsedeploy compile DEPLOYMENT --engine native")
+        self.index = index
+        cfg = index["config"]
+        self.arch = native_arch(cfg)
+        t = {}
+        for name in (WEIGHTS, SHARED):
+            with safe_open(str(native_dir / name), framework="numpy") as f:     # one tensor at a time: no 2x peak
+                t.update({k: f.get_tensor(k) for k in f.keys()})
+        self.n_layers = int(cfg["num_hidden_layers"])
+        self.hidden = int(cfg["hidden_size"])
+        self.H = int(cfg["num_attention_heads"])
+        self.Hkv = int(cfg.get("num_key_value_heads") or self.H)
+        self.D = int(cfg.get("head_dim") or self.hidden // self.H)
+        self.eps = float(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5)))
+        self.scale = np.float32(self.D ** -0.5)
+        self.layers = []
+        for i, groups in enumerate(index["layers"]):
+            p = f"layers.{i}"
+            lay = {"attn_norm": (t[f"{p}.attn_norm.w"], t.get(f"{p}.attn_norm.b")),
+                   "mlp_norm": (t[f"{p}.mlp_norm.w"], t.get(f"{p}.mlp_norm.b"))}
+            for g, info in groups.items():
+                arrs = {k.rsplit(".", 1)[1]: v for k, v in t.items() if k.startswith(f"{p}.{g}.") and not k.endswith(".bias")}
+                lay[g] = Linear(info["format"], arrs, t.get(f"{p}.{g}.bias"), info["shape"])
+            self.layers.append(lay)
+        self.inter = self.layers[0]["down"].cols_in if self.layers else 0
+        self.embed = t["embed"]
+        self.lm_head = Linear("dense", {"w": t["embed"] if index["tied_lm_head"] else t["lm_head"]}, None,
+                              (t["embed"] if index["tied_lm_head"] else t["lm_head"]).shape)
+        self.final_norm = (t["final_norm.w"], t.get("final_norm.b")) if "final_norm.w" in t else None
+        self.pos_embed = t.get("positions")
+        self.project_in = Linear("dense", {"w": t["project_in"]}, None, t["project_in"].shape) if "project_in" in t else None
+        self.project_out = Linear("dense", {"w": t["project_out"]}, None, t["project_out"].shape) if "project_out" in t else None
+        self.vocab = self.lm_head.rows
+        self.max_positions = int(cfg.get("max_position_embeddings", 2048))
+        if self.arch.rope:
+            theta = rope_theta(cfg)
+            inv = (1.0 / (np.float32(theta) ** (np.arange(0, self.D, 2, dtype=np.int64).astype(np.float32) / np.float32(self.D)))).astype(np.float32)
+            freqs = np.arange(self.max_positions, dtype=np.float32)[:, None] * inv[None, :]
+            self.cos, self.sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+        else:
+            self.cos = self.sin = np.zeros((1, 1), dtype=np.float32)
+        self._bufs: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ sizes
+    def weight_bytes(self) -> dict:
+        lin = sum(l[g].nbytes for l in self.layers for g in ("qkv", "o", "up", "down"))
+        rest = int(self.embed.nbytes) + (0 if self.index["tied_lm_head"] else self.lm_head.nbytes)
+        rest += sum(int(a.nbytes) for l in self.layers for k in ("attn_norm", "mlp_norm") for a in l[k] if a is not None)
+        if self.pos_embed is not None:
+            rest += int(self.pos_embed.nbytes)
+        return {"decoder_linears": lin, "other": rest, "total": lin + rest,
+                "decoder_linears_dense": self.index["bytes"]["decoder_linears_dense"]}
+
+    # ------------------------------------------------------------------ forward
+    def _buffers(self, L: int) -> dict:
+        b = self._bufs.get(L)
+        if b is None:
+            qkv_rows = self.layers[0]["qkv"].rows if self.layers else 0
+            up_rows = self.layers[0]["up"].rows if self.layers else 0
+            b = {"x": np.zeros((L, self.hidden), np.float32), "h": np.zeros((L, self.hidden), np.float32),
+                 "qkv": np.zeros((L, qkv_rows), np.float32), "attn": np.zeros((L, self.H * self.D), np.float32),
+                 "up": np.zeros((L, up_rows), np.float32), "act": np.zeros((L, self.inter), np.float32)}
+            self._bufs[L] = b
+        return b
+
+    def _norm(self, X, wb, out):
+        if self.arch.norm == "rms":
+            K.rms_norm(X, wb[0], self.eps, out)
+        else:
+            K.layer_norm(X, wb[0], wb[1], self.eps, out)
+
+    def embed_tokens(self, ids: np.ndarray, positions: np.ndarray, x: np.ndarray) -> None:
+        e = self.embed[ids]
+        if self.project_in is not None:
+            self.project_in.mat(e, x, False)
+        else:
+            x[...] = e
+        if self.pos_embed is not None:
+            x += self.pos_embed[positions + self.arch.position_offset]
+
+    def logits(self, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+        if self.final_norm is not None:
+            self._norm(x, self.final_norm, h)
+        else:
+            h[...] = x
+        if self.project_out is not None:
+            h2 = np.zeros((h.shape[0], self.project_out.rows), np.float32)
+            self.project_out.mat(h, h2, False)
+            h = h2
+        out = np.empty((1, h.shape[0], self.vocab), np.float32)
+        self.lm_head.mat(h, out[0], False)
+        return out
+
+    def forward(self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: list) -> tuple[np.ndarray, list]:
+        """ids/positions [L] int64, mask [L, P+L], past[i] = (key, value) each [Hkv, P, D] -> logits, new rows."""
+        L = ids.shape[0]
+        b = self._buffers(L)
+        x, h, qkv, attn, up, act = b["x"], b["h"], b["qkv"], b["attn"], b["up"], b["act"]
+        self.embed_tokens(ids, positions, x)
+        new = []
+        H, Hkv, D = self.H, self.Hkv, self.D
+        silu = self.arch.act == "silu_mul"
+        for i, lay in enumerate(self.layers):
+            self._norm(x, lay["attn_norm"], h)
+            lay["qkv"].mat(h, qkv, False)
+            nk = np.empty((Hkv, L, D), np.float32)
+            nv = np.empty((Hkv, L, D), np.float32)
+            pk, pv = past[i]
+            K.attention(qkv, H, Hkv, D, positions, self.cos, self.sin, self.arch.rope, self.scale, pk, pv, mask,
+                        attn, nk, nv)
+            lay["o"].mat(attn, x, True)
+            self._norm(x, lay["mlp_norm"], h)
+            if silu:
+                lay["up"].mat(h, up, False)
+                K.silu_mul(up, self.inter, act)
+                lay["down"].mat(act, x, True)
+            else:
+                lay["up"].mat(h, act, False)
+                K.relu_(act)
+                lay["down"].mat(act, x, True)
+            new.append((nk, nv))
+        return self.logits(x, h), new
+
+
+class NativeRuntime(Runtime):
+    """The Runtime interface (bench/runtime.py) over NativeModel. Imports neither torch nor deepsparse."""
+
+    name = "native"
+    dynamic = True                 # any L per call, like ONNX Runtime
+    present_rows = "new"
+
+    def __init__(self, onnx_path: str | Path, *, cores: int | None = None, seq_len: int | None = None,
+                 cache_len: int | None = None):
+        super().__init__(onnx_path)
+        t0 = time.perf_counter()
+        self.threads = K.set_threads(cores)
+        self.model = NativeModel(Path(onnx_path).parent / "native")
+        self.seq_len, self.cache_len = seq_len, cache_len
+        m = self.model
+        self._past = [(f"past_key_values.{i}.key", f"past_key_values.{i}.value") for i in range(m.n_layers)]
+        self._present = [(f"present.{i}.key", f"present.{i}.value") for i in range(m.n_layers)]
+        self._warm()
+        self.compile_seconds = time.perf_counter() - t0
+        self.threading_layer = K.threading_layer()
+
+    def _warm(self) -> None:
+        """Compile every kernel signature this model uses (numba also caches them on disk between processes)."""
+        S = int(self.cache_len or 8)
+        for L in (1, 2):
+            if S - L < 1:
+                continue
+            shape = (1, self.model.Hkv, S - L, self.model.D)
+            feed = {"input_ids": np.zeros((1, L), np.int64), "positions": np.arange(L, dtype=np.int64)[None],
+                    "causal_mask": np.ones((1, 1, L, S), np.int64)}
+            for a, b in self._past:
+                feed[a] = np.zeros(shape, np.float32)
+                feed[b] = np.zeros(shape, np.float32)
+            self.run(feed)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.ascontiguousarray(inputs["input_ids"][0], dtype=np.int64)
+        pos = np.ascontiguousarray(inputs["positions"][0], dtype=np.int64)
+        if int(pos.max(initial=0)) >= self.model.max_positions:
+            raise UserError(f"position {int(pos.max())} is beyond the model's {self.model.max_positions}",
+                            "generate fewer tokens")
+        mask = inputs["causal_mask"][0, 0]
+        past = [(inputs[a][0], inputs[b][0]) for a, b in self._past]
+        logits, new = self.model.forward(ids, pos, mask, past)
+        out = {"logits": logits}
+        for (ka, va), (nk, nv) in zip(self._present, new):
+            out[ka] = nk[None]
+            out[va] = nv[None]
+        return out
+
+    def time_head(self, repeats: int = 30) -> dict:
+        """Embedding + final norm + lm_head alone: the non-decoder part of a step."""
+        m = self.model
+        b = m._buffers(1)
+        ids = np.zeros(1, np.int64)
+        pos = np.zeros(1, np.int64)
+
+        def call():
+            m.embed_tokens(ids, pos, b["x"])
+            m.logits(b["x"], b["h"])
+
+        for _ in range(3):
+            call()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return {"head_ms": float(np.median(ts)), "compile_s": 0.0}

@@ -1,0 +1,193 @@
+"""Build the native engine's weights: DEPLOYMENT/native/{weights.safetensors, native.json}.
+
+Input: the pruned model's tensors (name -> float32 array, as in its safetensors) and its config. Each
+decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) and each group is stored
+    dense  [out, in] float32                          when its sparsity is below the crossover,
+    ELL    cols/vals [out, k]                          when every row keeps the same count k (Wanda, N:M),
+    CSR    rowptr [out+1] int64, cols [nnz], vals [nnz] otherwise,
+with uint16 column indices when the input width fits in 16 bits, else uint32. The crossover (default
+0.55, set by --crossover) is where the sparse product starts to beat the dense one on this kind of CPU:
+a nonzero costs 6 bytes against 4 for a dense weight, plus an indexed load; see benchmarks/native_gemv.md.
+Norms, embeddings, positions and lm_head stay dense, in shared.safetensors: a sweep's deployments hold the
+same ones, so a build given `share_with` (another native folder) hard-links that file when its content key
+matches instead of writing another copy (1 GB per deployment at LLaMA-7B shapes). native.json records the
+format of every group and each linear's zero count, which the caller checks against the export's counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError, check
+from .arch import native_arch
+
+FORMAT_VERSION = 2
+NATIVE_DIR = "native"
+WEIGHTS = "weights.safetensors"          # the decoder layers
+SHARED = "shared.safetensors"            # embedding, lm_head, final norm, positions: dense, the same at every sparsity
+INDEX = "native.json"
+DEFAULT_CROSSOVER = 0.55
+
+
+def index_dtype(in_features: int):
+    return np.uint16 if in_features <= 65536 else np.uint32
+
+
+def compress(W: np.ndarray, crossover: float) -> tuple[str, dict[str, np.ndarray]]:
+    """One matrix -> (format, arrays) as described in the module doc."""
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    out_f, in_f = W.shape
+    nz = W != 0
+    counts = nz.sum(axis=1)
+    nnz = int(counts.sum())
+    sparsity = 1.0 - nnz / W.size
+    if sparsity < crossover:
+        return "dense", {"w": W}
+    idt = index_dtype(in_f)
+    rows, cols = np.nonzero(nz)                       # row-major order: each row's columns ascending
+    vals = W[rows, cols]
+    if out_f and (counts == counts[0]).all():
+        k = int(counts[0])
+        return "ell", {"cols": cols.astype(idt).reshape(out_f, k), "vals": vals.reshape(out_f, k)}
+    rowptr = np.zeros(out_f + 1, dtype=np.int64)
+    np.cumsum(counts, out=rowptr[1:])
+    return "csr", {"rowptr": rowptr, "cols": cols.astype(idt), "vals": vals}
+
+
+def _get(tensors: dict, name: str) -> np.ndarray:
+    if name not in tensors:
+        raise UserError(f"the model's weights have no tensor '{name}'", "re-export from the pruned RUN or model folder")
+    return np.asarray(tensors[name], dtype=np.float32)
+
+
+def _content_key(arrays: dict[str, np.ndarray]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
+          crossover: float = DEFAULT_CROSSOVER, share_with: str | Path | None = None) -> dict:
+    """Compress `tensors` into out_dir (written to a temp folder, then renamed into place). Returns the index.
+    share_with: a native folder whose shared.safetensors is hard-linked when its content is the same."""
+    from safetensors.numpy import save_file
+
+    check(0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]", "use e.g. 0.55")
+    arch = native_arch(config)
+    n_layers = int(config["num_hidden_layers"])
+    arrays: dict[str, np.ndarray] = {}
+    groups_index, zeros = [], {}
+
+    def put(name, arr):
+        arrays[name] = np.ascontiguousarray(arr)
+
+    def norm(prefix, name):
+        put(f"{prefix}.w", _get(tensors, f"{name}.weight"))
+        if arch.norm == "layer":
+            put(f"{prefix}.b", _get(tensors, f"{name}.bias"))
+
+    for i in range(n_layers):
+        src = f"{arch.layers}.{i}."
+        dst = f"layers.{i}"
+        norm(f"{dst}.attn_norm", src + arch.attn_norm)
+        norm(f"{dst}.mlp_norm", src + arch.mlp_norm)
+        layer_groups = {}
+        for g, names in arch.groups().items():
+            mats = [_get(tensors, src + n + ".weight") for n in names]
+            for n, m in zip(names, mats):
+                zeros[src + n] = [int(m.size - np.count_nonzero(m)), int(m.size)]
+            W = np.concatenate(mats, axis=0) if len(mats) > 1 else mats[0]
+            fmt, arrs = compress(W, crossover)
+            for k, a in arrs.items():
+                put(f"{dst}.{g}.{k}", a)
+            biases = [tensors.get(src + n + ".bias") for n in names]
+            if any(b is not None for b in biases):
+                put(f"{dst}.{g}.bias", np.concatenate([np.asarray(b, np.float32) if b is not None else
+                                                       np.zeros(m.shape[0], np.float32) for b, m in zip(biases, mats)]))
+            nnz = int(np.count_nonzero(W))
+            layer_groups[g] = {"format": fmt, "shape": list(W.shape), "nnz": nnz,
+                               "sparsity": round(1 - nnz / W.size, 6), "linears": list(names),
+                               "rows": [int(m.shape[0]) for m in mats]}
+        groups_index.append(layer_groups)
+    put("embed", _get(tensors, f"{arch.embed}.weight"))
+    tied = f"{arch.lm_head}.weight" not in tensors or bool(config.get("tie_word_embeddings", False))
+    if not tied:
+        put("lm_head", _get(tensors, f"{arch.lm_head}.weight"))
+    if f"{arch.final_norm}.weight" in tensors:
+        norm("final_norm", arch.final_norm)
+    if arch.positions:
+        put("positions", _get(tensors, f"{arch.positions}.weight"))
+    for opt_name, dst in ((arch.project_in, "project_in"), (arch.project_out, "project_out")):
+        if opt_name and f"{opt_name}.weight" in tensors:
+            put(dst, _get(tensors, f"{opt_name}.weight"))
+
+    shared = {k: arrays.pop(k) for k in list(arrays) if not k.startswith("layers.")}
+    shared_key = _content_key(shared)
+    nbytes = {k: int(a.nbytes) for k, a in {**arrays, **shared}.items()}
+    dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
+    stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
+    index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
+             "config": config, "layers": groups_index, "tied_lm_head": tied, "zeros": zeros,
+             "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
+                       "decoder_linears_dense": dense_bytes}, "shared_key": shared_key}
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(arrays, str(tmp / WEIGHTS))
+        other = read_index(share_with) if share_with is not None else None
+        linked = False
+        if other is not None and other.get("shared_key") == shared_key and (Path(share_with) / SHARED).is_file():
+            try:
+                os.link(Path(share_with) / SHARED, tmp / SHARED)
+                linked = True
+            except OSError:               # another file system, or links not allowed: write a copy
+                pass
+        if not linked:
+            save_file(shared, str(tmp / SHARED))
+        index["shared_linked_from"] = str(share_with) if linked else None
+        (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return index
+
+
+def read_index(native_dir: str | Path) -> dict | None:
+    p = Path(native_dir) / INDEX
+    if not p.is_file() or not (Path(native_dir) / WEIGHTS).is_file() or not (Path(native_dir) / SHARED).is_file():
+        return None
+    try:
+        index = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return index if index.get("format_version") == FORMAT_VERSION else None
+
+
+def load_tensors(folder: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a Hugging Face safetensors folder, as numpy (no torch)."""
+    from safetensors.numpy import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    check(bool(files), f"no safetensors weights in {folder}", "point at a pruned RUN or a model folder saved with safetensors")
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
