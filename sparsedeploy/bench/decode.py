@@ -124,15 +124,8 @@ def _argmax_last(logits: np.ndarray) -> int:
     return int(np.argmax(logits[0, -1]))
 
 
-def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
-                  max_positions: int | None = None) -> DecodeResult:
-    """Greedy-generate `n` tokens after `prompt_ids` with `runtime` (L = 1).
-
-    prefill: a runtime with L > 1 (or ONNX Runtime, any L) for the prompt; None = token by token.
-    cache_len: S; defaults to runtime.cache_len.
-    max_positions: the model's position limit (OPT's learned positions and the rope table end there);
-        default: the limit export_onnx recorded in the graph. Exceeding it raises UserError.
-    """
+def _check_request(runtime, prompt_ids, n: int, cache_len: int | None, max_positions: int | None) -> tuple[list[int], int]:
+    """The checks every generation makes; returns (prompt as ints, S)."""
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise UserError("the prompt is empty", "give at least one token")
@@ -143,30 +136,51 @@ def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
         raise UserError("no cache length (S) for decoding", "pass cache_len or build the runtime with cache_len")
     if not runtime.dynamic and runtime.seq_len != 1:
         raise UserError(f"the decode runtime feeds {runtime.seq_len} tokens per call", "use one compiled with seq_len=1")
-    total = len(prompt) + n - 1
     if max_positions is None:
         max_positions = runtime.io.get("max_positions")       # recorded in the graph by export_onnx
-    if max_positions is not None and total > max_positions:
+    if max_positions is not None and len(prompt) + n - 1 > max_positions:
         raise UserError(f"{len(prompt)} prompt + {n} new tokens exceed the model's {max_positions} positions",
                         "shorten the prompt or generate fewer tokens")
-    dec = KVSlots(runtime, 1, S)
+    return prompt, S
 
-    t0 = time.perf_counter()
-    pos = 0
-    logits = None
-    mode = "token by token"
+
+def _prefill(dec: KVSlots, prefill, prompt: list[int], S: int) -> tuple[int, np.ndarray, str]:
+    """Feed the prompt: chunks through `prefill` while they fit, the rest token by token through `dec`.
+    A prefill shape of L tokens has S - L cache slots, so only chunks whose tokens all fit there go that way
+    (more would push the oldest prompt tokens out). Returns (next position, last logits, how it was fed)."""
+    pos, logits, mode = 0, None, "token by token"
     if prefill is not None:
-        chunk = min(len(prompt), S - 1) if getattr(prefill, "dynamic", False) else int(prefill.seq_len or 1)
+        if getattr(prefill, "dynamic", False):
+            chunk = min(len(prompt), S - len(prompt)) if len(prompt) < S else 0
+        else:
+            chunk = int(prefill.seq_len or 1)
         if chunk > 1 and len(prompt) >= chunk:
             pre = KVSlots(prefill, chunk, S)
-            while len(prompt) - pos >= chunk:
+            while len(prompt) - pos >= chunk and pos + chunk <= S - chunk:
                 logits, _ = pre.step(prompt[pos:pos + chunk], pos)
                 pos += chunk
-            dec.load(pre)
-            mode = f"{pos // chunk} chunk(s) of {chunk}" + (f" + {len(prompt) - pos} single" if pos < len(prompt) else "")
+            if pos:
+                dec.load(pre)
+                mode = f"{pos // chunk} chunk(s) of {chunk}" + (f" + {len(prompt) - pos} single" if pos < len(prompt) else "")
     while pos < len(prompt):
         logits, _ = dec.step(prompt[pos:pos + 1], pos)
         pos += 1
+    return pos, logits, mode
+
+
+def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
+                  max_positions: int | None = None) -> DecodeResult:
+    """Greedy-generate `n` tokens after `prompt_ids` with `runtime` (L = 1).
+
+    prefill: a runtime with L > 1 (or ONNX Runtime, any L) for the prompt; None = token by token.
+    cache_len: S; defaults to runtime.cache_len.
+    max_positions: the model's position limit (OPT's learned positions and the rope table end there);
+        default: the limit export_onnx recorded in the graph. Exceeding it raises UserError.
+    """
+    prompt, S = _check_request(runtime, prompt_ids, n, cache_len, max_positions)
+    dec = KVSlots(runtime, 1, S)
+    t0 = time.perf_counter()
+    pos, logits, mode = _prefill(dec, prefill, prompt, S)
     token = _argmax_last(logits)
     prefill_ms = (time.perf_counter() - t0) * 1e3
 
@@ -237,41 +251,11 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
     time_limit_s: wall time from the call; past it the generation ends with finish_reason "timeout".
     """
     t_begin = time.perf_counter()
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise UserError("the prompt is empty", "give at least one token")
-    if n < 1:
-        raise UserError(f"n={n} new tokens", "ask for at least one")
-    S = int(cache_len or runtime.cache_len or 0)
-    if S < 2:
-        raise UserError("no cache length (S) for decoding", "pass cache_len or build the runtime with cache_len")
-    if not runtime.dynamic and runtime.seq_len != 1:
-        raise UserError(f"the decode runtime feeds {runtime.seq_len} tokens per call", "use one compiled with seq_len=1")
-    if max_positions is None:
-        max_positions = runtime.io.get("max_positions")
-    if max_positions is not None and len(prompt) + n - 1 > max_positions:
-        raise UserError(f"{len(prompt)} prompt + {n} new tokens exceed the model's {max_positions} positions",
-                        "shorten the prompt or generate fewer tokens")
+    prompt, S = _check_request(runtime, prompt_ids, n, cache_len, max_positions)
     rng = np.random.default_rng(seed)
     stops = {int(t) for t in stop_ids}
     dec = KVSlots(runtime, 1, S)
-    pos, logits = 0, None
-    if prefill is not None:
-        # A prefill shape of L tokens has S - L cache slots: only chunks whose tokens all fit there are fed
-        # that way (more would push the oldest prompt tokens out); the rest go one by one.
-        if getattr(prefill, "dynamic", False):
-            chunk = min(len(prompt), S - len(prompt)) if len(prompt) < S else 0
-        else:
-            chunk = int(prefill.seq_len or 1)
-        if chunk > 1 and len(prompt) >= chunk:
-            pre = KVSlots(prefill, chunk, S)
-            while len(prompt) - pos >= chunk and pos + chunk <= S - chunk:
-                logits, _ = pre.step(prompt[pos:pos + chunk], pos)
-                pos += chunk
-            dec.load(pre)
-    while pos < len(prompt):
-        logits, _ = dec.step(prompt[pos:pos + 1], pos)
-        pos += 1
+    pos, logits, _ = _prefill(dec, prefill, prompt, S)
     token = sample_token(logits[0, -1], temperature, top_p, rng)
     result = GenerateResult(tokens=[token], prompt_len=len(prompt), engine=runtime.name, finish_reason="length",
                             prefill_ms=(time.perf_counter() - t_begin) * 1e3)
