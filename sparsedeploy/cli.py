@@ -273,6 +273,26 @@ def run(
     ui.out.print(f"bench reports: {out / 'table5'}.{{json,csv,md,png}}")
 
 
+@app.command()
+def serve(
+    deployment: Path = typer.Argument(..., help="deployment folder (from `sparsedeploy export`)"),
+    engine: str = typer.Option("deepsparse", help="the engine the worker runs (as for compile/bench)"),
+    cores: Optional[int] = typer.Option(None, help="cores for the engine (default: all)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network, e.g. in a container)"),
+    port: int = typer.Option(8000),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="longest prompt accepted (default: seqlen - 1)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="largest max_tokens accepted (default: seqlen - 1)"),
+    queue_size: int = typer.Option(16, help="requests waiting behind the running one; beyond: 429 at once"),
+    timeout_s: float = typer.Option(60.0, help="per-request limit (queue wait included): 504 after it"),
+    prefill_chunk: int = typer.Option(0, help="0: prompt token by token; L: a prefill engine for L-token chunks"),
+):
+    """Serve the deployment over HTTP: OpenAI-style POST /v1/completions (+ streaming), /health, /metrics."""
+    from .serve.app import Settings, serve as serve_app
+    serve_app(Settings(str(deployment), engine=engine, cores=cores, host=host, port=port,
+                       max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, queue_size=queue_size,
+                       timeout_s=timeout_s, prefill_chunk=prefill_chunk))
+
+
 def _print_export(dep: Path) -> None:
     from .pipeline.rundir import read_json
     meta = read_json(Path(dep) / "sparsedeploy.json")

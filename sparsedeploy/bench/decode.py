@@ -124,15 +124,8 @@ def _argmax_last(logits: np.ndarray) -> int:
     return int(np.argmax(logits[0, -1]))
 
 
-def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
-                  max_positions: int | None = None) -> DecodeResult:
-    """Greedy-generate `n` tokens after `prompt_ids` with `runtime` (L = 1).
-
-    prefill: a runtime with L > 1 (or ONNX Runtime, any L) for the prompt; None = token by token.
-    cache_len: S; defaults to runtime.cache_len.
-    max_positions: the model's position limit (OPT's learned positions and the rope table end there);
-        default: the limit export_onnx recorded in the graph. Exceeding it raises UserError.
-    """
+def _check_request(runtime, prompt_ids, n: int, cache_len: int | None, max_positions: int | None) -> tuple[list[int], int]:
+    """The checks every generation makes; returns (prompt as ints, S)."""
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise UserError("the prompt is empty", "give at least one token")
@@ -143,30 +136,51 @@ def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
         raise UserError("no cache length (S) for decoding", "pass cache_len or build the runtime with cache_len")
     if not runtime.dynamic and runtime.seq_len != 1:
         raise UserError(f"the decode runtime feeds {runtime.seq_len} tokens per call", "use one compiled with seq_len=1")
-    total = len(prompt) + n - 1
     if max_positions is None:
         max_positions = runtime.io.get("max_positions")       # recorded in the graph by export_onnx
-    if max_positions is not None and total > max_positions:
+    if max_positions is not None and len(prompt) + n - 1 > max_positions:
         raise UserError(f"{len(prompt)} prompt + {n} new tokens exceed the model's {max_positions} positions",
                         "shorten the prompt or generate fewer tokens")
-    dec = KVSlots(runtime, 1, S)
+    return prompt, S
 
-    t0 = time.perf_counter()
-    pos = 0
-    logits = None
-    mode = "token by token"
+
+def _prefill(dec: KVSlots, prefill, prompt: list[int], S: int) -> tuple[int, np.ndarray, str]:
+    """Feed the prompt: chunks through `prefill` while they fit, the rest token by token through `dec`.
+    A prefill shape of L tokens has S - L cache slots, so only chunks whose tokens all fit there go that way
+    (more would push the oldest prompt tokens out). Returns (next position, last logits, how it was fed)."""
+    pos, logits, mode = 0, None, "token by token"
     if prefill is not None:
-        chunk = min(len(prompt), S - 1) if getattr(prefill, "dynamic", False) else int(prefill.seq_len or 1)
+        if getattr(prefill, "dynamic", False):
+            chunk = min(len(prompt), S - len(prompt)) if len(prompt) < S else 0
+        else:
+            chunk = int(prefill.seq_len or 1)
         if chunk > 1 and len(prompt) >= chunk:
             pre = KVSlots(prefill, chunk, S)
-            while len(prompt) - pos >= chunk:
+            while len(prompt) - pos >= chunk and pos + chunk <= S - chunk:
                 logits, _ = pre.step(prompt[pos:pos + chunk], pos)
                 pos += chunk
-            dec.load(pre)
-            mode = f"{pos // chunk} chunk(s) of {chunk}" + (f" + {len(prompt) - pos} single" if pos < len(prompt) else "")
+            if pos:
+                dec.load(pre)
+                mode = f"{pos // chunk} chunk(s) of {chunk}" + (f" + {len(prompt) - pos} single" if pos < len(prompt) else "")
     while pos < len(prompt):
         logits, _ = dec.step(prompt[pos:pos + 1], pos)
         pos += 1
+    return pos, logits, mode
+
+
+def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
+                  max_positions: int | None = None) -> DecodeResult:
+    """Greedy-generate `n` tokens after `prompt_ids` with `runtime` (L = 1).
+
+    prefill: a runtime with L > 1 (or ONNX Runtime, any L) for the prompt; None = token by token.
+    cache_len: S; defaults to runtime.cache_len.
+    max_positions: the model's position limit (OPT's learned positions and the rope table end there);
+        default: the limit export_onnx recorded in the graph. Exceeding it raises UserError.
+    """
+    prompt, S = _check_request(runtime, prompt_ids, n, cache_len, max_positions)
+    dec = KVSlots(runtime, 1, S)
+    t0 = time.perf_counter()
+    pos, logits, mode = _prefill(dec, prefill, prompt, S)
     token = _argmax_last(logits)
     prefill_ms = (time.perf_counter() - t0) * 1e3
 
@@ -184,4 +198,85 @@ def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
         decode_ms.append(step_s * 1e3)
         engine_ms.append(engine_s * 1e3)
         overhead_ms.append((step_s - engine_s) * 1e3)
+    return result
+
+
+# --------------------------------------------------------------------------------- sampling (serving)
+@dataclass
+class GenerateResult:
+    tokens: list[int]                     # generated tokens (the stop token, if one ended it, included)
+    prompt_len: int
+    engine: str
+    finish_reason: str                    # "length" | "stop" (a stop token) | "cancelled" | "timeout"
+    prefill_ms: float
+    decode_ms: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_token(logits, temperature: float = 0.0, top_p: float = 1.0, rng=None) -> int:
+    """One token from a logits row, in numpy: argmax when temperature == 0, else softmax(logits / T)
+    restricted to the smallest set of most likely tokens whose probability reaches top_p (nucleus)."""
+    row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if temperature <= 0.0:
+        return int(np.argmax(row))
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p={top_p} is outside (0, 1]", "pass a probability mass such as 0.9")
+    z = row / float(temperature)
+    z -= z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    rng = rng if rng is not None else np.random.default_rng()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = int(np.searchsorted(cum, top_p, side="left")) + 1   # first prefix whose mass reaches top_p
+        idx = order[:min(keep, order.size)]
+        q = p[idx] / p[idx].sum()
+        return int(idx[int(rng.choice(idx.size, p=q))])
+    return int(rng.choice(p.size, p=p))
+
+
+def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
+                  max_positions: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                  seed: int | None = None, stop_ids=(), on_token=None, should_stop=None,
+                  time_limit_s: float | None = None) -> GenerateResult:
+    """Generate up to `n` tokens after `prompt_ids`: the same KVSlots loop as greedy_decode, with sampling
+    (`sample_token`; temperature 0 = greedy, the same tokens as greedy_decode) and early ends.
+
+    on_token(token): called as soon as each token is chosen (the server streams it).
+    stop_ids: tokens that end the generation (e.g. EOS; included in `tokens`): finish_reason "stop".
+    should_stop(): polled after every token; True ends it with finish_reason "cancelled".
+    time_limit_s: wall time from the call; past it the generation ends with finish_reason "timeout".
+    """
+    t_begin = time.perf_counter()
+    prompt, S = _check_request(runtime, prompt_ids, n, cache_len, max_positions)
+    rng = np.random.default_rng(seed)
+    stops = {int(t) for t in stop_ids}
+    dec = KVSlots(runtime, 1, S)
+    pos, logits, _ = _prefill(dec, prefill, prompt, S)
+    token = sample_token(logits[0, -1], temperature, top_p, rng)
+    result = GenerateResult(tokens=[token], prompt_len=len(prompt), engine=runtime.name, finish_reason="length",
+                            prefill_ms=(time.perf_counter() - t_begin) * 1e3)
+    while True:
+        if on_token is not None:
+            on_token(token)
+        if token in stops:
+            result.finish_reason = "stop"
+            break
+        if len(result.tokens) >= n:
+            break
+        if should_stop is not None and should_stop():
+            result.finish_reason = "cancelled"
+            break
+        if time_limit_s is not None and time.perf_counter() - t_begin > time_limit_s:
+            result.finish_reason = "timeout"
+            break
+        t0 = time.perf_counter()
+        logits, _ = dec.step((token,), pos)
+        token = sample_token(logits[0, -1], temperature, top_p, rng)
+        pos += 1
+        result.tokens.append(token)
+        result.decode_ms.append((time.perf_counter() - t0) * 1e3)
     return result

@@ -353,9 +353,32 @@ def _portable_error(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
+_CANCEL = {"flag": False, "installed": False}
+
+
+def _install_cancel_handler() -> None:
+    """SIGUSR1 sets the worker's cancel flag (installed at start: the signal's default action would kill it)."""
+    import signal
+
+    if not _CANCEL["installed"]:
+        signal.signal(signal.SIGUSR1, lambda *_: _CANCEL.__setitem__("flag", True))
+        _CANCEL["installed"] = True
+
+
+def _generate_in_worker(dec, step, prefill, proto_out, msg):
+    """The worker's side of WorkerRuntime.generate: SIGUSR1 from the parent cancels the generation
+    in progress (the loop polls the flag after every token)."""
+    _install_cancel_handler()
+    _CANCEL["flag"] = False
+    return dec.sample_decode(step, msg[1], msg[2], prefill=prefill,
+                             on_token=lambda t: _send(proto_out, ("token", int(t))),
+                             should_stop=lambda: _CANCEL["flag"], **msg[3])
+
+
 def _worker_main() -> None:
     """Child side of WorkerRuntime: build the runtime(s), then serve requests until told to stop."""
     sys.meta_path.insert(0, _NoTorch())
+    _install_cancel_handler()
     proto_out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)                           # engines print banners on stdout: keep them off the protocol pipe
     sys.stdout = sys.stderr
@@ -405,6 +428,8 @@ def _worker_main() -> None:
                     result = time_head(step.name, msg[1], cores=cfg["cores"], repeats=msg[2])
             elif kind == "decode":
                 result = dec.greedy_decode(step, msg[1], msg[2], prefill=prefill, **msg[3])
+            elif kind == "generate":    # streamed: ("token", t) per token, then the final ("ok", GenerateResult)
+                result = _generate_in_worker(dec, step, prefill, proto_out, msg)
             else:
                 raise ValueError(f"unknown request {kind!r}")
             _send(proto_out, ("ok", result))
@@ -479,6 +504,46 @@ class WorkerRuntime(Runtime):
     def decode(self, prompt_ids, n: int, **kwargs):
         """greedy_decode inside the worker; kwargs go to it (e.g. max_positions)."""
         return self._call(("decode", [int(t) for t in prompt_ids], int(n), kwargs))
+
+    def generate(self, prompt_ids, n: int, **kwargs):
+        """sample_decode inside the worker, streamed: yields ("token", id) as each token is made, then
+        ("done", GenerateResult). kwargs go to sparsedeploy.bench.decode.sample_decode (temperature, top_p,
+        seed, stop_ids, time_limit_s, ...). Iterate it to the end (the pipe carries one exchange at a time);
+        `cancel()` makes the worker stop early. A dead worker raises RuntimeError."""
+        if self._proc is None:
+            raise RuntimeError("this worker runtime is closed")
+        try:
+            _send(self._proc.stdin, ("generate", [int(t) for t in prompt_ids], int(n), kwargs))
+        except (BrokenPipeError, OSError):
+            code = self._proc.wait()
+            raise RuntimeError(f"the engine worker process died (exit code {code})") from None
+        while True:
+            try:
+                status, payload = _recv(self._proc.stdout)
+            except EOFError:
+                code = self._proc.wait()
+                raise RuntimeError(f"the engine worker process died (exit code {code})") from None
+            if status == "token":
+                yield "token", payload
+            elif status == "ok":
+                yield "done", payload
+                return
+            else:
+                raise payload
+
+    def cancel(self) -> None:
+        """Ask the worker to end the generation in progress after its current token (no-op when idle)."""
+        import signal
+
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGUSR1)
+            except OSError:
+                pass
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def time_head(self, head_path: str | Path, repeats: int = 30) -> dict:
         """Time head.onnx on this worker's engine (see time_head)."""

@@ -1,0 +1,1 @@
+"""HTTP serving of one deployment: `sparsedeploy serve` (see app.py)."""

@@ -1,0 +1,527 @@
+"""`sparsedeploy serve`: one deployment behind an OpenAI-style HTTP API (FastAPI + uvicorn).
+
+    POST /v1/completions   {"prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed"}
+    GET  /health           200 {"status": "ok", ...} when the engine is ready, else 503 {"status": ...}
+    GET  /metrics          Prometheus text: requests by endpoint/status, tokens, latency/TTFT histograms, queue
+    GET  /v1/models        the one model served
+
+Requests are decoded one at a time (batch 1) by one engine worker process (sparsedeploy.serve.engine) with
+the bench's KV-cache loop (sparsedeploy.bench.decode.sample_decode); temperature 0 is greedy, otherwise
+sampling (temperature, top_p, seed) happens in numpy inside the worker. Protection: body size, prompt and
+generation token limits (prompt + max_tokens <= the deployment's seqlen), a bounded queue (full -> 429 at
+once), a per-request timeout (504), and every bad request gets a 4xx JSON error, never a 500.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional, Union
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+
+from ..errors import UserError, check
+from .engine import EngineService, ServeError
+from .metrics import TOKEN_BUCKETS, Metrics
+
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+ENDPOINTS = ("/v1/completions", "/health", "/metrics", "/v1/models")
+
+
+@dataclass
+class Settings:
+    deployment: str
+    engine: str = "deepsparse"
+    cores: Optional[int] = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_prompt_tokens: Optional[int] = None     # default: seqlen - 1
+    max_new_tokens: Optional[int] = None        # default: seqlen - 1
+    queue_size: int = 16                        # requests waiting behind the running one
+    timeout_s: float = 60.0                     # per request, queue wait included
+    prefill_chunk: int = 0                      # 0: prompt token by token; L: a prefill engine with L tokens per call
+    max_body_bytes: int = 1 << 20
+    max_restarts: int = 3
+    hang_grace_s: float = 10.0                  # a request still running this long past its deadline: kill the worker
+
+
+# ------------------------------------------------------------------------------------------- schema
+class CompletionRequest(BaseModel):
+    """What POST /v1/completions accepts (OpenAI's fields; others are ignored). Types are strict:
+    "5" is not an integer, true is not a number, NaN/Infinity are refused."""
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[StrictStr] = None
+    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=1)]]
+    max_tokens: Annotated[int, Field(strict=True, ge=1)] = 16
+    temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
+    stop: Union[None, Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)],
+                Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                          Field(max_length=MAX_STOP)]] = None
+    stream: StrictBool = False
+    seed: Optional[Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]] = None
+    n: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
+
+
+def _validation_message(err) -> str:
+    parts = []
+    for e in err.errors(include_input=False, include_url=False)[:3]:
+        loc = list(e.get("loc", ()))     # the field, then union-member tags and list indices: keep field + indices
+        loc = ".".join([str(loc[0])] + [str(x) for x in loc[1:] if isinstance(x, int)]) if loc else ""
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def parse_request(body: bytes, schema=CompletionRequest) -> CompletionRequest:
+    """bytes -> a validated request, or ServeError(400/422)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ServeError(400, "invalid_request_error", "the request body is not valid UTF-8") from None
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise ServeError(400, "invalid_request_error", "the request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ServeError(422, "invalid_request_error", "the request body must be a JSON object")
+    try:
+        req = schema.model_validate(doc)
+    except ValidationError as e:
+        raise ServeError(422, "invalid_request_error", _validation_message(e)) from None
+    except (RecursionError, ValueError, TypeError) as e:
+        raise ServeError(422, "invalid_request_error", f"invalid request ({type(e).__name__})") from None
+    # JSON may escape lone surrogates ("\ud800"): valid JSON, but not text any tokenizer can take
+    texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    texts += [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ServeError(400, "invalid_request_error", "prompt/stop hold invalid Unicode (a lone surrogate)") from None
+    return req
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+# ------------------------------------------------------------------------------------------- text
+class Tokenizer:
+    """The deployment's tokenizer.json through the `tokenizers` library (no torch, no transformers)."""
+
+    def __init__(self, deployment: Path, config: dict):
+        from tokenizers import Tokenizer as _Tok
+
+        self.tok = _Tok.from_file(str(deployment / "tokenizer.json"))
+        eos = set()
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            try:
+                doc = json.loads((deployment / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            t = doc.get("eos_token")
+            t = t.get("content") if isinstance(t, dict) else t
+            if isinstance(t, str) and self.tok.token_to_id(t) is not None:
+                eos.add(int(self.tok.token_to_id(t)))
+        cfg_eos = config.get("eos_token_id")
+        for t in cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]:
+            if isinstance(t, int) and 0 <= t < self.tok.get_vocab_size(with_added_tokens=True):
+                eos.add(t)
+        self.eos_ids = sorted(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class TextStream:
+    """Generated ids -> text pieces safe to send: no half UTF-8 character, nothing that may turn out to be
+    the start of a stop string, nothing after a stop string."""
+
+    def __init__(self, tok: Tokenizer, stops: list[str]):
+        self.tok, self.stops = tok, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(int(token))
+        text = self.tok.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            piece, self.sent = text[self.sent:cut], max(self.sent, cut)
+            return piece
+        end = len(text.rstrip("\ufffd")) - self.hold
+        if end <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent:end], end
+        return piece
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        text = self.tok.decode(self.ids)
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
+# ------------------------------------------------------------------------------------------- app
+def _error(e: ServeError, headers: dict | None = None):
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "code": e.status}}, status_code=e.status,
+                        headers=headers)
+
+
+class _MetricsMiddleware:
+    """Counts every HTTP request by endpoint and status and times it to the last body byte."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        state = {"status": 500}
+        path = scope.get("path", "")
+        endpoint = path if path in ENDPOINTS else "other"
+
+        async def send_wrap(msg):
+            if msg["type"] == "http.response.start":
+                state["status"] = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrap)
+        finally:
+            self.metrics.inc("requests_total", endpoint=endpoint, status=str(state["status"]))
+            if endpoint == "/v1/completions":
+                self.metrics.observe("request_duration_seconds", time.perf_counter() - t0, endpoint=endpoint)
+
+
+def default_worker_factory(settings: Settings, meta: dict):
+    from ..bench.runtime import WorkerRuntime
+
+    def factory():
+        return WorkerRuntime(settings.engine, meta["onnx"], cores=settings.cores, seq_len=1,
+                             cache_len=int(meta["seqlen"]), prefill_len=settings.prefill_chunk or None)
+    return factory
+
+
+SERVE_FILES = ("model.onnx", "config.json", "tokenizer.json", "sparsedeploy.json")
+
+
+def read_deployment_light(path: str | Path) -> dict:
+    """export.onnx_kv.read_deployment's checks that serving needs, without importing torch (that module does):
+    the HTTP process stays ~300 MB smaller. Returns sparsedeploy.json plus `dir` and `onnx`."""
+    from ..bench.runtime import model_io
+
+    d = Path(path)
+    if not d.is_dir():
+        raise UserError(f"deployment folder {d} does not exist", "write one with `sparsedeploy export`")
+    for name in SERVE_FILES:
+        if not (d / name).is_file() or (d / name).stat().st_size == 0:
+            raise UserError(f"deployment {d} is missing {name}", "re-export the deployment")
+    docs = {}
+    for name in SERVE_FILES[1:]:
+        try:
+            docs[name] = json.loads((d / name).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"deployment {d}: {name} is not valid JSON ({type(e).__name__})", "re-export the deployment")
+    meta = docs["sparsedeploy.json"]
+    if not isinstance(meta, dict) or not isinstance(meta.get("seqlen"), int) or meta["seqlen"] < 2:
+        raise UserError(f"deployment {d}: sparsedeploy.json lacks a valid 'seqlen'", "re-export the deployment")
+    io = model_io(d / "model.onnx")                    # a corrupt graph fails here in one line
+    for name in io["data_files"]:
+        if not (d / name).is_file():
+            raise UserError(f"deployment {d} is missing the weights file {name}", "re-export the deployment")
+    meta = {**meta, "dir": str(d), "onnx": str(d / "model.onnx")}
+    meta.setdefault("max_positions", io.get("max_positions"))
+    return meta
+
+
+def validate_settings(s: Settings) -> dict:
+    """Check the settings and the deployment; returns the deployment's metadata (UserError on bad input)."""
+    check(isinstance(s.port, int) and 0 <= s.port <= 65535, f"--port {s.port} is not a TCP port", "use 1-65535 (0: any free port)")
+    check(bool(s.host) and not any(c.isspace() for c in s.host), f"--host {s.host!r} is not a host name or address",
+          "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface, e.g. in a container)")
+    check(s.queue_size >= 0 and s.queue_size <= 100_000, f"--queue-size {s.queue_size} is out of range", "use e.g. 16")
+    check(s.timeout_s > 0 and s.timeout_s <= 86_400, f"--timeout-s {s.timeout_s} is out of range", "use e.g. 60")
+    check(s.prefill_chunk >= 0, f"--prefill-chunk {s.prefill_chunk} is negative", "use 0 (token by token) or e.g. 16")
+    n = os.cpu_count() or 1
+    check(s.cores is None or 1 <= s.cores <= n, f"--cores {s.cores} is not between 1 and this machine's {n}",
+          "omit --cores to use every core")
+    meta = read_deployment_light(s.deployment)
+    seqlen = int(meta["seqlen"])
+    for name in ("max_prompt_tokens", "max_new_tokens"):
+        v = getattr(s, name)
+        if v is None:
+            setattr(s, name, seqlen - 1)
+        else:
+            check(1 <= v <= seqlen - 1, f"--{name.replace('_', '-')} {v} is outside [1, {seqlen - 1}]",
+                  f"the deployment holds {seqlen} tokens (prompt + generated); re-export with a larger --seqlen for more")
+    check(s.prefill_chunk < seqlen, f"--prefill-chunk {s.prefill_chunk} is not below the deployment's seqlen {seqlen}",
+          "use a smaller chunk")
+    return meta
+
+
+def create_app(settings: Settings, *, worker_factory=None):
+    """The FastAPI app, with its engine worker already compiled (a bad deployment or engine raises here)."""
+    meta = validate_settings(settings)
+    dep = Path(settings.deployment)
+    seqlen = int(meta["seqlen"])
+    max_positions = meta.get("max_positions")
+    config = json.loads((dep / "config.json").read_text(encoding="utf-8"))
+    tok = Tokenizer(dep, config)
+    model_name = Path(str(meta.get("source") or dep.resolve().name)).name
+    schema = CompletionRequest
+    metrics = Metrics()
+    metrics.describe("requests_total", "counter", "HTTP requests by endpoint and status code")
+    metrics.describe("request_duration_seconds", "histogram", "completion request latency, to the last byte")
+    metrics.describe("time_to_first_token_seconds", "histogram", "request arrival to the first generated token")
+    metrics.describe("generated_tokens_total", "counter", "tokens generated")
+    metrics.describe("prompt_tokens_total", "counter", "prompt tokens processed")
+    metrics.describe("completion_errors_total", "counter", "completion requests that failed, by kind")
+    metrics.describe("queue_depth", "gauge", "requests waiting for the engine")
+    metrics.describe("worker_up", "gauge", "1 when the engine worker is ready")
+    metrics.describe("worker_restarts_total", "counter", "engine worker restarts after a crash")
+    for name in ("generated_tokens_total", "prompt_tokens_total", "worker_restarts_total"):
+        metrics.inc(name, 0)
+    factory = worker_factory or default_worker_factory(settings, meta)
+    service = EngineService(factory, queue_size=settings.queue_size, metrics=metrics, max_restarts=settings.max_restarts,
+                            hang_grace_s=settings.hang_grace_s)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn has stopped accepting connections and waited for the in-flight ones; finish what is queued
+        await asyncio.get_running_loop().run_in_executor(None, service.close)
+
+    app = FastAPI(title="sparsedeploy", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.service, app.state.metrics, app.state.settings, app.state.tokenizer = service, metrics, settings, tok
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc):           # a bug, not bad input: still a JSON answer
+        metrics.inc("completion_errors_total", kind="internal")
+        return JSONResponse({"error": {"message": f"internal error ({type(exc).__name__})", "type": "internal_error",
+                                       "code": 500}}, status_code=500)
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if service.state == "ready" else service.state, "engine": service.info["engine"],
+                "model": model_name, "seqlen": seqlen, "pending": service.pending(), "restarts": service.restarts,
+                "worker_pid": service.worker_pid()}
+        if service.error:
+            body["error"] = service.error
+        return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        metrics.set("queue_depth", float(max(0, service.pending() - 1)))
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "sparsedeploy"}]}
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise ServeError(413, "invalid_request_error", f"the body exceeds {settings.max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise ServeError(413, "invalid_request_error", f"the body exceeds {settings.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def admit(req) -> tuple[list[int], list[str]]:
+        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        ids = tok.encode(prompt)
+        if not ids:
+            raise ServeError(400, "invalid_request_error", "the prompt is empty (no tokens)")
+        if len(ids) > settings.max_prompt_tokens:
+            raise ServeError(400, "context_length_exceeded",
+                             f"the prompt has {len(ids)} tokens; this server accepts at most {settings.max_prompt_tokens}")
+        if req.max_tokens > settings.max_new_tokens:
+            raise ServeError(400, "invalid_request_error",
+                             f"max_tokens {req.max_tokens} exceeds this server's limit of {settings.max_new_tokens}")
+        limit = min(seqlen, max_positions + 1) if max_positions else seqlen
+        if len(ids) + req.max_tokens > limit:
+            raise ServeError(400, "context_length_exceeded",
+                             f"{len(ids)} prompt tokens + max_tokens {req.max_tokens} exceed the deployment's "
+                             f"{limit}-token context; shorten the prompt or lower max_tokens")
+        stops = [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
+        return ids, stops
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        arrived = time.perf_counter()
+        try:
+            req = parse_request(await read_body(request), schema)
+            ids, stops = admit(req)
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+
+            def on_event(ev):
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, ev)
+                except RuntimeError:          # the loop is gone (server stopped)
+                    pass
+
+            params = {"temperature": float(req.temperature), "top_p": float(req.top_p),
+                      "seed": req.seed, "stop_ids": tok.eos_ids}
+            deadline = time.monotonic() + settings.timeout_s
+            job = service.submit(ids, req.max_tokens, params, deadline, on_event)
+        except ServeError as e:
+            metrics.inc("completion_errors_total", kind=e.kind)
+            return _error(e, {"Retry-After": "1"} if e.status in (429, 503) else None)
+        metrics.inc("prompt_tokens_total", len(ids))
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        text = TextStream(tok, stops)
+
+        async def generate():
+            """Yields ("text", piece) then ("end", finish_reason, n_tokens); raises ServeError."""
+            n, first = 0, True
+            try:
+                while True:
+                    left = deadline - time.monotonic()
+                    try:
+                        ev = await asyncio.wait_for(events.get(), timeout=max(left, 0.001))
+                    except asyncio.TimeoutError:
+                        service.cancel_active(job)
+                        raise ServeError(504, "timeout", f"the request took longer than {settings.timeout_s:g} s") from None
+                    if ev[0] == "token":
+                        n += 1
+                        if first:
+                            metrics.observe("time_to_first_token_seconds", time.perf_counter() - arrived)
+                            first = False
+                        piece = text.add(ev[1])
+                        if text.stopped:
+                            service.cancel_active(job)
+                        if piece:
+                            yield ("text", piece)
+                    elif ev[0] == "done":
+                        res = ev[1]
+                        reason = "stop" if text.stopped else res.finish_reason
+                        if reason == "timeout":
+                            raise ServeError(504, "timeout", f"the request took longer than {settings.timeout_s:g} s")
+                        if reason == "cancelled":
+                            reason = "stop"
+                        tail = text.finish()
+                        if tail:
+                            yield ("text", tail)
+                        yield ("end", reason, len(res.tokens))
+                        return
+                    else:
+                        raise ev[1]
+            finally:
+                metrics.inc("generated_tokens_total", n)
+                if not job.finished.is_set():
+                    service.cancel_active(job)      # client gone or error: free the engine
+
+        def usage(completion: int) -> dict:
+            return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+
+        def chunk(piece: str, reason=None, extra=None) -> dict:
+            doc = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                   "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}]}
+            doc.update(extra or {})
+            return doc
+
+        if not req.stream:
+            parts = []
+            try:
+                async for ev in generate():
+                    if ev[0] == "text":
+                        parts.append(ev[1])
+                    else:
+                        _, reason, count = ev
+            except ServeError as e:
+                metrics.inc("completion_errors_total", kind=e.kind)
+                return _error(e)
+            metrics.observe("completion_tokens", count, buckets=TOKEN_BUCKETS)
+            return JSONResponse({**chunk("".join(parts), reason), "usage": usage(count)})
+
+        async def sse():
+            try:
+                async for ev in generate():
+                    if ev[0] == "text":
+                        yield f"data: {json.dumps(chunk(ev[1]))}\n\n"
+                    else:
+                        _, reason, count = ev
+                        metrics.observe("completion_tokens", count, buckets=TOKEN_BUCKETS)
+                        yield f"data: {json.dumps(chunk('', reason, {'usage': usage(count)}))}\n\n"
+            except ServeError as e:
+                metrics.inc("completion_errors_total", kind=e.kind)
+                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.status}})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Fail in one line, before compiling anything, when the address cannot be listened on."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as e:
+        raise UserError(f"--host {host} does not resolve ({e})", "use an address such as 127.0.0.1 or 0.0.0.0") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})", "pick another --port or --host") from None
+
+
+def serve(settings: Settings) -> None:
+    """Compile the engine, then serve until SIGTERM/SIGINT (in-flight and queued requests are finished)."""
+    import uvicorn
+
+    from .. import ui
+
+    _check_bind(settings.host, settings.port)
+    app = create_app(settings)
+    svc = app.state.service
+    ui.info(f"serving {settings.deployment} ({svc.info['engine']}, compiled in {svc.info['compile_s']:.2f} s) "
+            f"on http://{settings.host}:{settings.port}  — POST /v1/completions, GET /health, GET /metrics")
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(settings.timeout_s) + 5,
+                            limit_concurrency=2 * settings.queue_size + 64, lifespan="on")
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a SIGTERM (docker stop)
+    # that drained every request is a clean exit (status 0), so it lands on a no-op handler.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if svc.state not in ("stopped", "failed"):
+            svc.close()
+    check(server.started, f"could not listen on {settings.host}:{settings.port} (in use, or not an address here?)",
+          "pick another --port or --host")

@@ -1,0 +1,267 @@
+"""The server's one engine: a WorkerRuntime (its own process, batch 1) fed by one thread from a bounded queue.
+
+    svc = EngineService(factory, queue_size=16, metrics=m)   # factory() -> WorkerRuntime (compiles)
+    job = svc.submit(prompt_ids, max_new, params, deadline, on_event)   # raises QueueFull at once
+    ... on_event(("token", id)), then exactly one of on_event(("done", GenerateResult)) / on_event(("error", ServeError))
+    svc.close()                                              # finishes the running and queued jobs, then stops
+
+Requests run one at a time through `WorkerRuntime.generate` (the decode loop with its preallocated cache).
+A job's `cancel()` (client gone, stop string seen, timeout) asks the worker to stop after its current token.
+A worker that dies (crash, kill -9, or a hang past the job's deadline + grace, when the watchdog kills it)
+fails its job with a 503-type error and is restarted; after `max_restarts` failures within `restart_window_s`
+the service enters the "failed" state and answers every request with 503.
+"""
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+from typing import Callable
+
+STATES = ("starting", "ready", "restarting", "failed", "stopping", "stopped")
+
+
+class ServeError(Exception):
+    """An error with the HTTP status and OpenAI-style type it should be answered with."""
+
+    def __init__(self, status: int, kind: str, message: str):
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+
+class QueueFull(ServeError):
+    def __init__(self, size: int):
+        super().__init__(429, "queue_full", f"the request queue is full ({size} waiting); retry later")
+
+
+class Job:
+    def __init__(self, prompt_ids, max_new: int, params: dict, deadline: float, on_event: Callable):
+        self.prompt_ids = list(prompt_ids)
+        self.max_new = int(max_new)
+        self.params = dict(params)
+        self.deadline = float(deadline)          # time.monotonic() after which it is a timeout
+        self.on_event = on_event
+        self.cancelled = threading.Event()
+        self.started: float | None = None
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class EngineService:
+    def __init__(self, factory: Callable, *, queue_size: int = 16, metrics=None, max_restarts: int = 3,
+                 restart_window_s: float = 300.0, hang_grace_s: float = 10.0):
+        self.factory = factory
+        self.queue_size = int(queue_size)
+        self.metrics = metrics
+        self.max_restarts, self.restart_window_s, self.hang_grace_s = max_restarts, restart_window_s, hang_grace_s
+        self.state = "starting"
+        self.error: str | None = None
+        self.restarts = 0
+        self._restart_times: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._active: Job | None = None
+        self._closing = False
+        self.worker = None
+        self.worker = self._start_worker()       # in the caller's thread: a bad deployment fails here, loudly
+        self.info = {"engine": self.worker.name, "fallback_reason": getattr(self.worker, "fallback_reason", None),
+                     "compile_s": round(getattr(self.worker, "compile_seconds", 0.0), 3)}
+        self.state = "ready"
+        self._gauge()
+        self._thread = threading.Thread(target=self._loop, name="sparsedeploy-engine", daemon=True)
+        self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="sparsedeploy-watchdog", daemon=True)
+        self._watchdog.start()
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _start_worker(self):
+        # The worker inherits this thread's signal mask: with SIGINT blocked, a Ctrl-C in the server's
+        # terminal (sent to the whole process group) cannot kill the engine under a request being finished.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return self.factory()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def worker_pid(self) -> int | None:
+        w = self.worker
+        proc = getattr(w, "_proc", None)
+        return getattr(w, "pid", None) if proc is not None else None
+
+    def _restart(self, why: str) -> bool:
+        """Replace the worker; False (and state "failed") when restarts come too often or the start fails."""
+        now = time.monotonic()
+        self._restart_times.append(now)
+        while self._restart_times and now - self._restart_times[0] > self.restart_window_s:
+            self._restart_times.popleft()
+        old, self.worker = self.worker, None
+        try:
+            if old is not None:
+                old.close()
+        except Exception:  # noqa: BLE001 - it is dead already
+            pass
+        if len(self._restart_times) > self.max_restarts:
+            self._fail(f"the engine worker died {len(self._restart_times)} times in {self.restart_window_s:.0f} s "
+                       f"(last: {why}); not restarting")
+            return False
+        self.state = "restarting"
+        self._gauge()
+        try:
+            self.worker = self._start_worker()
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"the engine worker could not be restarted ({type(e).__name__}: {e})")
+            return False
+        self.restarts += 1
+        if self.metrics is not None:
+            self.metrics.inc("worker_restarts_total")
+        self.state = "ready"
+        self._gauge()
+        return True
+
+    def _fail(self, message: str) -> None:
+        self.state, self.error = "failed", message
+        self._gauge()
+        with self._cv:
+            pending, self._queue = list(self._queue), collections.deque()
+        for job in pending:
+            self._finish(job, ("error", ServeError(503, "engine_unavailable", message)))
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set("worker_up", 1.0 if self.state == "ready" else 0.0)
+            self.metrics.set("queue_depth", float(len(self._queue)))
+
+    # ------------------------------------------------------------------------------------------ jobs
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._queue) + (self._active is not None)
+
+    def submit(self, prompt_ids, max_new: int, params: dict, deadline: float, on_event: Callable) -> Job:
+        with self._cv:
+            if self.state == "failed":
+                raise ServeError(503, "engine_unavailable", self.error or "the engine has failed")
+            if self._closing or self.state in ("stopping", "stopped"):
+                raise ServeError(503, "shutting_down", "the server is shutting down")
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(self.queue_size)
+            job = Job(prompt_ids, max_new, params, deadline, on_event)
+            self._queue.append(job)
+            self._cv.notify_all()
+        self._gauge()
+        return job
+
+    def _finish(self, job: Job, event) -> None:
+        try:
+            job.on_event(event)
+        finally:
+            job.finished.set()
+
+    def _next(self):
+        """The next job; "dead" when the worker died while idle; None when closing with nothing left."""
+        with self._cv:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cv.wait(timeout=1.0)
+                w = self.worker
+                if not self._queue and self.state == "ready" and w is not None and hasattr(w, "alive") and not w.alive():
+                    return "dead"
+            job = self._queue.popleft()
+            self._active = job
+        self._gauge()
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                break
+            if job == "dead":                          # restart now, so /health shows it before a request fails
+                self._restart("the worker died while idle")
+                continue
+            try:
+                if job.cancelled.is_set():
+                    self._finish(job, ("error", ServeError(499, "cancelled", "the request was cancelled")))
+                    continue
+                remaining = job.deadline - time.monotonic()
+                if remaining <= 0:
+                    self._finish(job, ("error", ServeError(504, "timeout", "the request timed out in the queue")))
+                    continue
+                if self.state not in ("ready", "stopping") or self.worker is None:
+                    self._finish(job, ("error", ServeError(503, "engine_unavailable", self.error or "no engine")))
+                    continue
+                self._run(job, remaining)
+            finally:
+                with self._cv:
+                    self._active = None
+                self._gauge()
+
+    def _run(self, job: Job, remaining: float) -> None:
+        job.started = time.monotonic()
+        worker = self.worker
+        signalled = False
+        try:
+            for kind, payload in worker.generate(job.prompt_ids, job.max_new, time_limit_s=remaining, **job.params):
+                if kind == "token":
+                    job.on_event(("token", payload))
+                    if job.cancelled.is_set() and not signalled:
+                        worker.cancel()
+                        signalled = True
+                else:
+                    self._finish(job, ("done", payload))
+                    return
+        except RuntimeError as e:
+            if "process died" not in str(e) and "closed" not in str(e):
+                self._finish(job, ("error", ServeError(500, "engine_error", f"{type(e).__name__}: {e}")))
+                return
+            self._finish(job, ("error", ServeError(503, "engine_unavailable",
+                                                   "the engine worker died during this request; it is being restarted")))
+            self._restart(str(e))
+        except Exception as e:  # noqa: BLE001 - an error raised inside the worker for this request
+            status = 400 if type(e).__name__ == "UserError" else 500
+            self._finish(job, ("error", ServeError(status, "invalid_request_error" if status == 400 else "engine_error",
+                                                   str(e))))
+        finally:
+            job.started = None
+
+    def cancel_active(self, job: Job) -> None:
+        """Cancel `job`: a queued one is skipped, the running one stops after its current token."""
+        job.cancel()
+        with self._cv:
+            running = self._active is job
+        if running and self.worker is not None and job.started is not None and hasattr(self.worker, "cancel"):
+            self.worker.cancel()
+
+    def _watch(self) -> None:
+        """Kill a worker that runs past a job's deadline by hang_grace_s (a hang, not a slow token):
+        the engine thread then sees it die, fails the job with 503 and restarts it."""
+        while not (self._closing and self._active is None and not self._queue):
+            time.sleep(0.5)
+            job, worker = self._active, self.worker
+            if job is None or job.started is None or worker is None:
+                continue
+            if time.monotonic() > job.deadline + self.hang_grace_s:
+                proc = getattr(worker, "_proc", None)
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+
+    # ------------------------------------------------------------------------------------------ shutdown
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the running and queued jobs, then stop the worker."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self.state == "ready":
+            self.state = "stopping"
+        self._thread.join(timeout)
+        if self.worker is not None:
+            try:
+                self.worker.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.state != "failed":
+            self.state = "stopped"
+        self._gauge()
