@@ -265,3 +265,23 @@ def test_synthetic_sweep_with_native_and_ort_in_one_run(tmp_path, monkeypatch, c
     # the embedding/lm_head file is the same at every sparsity: stored once, hard-linked
     a, b = (out / d / "deployment" / "native" / "shared.safetensors" for d in ("dense", "p90"))
     assert a.stat().st_ino == b.stat().st_ino and idx["shared_linked_from"]
+
+
+@pytest.mark.parametrize("engine", ["native", "onnxruntime"])
+def test_long_prompt_prefill_in_one_call_keeps_every_prompt_token(deployments, engine):
+    """A prompt longer than half the cache: prefilling it in chunks must give the same tokens as feeding it
+    token by token (a chunk larger than the prefill cache's free slots used to drop the oldest prompt tokens)."""
+    from sparsedeploy.bench.decode import greedy_decode
+    from sparsedeploy.bench.runtime import make_runtime
+    from sparsedeploy.export.onnx_kv import read_deployment
+    from sparsedeploy.native.stage import ensure_native
+
+    meta = read_deployment(deployments["wanda"])
+    ensure_native(meta)
+    S = int(meta["seqlen"])
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, int(meta["vocab_size"]), size=S // 2 + 10)]
+    rt = make_runtime(engine, meta["onnx"], cores=1, seq_len=None, cache_len=S)
+    chunked = greedy_decode(rt, prompt, 8, prefill=rt)
+    single = greedy_decode(rt, prompt, 8)
+    assert "chunk" in chunked.prefill and single.prefill == "token by token"
+    assert chunked.tokens == single.tokens
