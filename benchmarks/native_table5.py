@@ -13,7 +13,6 @@ benchmarks/results/native_<name>.{json,csv,md,png}. Run on an otherwise idle mac
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,14 +22,12 @@ sys.path.insert(0, str(ROOT))
 from sparsedeploy.bench.bench import BenchConfig  # noqa: E402
 from sparsedeploy.bench.sweep import SweepConfig, sweep  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from table5 import RESULTS, _publish  # noqa: E402
+
 ENGINES = "native,deepsparse,onnxruntime"
 
 
-def _publish(src_stem: Path, name: str) -> None:
-    for ext in ("json", "csv", "md", "png"):
-        shutil.copy2(src_stem.with_suffix(f".{ext}"), RESULTS / f"{name}.{ext}")
-    print(f"wrote {RESULTS / name}.{{json,csv,md,png}}", flush=True)
 
 
 def main() -> None:

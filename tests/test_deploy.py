@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from .cli_helpers import run_cli
+
 from sparsedeploy import cli
 from sparsedeploy.bench.runtime import deepsparse_unavailable
 
@@ -19,13 +21,7 @@ DS = deepsparse_unavailable() is None
 ENGINE = "deepsparse" if DS else "onnxruntime"
 
 
-def _cli(argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["sparsedeploy", *map(str, argv)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+_cli = run_cli
 
 
 def sha(path: Path) -> str:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .cli_helpers import run_cli as _cli
+
 from sparsedeploy.native import kernels as K
 from sparsedeploy.native.pack import compress
 
@@ -214,15 +216,6 @@ def test_bench_native_runs_where_deepsparse_cannot_be_imported(deployments, tmp_
     assert check.returncode != 0 and "not installed" in check.stderr
 
 
-def _cli(argv, monkeypatch, capsys):
-    from sparsedeploy import cli
-
-    monkeypatch.setattr(sys, "argv", ["sparsedeploy", *map(str, argv)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .cli_helpers import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,13 +29,7 @@ from sparsedeploy import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["sparsedeploy", *map(str, argv)])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+_cli = run_cli
 
 
 def _unshare_ok() -> bool:

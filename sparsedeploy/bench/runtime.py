@@ -272,6 +272,18 @@ def make_runtime(engine: str, onnx_path: str | Path, *, cores: int | None = None
     return OrtRuntime(onnx_path, cores=cores, seq_len=seq_len, cache_len=cache_len)
 
 
+def median_call_ms(call: Callable[[], object], repeats: int = 30, warmup: int = 3) -> float:
+    """Median wall time of `call()` in ms over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
 def time_head(engine: str, head_path: str | Path, *, cores: int | None = None, repeats: int = 30) -> dict:
     """Compile head.onnx (input_ids [1, 1] -> logits) on `engine` and time one call: {"head_ms", "compile_s"}."""
     head_path = Path(head_path)
@@ -304,17 +316,11 @@ def time_head(engine: str, head_path: str | Path, *, cores: int | None = None, r
         call = lambda: sess.run(None, {"input_ids": ids})  # noqa: E731
     compile_s = time.perf_counter() - t0
     try:
-        for _ in range(3):
-            call()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t) * 1e3)
+        head_ms = median_call_ms(call, repeats)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"head_ms": float(np.median(times)), "compile_s": compile_s}
+    return {"head_ms": head_ms, "compile_s": compile_s}
 
 
 # ------------------------------------------------------------------------------------------ worker

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench.runtime import Runtime
+from ..bench.runtime import Runtime, median_call_ms
 from ..errors import UserError
 from . import kernels as K
 from .arch import native_arch, rope_theta
@@ -276,11 +276,4 @@ class NativeRuntime(Runtime):
             m.embed_tokens(ids, pos, b["x"])
             m.logits(b["x"], b["h"])
 
-        for _ in range(3):
-            call()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            call()
-            ts.append((time.perf_counter() - t) * 1e3)
-        return {"head_ms": float(np.median(ts)), "compile_s": 0.0}
+        return {"head_ms": median_call_ms(call, repeats), "compile_s": 0.0}
