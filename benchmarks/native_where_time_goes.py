@@ -49,8 +49,7 @@ def profile(dep: Path, threads: int, prompt_len: int, steps: int) -> dict:
     vocab = rt.model.vocab
     acc: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    spaces = [K, K.serial]       # the parallel kernels and their serial builds (used for small products)
-    originals = {(sp, name): getattr(sp, name) for sp in spaces for name in KINDS if hasattr(sp, name)}
+    originals = {name: getattr(K, name) for name in KINDS}
 
     on = [False]
 
@@ -73,8 +72,8 @@ def profile(dep: Path, threads: int, prompt_len: int, steps: int) -> dict:
         acc["_probe"] += time.perf_counter() - a
     timer_us = (time.perf_counter() - t0) / 10000 * 1e6
     acc.clear()
-    for (sp, name), fn in originals.items():
-        setattr(sp, name, wrap(name, fn))
+    for name, fn in originals.items():
+        setattr(K, name, wrap(name, fn))
     try:
         dec = KVSlots(rt, 1, int(meta["seqlen"]))
         pos = 0
@@ -94,8 +93,8 @@ def profile(dep: Path, threads: int, prompt_len: int, steps: int) -> dict:
         kern = {k: v / steps * 1e3 for k, v in acc.items()}
         ncalls = {k: v / steps for k, v in calls.items()}
     finally:
-        for (sp, name), fn in originals.items():
-            setattr(sp, name, fn)
+        for name, fn in originals.items():
+            setattr(K, name, fn)
     step_instr = float(np.sum(step_times)) / steps * 1e3
     step_plain = float(np.median(plain.decode_ms))
     wb = rt.model.weight_bytes()

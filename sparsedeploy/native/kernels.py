@@ -12,25 +12,11 @@ ELL (cols [out, k], vals [out, k]) when every row keeps the same count k, as per
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 from numba import njit, prange, set_num_threads, get_num_threads, config as numba_config
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
-
-# Starting a parallel region costs tens of microseconds here (numba's parfor launch + the OpenMP barrier), about
-# what a 2-core box saves on a product that reads 1 MiB at 20 GB/s per core. Smaller products (SmolLM2's layers
-# at high sparsity, its attention) run the serial build of the same kernel: `serial.<name>`.
-PARALLEL_MIN_BYTES = 1 << 20
-serial = SimpleNamespace()
-
-
-def _parallel_and_serial(fn):
-    """Compile `fn` twice: parallel (returned) and serial (serial.<name>; prange then runs as range)."""
-    setattr(serial, fn.__name__, njit(**_SERIAL)(fn))
-    return njit(**_OPTS)(fn)
 
 
 def set_threads(n: int | None) -> int:
@@ -50,7 +36,7 @@ def threading_layer() -> str:
 
 # ----------------------------------------------------------------------------- products, one token (L = 1)
 # out[r] = (acc ? out[r] : 0) + bias[r] (when bias has rows) + sum_j W[r, j] x[j]
-@_parallel_and_serial
+@njit(**_OPTS)
 def dense_gemv(W, x, bias, out, acc):
     n, m = W.shape
     has_bias = bias.shape[0] == n
@@ -66,7 +52,7 @@ def dense_gemv(W, x, bias, out, acc):
             out[r] = s
 
 
-@_parallel_and_serial
+@njit(**_OPTS)
 def csr_gemv(rowptr, cols, vals, x, bias, out, acc):
     n = rowptr.shape[0] - 1
     has_bias = bias.shape[0] == n
@@ -84,7 +70,7 @@ def csr_gemv(rowptr, cols, vals, x, bias, out, acc):
             out[r] = s
 
 
-@_parallel_and_serial
+@njit(**_OPTS)
 def ell_gemv(cols, vals, x, bias, out, acc):
     n, k = vals.shape
     has_bias = bias.shape[0] == n
@@ -102,7 +88,7 @@ def ell_gemv(cols, vals, x, bias, out, acc):
 
 # ----------------------------------------------------------------------------- products, L tokens (prefill)
 # X [L, in] -> Y [L, out]; same acc/bias convention.
-@_parallel_and_serial
+@njit(**_OPTS)
 def csr_gemm(rowptr, cols, vals, X, bias, Y, acc):
     n = rowptr.shape[0] - 1
     L = X.shape[0]
@@ -124,7 +110,7 @@ def csr_gemm(rowptr, cols, vals, X, bias, Y, acc):
                 Y[l, r] = t
 
 
-@_parallel_and_serial
+@njit(**_OPTS)
 def ell_gemm(cols, vals, X, bias, Y, acc):
     n, k = vals.shape
     L = X.shape[0]
@@ -194,7 +180,7 @@ def relu_(X):
 
 
 # ----------------------------------------------------------------------------- attention over the cache slots
-@_parallel_and_serial
+@njit(**_OPTS)
 def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, mask, out, new_k, new_v):
     """One layer's attention for L new tokens.
 

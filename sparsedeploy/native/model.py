@@ -28,7 +28,7 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 class Linear:
     """One stored group (dense / ELL / CSR): y = W x (+ bias), optionally added into y."""
 
-    __slots__ = ("fmt", "a", "b", "c", "bias", "rows", "cols_in", "nbytes", "k")
+    __slots__ = ("fmt", "a", "b", "c", "bias", "rows", "cols_in", "nbytes")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape):
         self.fmt = fmt
@@ -43,26 +43,24 @@ class Linear:
         else:
             raise UserError(f"unknown stored format '{fmt}' in native weights", "rebuild them: sparsedeploy compile --engine native")
         self.nbytes = sum(int(x.nbytes) for x in arrays.values()) + int(self.bias.nbytes)
-        self.k = K if self.nbytes >= K.PARALLEL_MIN_BYTES else K.serial     # small products: no parallel region
 
     def vec(self, x: np.ndarray, out: np.ndarray, acc: bool) -> None:
         """x [in] -> out [rows]."""
-        k = self.k
         if self.fmt == "csr":
-            k.csr_gemv(self.a, self.b, self.c, x, self.bias, out, acc)
+            K.csr_gemv(self.a, self.b, self.c, x, self.bias, out, acc)
         elif self.fmt == "ell":
-            k.ell_gemv(self.a, self.b, x, self.bias, out, acc)
+            K.ell_gemv(self.a, self.b, x, self.bias, out, acc)
         else:
-            k.dense_gemv(self.a, x, self.bias, out, acc)
+            K.dense_gemv(self.a, x, self.bias, out, acc)
 
     def mat(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [L, in] -> Y [L, rows]."""
         if X.shape[0] == 1:
             self.vec(X[0], Y[0], acc)
         elif self.fmt == "csr":
-            self.k.csr_gemm(self.a, self.b, self.c, X, self.bias, Y, acc)
+            K.csr_gemm(self.a, self.b, self.c, X, self.bias, Y, acc)
         elif self.fmt == "ell":
-            self.k.ell_gemm(self.a, self.b, X, self.bias, Y, acc)
+            K.ell_gemm(self.a, self.b, X, self.bias, Y, acc)
         else:
             r = X @ self.a.T
             if self.bias.shape[0]:
@@ -201,9 +199,8 @@ class NativeModel:
             nk = np.empty((Hkv, L, D), np.float32)
             nv = np.empty((Hkv, L, D), np.float32)
             pk, pv = past[i]
-            attend = K.attention if 2 * pk.nbytes >= K.PARALLEL_MIN_BYTES else K.serial.attention
-            attend(qkv, H, Hkv, D, positions, self.cos, self.sin, self.arch.rope, self.scale, pk, pv, mask,
-                   attn, nk, nv)
+            K.attention(qkv, H, Hkv, D, positions, self.cos, self.sin, self.arch.rope, self.scale, pk, pv, mask,
+                        attn, nk, nv)
             lay["o"].mat(attn, x, True)
             self._norm(x, lay["mlp_norm"], h)
             if silu:
