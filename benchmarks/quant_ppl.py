@@ -30,6 +30,7 @@ from sparsedeploy.pipeline.rundir import RunDir  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 DEFAULT_SOURCE = ROOT.parent / "main" / "runs" / "bench_prune"
+PRIORITY = [16, 4, 3, 8]     # the order cells are measured in (an interrupted run has the 4-bit column first)
 
 
 def _calib(a) -> stages.CalibConfig:
@@ -136,13 +137,17 @@ def main() -> None:
         grid.append(("sparsegpt", "dlp", 0.5))
     if "dense" in extras:
         grid.append(("dense", "-", 0.0))
-    for method, allocator, p in grid:
-        name = f"{method}-{allocator}-{int(p * 100)}"
-        bl = bits_list if method != "sparsegpt" else [b for b in bits_list if b in (16, 4)]
-        if all((method, allocator, p, b) in done for b in bl):
-            continue
-        run = _dense_run(a, work) if method == "dense" else _prepare(a, work, name, method, allocator, p)
-        for bits in bl:
+    runs: dict = {}
+    for bits in sorted(bits_list, key=lambda b: PRIORITY.index(b) if b in PRIORITY else 9):   # a column at a time
+        for method, allocator, p in grid:
+            if method == "sparsegpt" and bits not in (16, 4):
+                continue
+            if (method, allocator, p, bits) in done:
+                continue
+            name = f"{method}-{allocator}-{int(p * 100)}"
+            if name not in runs:
+                runs[name] = _dense_run(a, work) if method == "dense" else _prepare(a, work, name, method, allocator, p)
+            run = runs[name]
             if bits == 16:
                 def f16(run=run, dense=method == "dense"):
                     # the unquantized model: the dense one, RUN/pruned once quantized, else RUN/model

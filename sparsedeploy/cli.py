@@ -110,6 +110,8 @@ def quantize(
     act_order: bool = typer.Option(False, help="quantize columns by decreasing Hessian diagonal (stores g_idx)"),
     sym: bool = typer.Option(False, help="symmetric grid (no zero points stored)"),
     percdamp: float = typer.Option(0.01, help="damping, fraction of the mean Hessian diagonal"),
+    true_sequential: bool = typer.Option(False, help="quantize a layer's linear groups one after another, each on the "
+                                                     "outputs of the quantized ones before it (GPTQ's --true-sequential)"),
     calib: str = typer.Option("wikipedia-summaries", help="only for RUNs without calibration windows"),
     nsamples: int = typer.Option(128), seqlen: int = typer.Option(2048), seed: int = typer.Option(0),
     data_file: Optional[str] = typer.Option(None),
@@ -118,7 +120,7 @@ def quantize(
 ):
     """GPTQ that keeps every pruned zero → RUN/quantized/ (packed) and RUN/model/ (fake-quant float weights)."""
     st = _stages()
-    cfg = st.QuantConfig(bits, group_size, act_order, sym, percdamp,
+    cfg = st.QuantConfig(bits, group_size, act_order, sym, percdamp, true_sequential=true_sequential,
                          calib=st.CalibConfig("", calib, nsamples, seqlen, seed, data_file, device), device=device)
     path = st.quantize(st.RunDir(run), cfg, force=force)
     doc = st.read_json(path / "quantize.json")

@@ -356,7 +356,7 @@ class QuantConfig:
     sym: bool = False
     percdamp: float = 0.01
     blocksize: int = 128
-    true_sequential: bool = True     # quantize a layer's linear groups one after another (GPTQ --true-sequential)
+    true_sequential: bool = False    # GPTQ's --true-sequential: a layer's linear groups one after another (5 passes, not 2)
     calib: CalibConfig = field(default_factory=CalibConfig)   # only for RUNs that hold no calibration windows
     device: str = "auto"
 
