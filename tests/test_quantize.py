@@ -60,29 +60,27 @@ def test_rtn_values_on_grid_and_error_within_half_a_step(bits, group_size, sym):
     W[torch.rand(16, 32, generator=g) < 0.3] = 0.0       # pruned weights
     res = qz.quantize_rtn(W, bits, group_size, sym)
     maxq = 2 ** bits - 1
-    scale, zero = expand(res, res.scale), expand(res, res.zero.float())
+    scale, zero = expand(res, res.scale), expand(res, res.zero)
     q = res.q.float()
+    keep = W != 0
     assert res.weight.dtype == W.dtype and res.q.dtype == torch.uint8
     assert float(q.min()) >= 0 and float(q.max()) <= maxq
-    assert torch.equal(res.weight, scale * (q - zero))                       # every value is on its grid
-    level = res.weight / scale + zero
-    assert bool(((level - level.round()).abs() < 1e-4).all())
+    assert torch.equal(res.keep, keep)
+    # every kept value is a level of its group's grid; every pruned one is exactly 0
+    assert torch.equal(res.weight[keep], (scale * (q - zero))[keep])
+    assert bool((res.weight[~keep] == 0).all())
     ngroups = 1 if group_size == -1 else -(-32 // group_size)
     assert res.scale.shape == (16, ngroups)
-    assert torch.equal(res.g_idx.long(), torch.arange(32) // (32 if group_size == -1 else group_size))
     if sym:
-        assert bool((res.zero == 2 ** (bits - 1)).all())
+        assert bool((res.zero == maxq / 2).all())
     # the zero set is exactly the input's: pruned stay 0, nothing else becomes 0
-    assert torch.equal(res.weight == 0, W == 0)
-    err = (W - res.weight).abs()
-    keep = W != 0
-    big = keep & (W.abs() >= scale / 2)
-    bound = scale[big] / 2 + 4e-7 * W[big].abs()            # float32 rounding of w - w_q
-    assert bool((err[big] <= bound).all()), float((err[big] / scale[big]).max())
-    small = keep & ~big           # would round to 0: they take the nearest nonzero level on their side
-    assert torch.equal(res.weight[small].abs(), scale[small])
-    room = torch.where(W > 0, zero < maxq, zero > 0)[small]     # the grid has a level on w's side of 0
-    assert torch.equal(torch.sign(res.weight[small])[room], torch.sign(W[small])[room])
+    assert torch.equal(res.weight == 0, ~keep)
+    # nearest level: within half a step (plus float rounding), and no level is nearer
+    err = (W - res.weight).abs()[keep]
+    assert bool((err <= scale[keep] / 2 * (1 + 1e-4) + 1e-7).all()), float((err / scale[keep]).max())
+    for dq in (-1, 1):
+        other = (scale * (torch.clamp(q + dq, 0, maxq) - zero))[keep]
+        assert bool((err <= (W[keep] - other).abs() + 1e-6).all())
 
 
 def test_rtn_8bit_is_close_and_2bit_is_coarse():
@@ -107,8 +105,8 @@ def test_gptq_layer_output_error_below_rtn(bits, group_size, act_order, sym, pru
     e_rtn, e_gptq = out_err(W, rtn.weight, X), out_err(W, g.weight, X)
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
     # GPTQ's output is on its own grid too
-    scale, zero = expand(g, g.scale), expand(g, g.zero.float())
-    assert torch.equal(g.weight, scale * (g.q.float() - zero))
+    scale, zero = expand(g, g.scale), expand(g, g.zero)
+    assert torch.equal(g.weight, torch.where(g.keep, scale * (g.q.float() - zero), torch.zeros(())))
 
 
 @pytest.mark.parametrize("freeze", [False, True])
@@ -160,7 +158,7 @@ def test_joint_sparsegpt_quantizes_inside_the_loop_and_keeps_exact_sparsity():
     res = cq.result(Wj, act_order=False)
     Ws = prune_sparsegpt(W, st, 0.5)
     assert int((Wj == 0).sum()) == cq.pruned == int((Ws == 0).sum()) == 40 * 128 // 2
-    assert torch.equal(Wj, expand(res, res.scale) * (res.q.float() - expand(res, res.zero.float())))
+    assert torch.equal(Wj, torch.where(res.keep, expand(res, res.scale) * (res.q.float() - expand(res, res.zero)), torch.zeros(())))
     # quantizing inside the loop (errors compensated jointly) beats rounding SparseGPT's output afterwards
     after = qz.quantize_rtn(Ws, 4, 32)
     assert out_err(W, Wj, X) < out_err(W, after.weight, X)
@@ -194,28 +192,38 @@ def test_packed_checkpoint_round_trips_bit_exactly(bits, group_size, act_order, 
     for k, v in want.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
     assert tok2 is not None and tok2("the cat").input_ids == tok("the cat").input_ids
-    # sizes: codes take exactly bits/8 bytes per weight when in_features is a multiple of 32
+    # sizes: codes take bits/8 bytes per weight (rounded up per row), the mask 1/8
     from safetensors.torch import load_file
     raw = load_file(str(tmp_path / "q" / qz.PACKED_FILE))
     for name, lin in prunable_linears(model).items():
-        packed = raw[f"{name}.weight_packed"]
-        assert packed.dtype == torch.int32 and packed.numel() * 32 == lin.weight.numel() * bits
-        assert (f"{name}.weight_zero_point" in raw) == (not sym)
-        assert f"{name}.weight_g_idx" not in raw          # act-order keeps groups contiguous (static groups)
+        rows, cols = lin.weight.shape
+        assert raw[f"{name}.weight_qcodes"].dtype == torch.uint8
+        assert tuple(raw[f"{name}.weight_qcodes"].shape) == (rows, -(-cols * bits // 8))
+        assert tuple(raw[f"{name}.weight_mask"].shape) == (rows, -(-cols // 8))
+        assert (f"{name}.weight_zeros" in raw) == (not sym)
         assert f"{name}.weight" not in raw
+    # int4: code 2k in the low nibble of byte k
+    if bits == 4:
+        name = next(iter(results))
+        b0 = int(raw[f"{name}.weight_qcodes"][0, 0])
+        assert (b0 & 0xF, b0 >> 4) == (int(results[name].q[0, 0]), int(results[name].q[0, 1]))
     b = doc["bytes"]
     assert b["checkpoint"] == (tmp_path / "q" / qz.PACKED_FILE).stat().st_size
-    assert b["quantized_linears_packed"] < b["quantized_linears_fp32"] * (bits + 4) / 32
-    assert doc["ratio_vs_fp32"] < 1
-    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    from compressed_tensors.quantization import QuantizationConfig
-    parsed = QuantizationConfig.model_validate(cfg)
-    assert parsed.config_groups["group_0"].weights.num_bits == bits
-    # our packing is compressed-tensors' own (its unpacker reads our codes back)
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    name = next(iter(results))
-    codes = unpack_from_int32(raw[f"{name}.weight_packed"], bits, results[name].q.shape).to(torch.int16)
-    assert torch.equal(codes + 2 ** (bits - 1), results[name].q.to(torch.int16))
+    expect = 0
+    for lin in prunable_linears(model).values():
+        rows, cols = lin.weight.shape
+        ng = 1 if group_size == -1 else -(-cols // group_size)
+        expect += rows * (-(-cols * bits // 8) + -(-cols // 8)) + rows * ng * 4 * (1 if sym else 2) + 16
+    assert b["quantized_linears_packed"] == expect
+    assert doc["ratio_vs_fp32"] < 1 and doc["format"] == qz.FORMAT
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+def test_bit_packing_round_trips_any_width(bits):
+    v = torch.randint(0, 2 ** bits, (5, 37), generator=gen(bits))
+    packed = qz.pack_bits(v, bits)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (5, -(-37 * bits // 8))
+    assert torch.equal(qz.unpack_bits(packed, bits, 37), v)
 
 
 def test_corrupt_or_missing_packed_checkpoint_is_a_user_error(tmp_path):

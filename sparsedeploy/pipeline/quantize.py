@@ -1,20 +1,27 @@
 """Weight quantization for one linear layer (round-to-nearest and GPTQ) that keeps every pruned zero,
 and the packed on-disk checkpoint. Pure tensor functions and file I/O; knows nothing about the walker.
 
-The grid (GPTQ's min/max grid, per group of `group_size` input columns of one output row):
-    maxq = 2**bits - 1, codes q in [0, maxq],   dequantized value  w_q = scale * (q - zero)
-    asymmetric: xmin = min(0, min w), xmax = max(0, max w), scale = (xmax - xmin) / maxq,
-                zero = round(-xmin / scale)            (an integer in [0, maxq])
-    symmetric:  xmax = max |w|, scale = 2 * xmax / maxq, zero = (maxq + 1) / 2 = 2**(bits-1)
-Because `zero` is an integer code, q == zero dequantizes to exactly 0.0, so a pruned weight is stored
-as its group's zero code. The sparsity pattern is kept *exactly*, both ways:
-  * a pruned weight (a weight that is 0 on input, or True in `mask`) always gets q = zero -> 0.0;
-  * a kept weight never gets q = zero: where rounding would give zero it takes the nearest nonzero
-    level on its own side (zero ± 1). So quantization adds no new zeros, and per layer the count of
-    zeros after quantization equals the count before (the stages check this).
-Group parameters are computed over the kept weights of the group (pruned ones count as 0).
-`group_size=-1` means one group per output row. When `group_size` does not divide in_features, the
-last group of each row is simply shorter (the GPTQ reference does the same); nothing is padded.
+The grid: per group of `group_size` input columns of one output row, over its *kept* weights only,
+    maxq = 2**bits - 1, codes q in [0, maxq],   dequantized value  w_q = scale · (q - zero)
+    asymmetric: scale = (max w - min w) / maxq, zero = -min w / scale   (a float offset: levels span
+                exactly [min w, max w], like GGUF's Q4_1 "scale + min")
+    symmetric:  scale = 2 · max |w| / maxq,   zero = maxq / 2           (levels ±scale/2, ±3·scale/2, …)
+Neither grid has a level at 0 (except by a float coincidence, which `codes` steps away from), so no kept
+weight is ever rounded to 0, and every kept weight is within scale/2 of its value. Pruned weights (a
+weight that is 0 on input, or True in `mask`) are not on the grid at all: they are exactly 0, kept so by
+a sparsity bitmask. So the set of zeros after quantization is exactly the set before, and the stages check
+that each layer's zero count is unchanged.
+
+Why not an integer zero point (GPTQ's grid, which contains an exact 0 so pruned weights could live in it)?
+Then a small kept weight either rounds to 0 (new zeros: the sparsity changes) or must be pushed to the
+nearest nonzero level, up to a full step away. Wanda keeps small weights on the high-activation (outlier)
+input columns, exactly where that error is amplified: on a synthetic layer with 6 outlier columns the
+output error of 4-bit GPTQ was ~100× larger with the pushed levels than with this grid, and SmolLM2 at
+50% Wanda went from perplexity 81 to 357 at 4 bits. The float-offset grid costs nothing in accuracy and
+one bit per weight (the mask) on disk.
+
+When `group_size` does not divide in_features, the last group of each row is simply shorter (the GPTQ
+reference does the same); nothing is padded. `group_size=-1` means one group per output row.
 
 GPTQ (Frantar et al. 2022): columns are quantized one at a time in blocks of `blocksize`; each
 column's error e = (w - w_q) / U_jj is compensated on the later columns with the upper Cholesky
@@ -22,17 +29,19 @@ factor U of (H + λI)⁻¹ (λ = 1% of mean diag H), lazily across blocks. With 
 compensating updates do reach pruned positions in between, but a pruned weight is set back to exactly 0
 when its column comes up and the difference is itself propagated as error — the same thing the
 SparseGPT reference does with a fixed mask. `freeze_pruned=True` instead drops every update that would
-touch a pruned position (pruned weights stay 0 throughout); see `gptq` for which one is the default.
+touch a pruned position (pruned weights stay 0 throughout); propagating measured slightly better.
 act-order processes columns by decreasing diag(H). Groups stay contiguous in the original column
-order (GPTQ's "static groups", compressed-tensors' actorder "weight"): their parameters are computed
-from the weights before the loop, so no per-column group index has to be stored.
+order (GPTQ's "static groups"): their parameters are computed from the weights before the loop, so no
+per-column group index has to be stored.
 
-Packed checkpoint (RUN/quantized/): compressed-tensors' "pack-quantized" layout (the format vLLM
-loads): per quantized linear `weight_packed` (int32; codes as signed ints q - 2**(bits-1), densely
-bit-packed along the input dim: 32 values in `bits` int32 words, so int4 is two per byte and 3 bits
-take 3/8 of a byte each), `weight_scale` [out, groups] (float32 here, so the restore is bit-exact),
-`weight_zero_point` (asymmetric only, packed the same way along the output dim) and `weight_shape`. Zeros are kept in the packed grid (q == zero point), so no bitmask is
-stored. Every other tensor (embeddings, norms, biases) is stored unchanged.
+Packed checkpoint (RUN/quantized/, format "sparsedeploy-packed/1"): model.safetensors holds, per quantized
+linear `<module>`: `<module>.weight_qcodes` (uint8; the codes densely bit-packed per row, least significant
+bit first — int4 two per byte, 3-bit eight codes in three bytes: the smallest container for any width),
+`<module>.weight_mask` (uint8; the keep bitmask, 8 per byte, same packing), `<module>.weight_scales` and,
+when asymmetric, `<module>.weight_zeros` (float32 [out, groups], so the restore is bit-exact), and
+`<module>.weight_shape`. Pruned positions hold code 0. Every other tensor (embeddings, norms, biases) is
+stored unchanged; tied tensors once. quantize.json names bits, group size, symmetry, the tied tensors and
+the sizes. `load_packed` rebuilds the fake-quant float model.
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +62,7 @@ from .prune import _inverse_hessian_factor
 BITS_RANGE = (2, 8)
 PACKED_FILE = "model.safetensors"
 QUANT_JSON = "quantize.json"
+FORMAT = "sparsedeploy-packed/1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,53 +90,60 @@ def _group_len(cols: int, group_size: int) -> int:
 # the grid
 
 
-def grid_params(W: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """(scale, zero) per row of W [rows, k] (pruned entries must already be 0 in W); float32, zero integral."""
+def grid_params(W: Tensor, keep: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """(scale, zero) per row of W [rows, k] over its kept weights; float32. Levels are scale·(q - zero)."""
     maxq = 2 ** bits - 1
     W = W.to(torch.float32)
-    xmin = W.min(dim=1).values.clamp(max=0)
-    xmax = W.max(dim=1).values.clamp(min=0)
+    has = keep.any(dim=1)
     if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+        xmax = torch.where(keep, W.abs(), torch.zeros_like(W)).max(dim=1).values
+        xmax = torch.where(has & (xmax > 0), xmax, torch.ones_like(xmax))
+        return 2 * xmax / maxq, torch.full_like(xmax, maxq / 2)
+    inf = torch.full_like(W, float("inf"))
+    xmin = torch.where(keep, W, inf).min(dim=1).values
+    xmax = torch.where(keep, W, -inf).max(dim=1).values
+    xmin = torch.where(has, xmin, -torch.ones_like(xmin))
+    xmax = torch.where(has, xmax, torch.ones_like(xmax))
     scale = (xmax - xmin) / maxq
-    if sym:
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
-    return scale, zero
+    flat = scale <= 0          # one distinct kept value: any positive step puts it on level 0
+    scale = torch.where(flat, xmin.abs().clamp(min=1e-8), scale)
+    return scale, -xmin / scale
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor, keep: Tensor) -> Tensor:
+    """The one formula for fake-quant values: scale·(q - zero) where kept, exactly 0 where pruned (float32;
+    the loader uses it too, so the restore is bit-exact)."""
+    w = scale.to(torch.float32) * (q.to(torch.float32) - zero.to(torch.float32))
+    return torch.where(keep, w, torch.zeros_like(w))
 
 
 def codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int, keep: Tensor) -> Tensor:
-    """Integer codes (as float32) of w on the grid; pruned (keep False) -> zero, kept -> never zero."""
-    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-    up, down = zero + 1, zero - 1
-    side = torch.where(w >= 0, up, down)
-    side = torch.where(side > maxq, down, side)
-    side = torch.where(side < 0, up, side)
-    q = torch.where(q == zero, side, q)
-    return torch.where(keep, q, zero)
-
-
-def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    """The one formula for fake-quant values: scale * (q - zero), in float32 (the loader uses it too)."""
-    return scale.to(torch.float32) * (q.to(torch.float32) - zero.to(torch.float32))
+    """Integer codes (as float32) of w on the grid: the nearest level; pruned entries get code 0 (unused).
+    A kept weight whose level is exactly 0.0 (possible only when `zero` happens to be an integer) moves
+    one level, so no kept weight becomes 0."""
+    q = torch.clamp(torch.round(w / scale + zero), 0, maxq)
+    hit = keep & (dequantize(q, scale, zero, keep) == 0)
+    if bool(hit.any()):
+        q = torch.where(hit, torch.where(q < maxq, q + 1, q - 1), q)
+    return torch.where(keep, q, torch.zeros_like(q))
 
 
 @dataclass
 class QuantResult:
-    weight: Tensor       # [out, in] fake-quantized weights, W's dtype
-    q: Tensor            # [out, in] uint8 codes in [0, 2**bits - 1]
+    weight: Tensor | None  # [out, in] fake-quantized weights, W's dtype
+    q: Tensor            # [out, in] uint8 codes in [0, 2**bits - 1] (0 where pruned)
     scale: Tensor        # [out, groups] float32
-    zero: Tensor         # [out, groups] uint8 (integral zero codes)
-    g_idx: Tensor        # [in] int32: the group of each input column (always contiguous groups)
+    zero: Tensor         # [out, groups] float32 (maxq / 2 when symmetric)
+    keep: Tensor         # [out, in] bool: False = pruned (exactly 0)
     bits: int
     group_size: int
     sym: bool
     act_order: bool
+
+    @property
+    def g_idx(self) -> Tensor:
+        cols = self.q.shape[1]
+        return torch.arange(cols) // _group_len(cols, self.group_size)
 
 
 class ColumnQuantizer:
@@ -148,6 +166,7 @@ class ColumnQuantizer:
         self.scale = torch.zeros(rows, ng, dtype=torch.float32, device=device)
         self.zero = torch.zeros(rows, ng, dtype=torch.float32, device=device)
         self.q = torch.zeros(rows, cols, dtype=torch.float32, device=device)   # processing order
+        self.keep = torch.ones(rows, cols, dtype=torch.bool, device=device)
         self.perm = perm
         self.static = perm is not None and group_size != -1
         self.group_of = (perm // self.gs) if self.static else None     # processing position -> group
@@ -155,9 +174,10 @@ class ColumnQuantizer:
 
     def static_groups(self, W: Tensor, keep: Tensor) -> None:
         """Parameters of every (original-order, contiguous) group from W [out, in] before any update."""
-        Wk = W.to(torch.float32) * keep
+        Wk = W.to(torch.float32)
         for g0 in range(0, self.cols, self.gs):
-            self.scale[:, g0 // self.gs], self.zero[:, g0 // self.gs] = grid_params(Wk[:, g0:g0 + self.gs], self.bits, self.sym)
+            self.scale[:, g0 // self.gs], self.zero[:, g0 // self.gs] = grid_params(
+                Wk[:, g0:g0 + self.gs], keep[:, g0:g0 + self.gs], self.bits, self.sym)
 
     def column(self, c: Tensor | int, w: Tensor, keep: Tensor, group: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Quantize processing column c (values w [rows], keep [rows]) and return its fake-quant values.
@@ -171,20 +191,21 @@ class ColumnQuantizer:
                 raise ValueError("column(): a group starts here; pass its current weights")
             Wg, Kg = group
             Wg, Kg = Wg[:, :self.gs], Kg[:, :self.gs]
-            self.scale[:, g], self.zero[:, g] = grid_params(Wg * Kg, self.bits, self.sym)
+            self.scale[:, g], self.zero[:, g] = grid_params(Wg, Kg, self.bits, self.sym)
         q = codes(w, self.scale[:, g], self.zero[:, g], self.maxq, keep)
         self.q[:, c] = q
+        self.keep[:, c] = keep
         self.pruned += int((~keep).sum())
-        return dequantize(q, self.scale[:, g], self.zero[:, g])
+        return dequantize(q, self.scale[:, g], self.zero[:, g], keep)
 
     def result(self, weight: Tensor, act_order: bool) -> QuantResult:
         """Codes back in the original column order; `weight` is already in original order."""
-        q = self.q
+        q, keep = self.q, self.keep
         if self.perm is not None:
-            q = torch.empty_like(self.q)
+            q, keep = torch.empty_like(self.q), torch.empty_like(self.keep)
             q[:, self.perm] = self.q
-        g_idx = (torch.arange(self.cols) // self.gs).to(torch.int32)
-        return QuantResult(weight, q.to(torch.uint8), self.scale, self.zero.to(torch.uint8), g_idx.cpu(),
+            keep[:, self.perm] = self.keep
+        return QuantResult(weight, q.to(torch.uint8).cpu(), self.scale.cpu(), self.zero.cpu(), keep.cpu(),
                            self.bits, self.group_size, self.sym, act_order)
 
 
@@ -217,11 +238,12 @@ def quantize_rtn(W: Tensor, bits: int, group_size: int = 128, sym: bool = False,
     out = torch.empty_like(Wf)
     for g0 in range(0, cols, qz.gs):
         g1 = min(g0 + qz.gs, cols)
-        qz.scale[:, g0 // qz.gs], qz.zero[:, g0 // qz.gs] = grid_params(Wf[:, g0:g1], bits, sym)
-        s, z = qz.scale[:, g0 // qz.gs, None], qz.zero[:, g0 // qz.gs, None]
-        q = codes(Wf[:, g0:g1], s, z, qz.maxq, keep[:, g0:g1])
-        qz.q[:, g0:g1] = q
-        out[:, g0:g1] = dequantize(q, s, z)
+        K = keep[:, g0:g1]
+        qz.scale[:, g0 // qz.gs], qz.zero[:, g0 // qz.gs] = grid_params(Wf[:, g0:g1], K, bits, sym)
+        s_, z = qz.scale[:, g0 // qz.gs, None], qz.zero[:, g0 // qz.gs, None]
+        q = codes(Wf[:, g0:g1], s_, z, qz.maxq, K)
+        qz.q[:, g0:g1], qz.keep[:, g0:g1] = q, K
+        out[:, g0:g1] = dequantize(q, s_, z, K)
     return qz.result(out.to(W.dtype), act_order=False)
 
 
@@ -310,60 +332,49 @@ def layer_output_error(W: Tensor, Wq: Tensor, X: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# packed checkpoint (compressed-tensors "pack-quantized")
+# packed checkpoint (sparsedeploy-packed/1)
 
 
-def _offset(bits: int) -> int:
-    return 1 << (bits - 1)
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Codes [rows, n] (integers in [0, 2**bits)) -> uint8 [rows, ceil(n·bits/8)], densely bit-packed per row:
+    code i occupies bits i·bits … i·bits+bits-1, least significant first (int4: two per byte, code 2k in
+    the low nibble; 3-bit: 8 codes in 3 bytes; 1-bit: the bitmask)."""
+    v = values.to(torch.int64).cpu().numpy().astype(np.uint8)
+    rows, n = v.shape
+    planes = ((v[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8).reshape(rows, n * bits)
+    return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little"))
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of `pack_bits`: uint8 [rows, bytes] -> int64 codes [rows, n]."""
+    p = packed.cpu().numpy()
+    planes = np.unpackbits(p, axis=1, count=n * bits, bitorder="little").reshape(p.shape[0], n, bits)
+    return torch.from_numpy((planes.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(-1))
 
 
 def pack_linear(res: QuantResult) -> dict[str, Tensor]:
-    """The packed tensors of one linear, named as compressed-tensors names them (without the module prefix)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-    off = _offset(res.bits)
+    """The packed tensors of one linear (names without the module prefix)."""
+    rows, cols = res.q.shape
     out = {
-        "weight_packed": pack_to_int32((res.q.to(torch.int16) - off).to(torch.int8).cpu(), res.bits),
-        "weight_scale": res.scale.to(torch.float32).cpu().contiguous(),
-        "weight_shape": torch.tensor(list(res.q.shape), dtype=torch.int64),
+        "weight_qcodes": pack_bits(res.q, res.bits),                      # uint8, bits per weight
+        "weight_mask": pack_bits(res.keep.to(torch.uint8), 1),            # uint8, 1 = kept, 0 = pruned
+        "weight_scales": res.scale.to(torch.float32).cpu().contiguous(),  # [out, groups]
+        "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
     }
     if not res.sym:
-        zp = (res.zero.to(torch.int16) - off).to(torch.int8).cpu()
-        out["weight_zero_point"] = pack_to_int32(zp, res.bits, packed_dim=0)
+        out["weight_zeros"] = res.zero.to(torch.float32).cpu().contiguous()   # [out, groups], float offsets
     return out
 
 
 def unpack_linear(t: dict[str, Tensor], bits: int, group_size: int, sym: bool) -> Tensor:
     """Fake-quant float32 weight from one linear's packed tensors (bit-exact with the quantizer's values)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-
-    off = _offset(bits)
     rows, cols = (int(v) for v in t["weight_shape"].tolist())
-    q = unpack_from_int32(t["weight_packed"], bits, torch.Size([rows, cols])).to(torch.int16) + off
-    scale = t["weight_scale"].to(torch.float32)
-    ng = scale.shape[1]
-    if sym:
-        zero = torch.full((rows, ng), off, dtype=torch.int16)
-    else:
-        zero = unpack_from_int32(t["weight_zero_point"], bits, torch.Size([rows, ng]), packed_dim=0).to(torch.int16) + off
+    q = unpack_bits(t["weight_qcodes"], bits, cols)
+    keep = unpack_bits(t["weight_mask"], 1, cols).to(torch.bool)
+    scale = t["weight_scales"].to(torch.float32)
+    zero = torch.full_like(scale, (2 ** bits - 1) / 2) if sym else t["weight_zeros"].to(torch.float32)
     g_idx = torch.arange(cols) // _group_len(cols, group_size)
-    return dequantize(q, scale[:, g_idx], zero[:, g_idx])
-
-
-def quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, sparsity: float | None) -> dict:
-    """compressed-tensors' quantization_config for config.json (format pack-quantized; sparsity kept in the grid)."""
-    weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False, "observer": "minmax",
-               "strategy": "channel" if group_size == -1 else "group",
-               "group_size": None if group_size == -1 else group_size,
-               "actorder": "weight" if act_order else None}
-    doc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-           "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                         "output_activations": None, "format": "pack-quantized"}},
-           "ignore": ["lm_head"]}
-    if sparsity:
-        doc["sparsity_config"] = {"format": "dense", "sparsity_structure": "unstructured",
-                                  "global_sparsity": sparsity, "targets": ["Linear"], "ignore": ["lm_head"]}
-    return doc
+    return dequantize(q, scale[:, g_idx], zero[:, g_idx], keep)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -372,7 +383,7 @@ def _dir_bytes(path: Path) -> int:
 
 def write_packed(model, tokenizer, results: dict[str, QuantResult], out: Path, info: dict) -> dict:
     """Write the packed checkpoint folder `out` atomically: model.safetensors (packed linears + every
-    other tensor unchanged), config.json (with quantization_config), tokenizer files and quantize.json.
+    other tensor unchanged), config.json (the architecture), tokenizer files and quantize.json.
     The folder is read back with `load_packed_state` and must equal the model's state bit-exactly before
     it is renamed into place. Returns the quantize.json document."""
     from safetensors.torch import save_file
@@ -408,13 +419,11 @@ def write_packed(model, tokenizer, results: dict[str, QuantResult], out: Path, i
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": "pt"})
-        cfg = model.config.to_dict()
-        cfg["quantization_config"] = quantization_config(bits, gs, sym, act, info.get("sparsity"))
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+        model.config.to_json_file(str(tmp / "config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         size = _dir_bytes(tmp)
-        doc = {"bits": bits, "group_size": gs, "sym": sym, "act_order": act, "format": "compressed-tensors pack-quantized",
+        doc = {"bits": bits, "group_size": gs, "sym": sym, "act_order": act, "format": FORMAT,
                "quantized_linears": sorted(results), "tied": tied, **info,
                "bytes": {"checkpoint": size, "dense_fp32": total_params * 4, "dense_fp16": total_params * 2,
                          "quantized_linears_packed": packed_bytes, "quantized_linears_fp32": linear_params * 4,
@@ -470,9 +479,7 @@ def load_packed(folder: Path):
     t = _transformers()
     folder = Path(folder)
     state = load_packed_state(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.pop("quantization_config", None)
-    config = t.AutoConfig.for_model(**cfg)
+    config = t.AutoConfig.from_pretrained(str(folder))
     model = t.AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad = [k for k in missing if k not in state] + list(unexpected)

@@ -362,7 +362,8 @@ class QuantConfig:
 
     def key(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "act_order": self.act_order, "sym": self.sym,
-                "percdamp": self.percdamp, "blocksize": self.blocksize, "true_sequential": self.true_sequential}
+                "percdamp": self.percdamp, "blocksize": self.blocksize, "true_sequential": self.true_sequential,
+                "format": qz.FORMAT}
 
 
 def quantize(run: RunDir, cfg: QuantConfig, *, force: bool = False) -> Path:
