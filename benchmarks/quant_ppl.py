@@ -225,8 +225,8 @@ def render_markdown(doc: dict) -> str:
         f"Pruning: Wanda (and SparseGPT where named), calibration {s['nsamples']} × {s['seqlen']} tokens of "
         f"`wikipedia-summaries`, seed 0 (the RUNs of `benchmarks/prune_ppl.py`). Quantization: GPTQ, asymmetric, "
         f"group {s['group_size']} (SmolLM2's 576-wide inputs end in a 64-column group), 1% damping, layer by "
-        f"layer on the outputs of the already-quantized layers, the same calibration windows; every pruned zero is "
-        f"kept and no new zero is made (checked per layer). 16 = not quantized (fp32 weights). Evaluation: first "
+        f"layer on the outputs of the already-quantized layers, the same calibration windows, on a grid without a zero "
+        f"level (float offset) plus a keep bitmask: every pruned zero is kept and no new zero is made (checked per layer). 16 = not quantized (fp32 weights). Evaluation: first "
         f"{s['eval_windows']} non-overlapping {s['eval_seqlen']}-token windows of WikiText-2 test.",
         f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores (shared).",
         "",
@@ -246,8 +246,8 @@ def render_markdown(doc: dict) -> str:
         name = {"sparsegpt-joint": "SparseGPT joint (quantized in its loop)", "sparsegpt": "SparseGPT, then GPTQ"}.get(r["method"], r["method"])
         lines.append(f"| {name} | {r['allocator']} | {r['sparsity']:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "## Checkpoint size on disk", "",
-              "Packed checkpoint = `RUN/quantized/model.safetensors` (compressed-tensors `pack-quantized`: codes bit-packed "
-              "into int32, fp32 group scales, packed zero points; pruned zeros are the zero-point code, no bitmask). "
+              "Packed checkpoint = `RUN/quantized/model.safetensors` (`sparsedeploy-packed/1`: codes bit-packed into "
+              "uint8, a 1-bit keep mask, fp32 group scales and offsets; see the README). "
               "Everything that is not a decoder linear (the tied 49152×576 embedding, norms) stays fp32 in it, so the "
               "second column isolates what quantization buys on the linears it touches.", "",
               "| Method | Allocator | Sparsity | Bits | Checkpoint (MB) | vs dense fp32 | vs dense fp16 | Decoder linears: packed / fp16 (MB) | GPTQ time (s) |",
