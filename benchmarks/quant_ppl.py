@@ -261,7 +261,9 @@ def render_markdown(doc: dict) -> str:
         lines.append(f"| {r['method']} | {r['allocator']} | {r['sparsity']:.0%} | {r['bits']} | {_mb(b['checkpoint'])} | "
                      f"{b['checkpoint'] / b['dense_fp32']:.1%} | {b['checkpoint'] / b['dense_fp16']:.1%} | "
                      f"{_mb(b['quantized_linears_packed'])} / {_mb(b['quantized_linears_fp16'])} | {r.get('quantize_s', 0):.0f} |")
-    lines += ["", "## Deployment and decode speed", "",
+    lines += ["", "GPTQ time is wall time on shared cores and includes any time the process was paused (SIGSTOP) while "
+              "other benchmarks timed decode; it is an upper bound, not a cost.",
+              "", "## Deployment and decode speed", "",
               "The ONNX export of a quantized RUN carries the **fake-quantized FP32 weights** (dequantized values, same zeros): "
               "DeepSparse has no INT4 kernels, so the exported model runs at exactly the FP32 sparse model's speed, with "
               "the quantized model's numerics (export verifies its greedy tokens against PyTorch on the fake-quant weights). "
