@@ -83,17 +83,52 @@ def prune(
     sequential: bool = typer.Option(False, help="prune a layer's linear groups one after another"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     allow_pickle: bool = typer.Option(False),
+    bits: Optional[int] = typer.Option(None, help="joint path (--method sparsegpt only): quantize to 2–8 bits inside "
+                                                  "SparseGPT's column loop; packed checkpoint in RUN/quantized/"),
+    group_size: int = typer.Option(128, help="with --bits: input columns per scale/zero point (-1: one per row)"),
+    act_order: bool = typer.Option(False, help="with --bits: not supported on the joint path (use `quantize`)"),
+    sym: bool = typer.Option(False, help="with --bits: symmetric grid (no zero points stored)"),
     force: bool = typer.Option(False),
 ):
     """Calibrate (if needed), allocate and prune; save the pruned model to RUN/model/."""
     st = _stages()
     cfg = st.PruneConfig(model, sparsity, allocator, method, pattern, alpha, dlp_stat, owl_m, owl_lambda,
                          st.CalibConfig(model, calib, nsamples, seqlen, seed, data_file, device, allow_pickle),
-                         sequential, device, allow_pickle)
+                         sequential, device, allow_pickle, bits, group_size, act_order, sym)
     runp = st.RunDir(out)
     path = st.prune(runp, cfg, force=force)
     _print_ratios(st.read_json(out / st.RATIOS))
     ui.out.print(f"pruned model: {path}")
+
+
+@app.command()
+def quantize(
+    run: Path = typer.Argument(..., help="RUN directory (pruned, or calibrated for a dense quantization)"),
+    bits: int = typer.Option(4, help="bits per weight, 2–8"),
+    group_size: int = typer.Option(128, help="input columns per scale/zero point; -1: one per output row; "
+                                             "a last group shorter than this is allowed (no padding)"),
+    act_order: bool = typer.Option(False, help="quantize columns by decreasing Hessian diagonal (stores g_idx)"),
+    sym: bool = typer.Option(False, help="symmetric grid (no zero points stored)"),
+    percdamp: float = typer.Option(0.01, help="damping, fraction of the mean Hessian diagonal"),
+    true_sequential: bool = typer.Option(False, help="quantize a layer's linear groups one after another, each on the "
+                                                     "outputs of the quantized ones before it (GPTQ's --true-sequential)"),
+    calib: str = typer.Option("wikipedia-summaries", help="only for RUNs without calibration windows"),
+    nsamples: int = typer.Option(128), seqlen: int = typer.Option(2048), seed: int = typer.Option(0),
+    data_file: Optional[str] = typer.Option(None),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    force: bool = typer.Option(False),
+):
+    """GPTQ that keeps every pruned zero → RUN/quantized/ (packed) and RUN/model/ (fake-quant float weights)."""
+    st = _stages()
+    cfg = st.QuantConfig(bits, group_size, act_order, sym, percdamp, true_sequential=true_sequential,
+                         calib=st.CalibConfig("", calib, nsamples, seqlen, seed, data_file, device), device=device)
+    path = st.quantize(st.RunDir(run), cfg, force=force)
+    doc = st.read_json(path / "quantize.json")
+    b = doc["bytes"]
+    ui.out.print(f"quantized {len(doc['quantized_linears'])} linears to {doc['bits']} bits (group {doc['group_size']}"
+                 f"{', act-order' if doc['act_order'] else ''}{', sym' if doc['sym'] else ''}), weight sparsity "
+                 f"{doc['sparsity']:.1%} kept; packed checkpoint {b['checkpoint'] / 1e6:.1f} MB = "
+                 f"{doc['ratio_vs_fp32']:.1%} of fp32, {doc['ratio_vs_fp16']:.1%} of fp16: {path}")
 
 
 @app.command("eval")

@@ -18,6 +18,7 @@ Two kinds of sparsity are supported:
 """
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from typing import Callable, Protocol
@@ -183,7 +184,7 @@ def _factor_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
 
-def _inverse_hessian_factor(H: Tensor, percdamp: float, retries: int = 4) -> Tensor:
+def _inverse_hessian_factor(H: Tensor, percdamp: float, retries: int = 4, who: str = "sparsegpt") -> Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹, i.e. (H + λI)⁻¹ = UᵀU, with λ = percdamp · mean(diag H).
 
     Row j of U carries what the OBS update needs once columns < j are fixed:
@@ -203,12 +204,13 @@ def _inverse_hessian_factor(H: Tensor, percdamp: float, retries: int = 4) -> Ten
                 return U.to(torch.float32)
         damp = damp * 10 if damp > 0 else 0.01 * mean_diag
     raise UserError(
-        f"sparsegpt: the calibration Hessian is not positive definite even with damping {damp / 10:.3g} "
+        f"{who}: the calibration Hessian is not positive definite even with damping {damp / 10:.3g} "
         f"({retries} retries, x10 each)",
         "use more (or more varied) calibration samples, or pass a larger percdamp")
 
 
-def _sparsegpt_block(Wb: Tensor, Ub: Tensor, sparsity: float, nm: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+def _sparsegpt_block(Wb: Tensor, Ub: Tensor, sparsity: float, nm: tuple[int, int] | None,
+                     quant=None, b0: int = 0, rest: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Prunes one block of columns in place in Wb, compensating within the block.
 
     Wb: [rows, b] current weights of the block; Ub: [b, b] the block's diagonal part of U.
@@ -216,6 +218,10 @@ def _sparsegpt_block(Wb: Tensor, Ub: Tensor, sparsity: float, nm: tuple[int, int
     For each column j in order, with q the column after pruning and e = (w - q) / U_jj, the
     remaining columns get W_:,j+1: -= e · U_j,j+1: (the optimal OBS correction).
     Returns the errors E [rows, b], one column e per column j, for the lazy update of later blocks.
+    quant (joint path, like the SparseGPT reference's wbits): a `quantize.ColumnQuantizer`; each column
+    is masked, then its kept weights are quantized (pruned ones become exactly 0, kept ones never do),
+    and e carries the pruning plus quantization error. b0: the block's first column; rest: the current
+    weights after the block (only read when a quantization group reaches past the block).
     """
     rows, b = Wb.shape
     d = torch.diagonal(Ub)
@@ -231,7 +237,18 @@ def _sparsegpt_block(Wb: Tensor, Ub: Tensor, sparsity: float, nm: tuple[int, int
             group = Wb[:, j:j + m]
             prune[:, j:j + m] = _lowest_k_mask(group.square() / d[j:j + m].square()[None, :], m - n)
         w = Wb[:, j]
-        q = w.masked_fill(prune[:, j], 0)
+        if quant is None:
+            q = w.masked_fill(prune[:, j], 0)
+        else:
+            c = b0 + j
+            group = None
+            if c % quant.gs == 0:
+                keep = ~prune[:, j:]
+                group = (Wb[:, j:], keep)
+                if rest is not None and rest.shape[1] and quant.gs > b - j:
+                    group = (torch.cat([Wb[:, j:], rest], 1),
+                             torch.cat([keep, torch.ones_like(rest, dtype=torch.bool)], 1))
+            q = quant.column(c, w, ~prune[:, j], group)
         e = (w - q) / d[j]
         Wb[:, j + 1:].addr_(e, Ub[j, j + 1:], alpha=-1)
         Wb[:, j] = q
@@ -241,7 +258,7 @@ def _sparsegpt_block(Wb: Tensor, Ub: Tensor, sparsity: float, nm: tuple[int, int
 
 @torch.no_grad()
 def prune_sparsegpt(W: Tensor, stats: Stats, sparsity: float, nm: tuple[int, int] | None = None,
-                    blocksize: int = 128, percdamp: float = 0.01) -> Tensor:
+                    blocksize: int = 128, percdamp: float = 0.01, quant=None) -> Tensor:
     """SparseGPT (Frantar & Alistarh 2023): prune with OBS error compensation from H = 2/n Σ x xᵀ.
 
     1. Dead inputs (H_jj == 0) get H_jj = 1 and their weight column set to 0.
@@ -255,6 +272,9 @@ def prune_sparsegpt(W: Tensor, stats: Stats, sparsity: float, nm: tuple[int, int
     For N:M, blocksize is rounded down to a multiple of M (at least M) so groups never straddle blocks.
     The total count is the sum of the per-block counts, i.e. int(rows · blocksize · sparsity) per
     full block.
+    quant: joint pruning + quantization (see `_sparsegpt_block`); blocksize is then also rounded to a
+    multiple of the quantization group size, so groups never straddle blocks. Returns fake-quant
+    weights; the codes, scales and zero points stay in `quant`. With quant, sparsity 0 still quantizes.
     """
     nm = _validate(W, sparsity, nm)
     if not isinstance(blocksize, int) or blocksize <= 0:
@@ -269,10 +289,12 @@ def prune_sparsegpt(W: Tensor, stats: Stats, sparsity: float, nm: tuple[int, int
     if not bool(torch.isfinite(H).all()):
         raise UserError("sparsegpt: the calibration Hessian has NaN or infinite entries",
                         "check the calibration data and the model's activations for overflow")
-    if nm is None and sparsity == 0:
+    if nm is None and sparsity == 0 and quant is None:
         return W.clone()
-    if nm is not None:
-        blocksize = max(nm[1], blocksize // nm[1] * nm[1])
+    unit = nm[1] if nm is not None else 1
+    if quant is not None and quant.gs < cols:
+        unit = math.lcm(unit, quant.gs)
+    blocksize = max(unit, blocksize // unit * unit)
 
     Wf = W.to(torch.float32).clone()
     H = H.clone()
@@ -283,7 +305,7 @@ def prune_sparsegpt(W: Tensor, stats: Stats, sparsity: float, nm: tuple[int, int
 
     for b0 in range(0, cols, blocksize):
         b1 = min(b0 + blocksize, cols)
-        Wb, E = _sparsegpt_block(Wf[:, b0:b1].clone(), U[b0:b1, b0:b1], sparsity, nm)
+        Wb, E = _sparsegpt_block(Wf[:, b0:b1].clone(), U[b0:b1, b0:b1], sparsity, nm, quant, b0, Wf[:, b1:])
         Wf[:, b0:b1] = Wb
         if b1 < cols:
             Wf[:, b1:].addmm_(E, U[b0:b1, b1:], alpha=-1)

@@ -4,7 +4,9 @@ inputs is skipped unless forced.
 """
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +21,8 @@ from .arch import decoder_layers, get_module, layer_linears, spec_for
 from .data import calibration_windows, default_eval_source, eval_windows, load_text
 from .evaluate import perplexity
 from .models import ModelRef, load, resolve, save_model
-from .prune import NEEDS, PRUNERS, parse_pattern, sparsity_of
+from . import quantize as qz
+from .prune import NEEDS, PRUNERS, parse_pattern, prune_sparsegpt, sparsity_of
 from .rundir import RunDir, read_json, write_json
 from .walker import walk
 
@@ -28,6 +31,8 @@ CALIB_STATS = "calib_stats.safetensors"
 RATIOS = "ratios.json"
 RATIOS_PNG = "ratios.png"
 EVAL = "eval.json"
+QUANTIZED = "quantized"      # the packed checkpoint (RUN/quantized/)
+PREQUANT = "pruned"          # the unquantized pruned model, kept once RUN/model holds the fake-quant one
 ALLOCATORS = ("uniform", "owl", "dlp")
 METHODS = tuple(PRUNERS)
 
@@ -227,12 +232,19 @@ class PruneConfig:
     sequential: bool = False
     device: str = "auto"
     allow_pickle: bool = False
+    bits: int | None = None          # joint SparseGPT + GPTQ-style quantization inside the column loop
+    group_size: int = 128
+    act_order: bool = False
+    sym: bool = False
 
     def alloc_config(self) -> AllocConfig:
         return AllocConfig(self.sparsity, self.allocator, self.alpha, self.stat, self.owl_m, self.owl_lambda)
 
     def key(self) -> dict:
-        return {"method": self.method, "pattern": self.pattern, "sequential": self.sequential}
+        key = {"method": self.method, "pattern": self.pattern, "sequential": self.sequential}
+        if self.bits is not None:   # only then, so RUNs pruned before joint quantization existed stay up to date
+            key.update(bits=self.bits, group_size=self.group_size, sym=self.sym)
+        return key
 
 
 def validate_prune(cfg: PruneConfig) -> tuple[int, int] | None:
@@ -241,6 +253,12 @@ def validate_prune(cfg: PruneConfig) -> tuple[int, int] | None:
     check(cfg.allocator in ALLOCATORS, f"unknown allocator '{cfg.allocator}'", f"use one of {', '.join(ALLOCATORS)}")
     check(cfg.stat in ("median", "mean"), f"unknown --dlp-stat '{cfg.stat}'", "use median or mean")
     check_spread(cfg.alloc_config())
+    if cfg.bits is not None:
+        qz.check_quant_args(cfg.bits, cfg.group_size)
+        check(cfg.method == "sparsegpt", f"--bits with --method {cfg.method}: only SparseGPT quantizes inside its pruning loop",
+              f"use --method sparsegpt, or prune with {cfg.method} and then run `sparsedeploy quantize RUN --bits {cfg.bits}` (GPTQ)")
+        check(not cfg.act_order, "--act-order is not supported on the joint SparseGPT path (its mask and groups follow column order)",
+              "drop --act-order, or prune first and run `sparsedeploy quantize RUN --act-order`")
     nm = parse_pattern(cfg.pattern)
     if nm is not None:
         n, m = nm
@@ -278,23 +296,155 @@ def prune(run: RunDir, cfg: PruneConfig, *, force: bool = False) -> Path:
     if NEEDS[cfg.method]:
         ids = _load_tensors(run.path / CALIB_TOKENS)["input_ids"].to(torch.long)
     pruner = PRUNERS[cfg.method]
+    quantized: dict = {}
 
     def prune_layer(i, layer, stats):
         names = list(stats) or list(spec.linears)
         for name in names:
             lin = get_module(layer, name)
-            lin.weight.data = pruner(lin.weight.data, stats.get(name), ratios[i], nm)
+            if cfg.bits is None:
+                lin.weight.data = pruner(lin.weight.data, stats.get(name), ratios[i], nm)
+                continue
+            rows, cols = lin.weight.shape
+            cq = qz.ColumnQuantizer(rows, cols, cfg.bits, cfg.group_size, cfg.sym, lin.weight.device)
+            W = prune_sparsegpt(lin.weight.data, stats.get(name), ratios[i], nm, quant=cq)
+            zeros = int((W == 0).sum())
+            if zeros != cq.pruned:   # kept weights never quantize to 0: the zeros are exactly the pruned ones
+                raise RuntimeError(f"joint prune+quantize of layer {i} {name}: {zeros} zeros but {cq.pruned} pruned weights")
+            lin.weight.data = W
+            quantized[f"{spec.layers}.{i}.{name}"] = cq.result(W.cpu(), act_order=False)
         return True
 
     with ui.progress(f"prune {cfg.method} → {cfg.allocator} {cfg.sparsity:.0%}", len(ratios)) as bar:
         walk(model, ids, prune_layer, needs=NEEDS[cfg.method], device=device, chunk=8,
              sequential=cfg.sequential, progress=bar)
     seconds = time.perf_counter() - t0
+    drop_quantized(run)
+    extra = {}
+    if cfg.bits is not None:
+        counts = layer_zero_counts(model)
+        doc = qz.write_packed(model, tok, quantized, run.path / QUANTIZED,
+                              {"source": "prune --bits (joint SparseGPT)", "method": "sparsegpt-joint",
+                               "sparsity": sum(z for z, _ in counts.values()) / sum(n for _, n in counts.values())})
+        extra["quantized"] = _quant_summary(doc)
     save_model(model, tok, run.path / "model")
     plan = record_realized(run, model, plan)
     run.mark_done("prune", cfg.key(), inputs, seconds, peak_rss_mb=peak_rss_mb(), device=str(device),
-                  realized_sparsity=plan["realized_sparsity"])
+                  realized_sparsity=plan["realized_sparsity"], **extra)
     return run.path / "model"
+
+
+def drop_quantized(run: RunDir) -> None:
+    """A new pruned model makes any earlier quantization of the RUN stale: remove it."""
+    for name in (QUANTIZED, PREQUANT):
+        if (run.path / name).exists():
+            shutil.rmtree(run.path / name)
+    run.invalidate("quantize")
+
+
+def _quant_summary(doc: dict) -> dict:
+    return {k: doc[k] for k in ("bits", "group_size", "sym", "act_order", "format", "ratio_vs_fp32", "ratio_vs_fp16")} | {
+        "checkpoint_bytes": doc["bytes"]["checkpoint"]}
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+@dataclass
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = False
+    sym: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+    true_sequential: bool = False    # GPTQ's --true-sequential: a layer's linear groups one after another (5 passes, not 2)
+    calib: CalibConfig = field(default_factory=CalibConfig)   # only for RUNs that hold no calibration windows
+    device: str = "auto"
+
+    def key(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "act_order": self.act_order, "sym": self.sym,
+                "percdamp": self.percdamp, "blocksize": self.blocksize, "true_sequential": self.true_sequential,
+                "format": qz.FORMAT}
+
+
+def quantize(run: RunDir, cfg: QuantConfig, *, force: bool = False) -> Path:
+    """GPTQ every prunable linear through the walker, layer i calibrated on the outputs of the already
+    quantized layers < i. Keeps every pruned zero (checked per layer). Writes RUN/quantized/ (packed
+    checkpoint + quantize.json) and replaces RUN/model with the fake-quantized float model; the
+    unquantized pruned model moves to RUN/pruned/ so a second quantize (other bits) starts from it."""
+    qz.check_quant_args(cfg.bits, cfg.group_size)
+    check(cfg.percdamp >= 0, f"percdamp {cfg.percdamp} is negative", "use e.g. 0.01")
+    model_spec = _run_model(run)
+    man = run.manifest()
+    prune_rec = man["stages"].get("prune") or {}
+    if prune_rec.get("args", {}).get("bits") is not None:
+        raise UserError(f"{run.path} was pruned and quantized jointly (prune --bits {prune_rec['args']['bits']})",
+                        "rerun `sparsedeploy prune ... --bits N --force` to change the quantization")
+    wants_sparsity = (run.path / RATIOS).is_file() or "allocate" in man["stages"]
+    pruned = prune_rec.get("done") and ((run.path / PREQUANT / "config.json").is_file() or (run.path / "model" / "config.json").is_file())
+    if wants_sparsity and not pruned:
+        target = ""
+        if (run.path / RATIOS).is_file():
+            target = f" (target sparsity {read_json(run.path / RATIOS).get('target_sparsity')})"
+        raise UserError(f"{run.path} asks for sparsity{target} but holds no pruned model",
+                        f"run `sparsedeploy prune MODEL --out {run.path} ...` first, then quantize")
+    if (run.path / PREQUANT / "config.json").is_file():
+        src = ModelRef(str(run.path / PREQUANT), str(run.path / PREQUANT), True)
+    elif pruned:
+        src = ModelRef(str(run.path / "model"), str(run.path / "model"), True)
+    else:   # a calibrated dense RUN: quantize the dense model
+        src = resolve(model_spec)
+    inputs = {"prune": prune_rec.get("finished") if pruned else None, "source": src.fingerprint()}
+    if not force and run.is_done("quantize", cfg.key(), inputs, (f"{QUANTIZED}/{qz.QUANT_JSON}", "model/config.json")):
+        ui.info(f"quantize: up to date in {run.path / QUANTIZED}")
+        return run.path / QUANTIZED
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    model, tok = load(src)
+    spec = spec_for(model)
+    if (run.path / CALIB_TOKENS).is_file():
+        ids = _load_tensors(run.path / CALIB_TOKENS)["input_ids"].to(torch.long)
+        calib_from = "RUN calibration windows"
+    else:
+        c = cfg.calib
+        ids = calibration_windows(tok, load_text(c.calib, c.data_file), c.nsamples, c.seqlen, c.seed)
+        calib_from = f"{c.calib} {c.nsamples}×{c.seqlen} seed {c.seed}"
+    before = layer_zero_counts(model)
+    results: dict = {}
+
+    def quantize_layer(i, layer, stats):
+        for name, st in stats.items():
+            lin = get_module(layer, name)
+            res = qz.gptq(lin.weight.data, st.hessian, cfg.bits, cfg.group_size, cfg.act_order, cfg.sym,
+                          cfg.percdamp, cfg.blocksize)
+            lin.weight.data = res.weight
+            res.weight = None   # the packer needs only codes, scales and zero points
+            results[f"{spec.layers}.{i}.{name}"] = res
+        return True
+
+    n_layers = len(decoder_layers(model, spec))
+    with ui.progress(f"quantize GPTQ {cfg.bits}-bit g{cfg.group_size}", n_layers) as bar:
+        walk(model, ids, quantize_layer, needs=("hessian",), device=device, chunk=8,
+             sequential=cfg.true_sequential, progress=bar)
+    model.to("cpu")
+    seconds = time.perf_counter() - t0
+    after = layer_zero_counts(model)
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if changed:
+        k, (b, a) = next(iter(changed.items()))
+        raise RuntimeError(f"quantization changed the zero count of {len(changed)} layer(s), e.g. {k}: {b[0]} -> {a[0]} "
+                           "(a bug: nothing was written)")
+    zeros = sum(z for z, _ in after.values())
+    size = sum(n for _, n in after.values())
+    doc = qz.write_packed(model, tok, results, run.path / QUANTIZED,
+                          {"source": str(src.path), "method": "gptq", "calibration": calib_from,
+                           "percdamp": cfg.percdamp, "true_sequential": cfg.true_sequential,
+                           "sparsity": zeros / size, "zeros_per_layer": {k: z for k, (z, _) in after.items()}})
+    if pruned and not (run.path / PREQUANT).exists():
+        os.replace(run.path / "model", run.path / PREQUANT)
+    save_model(model, tok, run.path / "model")
+    run.mark_done("quantize", cfg.key(), inputs, seconds, peak_rss_mb=peak_rss_mb(), device=str(device),
+                  **_quant_summary(doc))
+    return run.path / QUANTIZED
 
 
 def _set_model(run: RunDir, model: str) -> None:
