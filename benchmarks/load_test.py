@@ -276,7 +276,7 @@ def main() -> None:
             code = server.wait()
     summary = summarize(results, elapsed)
     doc = {"label": a.label, "note": a.note, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-           "config": {"deployment": str(dep.relative_to(ROOT)) if dep.resolve().is_relative_to(ROOT) else str(dep),
+           "config": {"deployment": str(dep.resolve().relative_to(ROOT)) if dep.resolve().is_relative_to(ROOT) else str(dep),
                       "engine": a.engine, "cores": a.cores, "clients": a.clients, "duration_s": a.duration,
                       "max_tokens": a.max_tokens, "temperature": a.temperature, "queue_size": a.queue_size,
                       "timeout_s": a.timeout_s, "prefill_chunk": a.prefill_chunk},
