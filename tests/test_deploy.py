@@ -207,3 +207,14 @@ def test_synthetic_sweep_is_labelled_and_pruned_as_planned(tmp_path, monkeypatch
     meta = json.loads((out / "p90" / "deployment" / "sparsedeploy.json").read_text())
     assert meta["verified"]["plan_from"] == "uniform 0.9"
     assert all(abs(v - 0.9) < 1 / 64 for v in meta["verified"]["layer_sparsity"].values())
+
+
+def test_a_pruned_model_folder_exports_with_its_own_zeros(deployed, tmp_path):
+    """A pruned model saved outside a RUN (no ratios.json) exports; the ONNX must hold exactly its zeros."""
+    from sparsedeploy.export.stage import export
+
+    dep = export(str(deployed["run"] / "model"), seqlen=64, out=tmp_path / "dep")
+    meta = json.loads((dep / "sparsedeploy.json").read_text())
+    run_meta = json.loads((deployed["pruned"] / "sparsedeploy.json").read_text())
+    assert meta["verified"]["plan_from"].startswith("the model's own zeros")
+    assert meta["weights"] == run_meta["weights"] and meta["sparsity"] == pytest.approx(run_meta["sparsity"])

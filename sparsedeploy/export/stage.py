@@ -36,7 +36,8 @@ def default_out(source: str) -> Path:
 
 
 def sparsity_plan(source: str, model) -> tuple[dict[str, float], str]:
-    """Per decoder layer prefix: the planned sparsity. A RUN with ratios.json gives R_l; anything else is dense."""
+    """Per decoder layer prefix: the planned sparsity. A RUN with ratios.json gives R_l; a model folder gives its
+    own per-layer zero fraction (the ONNX export must then hold exactly those zeros)."""
     from ..pipeline.arch import spec_for
     from ..pipeline.stages import layer_zero_counts
 
@@ -49,7 +50,8 @@ def sparsity_plan(source: str, model) -> tuple[dict[str, float], str]:
         check(len(layers) == len(counts), f"{ratios} plans {len(layers)} layers but the model has {len(counts)}",
               "rerun `sparsedeploy prune ... --force`")
         return {f"{spec.layers}.{e['index']}": float(e["sparsity"]) for e in layers}, "ratios.json"
-    return {k: 0.0 for k in counts}, "dense model"
+    # a model folder (dense, or pruned and saved elsewhere) has no plan: its own zeros are what the export must keep
+    return {k: (z / n if n else 0.0) for k, (z, n) in counts.items()}, "the model's own zeros (no RUN plan)"
 
 
 def _verify_prompt_ids(tokenizer) -> list[int]:
