@@ -143,3 +143,14 @@ def test_machine_info_keys():
     assert {"cpu", "cores", "isa", "machine", "python", "versions"} <= set(info)
     assert info["cpu"] and isinstance(info["isa"], list) and info["isa"] == sorted(info["isa"])
     assert "numpy" in info["versions"]
+
+
+def test_side_by_side_keeps_models_that_share_a_label():
+    from sparsedeploy.bench import report
+
+    rows = lambda ms: [{"label": "Dense", "sparsity": 0.0, "latency_ms": ms[0], "deployment": "/r/dense/deployment"},  # noqa: E731
+                       {"label": "50%", "sparsity": 0.5, "latency_ms": ms[1], "deployment": "/r/a/deployment"},
+                       {"label": "50%", "sparsity": 0.5, "latency_ms": ms[2], "deployment": "/r/b/deployment"}]
+    header, body = report._side_by_side_cells({"native": rows([10.0, 8.0, 5.0]), "deepsparse": rows([12.0, 16.0, 10.0])})
+    assert len(body) == 3 and body[1][0] != body[2][0]
+    assert body[1][-1] == "2.00x" and body[2][-1] == "2.00x"       # 16/8 and 10/5, not one row twice

@@ -293,12 +293,22 @@ def _side_by_side_cells(engines: dict[str, list[dict]]) -> tuple[list[str], list
     if len(engines) < 2:
         return None
     names = sorted(engines, key=lambda e: e != "native")          # the native engine first, when present
-    by = {e: {r.get("label"): r for r in derived(rows, None)} for e, rows in engines.items()}
-    labels = [r.get("label") for r in engines[names[0]]]
+    def key(r):                     # two models may share a label (e.g. 50% in fp32 and 4-bit): key by folder
+        return r.get("deployment") or r.get("label")
+
+    by = {e: {key(r): r for r in derived(rows, None)} for e, rows in engines.items()}
+    first_rows = engines[names[0]]
+    counts: dict = {}
+    for r in first_rows:
+        counts[r.get("label")] = counts.get(r.get("label"), 0) + 1
+    labels = [key(r) for r in first_rows]
+    shown = {key(r): (str(r.get("label")) if counts[r.get("label")] == 1 or not r.get("deployment")
+                      else f"{r.get('label')} ({Path(r['deployment']).parent.name}/{Path(r['deployment']).name})")
+             for r in first_rows}
     header = ["Sparsity"] + [f"{e} ms (speedup)" for e in names] + [f"{names[0]} speedup over {e}" for e in names[1:]]
     body = []
     for lab in labels:
-        cells = [str(lab)]
+        cells = [shown[lab]]
         for e in names:
             r = by[e].get(lab)
             cells.append(DASH if r is None else f"{_fmt_lat(r.get('latency_ms'))} ({_fmt(r.get('speedup'), '.2f', 'x')})")
