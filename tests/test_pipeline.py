@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .cli_helpers import run_cli
 import torch
 from safetensors.torch import load_file
 
@@ -155,13 +157,7 @@ def test_windows(tiny_tokenizer, corpus_file):
 
 
 # ------------------------------------------------------------------------------------------ CLI contract
-def _cli(argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["sparsedeploy", *argv])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+_cli = run_cli
 
 
 def test_cli_allocate_and_eval(tiny_llama_dir, corpus_file, tmp_path, monkeypatch, capsys):

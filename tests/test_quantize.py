@@ -13,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from .cli_helpers import run_cli
 import torch
 
 from sparsedeploy import cli
@@ -321,13 +323,7 @@ def test_joint_prune_bits_stage(tiny_llama_dir, corpus_file, tmp_path):
 
 
 # -------------------------------------------------------------------------------------- CLI contract
-def _cli(argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["sparsedeploy", *argv])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return exc.value.code, cap.out, cap.err
+_cli = run_cli
 
 
 @pytest.fixture(scope="module")
