@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 
 
 def main() -> None:
-    from sparsedeploy.native import kernels as K
-    from sparsedeploy.native.pack import compress
+    from sparsedeploy.engine.native import kernels as K
+    from sparsedeploy.engine.native.pack import compress
 
     rng = np.random.default_rng(0)
     e = np.zeros(0, np.float32)

@@ -117,14 +117,14 @@ def main():
         return engine_worker(args)
 
     from sparsedeploy.bench.report import machine_info, measure_bandwidth
-    from sparsedeploy.bench.runtime import deepsparse_unavailable
-    from sparsedeploy.native import kernels as K
-    from sparsedeploy.native.pack import compress
+    from sparsedeploy.engine import unavailable
+    from sparsedeploy.engine.native import kernels as K
+    from sparsedeploy.engine.native.pack import compress
 
     threads = K.set_threads(args.threads)
     bw = measure_bandwidth(threads=threads, mbytes=256)
     gbs = bw["gbs"]
-    engines = [e for e in args.engines.split(",") if e and (e != "deepsparse" or deepsparse_unavailable() is None)]
+    engines = [e for e in args.engines.split(",") if e and (e != "deepsparse" or unavailable("deepsparse") is None)]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     empty = np.zeros(0, np.float32)
     rows = []

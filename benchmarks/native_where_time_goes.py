@@ -30,17 +30,17 @@ KINDS = {"csr_gemv": "sparse products", "ell_gemv": "sparse products", "csr_gemm
 
 
 def profile(dep: Path, threads: int, prompt_len: int, steps: int) -> dict:
-    from sparsedeploy.bench.decode import KVSlots, greedy_decode
+    from sparsedeploy.engine.decode import KVSlots, greedy_decode
     from sparsedeploy.bench.bench import prompt_ids
     from sparsedeploy.export.onnx_kv import read_deployment
-    from sparsedeploy.native import kernels as K
-    from sparsedeploy.native.model import NativeRuntime
+    from sparsedeploy.engine.native import kernels as K
+    from sparsedeploy.engine.native.runtime import NativeRuntime
 
     meta = read_deployment(dep)
-    from sparsedeploy.native.pack import read_index
+    from sparsedeploy.engine.native.pack import read_index
     if read_index(dep / "native") is None:
         import subprocess
-        subprocess.run([sys.executable, "-c", "import sys; from sparsedeploy.native.stage import ensure_native; "
+        subprocess.run([sys.executable, "-c", "import sys; from sparsedeploy.export.native import ensure_native; "
                         "from sparsedeploy.export.onnx_kv import read_deployment; ensure_native(read_deployment(sys.argv[1]))",
                         str(dep)], check=True, cwd=str(ROOT))     # in a child: building may import torch
     rt = NativeRuntime(meta["onnx"], cores=threads, cache_len=int(meta["seqlen"]))

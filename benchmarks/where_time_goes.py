@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from sparsedeploy.bench.runtime import static_copy  # noqa: E402
+from sparsedeploy.engine.graphio import static_copy  # noqa: E402
 
 INT_INPUTS = ("input_ids", "attention_mask", "positions", "causal_mask")
 

@@ -18,4 +18,4 @@ esac
 "$venv/bin/python" -m pip install --no-cache-dir --disable-pip-version-check ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
   -c "$src/constraints.txt" "$src$extras"
 "$venv/bin/python" -m pip check
-NM_DISABLE_ANALYTICS=1 "$venv/bin/python" -c "import sparsedeploy.serve.app, sparsedeploy.bench.runtime"
+NM_DISABLE_ANALYTICS=1 "$venv/bin/python" -c "import sparsedeploy.serve.app, sparsedeploy.engine.worker"

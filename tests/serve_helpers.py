@@ -7,7 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from sparsedeploy.bench.decode import GenerateResult
+from sparsedeploy.engine.decode import GenerateResult
 
 
 class FakeProc:

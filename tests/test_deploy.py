@@ -15,9 +15,9 @@ import pytest
 from .cli_helpers import run_cli
 
 from sparsedeploy import cli
-from sparsedeploy.bench.runtime import deepsparse_unavailable
+from sparsedeploy.engine import unavailable
 
-DS = deepsparse_unavailable() is None
+DS = unavailable("deepsparse") is None
 ENGINE = "deepsparse" if DS else "onnxruntime"
 
 

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 import sparsedeploy  # noqa: F401  (NM_DISABLE_ANALYTICS before deepsparse / sparseml)
-from sparsedeploy.bench import runtime as rtmod
-from sparsedeploy.bench.decode import KVSlots, greedy_decode
-from sparsedeploy.bench.runtime import OrtRuntime, WorkerRuntime, make_runtime, model_io
+from sparsedeploy.engine import base as rtmod
+from sparsedeploy.engine.decode import KVSlots, greedy_decode
+from sparsedeploy.engine import make_runtime, model_io
+from sparsedeploy.engine.onnxruntime import OrtRuntime
+from sparsedeploy.engine.worker import WorkerRuntime
 from sparsedeploy.errors import UserError
 from sparsedeploy.export.onnx_kv import KVCacheLM, export_onnx, read_deployment, write_deployment
 from sparsedeploy.export.verify import (
@@ -35,7 +37,7 @@ from sparsedeploy.pipeline.prune import prune_magnitude
 
 from .conftest import _build
 
-DS_REASON = rtmod.deepsparse_unavailable()
+DS_REASON = rtmod.unavailable("deepsparse")
 needs_deepsparse = pytest.mark.skipif(DS_REASON is not None, reason=f"DeepSparse unavailable: {DS_REASON}")
 SEQLEN = 48
 N_NEW = 16
@@ -400,7 +402,9 @@ def test_kvslots_rejects_a_cache_without_slots():
 # ------------------------------------------------------------------------------------------ runtimes
 def test_make_runtime_falls_back_to_ort_with_one_line_notice(deployed, monkeypatch):
     _, _, out, _ = deployed
-    monkeypatch.setattr(rtmod, "deepsparse_unavailable", lambda: "DeepSparse needs an x86-64 CPU (this is arm64)")
+    from sparsedeploy.engine.deepsparse import DeepSparseRuntime
+
+    monkeypatch.setattr(DeepSparseRuntime, "unavailable", classmethod(lambda cls: "DeepSparse needs an x86-64 CPU (this is arm64)"))
     notes: list[str] = []
     rt = make_runtime("deepsparse", out / "model.onnx", cores=1, seq_len=1, cache_len=SEQLEN, notice=notes.append)
     assert isinstance(rt, OrtRuntime) and rt.fallback_reason.startswith("DeepSparse needs")

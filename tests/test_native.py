@@ -16,8 +16,8 @@ import pytest
 
 from .cli_helpers import run_cli as _cli
 
-from sparsedeploy.native import kernels as K
-from sparsedeploy.native.pack import compress
+from sparsedeploy.engine.native import kernels as K
+from sparsedeploy.engine.native.pack import compress
 
 EMPTY = np.zeros(0, np.float32)
 
@@ -152,10 +152,10 @@ def test_native_prefill_in_chunks_and_stored_weights_equal_torch(deployments, wh
     the torch weights it came from, stacked."""
     from safetensors.numpy import load_file
 
-    from sparsedeploy.bench.decode import greedy_decode
+    from sparsedeploy.engine.decode import greedy_decode
     from sparsedeploy.export.onnx_kv import read_deployment
-    from sparsedeploy.native.model import NativeRuntime
-    from sparsedeploy.native.stage import ensure_native
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.export.native import ensure_native
 
     dep = deployments[which]
     meta = read_deployment(dep)
@@ -169,15 +169,29 @@ def test_native_prefill_in_chunks_and_stored_weights_equal_torch(deployments, wh
                         else next(src_dir.glob("*.safetensors"))))
     arch = rt.model.arch
     for i, layer in enumerate(rt.model.layers):
-        for g, names in arch.groups().items():
+        for g, names in arch.stacks().items():
             ref = np.concatenate([src[f"{arch.layers}.{i}.{n}.weight"] for n in names], 0)
             np.testing.assert_array_equal(layer[g].dense(), ref)
+
+
+def test_a_native_worker_process_starts_and_decodes_without_torch(deployments):
+    """The worker refuses torch outright (an import hook): a native engine that needed it would fail here."""
+    from sparsedeploy.engine.deployment import read_deployment
+    from sparsedeploy.engine.worker import WorkerRuntime
+    from sparsedeploy.export.native import ensure_native
+
+    meta = read_deployment(deployments["wanda"])
+    ensure_native(meta)
+    with WorkerRuntime("native", meta["onnx"], cores=1, seq_len=1, cache_len=int(meta["seqlen"])) as w:
+        v = meta["verified"]
+        assert w.decode(v["prompt_ids"], len(v["tokens"])).tokens == v["tokens"]
+        assert w.torch_loaded is False and w.engine_info["threads"] >= 1
 
 
 def test_native_refuses_stale_or_mismatched_weights(deployments, tmp_path):
     from sparsedeploy.errors import UserError
     from sparsedeploy.export.onnx_kv import read_deployment
-    from sparsedeploy.native.stage import check_zeros, ensure_native
+    from sparsedeploy.export.native import check_zeros, ensure_native
 
     meta = read_deployment(deployments["wanda"])
     index = ensure_native(meta)
@@ -264,10 +278,10 @@ def test_synthetic_sweep_with_native_and_ort_in_one_run(tmp_path, monkeypatch, c
 def test_long_prompt_prefill_in_one_call_keeps_every_prompt_token(deployments, engine):
     """A prompt longer than half the cache: prefilling it in chunks must give the same tokens as feeding it
     token by token (a chunk larger than the prefill cache's free slots used to drop the oldest prompt tokens)."""
-    from sparsedeploy.bench.decode import greedy_decode
-    from sparsedeploy.bench.runtime import make_runtime
+    from sparsedeploy.engine.decode import greedy_decode
+    from sparsedeploy.engine import make_runtime
     from sparsedeploy.export.onnx_kv import read_deployment
-    from sparsedeploy.native.stage import ensure_native
+    from sparsedeploy.export.native import ensure_native
 
     meta = read_deployment(deployments["wanda"])
     ensure_native(meta)

@@ -19,13 +19,13 @@ import httpx
 import numpy as np
 import pytest
 
-from sparsedeploy.bench.runtime import deepsparse_unavailable
+from sparsedeploy.engine import unavailable
 from sparsedeploy.serve.app import Settings, create_app
 
 from .serve_helpers import FakeWorker, free_socket, running, sse_events
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = "deepsparse" if deepsparse_unavailable() is None else "onnxruntime"
+ENGINE = "deepsparse" if unavailable("deepsparse") is None else "onnxruntime"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def expected_greedy(deployment, meta, n):
 
 # ----------------------------------------------------------------------------------- sampling (numpy)
 def test_sample_token_greedy_and_nucleus_match_an_independent_computation():
-    from sparsedeploy.bench.decode import sample_token
+    from sparsedeploy.engine.decode import sample_token
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=50) * 3
@@ -103,8 +103,8 @@ def test_sample_token_greedy_and_nucleus_match_an_independent_computation():
 
 
 def test_sample_decode_at_temperature_zero_is_greedy_decode(deployment, meta):
-    from sparsedeploy.bench.decode import greedy_decode, sample_decode
-    from sparsedeploy.bench.runtime import OrtRuntime
+    from sparsedeploy.engine.decode import greedy_decode, sample_decode
+    from sparsedeploy.engine.onnxruntime import OrtRuntime
 
     rt = OrtRuntime(deployment / "model.onnx", cores=1, seq_len=1, cache_len=64)
     prompt = meta["verified"]["prompt_ids"]
@@ -123,7 +123,7 @@ def test_sample_decode_at_temperature_zero_is_greedy_decode(deployment, meta):
 # ----------------------------------------------------------------------------------- the real engine
 def test_worker_streams_generate_and_sigusr1_cancels(deployment, meta, monkeypatch):
     """WorkerRuntime.generate streams the tokens of the greedy loop; the worker's side stops on SIGUSR1."""
-    from sparsedeploy.bench import decode, runtime
+    from sparsedeploy.engine import decode, worker as runtime, onnxruntime as ortmod
 
     prompt = meta["verified"]["prompt_ids"]
     with runtime.WorkerRuntime("onnxruntime", deployment / "model.onnx", cores=1, seq_len=1, cache_len=64) as w:
@@ -131,7 +131,7 @@ def test_worker_streams_generate_and_sigusr1_cancels(deployment, meta, monkeypat
         assert [e[0] for e in events] == ["token"] * 16 + ["done"]
         assert [e[1] for e in events[:-1]] == events[-1][1].tokens == meta["verified"]["tokens"]
         assert w.decode(prompt, 4).tokens == meta["verified"]["tokens"][:4]    # the protocol is still in step
-    rt = runtime.OrtRuntime(deployment / "model.onnx", cores=1, seq_len=1, cache_len=64)
+    rt = ortmod.OrtRuntime(deployment / "model.onnx", cores=1, seq_len=1, cache_len=64)
     sent = []
 
     def send(stream, obj):

@@ -64,7 +64,8 @@ def test_dlp_beats_uniform_on_smollm2(tmp_path_factory, eval_cfg):
 def test_smollm2_greedy_tokens_equal_across_pytorch_onnxruntime_deepsparse(tmp_path, sparsity):
     """Dense and 50% / 70% magnitude-pruned SmolLM2: 16 greedy tokens from PyTorch (checked at export against ONNX
     Runtime), ONNX Runtime, DeepSparse and the native engine (CSR from 55%) in workers are the same list."""
-    from sparsedeploy.bench.runtime import WorkerRuntime, deepsparse_unavailable
+    from sparsedeploy.engine import unavailable
+    from sparsedeploy.engine.worker import WorkerRuntime
     from sparsedeploy.export.stage import export
     from sparsedeploy.export.verify import greedy_torch
     from sparsedeploy.pipeline.models import load, resolve
@@ -82,11 +83,11 @@ def test_smollm2_greedy_tokens_equal_across_pytorch_onnxruntime_deepsparse(tmp_p
     assert greedy_torch(model, prompt, 16) == torch_tokens
     assert abs(meta["sparsity"] - sparsity) < 1e-3
     from sparsedeploy.export.onnx_kv import read_deployment
-    from sparsedeploy.native.stage import ensure_native
+    from sparsedeploy.export.native import ensure_native
 
     index = ensure_native(read_deployment(dep))
     assert {g["format"] for layer in index["layers"] for g in layer.values()} == ({"csr"} if sparsity > 0.55 else {"dense"})
-    engines = ["onnxruntime", "native"] + (["deepsparse"] if deepsparse_unavailable() is None else [])
+    engines = ["onnxruntime", "native"] + (["deepsparse"] if unavailable("deepsparse") is None else [])
     for engine in engines:
         with WorkerRuntime(engine, dep / "model.onnx", cores=1, seq_len=1, cache_len=64) as w:
             assert w.name == engine

@@ -23,7 +23,8 @@ from ..errors import UserError, check
 from ..export.onnx_kv import read_deployment
 from ..pipeline.rundir import read_json, write_json
 from . import report
-from .runtime import ENGINES, WorkerRuntime
+from ..engine import engine_names, unavailable
+from ..engine.worker import WorkerRuntime
 
 DENSE_BELOW = 0.005          # a deployment with fewer zeros than this is "Dense"
 SETTLE_S = 0.25              # pause before each timed decode: the previous engine's worker threads spin-wait a
@@ -43,14 +44,14 @@ def file_sha256(path: Path) -> str:
 
 
 def _check_engine(engine: str) -> str:
-    check(engine in ENGINES, f"unknown engine '{engine}'", f"use one of: {', '.join(ENGINES)}")
+    check(engine in engine_names(), f"unknown engine '{engine}'", f"use one of: {', '.join(engine_names())}")
     return engine
 
 
 def parse_engines(text: str) -> list[str]:
     """'native,deepsparse' -> ['native', 'deepsparse'] (each checked; 'all' = every engine)."""
-    names = list(ENGINES) if text.strip() == "all" else [e.strip() for e in text.split(",") if e.strip()]
-    check(bool(names), "no engine given", f"use one or more of: {', '.join(ENGINES)} (comma-separated)")
+    names = list(engine_names()) if text.strip() == "all" else [e.strip() for e in text.split(",") if e.strip()]
+    check(bool(names), "no engine given", f"use one or more of: {', '.join(engine_names())} (comma-separated)")
     check(len(set(names)) == len(names), f"engine listed twice in '{text}'", "name each engine once")
     for e in names:
         _check_engine(e)
@@ -82,7 +83,7 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     t0 = time.perf_counter()
     index = None
     if engine == "native":
-        from ..native.stage import ensure_native
+        from ..export.native import ensure_native
 
         index = ensure_native(meta, crossover=crossover, force=force)
     build_s = time.perf_counter() - t0
@@ -90,7 +91,7 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
         rec = {"requested_engine": engine, "engine": w.name, "fallback_reason": w.fallback_reason,
                "compile_s": round(w.compile_seconds + build_s, 3), "cores": cores, "seqlen": meta["seqlen"]}
         if index is not None:
-            rec["native"] = {**(w.native or {}), "crossover": index["crossover"], "build_s": round(build_s, 3),
+            rec["native"] = {**(w.engine_info or {}), "crossover": index["crossover"], "build_s": round(build_s, 3),
                              "formats": _format_counts(index), "deepsparse_loaded": w.deepsparse_loaded}
         verified = meta.get("verified") or {}
         if verified.get("tokens"):
@@ -116,10 +117,8 @@ def _format_counts(index: dict) -> dict:
 
 
 def available_engines() -> list[str]:
-    """Engines that can run here: native and ONNX Runtime everywhere, DeepSparse where it imports."""
-    from .runtime import deepsparse_unavailable
-
-    return [e for e in ("native", "deepsparse", "onnxruntime") if e != "deepsparse" or deepsparse_unavailable() is None]
+    """The registered engines that can run here (DeepSparse only where it imports)."""
+    return [e for e in engine_names() if unavailable(e) is None]
 
 
 def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_tokens: int = 16, new_tokens: int = 32,
@@ -129,7 +128,7 @@ def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_toke
     meta = read_deployment(deployment)
     engines = available_engines()
     if "native" in engines:
-        from ..native.stage import ensure_native
+        from ..export.native import ensure_native
         try:
             ensure_native(meta)
         except UserError as e:
@@ -255,7 +254,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
                                   prefill_len=cfg.prefill_chunk or None)
                 workers.append(w)
                 w.decode(prompt[:8], 4)                                   # warm-up
-                native = getattr(w, "native", None)
+                native = w.engine_info if w.name == "native" else None
                 rows.append({"label": label_for(d["sparsity"]), "sparsity": d["sparsity"], "deployment": d["dir"],
                              "weight_mb": round(native["weight_bytes"]["total"] / 2**20, 1) if native else None,
                              "native_bytes": native["weight_bytes"] if native else None,
@@ -328,7 +327,7 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
     check(len(sizes) == 1, "the deployments are different models (layers, hidden size or vocabulary differ)",
           "bench pruned copies of one model together")
     if "native" in cfg.engines:
-        from ..native.stage import ensure_native
+        from ..export.native import ensure_native
 
         for m in deps:
             ensure_native(m)

@@ -137,14 +137,14 @@ def _synthetic_pruned(cfg: SweepConfig, p: float):
 
 def _share(deps: list[Path]) -> Path | None:
     """The first deployment's native folder: its embedding/lm_head file is the same for every sparsity."""
-    from ..native.pack import NATIVE_DIR
+    from ..engine.native.pack import NATIVE_DIR
 
     return Path(deps[0]) / NATIVE_DIR if deps else None
 
 
 def _native_current(meta: dict) -> bool:
-    from ..native.pack import DEFAULT_CROSSOVER, NATIVE_DIR, read_index
-    from ..native.stage import native_key
+    from ..engine.native.pack import DEFAULT_CROSSOVER, NATIVE_DIR, read_index
+    from ..export.native import native_key
 
     index = read_index(Path(meta["dir"]) / NATIVE_DIR)
     return index is not None and index.get("key") == native_key(meta, index.get("crossover", DEFAULT_CROSSOVER))
@@ -153,7 +153,7 @@ def _native_current(meta: dict) -> bool:
 def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
     from ..export.onnx_kv import DEPLOY_META
     from ..export.stage import export
-    from ..native.stage import build_from_model
+    from ..export.native import build_from_model
 
     check(cfg.synthetic in SYNTHETIC, f"unknown synthetic model '{cfg.synthetic}'", f"use one of: {', '.join(SYNTHETIC)}")
     check(1 <= cfg.layers <= 64, f"--layers {cfg.layers} must be between 1 and 64", "use e.g. --layers 2")

@@ -23,7 +23,7 @@ counts and rotary frequencies from the config and the model's own rotary module)
 HF submodules (RMSNorm / LayerNorm, MLP, embeddings, lm_head) are reused as they are. Rotary
 embeddings are applied to the keys before they are cached, so the attention is invariant to the
 order of the cache slots: the decode loop may fill slots in any order as long as the masks say
-which slots are valid (sparsedeploy/bench/decode.py uses that to avoid shifting the cache).
+which slots are valid (sparsedeploy/engine/decode.py uses that to avoid shifting the cache).
 
 Masks are combined as causal_mask AND attention_mask (broadcast over rows), so either one alone is
 enough to hide an empty slot; DeepSparse's own pipeline sets both consistently.
@@ -49,9 +49,7 @@ from ..pipeline.arch import ArchSpec, decoder_layers, get_module, spec_for
 DEFAULT_OPSET = 14          # as SparseML's LLM exports; see export_onnx for why not newer
 OPSETS = range(13, 19)
 TWO_GB = 2 * 1024 ** 3
-ONNX_NAME = "model.onnx"
-DEPLOY_META = "sparsedeploy.json"
-DEPLOY_FILES = ("model.onnx", "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+from ..engine.deployment import DEPLOY_FILES, DEPLOY_META, ONNX_NAME, read_deployment  # noqa: F401  (re-exported)
 
 
 def cache_io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -166,7 +164,7 @@ class _LlamaGraph(_Graph):
             q = att.split(get_module(layer, spec.q)(x), att.heads)
             k = att.split(get_module(layer, spec.k)(x), att.kv_heads)
             v = att.split(get_module(layer, spec.v)(x), att.kv_heads)
-            if getattr(attn, "q_norm", None) is not None:                 # Qwen3: per-head RMSNorm before rope
+            if spec.qk_norm:                                               # Qwen3: per-head RMSNorm before rope
                 q = attn.q_norm(q)
                 k = attn.k_norm(k)
             q = q * cos + _rotate_half(q) * sin
@@ -239,7 +237,7 @@ class _OPTGraph(_Graph):
         return self.lm_head(h)
 
 
-GRAPHS = {"llama": _LlamaGraph, "opt": _OPTGraph}
+GRAPHS = {"llama": _LlamaGraph, "opt": _OPTGraph}          # keyed by the table's `graph` field (sparsedeploy/arch.py)
 
 
 class KVCacheLM(nn.Module):
@@ -248,11 +246,11 @@ class KVCacheLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         spec = spec_for(model)
-        if spec.name not in GRAPHS:
-            raise UserError(f"no ONNX KV-cache graph for architecture '{spec.name}'",
+        if spec.graph not in GRAPHS:
+            raise UserError(f"no ONNX KV-cache graph '{spec.graph}' for architecture '{spec.name}'",
                             "add one to GRAPHS in sparsedeploy/export/onnx_kv.py")
         self.spec = spec
-        self.graph = GRAPHS[spec.name](model, spec)
+        self.graph = GRAPHS[spec.graph](model, spec)
         self.num_layers = len(self.graph.layers)
         att = self.graph.att
         self.kv_heads, self.head_dim = att.kv_heads, att.head_dim
@@ -546,41 +544,3 @@ def write_deployment(model: nn.Module, tokenizer, out_dir: str | Path, *, seqlen
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out_dir
-
-
-def read_deployment(deployment_dir: str | Path) -> dict:
-    """Check a deployment folder and return its sparsedeploy.json metadata (plus `dir` and `onnx`).
-    Missing or unreadable files raise a one-line UserError. Needs no torch."""
-    d = Path(deployment_dir)
-    if not d.is_dir():
-        raise UserError(f"deployment folder {d} does not exist", "write one with write_deployment / `sparsedeploy export`")
-    for name in (*DEPLOY_FILES, DEPLOY_META):
-        f = d / name
-        if not f.is_file() or f.stat().st_size == 0:
-            raise UserError(f"deployment {d} is missing {name}", "re-export the deployment")
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", DEPLOY_META):
-        try:
-            json.loads((d / name).read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"deployment {d}: {name} is not valid JSON ({type(e).__name__})", "re-export the deployment")
-    meta = json.loads((d / DEPLOY_META).read_text(encoding="utf-8"))
-    for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "seqlen", "input_names", "output_names"):
-        if key not in meta:
-            raise UserError(f"deployment {d}: {DEPLOY_META} lacks '{key}'", "re-export the deployment")
-    try:
-        import onnx
-
-        proto = onnx.load(str(d / ONNX_NAME), load_external_data=False)
-        names = [i.name for i in proto.graph.input]
-        data_files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
-        raise UserError(f"deployment {d}: model.onnx is not a readable ONNX model ({type(e).__name__})",
-                        "re-export the deployment") from None
-    if names != meta["input_names"]:
-        raise UserError(f"deployment {d}: model.onnx inputs do not match {DEPLOY_META}", "re-export the deployment")
-    for name in data_files:
-        if not (d / name).is_file():
-            raise UserError(f"deployment {d} is missing the weights file {name}", "re-export the deployment")
-    meta["dir"] = str(d)
-    meta["onnx"] = str(d / ONNX_NAME)
-    return meta

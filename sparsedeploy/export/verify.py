@@ -64,8 +64,9 @@ def verify_tokens(deployment_dir: str | Path, model, prompt_ids, n: int = 16, *,
     """Greedy tokens of the deployment (ONNX Runtime in this process; DeepSparse in a worker process) must equal
     PyTorch's. Returns {"tokens", "engine", "prompt_len", "n"}; raises VerificationError naming the first
     differing step and PyTorch's top-2 logit gap there (a gap near 0 means a numerical tie, not a bug)."""
-    from ..bench.decode import greedy_decode
-    from ..bench.runtime import OrtRuntime, WorkerRuntime
+    from ..engine.decode import greedy_decode
+    from ..engine.onnxruntime import OrtRuntime
+    from ..engine.worker import WorkerRuntime
 
     meta = read_deployment(deployment_dir)
     prompt = _prompt_list(prompt_ids)

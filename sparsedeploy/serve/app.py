@@ -6,7 +6,7 @@
     GET  /v1/models        the one model served
 
 Requests are decoded one at a time (batch 1) by one engine worker process (sparsedeploy.serve.engine) with
-the bench's KV-cache loop (sparsedeploy.bench.decode.sample_decode); temperature 0 is greedy, otherwise
+the bench's KV-cache loop (sparsedeploy.engine.decode.sample_decode); temperature 0 is greedy, otherwise
 sampling (temperature, top_p, seed) happens in numpy inside the worker. Protection: body size, prompt and
 generation token limits (prompt + max_tokens <= the deployment's seqlen), a bounded queue (full -> 429 at
 once), a per-request timeout (504), and every bad request gets a 4xx JSON error, never a 500.
@@ -215,7 +215,7 @@ class _MetricsMiddleware:
 
 
 def default_worker_factory(settings: Settings, meta: dict):
-    from ..bench.runtime import WorkerRuntime
+    from ..engine.worker import WorkerRuntime
 
     def factory():
         return WorkerRuntime(settings.engine, meta["onnx"], cores=settings.cores, seq_len=1,
@@ -229,7 +229,7 @@ SERVE_FILES = ("model.onnx", "config.json", "tokenizer.json", "sparsedeploy.json
 def read_deployment_light(path: str | Path) -> dict:
     """export.onnx_kv.read_deployment's checks that serving needs, without importing torch (that module does):
     the HTTP process stays ~300 MB smaller. Returns sparsedeploy.json plus `dir` and `onnx`."""
-    from ..bench.runtime import model_io
+    from ..engine.graphio import model_io
 
     d = Path(path)
     if not d.is_dir():

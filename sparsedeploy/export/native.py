@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import ui
 from ..errors import UserError, check
-from .pack import DEFAULT_CROSSOVER, FORMAT_VERSION, NATIVE_DIR, build, load_tensors, read_index
+from ..engine.native.pack import DEFAULT_CROSSOVER, FORMAT_VERSION, NATIVE_DIR, build, load_tensors, read_index
 
 
 def native_key(meta: dict, crossover: float) -> dict:

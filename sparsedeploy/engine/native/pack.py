@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError, check
-from .arch import native_arch
+from ...errors import UserError, check
+from ...arch import native_arch
 
 FORMAT_VERSION = 2
 NATIVE_DIR = "native"
@@ -102,7 +102,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         norm(f"{dst}.attn_norm", src + arch.attn_norm)
         norm(f"{dst}.mlp_norm", src + arch.mlp_norm)
         layer_groups = {}
-        for g, names in arch.groups().items():
+        for g, names in arch.stacks().items():
             mats = [_get(tensors, src + n + ".weight") for n in names]
             for n, m in zip(names, mats):
                 zeros[src + n] = [int(m.size - np.count_nonzero(m)), int(m.size)]
