@@ -166,7 +166,7 @@ def compile_(
     deployment: Path = typer.Argument(..., help="deployment folder (from `sparsedeploy export`)"),
     engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime | native"),
     cores: Optional[int] = typer.Option(None, help="cores for the engine (default: all)"),
-    crossover: Optional[float] = typer.Option(None, help="native: store a linear compressed from this sparsity on (default 0.55)"),
+    crossover: Optional[float] = typer.Option(None, help="native: a fixed rule instead of measuring: dense below this sparsity, ELL/CSR above (default: each group's format is timed on this CPU)"),
     force: bool = typer.Option(False, help="native: rebuild DEPLOYMENT/native/"),
 ):
     """Compile one decode step on the engine (in its own process, on a copy) and check its tokens."""
@@ -179,9 +179,15 @@ def compile_(
     if rec.get("native"):
         n = rec["native"]
         wb = n["weight_bytes"]
-        ui.out.print(f"native: {n['threads']} threads ({n['threading_layer']}), stored groups {n['formats']}, crossover "
-                     f"{n['crossover']:g}; decoder linears {wb['decoder_linears'] / 2**20:.1f} MB "
+        how = (f"measured on {n['tuning']['cpu']} with {n['tuning']['threads']} threads" if n.get("tuning")
+               else f"fixed crossover {n['crossover']:g}")
+        ui.out.print(f"native: {n['threads']} threads ({n['threading_layer']}), stored groups {n['formats']} ({how}); "
+                     f"decoder linears {wb['decoder_linears'] / 2**20:.1f} MB "
                      f"(dense {wb['decoder_linears_dense'] / 2**20:.1f} MB), all weights {wb['total'] / 2**20:.1f} MB")
+        for g in n.get("measured") or []:
+            ms = ", ".join(f"{f} {v:.2f}" for f, v in g["ms_all_layers"].items())
+            ui.out.print(f"  {g['group']:>4} {g['shape'][0]}x{g['shape'][1]} at {g['sparsity'][0]:.0%}-{g['sparsity'][1]:.0%}: "
+                         f"chose {g['chosen']}; ms summed over layers: {ms}")
 
 
 def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk=0):

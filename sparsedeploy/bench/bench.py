@@ -71,8 +71,9 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
                        crossover: float | None = None, force: bool = False) -> dict:
     """Compile the deployment for one decode step on `engine` (in a worker, on a copy of model.onnx), check
     that its greedy tokens equal PyTorch's from export time, and record compile time -> compile-<engine>.json.
-    The native engine first builds DEPLOYMENT/native/ from the pruned safetensors (`crossover`: the sparsity
-    from which a linear is stored compressed; `force`: rebuild)."""
+    The native engine first builds DEPLOYMENT/native/ from the pruned safetensors: each group's format is the
+    fastest one measured on this CPU with `cores` threads, unless `crossover` fixes the rule (dense below that
+    sparsity, ELL/CSR above); `force`: rebuild."""
     from ..export.verify import VerificationError
 
     _check_engine(engine)
@@ -85,14 +86,15 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     if engine == "native":
         from ..export.native import ensure_native
 
-        index = ensure_native(meta, crossover=crossover, force=force)
+        index = ensure_native(meta, crossover=crossover, force=force, cores=cores)
     build_s = time.perf_counter() - t0
     with WorkerRuntime(engine, onnx_path, cores=cores, seq_len=1, cache_len=int(meta["seqlen"])) as w:
         rec = {"requested_engine": engine, "engine": w.name, "fallback_reason": w.fallback_reason,
                "compile_s": round(w.compile_seconds + build_s, 3), "cores": cores, "seqlen": meta["seqlen"]}
         if index is not None:
             rec["native"] = {**(w.engine_info or {}), "crossover": index["crossover"], "build_s": round(build_s, 3),
-                             "formats": _format_counts(index), "deepsparse_loaded": w.deepsparse_loaded}
+                             "formats": _format_counts(index), "deepsparse_loaded": w.deepsparse_loaded,
+                             "tuning": index.get("tuning"), "measured": measured_summary(index)}
         verified = meta.get("verified") or {}
         if verified.get("tokens"):
             res = w.decode(verified["prompt_ids"], len(verified["tokens"]))
@@ -106,6 +108,27 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     check(rec["onnx_unchanged"], f"{onnx_path} changed during compile", "report it: engines must only see a copy")
     write_json(Path(deployment) / f"compile-{engine}.json", rec)
     return rec
+
+
+def measured_summary(index: dict) -> list[dict] | None:
+    """Per group kind: the chosen formats, the sparsity range, and the summed measured ms of each candidate over
+    the layers (None when the formats came from a fixed --crossover)."""
+    if not index.get("tuning"):
+        return None
+    out = []
+    for g in index["layers"][0] if index["layers"] else {}:
+        rows = [layer[g] for layer in index["layers"]]
+        tot: dict[str, float] = {}
+        for r in rows:
+            for f, ms in (r.get("measured_ms") or {}).items():
+                tot[f] = tot.get(f, 0.0) + ms
+        chosen: dict[str, int] = {}
+        for r in rows:
+            chosen[r["format"]] = chosen.get(r["format"], 0) + 1
+        sp = [r["sparsity"] for r in rows]
+        out.append({"group": g, "shape": rows[0]["shape"], "sparsity": [min(sp), max(sp)], "chosen": chosen,
+                    "ms_all_layers": {f: round(v, 3) for f, v in tot.items()}})
+    return out
 
 
 def _format_counts(index: dict) -> dict:
@@ -130,7 +153,7 @@ def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_toke
     if "native" in engines:
         from ..export.native import ensure_native
         try:
-            ensure_native(meta)
+            ensure_native(meta, cores=cores, keep_fixed=True)
         except UserError as e:
             ui.info(f"native engine skipped: {e}")
             engines.remove("native")
@@ -330,7 +353,7 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
         from ..export.native import ensure_native
 
         for m in deps:
-            ensure_native(m)
+            ensure_native(m, cores=cfg.cores, keep_fixed=True)
     originals = {m["onnx"]: file_sha256(Path(m["onnx"])) for m in deps}
     deps.sort(key=lambda m: m["sparsity"])
     prompt = prompt_ids(deps[0], cfg.prompt_tokens)

@@ -142,12 +142,10 @@ def _share(deps: list[Path]) -> Path | None:
     return Path(deps[0]) / NATIVE_DIR if deps else None
 
 
-def _native_current(meta: dict) -> bool:
-    from ..engine.native.pack import DEFAULT_CROSSOVER, NATIVE_DIR, read_index
-    from ..export.native import native_key
+def _native_current(meta: dict, cores: int | None) -> bool:
+    from ..export.native import is_current
 
-    index = read_index(Path(meta["dir"]) / NATIVE_DIR)
-    return index is not None and index.get("key") == native_key(meta, index.get("crossover", DEFAULT_CROSSOVER))
+    return is_current(meta, cores=cores)
 
 
 def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
@@ -170,9 +168,9 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
                 meta = read_json(dest / DEPLOY_META)
                 if meta.get("synthetic_key") == key:
                     meta["dir"] = str(dest)
-                    if want_native and not _native_current(meta):
+                    if want_native and not _native_current(meta, cfg.bench.cores):
                         ui.info(f"synthetic {cfg.synthetic}: native weights for {p:.0%}")
-                        build_from_model(_synthetic_pruned(cfg, p), meta, share_with=_share(deps))
+                        build_from_model(_synthetic_pruned(cfg, p), meta, cores=cfg.bench.cores, share_with=_share(deps))
                     ui.info(f"export: up to date in {dest}")
                     deps.append(dest)
                     continue
@@ -187,7 +185,7 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
         from ..pipeline.rundir import write_json
         write_json(dest / DEPLOY_META, meta)
         if want_native:
-            build_from_model(model, dict(meta, dir=str(dest)), share_with=_share(deps))
+            build_from_model(model, dict(meta, dir=str(dest)), cores=cfg.bench.cores, share_with=_share(deps))
         del model
         deps.append(dest)
     return deps

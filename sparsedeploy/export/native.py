@@ -12,12 +12,33 @@ from pathlib import Path
 
 from .. import ui
 from ..errors import UserError, check
-from ..engine.native.pack import DEFAULT_CROSSOVER, FORMAT_VERSION, NATIVE_DIR, build, load_tensors, read_index
+from ..engine.native.kernels import default_threads
+from ..engine.native.pack import FORMAT_VERSION, NATIVE_DIR, build, load_tensors, read_index
+from ..engine.native.tune import cpu_name
 
 
-def native_key(meta: dict, crossover: float) -> dict:
+def native_key(meta: dict, crossover: float | None, threads: int | None = None,
+               formats: tuple[str, ...] | None = None) -> dict:
+    """What the native weights depend on. With measured formats (crossover None) that includes the CPU and the
+    thread count they were timed with: the same deployment on another machine is re-tuned there."""
     return {"format_version": FORMAT_VERSION, "export_key": meta.get("export_key"),
-            "synthetic_key": meta.get("synthetic_key"), "crossover": float(crossover)}
+            "synthetic_key": meta.get("synthetic_key"),
+            "crossover": None if crossover is None else float(crossover),
+            "tuned_on": {"cpu": cpu_name(), "threads": default_threads(threads)} if crossover is None else None,
+            **({"formats": sorted(formats)} if formats else {})}
+
+
+def wanted_crossover(old: dict | None, crossover: float | None, keep_fixed: bool):
+    """An explicit --crossover wins; without one the formats are measured, except that `keep_fixed` (bench,
+    run, sweep) keeps a build that `compile --crossover` made on purpose."""
+    if crossover is not None:
+        return float(crossover)
+    return old.get("crossover") if keep_fixed and old is not None else None
+
+
+def is_current(meta: dict, *, cores: int | None = None) -> bool:
+    index = read_index(Path(meta["dir"]) / NATIVE_DIR)
+    return index is not None and index.get("key") == native_key(meta, index.get("crossover"), cores)
 
 
 def check_zeros(index: dict, meta: dict) -> None:
@@ -30,25 +51,27 @@ def check_zeros(index: dict, meta: dict) -> None:
                   "rebuild with sparsedeploy compile DEPLOYMENT --engine native --force")
 
 
-def build_from_model(model, meta: dict, *, crossover: float = DEFAULT_CROSSOVER, share_with: Path | None = None) -> dict:
+def build_from_model(model, meta: dict, *, crossover: float | None = None, cores: int | None = None,
+                     share_with: Path | None = None) -> dict:
     """Native weights straight from an in-memory torch model (synthetic sweeps have no weights on disk).
     share_with: another deployment's native folder whose embedding/lm_head file may be hard-linked."""
     tensors = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     config = json.loads((Path(meta["dir"]) / "config.json").read_text())
-    index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR, key=native_key(meta, crossover), crossover=crossover,
-                  share_with=share_with)
+    index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR, key=native_key(meta, crossover, cores),
+                  crossover=crossover, threads=cores, share_with=share_with)
     check_zeros(index, meta)
     return index
 
 
-def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = False) -> dict:
+def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = False, cores: int | None = None,
+                  formats: tuple[str, ...] | None = None, keep_fixed: bool = False) -> dict:
     """The deployment's native index, building it when missing, stale or asked for (`force`)."""
     from ..pipeline.models import resolve
 
     ndir = Path(meta["dir"]) / NATIVE_DIR
     old = read_index(ndir)
-    c = float(crossover if crossover is not None else (old or {}).get("crossover", DEFAULT_CROSSOVER))
-    want = native_key(meta, c)
+    c = wanted_crossover(old, crossover, keep_fixed)
+    want = native_key(meta, c, cores, formats)
     if old is not None and old.get("key") == want and not force:
         return old
     check(not meta.get("synthetic"), f"{meta['dir']} is a synthetic deployment without native weights",
@@ -66,9 +89,10 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
         check(ref.fingerprint() == ekey["fingerprint"], f"{source} changed since {meta['dir']} was exported",
               f"re-export it: sparsedeploy export {source}")
     check(Path(ref.path).is_dir(), f"{source} is not a local model folder", "export from a local RUN or model folder")
-    with ui.progress(f"native weights for {meta['dir']} (crossover {c:g})", 1) as bar:
+    how = "each group's format measured on this CPU" if c is None else f"crossover {c:g}"
+    with ui.progress(f"native weights for {meta['dir']} ({how})", 1) as bar:
         config = json.loads((Path(meta["dir"]) / "config.json").read_text())
-        index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c)
+        index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats)
         bar(1)
     check_zeros(index, meta)
     return index

@@ -25,7 +25,7 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 
 
 class Linear:
-    """One stored group (dense / ELL / CSR): y = W x (+ bias), optionally added into y."""
+    """One stored group (dense / ELL / CSR / bitmask): y = W x (+ bias), optionally added into y."""
 
     __slots__ = ("fmt", "a", "b", "c", "bias", "rows", "cols_in", "nbytes")
 
@@ -39,6 +39,8 @@ class Linear:
             self.a, self.b, self.c = arrays["cols"], arrays["vals"], None
         elif fmt == "csr":
             self.a, self.b, self.c = arrays["rowptr"], arrays["cols"], arrays["vals"]
+        elif fmt == "bitmask":
+            self.a, self.b, self.c = arrays["rowptr"], arrays["masks"], arrays["vals"]
         else:
             raise UserError(f"unknown stored format '{fmt}' in native weights", "rebuild them: sparsedeploy compile --engine native")
         self.nbytes = sum(int(x.nbytes) for x in arrays.values()) + int(self.bias.nbytes)
@@ -47,6 +49,8 @@ class Linear:
         """x [in] -> out [rows]."""
         if self.fmt == "csr":
             K.csr_gemv(self.a, self.b, self.c, x, self.bias, out, acc)
+        elif self.fmt == "bitmask":
+            K.bitmask_gemv(self.a, self.b, self.c, x, self.bias, out, acc)
         elif self.fmt == "ell":
             K.ell_gemv(self.a, self.b, x, self.bias, out, acc)
         else:
@@ -58,6 +62,8 @@ class Linear:
             self.vec(X[0], Y[0], acc)
         elif self.fmt == "csr":
             K.csr_gemm(self.a, self.b, self.c, X, self.bias, Y, acc)
+        elif self.fmt == "bitmask":
+            K.bitmask_gemm(self.a, self.b, self.c, X, self.bias, Y, acc)
         elif self.fmt == "ell":
             K.ell_gemm(self.a, self.b, X, self.bias, Y, acc)
         else:
@@ -76,6 +82,10 @@ class Linear:
             W[:] = self.a
         elif self.fmt == "ell":
             np.put_along_axis(W, self.a.astype(np.int64), self.b, axis=1)
+        elif self.fmt == "bitmask":
+            nblk = self.b.shape[0] // max(self.rows, 1)
+            bits = ((self.b.reshape(self.rows, nblk, 1) >> np.arange(16, dtype=np.uint16)) & 1).astype(bool)
+            W[bits.reshape(self.rows, nblk * 16)[:, :self.cols_in]] = self.c
         else:
             counts = np.diff(self.a)
             W[np.repeat(np.arange(self.rows), counts), self.b.astype(np.int64)] = self.c

@@ -1,13 +1,17 @@
 """Build the native engine's weights: DEPLOYMENT/native/{weights.safetensors, native.json}.
 
 Input: the pruned model's tensors (name -> float32 array, as in its safetensors) and its config. Each
-decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) and each group is stored
-    dense  [out, in] float32                          when its sparsity is below the crossover,
-    ELL    cols/vals [out, k]                          when every row keeps the same count k (Wanda, N:M),
-    CSR    rowptr [out+1] int64, cols [nnz], vals [nnz] otherwise,
-with uint16 column indices when the input width fits in 16 bits, else uint32. The crossover (default
-0.55, set by --crossover) is where the sparse product starts to beat the dense one on this kind of CPU:
-a nonzero costs 6 bytes against 4 for a dense weight, plus an indexed load; see benchmarks/native_gemv.md.
+decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) and each group is stored as
+    dense    [out, in] float32,
+    ELL      cols/vals [out, k]                        when every row keeps the same count k (Wanda, N:M),
+    CSR      rowptr [out+1] int64, cols [nnz], vals [nnz],
+    bitmask  rowptr [out+1] int64, masks uint16 [out * ceil(in/16)], vals [nnz]  (one bit per weight),
+with uint16 column indices when the input width fits in 16 bits, else uint32. Bytes per weight at kept
+fraction d: dense 4, ELL/CSR 6d, bitmask 4d + 1/8. Which one is fastest depends on the CPU (its bandwidth,
+gathers, AVX-512), the shape and the sparsity, so by default each group's format is *measured*: tune.py
+times every candidate on the group's real matrix in decode order on this CPU with the engine's thread
+count, and the index records the times and the choice. `--crossover C` replaces that with a fixed rule
+(dense below sparsity C, ELL/CSR above), as before.
 Norms, embeddings, positions and lm_head stay dense, in shared.safetensors: a sweep's deployments hold the
 same ones, so a build given `share_with` (another native folder) hard-links that file when its content key
 matches instead of writing another copy (1 GB per deployment at LLaMA-7B shapes). native.json records the
@@ -26,7 +30,7 @@ import numpy as np
 from ...errors import UserError, check
 from ...arch import native_arch
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 NATIVE_DIR = "native"
 WEIGHTS = "weights.safetensors"          # the decoder layers
 SHARED = "shared.safetensors"            # embedding, lm_head, final norm, positions: dense, the same at every sparsity
@@ -38,25 +42,53 @@ def index_dtype(in_features: int):
     return np.uint16 if in_features <= 65536 else np.uint32
 
 
-def compress(W: np.ndarray, crossover: float) -> tuple[str, dict[str, np.ndarray]]:
-    """One matrix -> (format, arrays) as described in the module doc."""
+def sparse_format(W: np.ndarray) -> str:
+    """ELL when every row keeps the same count (per-row pruners: Wanda, N:M), else CSR."""
+    counts = (W != 0).sum(axis=1)
+    return "ell" if W.shape[0] and (counts == counts[0]).all() else "csr"
+
+
+def encode(W: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
+    """One matrix in one stored format (see the module doc)."""
     W = np.ascontiguousarray(W, dtype=np.float32)
     out_f, in_f = W.shape
+    if fmt == "dense":
+        return {"w": W}
     nz = W != 0
     counts = nz.sum(axis=1)
-    nnz = int(counts.sum())
-    sparsity = 1.0 - nnz / W.size
-    if sparsity < crossover:
-        return "dense", {"w": W}
-    idt = index_dtype(in_f)
-    rows, cols = np.nonzero(nz)                       # row-major order: each row's columns ascending
-    vals = W[rows, cols]
-    if out_f and (counts == counts[0]).all():
-        k = int(counts[0])
-        return "ell", {"cols": cols.astype(idt).reshape(out_f, k), "vals": vals.reshape(out_f, k)}
     rowptr = np.zeros(out_f + 1, dtype=np.int64)
     np.cumsum(counts, out=rowptr[1:])
-    return "csr", {"rowptr": rowptr, "cols": cols.astype(idt), "vals": vals}
+    vals = W[nz]                                       # row-major order: each row's columns ascending
+    if fmt == "bitmask":
+        nblk = -(-in_f // 16)
+        bits = np.zeros((out_f, nblk * 16), dtype=bool)
+        bits[:, :in_f] = nz
+        weights = (1 << np.arange(16, dtype=np.uint32)).astype(np.uint32)
+        masks = (bits.reshape(out_f, nblk, 16) * weights).sum(axis=2, dtype=np.uint32).astype(np.uint16)
+        return {"rowptr": rowptr, "masks": masks.reshape(-1), "vals": vals}
+    idt = index_dtype(in_f)
+    cols = np.nonzero(nz)[1].astype(idt)
+    if fmt == "ell":
+        k = int(counts[0]) if out_f else 0
+        if not (counts == k).all():
+            raise ValueError("ELL needs the same count in every row")
+        return {"cols": cols.reshape(out_f, k), "vals": vals.reshape(out_f, k)}
+    if fmt == "csr":
+        return {"rowptr": rowptr, "cols": cols, "vals": vals}
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def compress(W: np.ndarray, crossover: float) -> tuple[str, dict[str, np.ndarray]]:
+    """The fixed rule (`--crossover`): dense below the crossover sparsity, else ELL or CSR."""
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    sparsity = 1.0 - np.count_nonzero(W) / max(W.size, 1)
+    fmt = "dense" if sparsity < crossover else sparse_format(W)
+    return fmt, encode(W, fmt)
+
+
+def candidates(W: np.ndarray) -> list[str]:
+    """The formats the compile-time tuner times for one matrix."""
+    return ["dense", sparse_format(W), "bitmask"]
 
 
 def _get(tensors: dict, name: str) -> np.ndarray:
@@ -77,12 +109,17 @@ def _content_key(arrays: dict[str, np.ndarray]) -> str:
 
 
 def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
-          crossover: float = DEFAULT_CROSSOVER, share_with: str | Path | None = None) -> dict:
+          crossover: float | None = None, threads: int | None = None, formats: tuple[str, ...] | None = None,
+          share_with: str | Path | None = None) -> dict:
     """Compress `tensors` into out_dir (written to a temp folder, then renamed into place). Returns the index.
+    crossover None: each group's format is the fastest on this CPU, measured on its real shape (tune.py);
+    a number: the fixed rule of `compress`. threads: the thread count the tuner times with; formats: restrict
+    the tuner's candidates (tune.choose_formats).
     share_with: a native folder whose shared.safetensors is hard-linked when its content is the same."""
     from safetensors.numpy import save_file
 
-    check(0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]", "use e.g. 0.55")
+    check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
+          "use e.g. 0.55, or omit it to choose each group's format by measurement")
     arch = native_arch(config)
     n_layers = int(config["num_hidden_layers"])
     arrays: dict[str, np.ndarray] = {}
@@ -96,6 +133,24 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         if arch.norm == "layer":
             put(f"{prefix}.b", _get(tensors, f"{name}.bias"))
 
+    stacked = []
+    for i in range(n_layers):
+        src = f"{arch.layers}.{i}."
+        layer = {}
+        for g, names in arch.stacks().items():
+            mats = [_get(tensors, src + n + ".weight") for n in names]
+            for n, m in zip(names, mats):
+                zeros[src + n] = [int(m.size - np.count_nonzero(m)), int(m.size)]
+            layer[g] = (np.concatenate(mats, axis=0) if len(mats) > 1 else mats[0], mats)
+        stacked.append(layer)
+    tuning = None
+    if crossover is None:
+        from .tune import choose_formats
+
+        choice, tuning = choose_formats([{g: W for g, (W, _) in layer.items()} for layer in stacked], threads=threads,
+                                        formats=formats)
+    else:
+        choice = [{g: compress(W, crossover)[0] for g, (W, _) in layer.items()} for layer in stacked]
     for i in range(n_layers):
         src = f"{arch.layers}.{i}."
         dst = f"layers.{i}"
@@ -103,11 +158,9 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         norm(f"{dst}.mlp_norm", src + arch.mlp_norm)
         layer_groups = {}
         for g, names in arch.stacks().items():
-            mats = [_get(tensors, src + n + ".weight") for n in names]
-            for n, m in zip(names, mats):
-                zeros[src + n] = [int(m.size - np.count_nonzero(m)), int(m.size)]
-            W = np.concatenate(mats, axis=0) if len(mats) > 1 else mats[0]
-            fmt, arrs = compress(W, crossover)
+            W, mats = stacked[i][g]
+            fmt = choice[i][g]
+            arrs = encode(W, fmt)
             for k, a in arrs.items():
                 put(f"{dst}.{g}.{k}", a)
             biases = [tensors.get(src + n + ".bias") for n in names]
@@ -118,6 +171,8 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
             layer_groups[g] = {"format": fmt, "shape": list(W.shape), "nnz": nnz,
                                "sparsity": round(1 - nnz / W.size, 6), "linears": list(names),
                                "rows": [int(m.shape[0]) for m in mats]}
+            if tuning is not None:
+                layer_groups[g]["measured_ms"] = tuning["ms"][i][g]
         groups_index.append(layer_groups)
     put("embed", _get(tensors, f"{arch.embed}.weight"))
     tied = f"{arch.lm_head}.weight" not in tensors or bool(config.get("tie_word_embeddings", False))
@@ -137,6 +192,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
     dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
     stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
     index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
+             "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
              "config": config, "layers": groups_index, "tied_lm_head": tied, "zeros": zeros,
              "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
                        "decoder_linears_dense": dense_bytes}, "shared_key": shared_key}

@@ -1,0 +1,79 @@
+"""Wide-vector building blocks that plain numba loops never emit, written as LLVM IR through `@intrinsic`.
+
+`bitmask_dot(vals, masks, x, voff, mstart, nblk)` is the inner loop of the bitmask format (kernels.py): a row
+stores one 16-bit mask per 16 input columns and only its nonzero values, packed. Per block it
+
+    v  = expandload(vals + off, mask)        # vexpandps zmm{k}{z}: the block's values put back in their lanes
+    xv = maskedload(x + 16 b, mask)          # vmovups zmm{k}{z}: lanes without a weight are never read
+    acc = fma(v, xv, acc);  off += popcount(mask)
+
+so a weight costs its 4 value bytes plus one mask bit (1/8 byte), against 4 + 2 for CSR's uint16 column
+index, and no gather is needed (the input block is contiguous). The masked load of x also makes the last,
+partial block safe: bits past the row's width are zero, so nothing past the end of x is read.
+
+LLVM lowers the generic `llvm.masked.expandload` / `llvm.masked.load` intrinsics to single AVX-512
+instructions where the CPU has AVX-512F (Intel Xeon since Skylake-SP, AMD Zen 4) and to a correct scalar
+sequence elsewhere, so the kernel runs on every x86-64 CPU; `has_avx512()` says which one this CPU gets
+(benchmarks/native_asm_check.py checks the emitted instructions). The horizontal sum at the end is a
+fixed-order tree, so results do not depend on the thread count.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16
+
+
+def has_avx512() -> bool:
+    """Whether LLVM compiles for AVX-512F on this CPU (then the bitmask loop is one expand + one FMA a block)."""
+    import llvmlite.binding as llvm
+
+    feats = llvm.get_host_cpu_features()
+    return bool(feats.get("avx512f", False))
+
+
+@intrinsic
+def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
+    """float32 sum over blocks b < nblk of expand(vals[voff:], masks[mstart + b]) * x[16 b : 16 b + 16]."""
+    if not (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(masks, types.Array)
+            and masks.dtype == types.uint16 and isinstance(x, types.Array) and x.dtype == types.float32):
+        return None
+    sig = types.float32(vals, masks, x, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        f32, i64, i16, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(16), ir.IntType(32)
+        v16 = ir.VectorType(f32, LANES)
+        m16 = ir.VectorType(ir.IntType(1), LANES)
+        va = context.make_array(signature.args[0])(context, builder, args[0])
+        ma = context.make_array(signature.args[1])(context, builder, args[1])
+        xa = context.make_array(signature.args[2])(context, builder, args[2])
+        voff, mstart, nblk = args[3], args[4], args[5]
+        mod = builder.module
+        ptr = va.data.type
+        expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, m16, v16]), "llvm.masked.expandload.v16f32")
+        mload = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, i32, m16, v16]), "llvm.masked.load.v16f32.p0")
+        ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+        zero = ir.Constant(v16, [0.0] * LANES)
+        acc = cgutils.alloca_once_value(builder, zero)
+        off = cgutils.alloca_once_value(builder, voff)
+        with cgutils.for_range(builder, nblk) as loop:
+            b = loop.index
+            mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
+            mvec = builder.bitcast(mk, m16)
+            o = builder.load(off)
+            v = builder.call(expand, [builder.gep(va.data, [o]), mvec, zero])
+            xv = builder.call(mload, [builder.gep(xa.data, [builder.mul(b, ir.Constant(i64, LANES))]),
+                                      ir.Constant(i32, 4), mvec, zero])
+            builder.store(builder.call(fma, [v, xv, builder.load(acc)]), acc)
+            builder.store(builder.add(o, builder.zext(builder.call(ctpop, [mk]), i64)), off)
+        a = builder.load(acc)
+        lanes = [builder.extract_element(a, ir.Constant(i32, i)) for i in range(LANES)]
+        while len(lanes) > 1:                                   # fixed-order pairwise sum
+            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+    return sig, codegen

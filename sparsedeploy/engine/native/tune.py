@@ -1,0 +1,98 @@
+"""Choose each group's stored format by timing it on this CPU (compile time, not a constant).
+
+Which format is fastest for a product depends on the machine (memory bandwidth, cache sizes, whether gathers
+or AVX-512 expands are cheap), the matrix's shape and its sparsity; a crossover tuned on one CPU kind was
+wrong on the other. So for every decoder layer's groups (q|k|v, o, gate|up, down) every candidate format
+(pack.candidates: dense, ELL or CSR, bitmask) is built and its product timed *in decode order*: round after
+round, each format walks every layer's groups in the order a decode step does, so each call meets the cache
+state it will meet in the model (a matrix timed alone in a loop would sit in cache and flatter the formats
+that read more bytes). The formats take turns within a round, so a drift in the machine's speed hits all of
+them alike. The median per (layer, group, format) decides; a format within `tie` of the fastest that stores
+fewer bytes wins the tie (fewer bytes leave more bandwidth to everything else in the step).
+
+Returns the choice and what was measured, which the index records next to every group.
+"""
+from __future__ import annotations
+
+import platform
+import time
+
+import numpy as np
+
+from . import kernels as K
+from .pack import candidates, encode
+
+GROUP_ORDER = ("qkv", "o", "up", "down")
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _product(fmt: str, arrs: dict, x: np.ndarray, out: np.ndarray):
+    bias = np.zeros(0, np.float32)
+    if fmt == "dense":
+        return lambda: K.dense_gemv(arrs["w"], x, bias, out, False)
+    if fmt == "ell":
+        return lambda: K.ell_gemv(arrs["cols"], arrs["vals"], x, bias, out, False)
+    if fmt == "csr":
+        return lambda: K.csr_gemv(arrs["rowptr"], arrs["cols"], arrs["vals"], x, bias, out, False)
+    return lambda: K.bitmask_gemv(arrs["rowptr"], arrs["masks"], arrs["vals"], x, bias, out, False)
+
+
+def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None = None, rounds: int = 7,
+                   tie: float = 0.03, formats: tuple[str, ...] | None = None) -> tuple[list[dict[str, str]], dict]:
+    """layers[i][group] = the stacked fp32 matrix. Returns (choice[i][group] = format, tuning record).
+    formats: only these candidates (dense where none of them applies), e.g. to compare formats."""
+    used = K.set_threads(threads)
+    rng = np.random.default_rng(0)
+    cands: list[dict[str, dict[str, tuple[dict, int]]]] = []
+    for layer in layers:
+        c = {}
+        for g, W in layer.items():
+            c[g] = {}
+            allowed = [f for f in candidates(W) if formats is None or f in formats] or ["dense"]
+            for fmt in allowed:
+                arrs = encode(W, fmt)
+                c[g][fmt] = (arrs, sum(int(a.nbytes) for a in arrs.values()))
+        cands.append(c)
+    order = [g for g in GROUP_ORDER if layers and g in layers[0]] + [g for g in (layers[0] if layers else {}) if g not in GROUP_ORDER]
+    xs = {g: rng.standard_normal(layers[0][g].shape[1]).astype(np.float32) for g in order} if layers else {}
+    outs = {g: np.zeros(layers[0][g].shape[0], np.float32) for g in order} if layers else {}
+    fmts = sorted({f for c in cands for g in c for f in c[g]}, key=lambda f: ("dense", "ell", "csr", "bitmask").index(f))
+    calls = {(i, g, f): _product(f, cands[i][g][f][0], xs[g], outs[g]) for i in range(len(cands)) for g in order
+             for f in cands[i][g]}
+    for call in calls.values():                  # compile and touch every candidate once
+        call()
+    times: dict[tuple, list[float]] = {k: [] for k in calls}
+    clock = time.perf_counter
+    for r in range(rounds):
+        for f in (fmts if r % 2 == 0 else fmts[::-1]):
+            for i in range(len(cands)):
+                for g in order:
+                    call = calls.get((i, g, f))
+                    if call is None:
+                        continue
+                    t0 = clock()
+                    call()
+                    times[(i, g, f)].append(clock() - t0)
+    choice, ms = [], []
+    for i in range(len(cands)):
+        ci, mi = {}, {}
+        for g in order:
+            med = {f: float(np.median(times[(i, g, f)])) * 1e3 for f in cands[i][g]}
+            best = min(med.values())
+            close = [f for f in med if med[f] <= best * (1 + tie)]
+            ci[g] = min(close, key=lambda f: cands[i][g][f][1])
+            mi[g] = {f: round(v, 6) for f, v in med.items()}
+        choice.append(ci)
+        ms.append(mi)
+    record = {"cpu": cpu_name(), "threads": used, "rounds": rounds, "tie": tie, "ms": ms,
+              "formats": sorted({f for c in choice for f in c.values()})}
+    return choice, record
