@@ -106,7 +106,8 @@ def test_attention_kernel_matches_numpy_reference_with_gqa_and_masked_slots():
     out = np.zeros((L, H * D), np.float32)
     nk, nv = np.zeros((Hkv, L, D), np.float32), np.zeros((Hkv, L, D), np.float32)
     cos = sin = np.zeros((1, 1), np.float32)
-    K.attention(QKV, H, Hkv, D, pos, cos, sin, False, np.float32(D ** -0.5), pk, pv, mask, out, nk, nv)
+    K.attention(QKV, H, Hkv, D, pos, cos, sin, False, np.float32(D ** -0.5), pk, pv, mask, out, nk, nv,
+                np.full((H * L, 2 * D + P + L), np.nan, np.float32))
     q = QKV[:, :H * D].reshape(L, H, D)
     k_new = QKV[:, H * D:(H + Hkv) * D].reshape(L, Hkv, D).transpose(1, 0, 2)
     v_new = QKV[:, (H + Hkv) * D:].reshape(L, Hkv, D).transpose(1, 0, 2)

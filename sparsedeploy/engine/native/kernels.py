@@ -246,7 +246,7 @@ def relu_(X):
 
 # ----------------------------------------------------------------------------- attention over the cache slots
 @njit(**_OPTS)
-def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, mask, out, new_k, new_v):
+def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, mask, out, new_k, new_v, scratch):
     """One layer's attention for L new tokens.
 
     QKV [L, (H + 2 Hkv) D]: q | k | v projections of the new tokens (rotary not yet applied).
@@ -254,6 +254,8 @@ def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, 
     past_k/past_v [Hkv, P, D]: the cache slots; mask [L, P + L]: 1 where token l may attend to slot/token.
     out [L, H D]; new_k/new_v [Hkv, L, D] receive the new keys (rotated) and values: the `present` rows.
     Grouped-query attention: head h reads kv head h // (H / Hkv); the cache is never repeated.
+    scratch [>= H L, 2 D + P + L]: each (head, token) pair's rotated query, output and scores (no allocation
+    inside the parallel loop).
     """
     L = QKV.shape[0]
     P = past_k.shape[1]
@@ -282,7 +284,9 @@ def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, 
         l = hl % L
         g = h // rep
         p = positions[l]
-        q = np.empty(D, dtype=np.float32)
+        q = scratch[hl, :D]
+        o = scratch[hl, D:2 * D]
+        scores = scratch[hl, 2 * D:2 * D + P + L]
         if rope:
             for i in range(half):
                 a = QKV[l, qoff + h * D + i]
@@ -292,7 +296,6 @@ def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, 
         else:
             for i in range(D):
                 q[i] = QKV[l, qoff + h * D + i]
-        scores = np.empty(P + L, dtype=np.float32)
         m = np.float32(-np.inf)
         for t in range(P + L):
             if mask[l, t] != 0:
@@ -315,7 +318,8 @@ def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, 
                 total += e
             else:
                 scores[t] = 0
-        o = np.zeros(D, dtype=np.float32)
+        for i in range(D):
+            o[i] = 0
         if total > 0:
             inv = np.float32(1.0) / total
             for t in range(P + L):

@@ -142,6 +142,8 @@ class NativeModel:
         else:
             self.cos = self.sin = np.zeros((1, 1), dtype=np.float32)
         self._bufs: dict[int, dict] = {}
+        self._scratch: dict[tuple, np.ndarray] = {}
+        self._new_rows: dict[int, list] = {}
 
     # ------------------------------------------------------------------ sizes
     def weight_bytes(self) -> dict:
@@ -201,15 +203,22 @@ class NativeModel:
         self.embed_tokens(ids, positions, x)
         new = []
         H, Hkv, D = self.H, self.Hkv, self.D
+        width = 2 * D + mask.shape[1]
+        scratch = self._scratch.get((L, width))
+        if scratch is None:
+            scratch = self._scratch[(L, width)] = np.zeros((H * L, width), np.float32)
+        kv_new = self._new_rows.get(L)
+        if kv_new is None:     # the `present` rows; the decode loop copies them into its cache before the next call
+            kv_new = self._new_rows[L] = [(np.zeros((Hkv, L, D), np.float32), np.zeros((Hkv, L, D), np.float32))
+                                          for _ in self.layers]
         silu = self.arch.act == "silu_mul"
         for i, lay in enumerate(self.layers):
             self._norm(x, lay["attn_norm"], h)
             lay["qkv"].mat(h, qkv, False)
-            nk = np.empty((Hkv, L, D), np.float32)
-            nv = np.empty((Hkv, L, D), np.float32)
+            nk, nv = kv_new[i]
             pk, pv = past[i]
             K.attention(qkv, H, Hkv, D, positions, self.cos, self.sin, self.arch.rope, self.scale, pk, pv, mask,
-                        attn, nk, nv)
+                        attn, nk, nv, scratch)
             lay["o"].mat(attn, x, True)
             self._norm(x, lay["mlp_norm"], h)
             if silu:

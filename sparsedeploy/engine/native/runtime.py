@@ -1,5 +1,6 @@
 """The native engine as a Runtime: the deployment's graph contract (input_ids, positions, causal_mask,
-past_key_values.* -> logits, present.*) over NativeModel, with `present` holding only the new rows."""
+past_key_values.* -> logits, present.*) over NativeModel, with `present` holding only the new rows
+(arrays the next call overwrites: a caller keeps them by copying, as the decode loop does)."""
 from __future__ import annotations
 
 import time
