@@ -353,7 +353,7 @@ def _print_bench(doc: dict) -> None:
     if sbs is not None:
         ui.out.print(sbs)
     m = doc["machine"]
-    ui.out.print(f"{m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; memory bandwidth {m['bandwidth']['gbs']:.1f} GB/s"
+    ui.out.print(f"{m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; measured memory bandwidth {m['bandwidth']['gbs']:.1f} GB/s"
                  + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""))
     if doc.get("dense_tokens_agree_across_engines") is not None:
         ui.out.print(f"dense greedy tokens equal across engines: {doc['dense_tokens_agree_across_engines']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import pytest
 from rich.console import Console
@@ -133,9 +134,11 @@ def test_render():
 
 def test_measure_bandwidth_small():
     bw = report.measure_bandwidth(threads=2, mbytes=8, repeats=2)
-    for k in ("add_gbs", "copy_gbs", "gbs"):
+    kernels = ("add_gbs", "copy_gbs", "sum_gbs", "dot_gbs")
+    for k in (*kernels, "gbs"):
         assert math.isfinite(bw[k]) and bw[k] > 0
-    assert bw["gbs"] == bw["add_gbs"] and bw["threads"] == 2 and bw["mbytes"] == 8
+    assert bw["gbs"] == max(bw[k] for k in kernels) == bw[bw["best_kernel"] + "_gbs"]
+    assert bw["threads"] == 2 and bw["mbytes"] == 8
 
 
 def test_machine_info_keys():
@@ -154,3 +157,24 @@ def test_side_by_side_keeps_models_that_share_a_label():
     header, body = report._side_by_side_cells({"native": rows([10.0, 8.0, 5.0]), "deepsparse": rows([12.0, 16.0, 10.0])})
     assert len(body) == 3 and body[1][0] != body[2][0]
     assert body[1][-1] == "2.00x" and body[2][-1] == "2.00x"       # 16/8 and 10/5, not one row twice
+
+
+def test_other_load_sees_a_busy_process_that_is_not_ours():
+    import subprocess
+    import sys
+    import time
+
+    from sparsedeploy.bench.bench import OtherLoad
+
+    hog = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    try:
+        time.sleep(0.2)
+        with OtherLoad([]) as busy:
+            time.sleep(1.0)
+        with OtherLoad([hog.pid]) as ours:          # the same process, counted as ours
+            time.sleep(0.2)
+    finally:
+        hog.wait()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert busy.fraction is not None and busy.fraction > 0.6 / cores
+    assert ours.fraction is not None

@@ -144,10 +144,56 @@ def available_engines() -> list[str]:
     return [e for e in engine_names() if unavailable(e) is None]
 
 
-def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_tokens: int = 16, new_tokens: int = 32,
-                rounds: int = 2) -> tuple[str, str]:
-    """The fastest engine on this machine for this deployment, from a short interleaved decode probe of
-    every available engine; returns (engine, a one-line reason with the probe's numbers)."""
+class OtherLoad:
+    """CPU time that processes other than ours used while the block ran, as a fraction of the machine (Linux:
+    /proc/stat minus our own and our workers' /proc/<pid>/stat). None where /proc is not there."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self.fraction: float | None = None
+
+    @staticmethod
+    def _total() -> tuple[int, int] | None:
+        try:
+            f = open("/proc/stat").readline().split()[1:]
+        except OSError:
+            return None
+        v = [int(x) for x in f]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v[:8]) - idle, sum(v[:8])
+
+    def _ours(self) -> int:
+        import os
+
+        total = 0
+        for pid in {os.getpid(), *self.pids}:
+            try:
+                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])          # utime + stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def __enter__(self):
+        self._t0, self._o0 = self._total(), self._ours()
+        return self
+
+    def __exit__(self, *exc):
+        t1 = self._total()
+        if self._t0 is None or t1 is None:
+            return
+        busy, total = t1[0] - self._t0[0], t1[1] - self._t0[1]
+        if total > 0:
+            self.fraction = max(0.0, (busy - (self._ours() - self._o0)) / total)
+
+
+def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_tokens: int = 16, new_tokens: int = 48,
+                rounds: int = 3, busy_above: float = 0.15, disagree_above: float = 0.10) -> tuple[str, str]:
+    """The fastest engine on this machine for this deployment, from an interleaved decode probe of every
+    available engine (`rounds` rounds, the engines' order rotated each round); returns (engine, one line with
+    the probe's numbers). The line says so when the probe cannot be trusted: other processes used more than
+    `busy_above` of the CPU meanwhile, or the winner was not the fastest in every round, or its round medians
+    spread by more than `disagree_above`."""
     meta = read_deployment(deployment)
     engines = available_engines()
     if "native" in engines:
@@ -160,6 +206,7 @@ def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_toke
     prompt = prompt_ids(meta, prompt_tokens)
     S = int(meta["seqlen"])
     n = max(2, min(new_tokens, S - len(prompt)))
+    per_round: dict[str, list[float]] = {}
     times: dict[str, list[float]] = {}
     workers = []
     try:
@@ -167,18 +214,35 @@ def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_toke
             w = WorkerRuntime(e, meta["onnx"], cores=cores, seq_len=1, cache_len=S)
             workers.append(w)
             w.decode(prompt[:4], 2)
-        for r in range(rounds):
-            for w in workers[r % len(workers):] + workers[:r % len(workers)]:
-                time.sleep(SETTLE_S)
-                times.setdefault(w.name, []).extend(w.decode(prompt, n).decode_ms)
+        with OtherLoad([w.pid for w in workers]) as load:
+            for r in range(rounds):
+                for w in workers[r % len(workers):] + workers[:r % len(workers)]:
+                    time.sleep(SETTLE_S)
+                    ms = w.decode(prompt, n).decode_ms
+                    times.setdefault(w.name, []).extend(ms)
+                    per_round.setdefault(w.name, []).append(float(np.median(ms)))
     finally:
         for w in workers:
             w.close()
     med = {e: float(np.median(t)) for e, t in times.items()}
     best = min(med, key=med.get)
     others = ", ".join(f"{e} {ms:.1f}" for e, ms in sorted(med.items(), key=lambda kv: kv[1]))
-    return best, (f"fastest at {meta.get('sparsity', 0):.0%} sparsity on a {n}-token probe (ms/token: {others}); "
-                  "name one with --engine")
+    why = (f"fastest at {meta.get('sparsity', 0):.0%} sparsity on {rounds} interleaved rounds of {n} tokens "
+           f"(ms/token: {others})")
+    warnings = []
+    if load.fraction is not None and load.fraction > busy_above:
+        warnings.append(f"other processes used {load.fraction:.0%} of the CPU during the probe")
+    lost = [r for r in range(rounds) if min(per_round, key=lambda e: per_round[e][r]) != best]
+    spread = (max(per_round[best]) - min(per_round[best])) / min(per_round[best])
+    if lost or spread > disagree_above:
+        warnings.append(f"the rounds disagree ({best} per round: "
+                        + ", ".join(f"{x:.1f}" for x in per_round[best])
+                        + (f"; not fastest in round {', '.join(str(r + 1) for r in lost)}" if lost else "") + ")")
+    if warnings:
+        why += "; UNRELIABLE: " + "; ".join(warnings) + " — rerun on an idle machine or name one with --engine"
+    else:
+        why += "; name one with --engine"
+    return best, why
 
 
 # ----------------------------------------------------------------------------------------------- bench
