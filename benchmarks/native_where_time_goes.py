@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 KINDS = {"csr_gemv": "sparse products", "ell_gemv": "sparse products", "csr_gemm": "sparse products",
-         "ell_gemm": "sparse products", "dense_gemv": "dense products", "attention": "attention",
+         "ell_gemm": "sparse products", "bitmask_gemv": "sparse products", "bitmask_gemm": "sparse products", "dense_gemv": "dense products", "attention": "attention",
          "rms_norm": "norms + activation", "layer_norm": "norms + activation", "silu_mul": "norms + activation",
          "relu_": "norms + activation"}
 
