@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsedeploy.bench.bench import BenchConfig  # noqa: E402
-from sparsedeploy.bench.sweep import SweepConfig, sweep  # noqa: E402
+from sparsedeploy.bench.sweep import SweepConfig, parse_sparsities, sweep  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from table5 import RESULTS, _publish  # noqa: E402
@@ -36,12 +36,15 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--sparsities", default="0,0.5,0.6,0.7,0.8,0.9")
     a = ap.parse_args()
     work = Path(a.work)
     todo = a.only or ["synthetic", "smollm2"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     if "synthetic" in todo:
+        sp = parse_sparsities(a.sparsities)
         cfg = SweepConfig(synthetic="llama2-7b", layers=2, method="magnitude", allocator="uniform", export_seqlen=256,
+                          sparsities=sp,
                           prepare_only=a.prepare_only,
                           bench=BenchConfig(engine=ENGINES, group_size=1, prompt_tokens=16, new_tokens=64,
                                             rounds=a.rounds, ort_baseline=False))
@@ -50,6 +53,7 @@ def main() -> None:
             _publish(work / "sweep_synthetic_llama2_7b" / "table5", "native_table5_synthetic_llama2_7b_2layers")
     if "smollm2" in todo:
         cfg = SweepConfig("smollm2-135m", allocator="dlp", method="wanda", nsamples=32, calib_seqlen=256,
+                          sparsities=parse_sparsities(a.sparsities),
                           export_seqlen=256, prepare_only=a.prepare_only,
                           bench=BenchConfig(engine=ENGINES, group_size=3, prompt_tokens=64, new_tokens=128,
                                             rounds=a.rounds, ort_baseline=False))

@@ -132,6 +132,22 @@ def bitmask_gemv(rowptr, masks, vals, x, bias, out, acc):
             out[r] = s
 
 
+def _serial_build(f):
+    """The same product as one serial loop (prange runs as range). A parallel region costs a fork and a join
+    (microseconds) that a small product may not repay; the compile-time tuner times both builds per group.
+    Renamed so numba's on-disk cache keeps the two builds apart."""
+    import types as _types
+
+    g = _types.FunctionType(f.py_func.__code__.replace(co_name=f.__name__ + "_serial"), f.py_func.__globals__,
+                            f.__name__ + "_serial", f.py_func.__defaults__, f.py_func.__closure__)
+    g.__qualname__ = f.__name__ + "_serial"
+    return njit(**_SERIAL)(g)
+
+
+GEMV = {"dense": dense_gemv, "csr": csr_gemv, "ell": ell_gemv, "bitmask": bitmask_gemv}
+GEMV_SERIAL = {k: _serial_build(f) for k, f in GEMV.items()}
+
+
 # ----------------------------------------------------------------------------- products, L tokens (prefill)
 @njit(**_OPTS)
 def bitmask_gemm(rowptr, masks, vals, X, bias, Y, acc):

@@ -27,9 +27,9 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 class Linear:
     """One stored group (dense / ELL / CSR / bitmask): y = W x (+ bias), optionally added into y."""
 
-    __slots__ = ("fmt", "a", "b", "c", "bias", "rows", "cols_in", "nbytes")
+    __slots__ = ("fmt", "a", "b", "c", "bias", "rows", "cols_in", "nbytes", "gemv")
 
-    def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape):
+    def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
         self.fmt = fmt
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
         self.bias = _EMPTY if bias is None else bias
@@ -44,17 +44,16 @@ class Linear:
         else:
             raise UserError(f"unknown stored format '{fmt}' in native weights", "rebuild them: sparsedeploy compile --engine native")
         self.nbytes = sum(int(x.nbytes) for x in arrays.values()) + int(self.bias.nbytes)
+        self.gemv = (K.GEMV_SERIAL if serial else K.GEMV)[fmt]          # the build the tuner measured fastest
 
     def vec(self, x: np.ndarray, out: np.ndarray, acc: bool) -> None:
         """x [in] -> out [rows]."""
-        if self.fmt == "csr":
-            K.csr_gemv(self.a, self.b, self.c, x, self.bias, out, acc)
-        elif self.fmt == "bitmask":
-            K.bitmask_gemv(self.a, self.b, self.c, x, self.bias, out, acc)
+        if self.fmt == "csr" or self.fmt == "bitmask":
+            self.gemv(self.a, self.b, self.c, x, self.bias, out, acc)
         elif self.fmt == "ell":
-            K.ell_gemv(self.a, self.b, x, self.bias, out, acc)
+            self.gemv(self.a, self.b, x, self.bias, out, acc)
         else:
-            K.dense_gemv(self.a, x, self.bias, out, acc)
+            self.gemv(self.a, x, self.bias, out, acc)
 
     def mat(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [L, in] -> Y [L, rows]."""
@@ -122,7 +121,7 @@ class NativeModel:
                    "mlp_norm": (t[f"{p}.mlp_norm.w"], t.get(f"{p}.mlp_norm.b"))}
             for g, info in groups.items():
                 arrs = {k.rsplit(".", 1)[1]: v for k, v in t.items() if k.startswith(f"{p}.{g}.") and not k.endswith(".bias")}
-                lay[g] = Linear(info["format"], arrs, t.get(f"{p}.{g}.bias"), info["shape"])
+                lay[g] = Linear(info["format"], arrs, t.get(f"{p}.{g}.bias"), info["shape"], info.get("serial", False))
             self.layers.append(lay)
         self.inter = self.layers[0]["down"].cols_in if self.layers else 0
         self.embed = t["embed"]

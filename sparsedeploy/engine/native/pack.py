@@ -159,7 +159,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         layer_groups = {}
         for g, names in arch.stacks().items():
             W, mats = stacked[i][g]
-            fmt = choice[i][g]
+            fmt, _, serial = choice[i][g].partition("/")
             arrs = encode(W, fmt)
             for k, a in arrs.items():
                 put(f"{dst}.{g}.{k}", a)
@@ -168,7 +168,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
                 put(f"{dst}.{g}.bias", np.concatenate([np.asarray(b, np.float32) if b is not None else
                                                        np.zeros(m.shape[0], np.float32) for b, m in zip(biases, mats)]))
             nnz = int(np.count_nonzero(W))
-            layer_groups[g] = {"format": fmt, "shape": list(W.shape), "nnz": nnz,
+            layer_groups[g] = {"format": fmt, "serial": bool(serial), "shape": list(W.shape), "nnz": nnz,
                                "sparsity": round(1 - nnz / W.size, 6), "linears": list(names),
                                "rows": [int(m.shape[0]) for m in mats]}
             if tuning is not None:

@@ -35,21 +35,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _product(fmt: str, arrs: dict, x: np.ndarray, out: np.ndarray):
+ARGS = {"dense": ("w",), "ell": ("cols", "vals"), "csr": ("rowptr", "cols", "vals"), "bitmask": ("rowptr", "masks", "vals")}
+
+
+def _product(variant: str, arrs: dict, x: np.ndarray, out: np.ndarray):
+    fmt, _, serial = variant.partition("/")
+    fn = (K.GEMV_SERIAL if serial else K.GEMV)[fmt]
+    args = tuple(arrs[k] for k in ARGS[fmt])
     bias = np.zeros(0, np.float32)
-    if fmt == "dense":
-        return lambda: K.dense_gemv(arrs["w"], x, bias, out, False)
-    if fmt == "ell":
-        return lambda: K.ell_gemv(arrs["cols"], arrs["vals"], x, bias, out, False)
-    if fmt == "csr":
-        return lambda: K.csr_gemv(arrs["rowptr"], arrs["cols"], arrs["vals"], x, bias, out, False)
-    return lambda: K.bitmask_gemv(arrs["rowptr"], arrs["masks"], arrs["vals"], x, bias, out, False)
+    return lambda: fn(*args, x, bias, out, False)
 
 
 def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None = None, rounds: int = 7,
-                   tie: float = 0.03, formats: tuple[str, ...] | None = None) -> tuple[list[dict[str, str]], dict]:
+                   tie: float = 0.03, formats: tuple[str, ...] | None = None,
+                   serial: bool = True) -> tuple[list[dict[str, str]], dict]:
     """layers[i][group] = the stacked fp32 matrix. Returns (choice[i][group] = format, tuning record).
-    formats: only these candidates (dense where none of them applies), e.g. to compare formats."""
+    formats: only these candidates (dense where none of them applies), e.g. to compare formats.
+    serial: also time each format's serial build ("csr/serial"): no parallel region, for small products.
+    A tie goes to fewer bytes, then to the parallel build."""
     used = K.set_threads(threads)
     rng = np.random.default_rng(0)
     cands: list[dict[str, dict[str, tuple[dict, int]]]] = []
@@ -60,12 +63,15 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
             allowed = [f for f in candidates(W) if formats is None or f in formats] or ["dense"]
             for fmt in allowed:
                 arrs = encode(W, fmt)
-                c[g][fmt] = (arrs, sum(int(a.nbytes) for a in arrs.values()))
+                nbytes = sum(int(a.nbytes) for a in arrs.values())
+                c[g][fmt] = (arrs, nbytes)
+                if serial:
+                    c[g][fmt + "/serial"] = (arrs, nbytes)
         cands.append(c)
     order = [g for g in GROUP_ORDER if layers and g in layers[0]] + [g for g in (layers[0] if layers else {}) if g not in GROUP_ORDER]
     xs = {g: rng.standard_normal(layers[0][g].shape[1]).astype(np.float32) for g in order} if layers else {}
     outs = {g: np.zeros(layers[0][g].shape[0], np.float32) for g in order} if layers else {}
-    fmts = sorted({f for c in cands for g in c for f in c[g]}, key=lambda f: ("dense", "ell", "csr", "bitmask").index(f))
+    fmts = sorted({f for c in cands for g in c for f in c[g]}, key=lambda f: (("dense", "ell", "csr", "bitmask").index(f.split("/")[0]), f))
     calls = {(i, g, f): _product(f, cands[i][g][f][0], xs[g], outs[g]) for i in range(len(cands)) for g in order
              for f in cands[i][g]}
     for call in calls.values():                  # compile and touch every candidate once
@@ -89,7 +95,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
             med = {f: float(np.median(times[(i, g, f)])) * 1e3 for f in cands[i][g]}
             best = min(med.values())
             close = [f for f in med if med[f] <= best * (1 + tie)]
-            ci[g] = min(close, key=lambda f: cands[i][g][f][1])
+            ci[g] = min(close, key=lambda f: (cands[i][g][f][1], f.endswith("/serial")))
             mi[g] = {f: round(v, 6) for f, v in med.items()}
         choice.append(ci)
         ms.append(mi)
