@@ -1,4 +1,4 @@
-"""Typer CLI: parse arguments into stage configs, call the stage, print with rich.
+"""Typer CLI: parse arguments into stage or workflow configs, call the stage or workflow, print with rich.
 
 Bad input anywhere becomes one line on stderr and exit code 2 (see errors.UserError).
 """
@@ -232,7 +232,7 @@ def sweep(
     prepare_only: bool = typer.Option(False, help="prune and export only; bench later (e.g. on an idle machine)"),
 ):
     """Prune at every sparsity, export each, bench them together: Table 5 (+ JSON/CSV/MD/PNG in OUT)."""
-    from .bench.sweep import SweepConfig, parse_sparsities, sweep as sweep_stage
+    from .workflows.sweep import SweepConfig, parse_sparsities, sweep as sweep_stage
     if synthetic and method == "wanda":
         method = "magnitude"
     cfg = SweepConfig(model, parse_sparsities(sparsities), allocator, method, nsamples, calib_seqlen, seqlen, synthetic,
@@ -270,42 +270,40 @@ def run(
 ):
     """The main job: prune the default model with DLP + Wanda, compare perplexity with the dense model's,
     then export both, compile them and print the Table 5 decode benchmark."""
-    st = _stages()
-    cfg = st.PruneConfig(model, sparsity, allocator, method, "unstructured",
-                         calib=st.CalibConfig(model, "wikipedia-summaries", nsamples, seqlen, 0, None, device),
-                         device=device)
-    runp = st.RunDir(out)
-    st.prune(runp, cfg, force=force)
-    ecfg = st.EvalConfig(eval_data, eval_seqlen, max_windows, data_file, device)
-    dense = st.evaluate(model, ecfg, out=out / "eval_dense.json", force=force)
-    pruned = st.evaluate(str(out), ecfg, force=force)
-    plan = st.read_json(out / st.RATIOS)
-    _print_ratios(plan)
-    table = Table(title=f"{model}: dense vs {allocator.upper()} + {method} at {sparsity:.0%} "
+    from .workflows.run import RunConfig, run as run_workflow
+    cfg = RunConfig(model=model, out=out, sparsity=sparsity, allocator=allocator, method=method, nsamples=nsamples,
+                    seqlen=seqlen, eval_data=eval_data, eval_seqlen=eval_seqlen, max_windows=max_windows,
+                    data_file=data_file, device=device, deploy=deploy, engine=engine, cores=cores,
+                    export_seqlen=export_seqlen, prompt_tokens=prompt_tokens, new_tokens=new_tokens, force=force)
+    run_workflow(cfg, on_step=lambda step, res: _RUN_PRINTERS[step](cfg, res))
+
+
+def _print_run_quality(cfg, res) -> None:
+    _print_ratios(res.plan)
+    dense, pruned = res.dense, res.pruned
+    table = Table(title=f"{cfg.model}: dense vs {cfg.allocator.upper()} + {cfg.method} at {cfg.sparsity:.0%} "
                         f"({pruned['data']}, {pruned['windows']}×{pruned['seqlen']} tokens)")
     for col in ("model", "weight sparsity", "perplexity"):
         table.add_column(col, justify="right" if col != "model" else "left")
     table.add_row("dense", f"{dense['sparsity']:.1%}", f"{dense['perplexity']:.2f}")
-    table.add_row(f"{allocator}+{method}", f"{pruned['sparsity']:.1%}", f"{pruned['perplexity']:.2f}")
+    table.add_row(f"{cfg.allocator}+{cfg.method}", f"{pruned['sparsity']:.1%}", f"{pruned['perplexity']:.2f}")
     ui.out.print(table)
-    ui.out.print(f"pruned model: {out / 'model'}   ratios: {out / st.RATIOS}   figure: {out / st.RATIOS_PNG}")
-    if not deploy:
-        return
-    from .bench import bench as bench_mod, report
-    from .export.stage import export as export_stage
-    dense_dep = export_stage(model, seqlen=export_seqlen, out=out / "dense-deployment", force=force)
-    pruned_dep = export_stage(str(out), seqlen=export_seqlen, force=force)
-    _print_export(pruned_dep)
-    if engine == "auto":
-        engine, why = bench_mod.pick_engine(pruned_dep, cores)
-        ui.out.print(f"engine: {engine} — {why}")
-    rec = bench_mod.compile_deployment(pruned_dep, engine, cores)
-    ui.out.print(f"compiled on {rec['engine']} in {rec['compile_s']:.2f} s; its greedy tokens equal PyTorch's")
-    cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, 3, None, True)
-    doc = bench_mod.bench([dense_dep, pruned_dep], cfg, title=f"{model}: dense vs {allocator.upper()}+{method} — decode ms/token")
-    report.write_reports(doc, out / "table5")
-    _print_bench(doc)
-    ui.out.print(f"bench reports: {out / 'table5'}.{{json,csv,md,png}}")
+    ui.out.print(f"pruned model: {res.model_dir}   ratios: {res.ratios}   figure: {res.figure}")
+
+
+def _print_run_bench(cfg, res) -> None:
+    _print_bench(res.bench)
+    ui.out.print(f"bench reports: {res.reports}.{{json,csv,md,png}}")
+
+
+_RUN_PRINTERS = {
+    "evaluated": _print_run_quality,
+    "exported": lambda cfg, res: _print_export(res.deployment),
+    "picked": lambda cfg, res: ui.out.print(f"engine: {res.engine} — {res.engine_why}"),
+    "compiled": lambda cfg, res: ui.out.print(f"compiled on {res.compiled['engine']} in {res.compiled['compile_s']:.2f} s; "
+                                              "its greedy tokens equal PyTorch's"),
+    "benched": _print_run_bench,
+}
 
 
 @app.command()

@@ -166,7 +166,7 @@ def test_sweep_resumes_and_reuses_calibration(tiny_llama_dir, tmp_path, monkeypa
 
 
 def test_parse_sparsities_and_synthetic_shapes():
-    from sparsedeploy.bench.sweep import SYNTHETIC, parse_sparsities
+    from sparsedeploy.workflows.sweep import SYNTHETIC, parse_sparsities
 
     assert parse_sparsities("0.5, 0,0.9,0.5") == (0.0, 0.5, 0.9)
     shapes = SYNTHETIC["llama2-7b"]
