@@ -83,6 +83,34 @@ def test_export_skips_when_up_to_date_and_refuses_a_wrong_plan(deployed, monkeyp
     assert not [p for p in dep.parent.iterdir() if p.name.startswith(".deployment")]
 
 
+def test_export_resumes_with_the_run_key_scheme(deployed, tmp_path, monkeypatch, capsys):
+    """sparsedeploy.json holds the RunDir scheme's key (args + inputs); same key: skipped, changed: rebuilt."""
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline.rundir import is_current, stage_key
+
+    meta_path = deployed["pruned"] / "sparsedeploy.json"
+    saved = meta_path.read_text()
+    meta = json.loads(saved)
+    assert meta["args"] == {"seqlen": 64, "head": True} and meta["inputs"]["source"] == str(deployed["run"].resolve())
+    assert is_current(meta, stage_key(meta["args"], meta["inputs"]))
+    assert meta["export_key"] == {**meta["inputs"], **meta["args"]}      # the flat form native.py reads
+    # a deployment exported before the shared key (export_key only) is still up to date
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("args", "inputs")}))
+    try:
+        code, out, err = _cli(["export", deployed["run"], "--seqlen", 64], monkeypatch, capsys)
+    finally:
+        meta_path.write_text(saved)
+    assert code == 0 and "up to date" in err, err
+    # another argument rebuilds the deployment; the same one again skips it
+    dep = export(str(deployed["run"]), seqlen=48, out=tmp_path / "dep")
+    stamp = (dep / "model.onnx").stat().st_mtime_ns
+    assert json.loads((dep / "sparsedeploy.json").read_text())["args"]["seqlen"] == 48
+    export(str(deployed["run"]), seqlen=48, out=dep)
+    assert (dep / "model.onnx").stat().st_mtime_ns == stamp
+    export(str(deployed["run"]), seqlen=56, out=dep)
+    assert json.loads((dep / "sparsedeploy.json").read_text())["args"]["seqlen"] == 56
+
+
 def test_compile_checks_tokens_and_never_touches_model_onnx(deployed, monkeypatch, capsys):
     dep = deployed["pruned"]
     before = sha(dep / "model.onnx")
