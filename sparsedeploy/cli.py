@@ -203,6 +203,8 @@ def bench(
     prefill_chunk: int = typer.Option(0, help="0: prefill token by token; L: a second engine for L-token chunks"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results here"),
     out: Optional[Path] = typer.Option(None, help="also write OUT.{json,csv,md,png}"),
+    details: bool = typer.Option(False, "--details", help="print every column per model (memory, overhead, layer "
+                                                       "time, bandwidth bound) and the engines side by side"),
 ):
     """Decode latency, throughput and speedup vs dense: Table 5."""
     from .bench import bench as bench_mod, report
@@ -210,7 +212,7 @@ def bench(
     doc = bench_mod.bench(deployments, cfg, json_out=json_out)
     if out is not None:
         report.write_reports(doc, out)
-    _print_bench(doc)
+    _print_bench(doc, details)
 
 
 @app.command()
@@ -230,6 +232,8 @@ def sweep(
     rounds: int = typer.Option(3), group_size: Optional[int] = typer.Option(None),
     ort_baseline: bool = typer.Option(True),
     prepare_only: bool = typer.Option(False, help="prune and export only; bench later (e.g. on an idle machine)"),
+    details: bool = typer.Option(False, "--details", help="print every column per model (memory, overhead, layer "
+                                                       "time, bandwidth bound) and the engines side by side"),
 ):
     """Prune at every sparsity, export each, bench them together: Table 5 (+ JSON/CSV/MD/PNG in OUT)."""
     from .workflows.sweep import SweepConfig, parse_sparsities, sweep as sweep_stage
@@ -242,7 +246,7 @@ def sweep(
     if prepare_only:
         ui.out.print(f"prepared {len(doc['deployments'])} deployments in {out}; rerun without --prepare-only to bench")
         return
-    _print_bench(doc)
+    _print_bench(doc, details)
     ui.out.print(f"reports: {out / 'table5'}.{{json,csv,md,png}}")
 
 
@@ -267,6 +271,8 @@ def run(
     prompt_tokens: int = typer.Option(64),
     new_tokens: int = typer.Option(128),
     force: bool = typer.Option(False),
+    details: bool = typer.Option(False, "--details", help="print every column per model (memory, overhead, layer "
+                                                       "time, bandwidth bound) and the engines side by side"),
 ):
     """The main job: prune the default model with DLP + Wanda, compare perplexity with the dense model's,
     then export both, compile them and print the Table 5 decode benchmark."""
@@ -275,35 +281,31 @@ def run(
                     seqlen=seqlen, eval_data=eval_data, eval_seqlen=eval_seqlen, max_windows=max_windows,
                     data_file=data_file, device=device, deploy=deploy, engine=engine, cores=cores,
                     export_seqlen=export_seqlen, prompt_tokens=prompt_tokens, new_tokens=new_tokens, force=force)
-    run_workflow(cfg, on_step=lambda step, res: _RUN_PRINTERS[step](cfg, res))
+    run_workflow(cfg, on_step=lambda step, res: _print_run_step(step, cfg, res, details))
 
 
-def _print_run_quality(cfg, res) -> None:
-    _print_ratios(res.plan)
-    dense, pruned = res.dense, res.pruned
-    table = Table(title=f"{cfg.model}: dense vs {cfg.allocator.upper()} + {cfg.method} at {cfg.sparsity:.0%} "
-                        f"({pruned['data']}, {pruned['windows']}×{pruned['seqlen']} tokens)")
-    for col in ("model", "weight sparsity", "perplexity"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    table.add_row("dense", f"{dense['sparsity']:.1%}", f"{dense['perplexity']:.2f}")
-    table.add_row(f"{cfg.allocator}+{cfg.method}", f"{pruned['sparsity']:.1%}", f"{pruned['perplexity']:.2f}")
-    ui.out.print(table)
-    ui.out.print(f"pruned model: {res.model_dir}   ratios: {res.ratios}   figure: {res.figure}")
-
-
-def _print_run_bench(cfg, res) -> None:
-    _print_bench(res.bench)
-    ui.out.print(f"bench reports: {res.reports}.{{json,csv,md,png}}")
-
-
-_RUN_PRINTERS = {
-    "evaluated": _print_run_quality,
-    "exported": lambda cfg, res: _print_export(res.deployment),
-    "picked": lambda cfg, res: ui.out.print(f"engine: {res.engine} — {res.engine_why}"),
-    "compiled": lambda cfg, res: ui.out.print(f"compiled on {res.compiled['engine']} in {res.compiled['compile_s']:.2f} s; "
-                                              "its greedy tokens equal PyTorch's"),
-    "benched": _print_run_bench,
-}
+def _print_run_step(step: str, cfg, res, details: bool) -> None:
+    """Print what the run workflow's `step` just added to its result `res`."""
+    if step == "evaluated":
+        _print_ratios(res.plan)
+        dense, pruned = res.dense, res.pruned
+        table = Table(title=f"{cfg.model}: dense vs {cfg.allocator.upper()} + {cfg.method} at {cfg.sparsity:.0%} "
+                            f"({pruned['data']}, {pruned['windows']}×{pruned['seqlen']} tokens)")
+        for col in ("model", "weight sparsity", "perplexity"):
+            table.add_column(col, justify="right" if col != "model" else "left")
+        table.add_row("dense", f"{dense['sparsity']:.1%}", f"{dense['perplexity']:.2f}")
+        table.add_row(f"{cfg.allocator}+{cfg.method}", f"{pruned['sparsity']:.1%}", f"{pruned['perplexity']:.2f}")
+        ui.out.print(table)
+        ui.out.print(f"pruned model: {res.model_dir}   ratios: {res.ratios}   figure: {res.figure}")
+    elif step == "exported":
+        _print_export(res.deployment)
+    elif step == "picked":
+        ui.out.print(f"engine: {res.engine} — {res.engine_why}")
+    elif step == "compiled":
+        ui.out.print(f"compiled on {res.compiled['engine']} in {res.compiled['compile_s']:.2f} s; its greedy tokens equal PyTorch's")
+    elif step == "benched":
+        _print_bench(res.bench, details)
+        ui.out.print(f"bench reports: {res.reports}.{{json,csv,md,png}}")
 
 
 @app.command()
@@ -335,18 +337,24 @@ def _print_export(dep: Path) -> None:
                  f"sparsity per layer equals {v.get('plan_from', '-')})")
 
 
-def _print_bench(doc: dict) -> None:
+def _print_bench(doc: dict, details: bool = False) -> None:
+    """Table 5 per engine, then one short line per model and engine (fits 100 columns); with `details` every
+    column per engine (a column per model) and the engines side by side instead (the report files hold it all)."""
     from .bench import report
     for name, rows in doc["engines"].items():
         if len(rows) > 1:   # an engine that only ran the dense baseline shows up as "vs dense ORT"
             ui.out.print(report.table5(rows, f"{doc['title']} ({name})"))
-        ui.out.print(report.details_table(rows, f"{name}: details", doc.get("dense_ort_ms")))
-    sbs = report.side_by_side(doc["engines"], f"{doc['title']}: engines side by side")
-    if sbs is not None:
-        ui.out.print(sbs)
+        if details:
+            ui.out.print(report.details_by_model(rows, f"{name}: details", doc.get("dense_ort_ms")))
+    if details:
+        sbs = report.side_by_side(doc["engines"], f"{doc['title']}: engines side by side")
+        if sbs is not None:
+            ui.out.print(sbs)
+    else:
+        ui.out.print(report.summary_table(doc["engines"], "per model and engine (--details: every column)"))
     m = doc["machine"]
     ui.out.print(f"{m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; memory bandwidth {m['bandwidth']['gbs']:.1f} GB/s"
-                 + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""))
+                 + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""), width=None if details else 100)
     if doc.get("dense_tokens_agree_across_engines") is not None:
         ui.out.print(f"dense greedy tokens equal across engines: {doc['dense_tokens_agree_across_engines']}")
 

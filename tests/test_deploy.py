@@ -131,6 +131,9 @@ def test_bench_table5_and_report_files(deployed, monkeypatch, capsys, tmp_path):
     assert code == 0, err
     for row in ("Latency (ms)", "Throughput (tokens/sec)", "Speedup", "Dense"):
         assert row in out
+    # by default: Table 5 and one short line per model and engine, readable on a 120-column terminal
+    assert max(len(line) for line in out.splitlines()) <= 120, out
+    assert "ms/token" in out and "Weights MB" in out and "Loop overhead" not in out and "Of bound" not in out
     doc = json.loads(js.read_text())
     rows = doc["engines"][ENGINE]
     assert [r["label"] for r in rows][0] == "Dense" and len(rows) == 2
@@ -149,6 +152,15 @@ def test_bench_table5_and_report_files(deployed, monkeypatch, capsys, tmp_path):
     assert all(sha(d / "model.onnx") == h for d, h in before.items())
 
 
+def test_bench_details_shows_every_column(deployed, monkeypatch, capsys):
+    code, out, err = _cli(["bench", deployed["dense"], deployed["pruned"], "--engine", "onnxruntime", "--cores", 1,
+                           "--prompt-tokens", 4, "--new-tokens", 4, "--rounds", 1, "--details"], monkeypatch, capsys)
+    assert code == 0, err
+    for name in ("Latency (ms)", "Peak RSS MB", "Loop overhead", "Engine-only speedup", "vs dense ORT",
+                 "Layer/own bound", "Bound ms", "BW use", "Of bound"):
+        assert name in out, name
+
+
 def test_bench_bad_input_is_one_line(deployed, monkeypatch, capsys, tmp_path, tiny_tokenizer):
     dep = deployed["dense"]
     cases = [
@@ -157,10 +169,15 @@ def test_bench_bad_input_is_one_line(deployed, monkeypatch, capsys, tmp_path, ti
         (["bench", dep, "--engine", "tensorrt"], "unknown engine"),
         (["bench", dep, "--cores", 999], "--cores"),
         (["compile", deployed["root"]], "missing"),
+        (["bench", tmp_path / "fresh-run"], f"{tmp_path / 'fresh-run'} has no deployment yet — export it first: "
+                                            f"sparsedeploy export {tmp_path / 'fresh-run'}"),
+        (["bench", deployed["run"]], f"is a RUN directory, not a deployment — pass its deployment: {deployed['pruned']}"),
         (["export", deployed["run"], "--seqlen", 2], "--seqlen"),
         (["sweep", "x", "--out", tmp_path / "s", "--sparsities", "0,1.5"], "outside"),
         (["sweep", "x", "--out", tmp_path / "s", "--synthetic", "gpt5"], "unknown synthetic"),
     ]
+    (tmp_path / "fresh-run").mkdir()
+    (tmp_path / "fresh-run" / "manifest.json").write_text('{"stages": {}}')
     for argv, needle in cases:
         code, out, err = _cli(argv, monkeypatch, capsys)
         assert code == 2 and err.startswith("error:") and needle in err, (argv, err)
