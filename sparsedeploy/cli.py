@@ -18,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Prune a causal LM with layerwise sparsity (uniform / OWL / DLP) and deploy it for sparse CPU inference.")
 
 DEFAULT_RUN = Path("runs/default")
+DETAILS_HELP = "print every column per model (memory, overhead, layer time, bandwidth bound) and the engines side by side"
 
 
 def _stages():
@@ -203,8 +204,7 @@ def bench(
     prefill_chunk: int = typer.Option(0, help="0: prefill token by token; L: a second engine for L-token chunks"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results here"),
     out: Optional[Path] = typer.Option(None, help="also write OUT.{json,csv,md,png}"),
-    details: bool = typer.Option(False, "--details", help="print every column per model (memory, overhead, layer "
-                                                       "time, bandwidth bound) and the engines side by side"),
+    details: bool = typer.Option(False, "--details", help=DETAILS_HELP),
 ):
     """Decode latency, throughput and speedup vs dense: Table 5."""
     from .bench import bench as bench_mod, report
@@ -232,8 +232,7 @@ def sweep(
     rounds: int = typer.Option(3), group_size: Optional[int] = typer.Option(None),
     ort_baseline: bool = typer.Option(True),
     prepare_only: bool = typer.Option(False, help="prune and export only; bench later (e.g. on an idle machine)"),
-    details: bool = typer.Option(False, "--details", help="print every column per model (memory, overhead, layer "
-                                                       "time, bandwidth bound) and the engines side by side"),
+    details: bool = typer.Option(False, "--details", help=DETAILS_HELP),
 ):
     """Prune at every sparsity, export each, bench them together: Table 5 (+ JSON/CSV/MD/PNG in OUT)."""
     from .workflows.sweep import SweepConfig, parse_sparsities, sweep as sweep_stage
@@ -271,8 +270,7 @@ def run(
     prompt_tokens: int = typer.Option(64),
     new_tokens: int = typer.Option(128),
     force: bool = typer.Option(False),
-    details: bool = typer.Option(False, "--details", help="print every column per model (memory, overhead, layer "
-                                                       "time, bandwidth bound) and the engines side by side"),
+    details: bool = typer.Option(False, "--details", help=DETAILS_HELP),
 ):
     """The main job: prune the default model with DLP + Wanda, compare perplexity with the dense model's,
     then export both, compile them and print the Table 5 decode benchmark."""
