@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsedeploy.bench.bench import BenchConfig  # noqa: E402
-from sparsedeploy.bench.sweep import SweepConfig, parse_sparsities, sweep  # noqa: E402
+from sparsedeploy.workflows.sweep import SweepConfig, parse_sparsities, sweep  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from table5 import RESULTS, _publish  # noqa: E402

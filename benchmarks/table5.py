@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from sparsedeploy.bench.bench import BenchConfig, bench  # noqa: E402
 from sparsedeploy.bench import report  # noqa: E402
-from sparsedeploy.bench.sweep import SweepConfig, sweep  # noqa: E402
+from sparsedeploy.workflows.sweep import SweepConfig, sweep  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -1,4 +1,4 @@
-"""Typer CLI: parse arguments into stage configs, call the stage, print with rich.
+"""Typer CLI: parse arguments into stage or workflow configs, call the stage or workflow, print with rich.
 
 Bad input anywhere becomes one line on stderr and exit code 2 (see errors.UserError).
 """
@@ -18,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Prune a causal LM with layerwise sparsity (uniform / OWL / DLP) and deploy it for sparse CPU inference.")
 
 DEFAULT_RUN = Path("runs/default")
+DETAILS_HELP = "print every column per model (memory, overhead, layer time, bandwidth bound) and the engines side by side"
 
 
 def _stages():
@@ -209,6 +210,7 @@ def bench(
     prefill_chunk: int = typer.Option(0, help="0: prefill token by token; L: a second engine for L-token chunks"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results here"),
     out: Optional[Path] = typer.Option(None, help="also write OUT.{json,csv,md,png}"),
+    details: bool = typer.Option(False, "--details", help=DETAILS_HELP),
 ):
     """Decode latency, throughput and speedup vs dense: Table 5."""
     from .bench import bench as bench_mod, report
@@ -216,7 +218,7 @@ def bench(
     doc = bench_mod.bench(deployments, cfg, json_out=json_out)
     if out is not None:
         report.write_reports(doc, out)
-    _print_bench(doc)
+    _print_bench(doc, details)
 
 
 @app.command()
@@ -236,9 +238,10 @@ def sweep(
     rounds: int = typer.Option(3), group_size: Optional[int] = typer.Option(None),
     ort_baseline: bool = typer.Option(True),
     prepare_only: bool = typer.Option(False, help="prune and export only; bench later (e.g. on an idle machine)"),
+    details: bool = typer.Option(False, "--details", help=DETAILS_HELP),
 ):
     """Prune at every sparsity, export each, bench them together: Table 5 (+ JSON/CSV/MD/PNG in OUT)."""
-    from .bench.sweep import SweepConfig, parse_sparsities, sweep as sweep_stage
+    from .workflows.sweep import SweepConfig, parse_sparsities, sweep as sweep_stage
     if synthetic and method == "wanda":
         method = "magnitude"
     cfg = SweepConfig(model, parse_sparsities(sparsities), allocator, method, nsamples, calib_seqlen, seqlen, synthetic,
@@ -248,7 +251,7 @@ def sweep(
     if prepare_only:
         ui.out.print(f"prepared {len(doc['deployments'])} deployments in {out}; rerun without --prepare-only to bench")
         return
-    _print_bench(doc)
+    _print_bench(doc, details)
     ui.out.print(f"reports: {out / 'table5'}.{{json,csv,md,png}}")
 
 
@@ -273,45 +276,40 @@ def run(
     prompt_tokens: int = typer.Option(64),
     new_tokens: int = typer.Option(128),
     force: bool = typer.Option(False),
+    details: bool = typer.Option(False, "--details", help=DETAILS_HELP),
 ):
     """The main job: prune the default model with DLP + Wanda, compare perplexity with the dense model's,
     then export both, compile them and print the Table 5 decode benchmark."""
-    st = _stages()
-    cfg = st.PruneConfig(model, sparsity, allocator, method, "unstructured",
-                         calib=st.CalibConfig(model, "wikipedia-summaries", nsamples, seqlen, 0, None, device),
-                         device=device)
-    runp = st.RunDir(out)
-    st.prune(runp, cfg, force=force)
-    ecfg = st.EvalConfig(eval_data, eval_seqlen, max_windows, data_file, device)
-    dense = st.evaluate(model, ecfg, out=out / "eval_dense.json", force=force)
-    pruned = st.evaluate(str(out), ecfg, force=force)
-    plan = st.read_json(out / st.RATIOS)
-    _print_ratios(plan)
-    table = Table(title=f"{model}: dense vs {allocator.upper()} + {method} at {sparsity:.0%} "
-                        f"({pruned['data']}, {pruned['windows']}×{pruned['seqlen']} tokens)")
-    for col in ("model", "weight sparsity", "perplexity"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    table.add_row("dense", f"{dense['sparsity']:.1%}", f"{dense['perplexity']:.2f}")
-    table.add_row(f"{allocator}+{method}", f"{pruned['sparsity']:.1%}", f"{pruned['perplexity']:.2f}")
-    ui.out.print(table)
-    ui.out.print(f"pruned model: {out / 'model'}   ratios: {out / st.RATIOS}   figure: {out / st.RATIOS_PNG}")
-    if not deploy:
-        return
-    from .bench import bench as bench_mod, report
-    from .export.stage import export as export_stage
-    dense_dep = export_stage(model, seqlen=export_seqlen, out=out / "dense-deployment", force=force)
-    pruned_dep = export_stage(str(out), seqlen=export_seqlen, force=force)
-    _print_export(pruned_dep)
-    if engine == "auto":
-        engine, why = bench_mod.pick_engine(pruned_dep, cores)
-        ui.out.print(f"engine: {engine} — {why}")
-    rec = bench_mod.compile_deployment(pruned_dep, engine, cores)
-    ui.out.print(f"compiled on {rec['engine']} in {rec['compile_s']:.2f} s; its greedy tokens equal PyTorch's")
-    cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, 3, None, True)
-    doc = bench_mod.bench([dense_dep, pruned_dep], cfg, title=f"{model}: dense vs {allocator.upper()}+{method} — decode ms/token")
-    report.write_reports(doc, out / "table5")
-    _print_bench(doc)
-    ui.out.print(f"bench reports: {out / 'table5'}.{{json,csv,md,png}}")
+    from .workflows.run import RunConfig, run as run_workflow
+    cfg = RunConfig(model=model, out=out, sparsity=sparsity, allocator=allocator, method=method, nsamples=nsamples,
+                    seqlen=seqlen, eval_data=eval_data, eval_seqlen=eval_seqlen, max_windows=max_windows,
+                    data_file=data_file, device=device, deploy=deploy, engine=engine, cores=cores,
+                    export_seqlen=export_seqlen, prompt_tokens=prompt_tokens, new_tokens=new_tokens, force=force)
+    run_workflow(cfg, on_step=lambda step, res: _print_run_step(step, cfg, res, details))
+
+
+def _print_run_step(step: str, cfg, res, details: bool) -> None:
+    """Print what the run workflow's `step` just added to its result `res`."""
+    if step == "evaluated":
+        _print_ratios(res.plan)
+        dense, pruned = res.dense, res.pruned
+        table = Table(title=f"{cfg.model}: dense vs {cfg.allocator.upper()} + {cfg.method} at {cfg.sparsity:.0%} "
+                            f"({pruned['data']}, {pruned['windows']}×{pruned['seqlen']} tokens)")
+        for col in ("model", "weight sparsity", "perplexity"):
+            table.add_column(col, justify="right" if col != "model" else "left")
+        table.add_row("dense", f"{dense['sparsity']:.1%}", f"{dense['perplexity']:.2f}")
+        table.add_row(f"{cfg.allocator}+{cfg.method}", f"{pruned['sparsity']:.1%}", f"{pruned['perplexity']:.2f}")
+        ui.out.print(table)
+        ui.out.print(f"pruned model: {res.model_dir}   ratios: {res.ratios}   figure: {res.figure}")
+    elif step == "exported":
+        _print_export(res.deployment)
+    elif step == "picked":
+        ui.out.print(f"engine: {res.engine} — {res.engine_why}")
+    elif step == "compiled":
+        ui.out.print(f"compiled on {res.compiled['engine']} in {res.compiled['compile_s']:.2f} s; its greedy tokens equal PyTorch's")
+    elif step == "benched":
+        _print_bench(res.bench, details)
+        ui.out.print(f"bench reports: {res.reports}.{{json,csv,md,png}}")
 
 
 @app.command()
@@ -343,18 +341,24 @@ def _print_export(dep: Path) -> None:
                  f"sparsity per layer equals {v.get('plan_from', '-')})")
 
 
-def _print_bench(doc: dict) -> None:
+def _print_bench(doc: dict, details: bool = False) -> None:
+    """Table 5 per engine, then one short line per model and engine (fits 100 columns); with `details` every
+    column per engine (a column per model) and the engines side by side instead (the report files hold it all)."""
     from .bench import report
     for name, rows in doc["engines"].items():
         if len(rows) > 1:   # an engine that only ran the dense baseline shows up as "vs dense ORT"
             ui.out.print(report.table5(rows, f"{doc['title']} ({name})"))
-        ui.out.print(report.details_table(rows, f"{name}: details", doc.get("dense_ort_ms")))
-    sbs = report.side_by_side(doc["engines"], f"{doc['title']}: engines side by side")
-    if sbs is not None:
-        ui.out.print(sbs)
+        if details:
+            ui.out.print(report.details_by_model(rows, f"{name}: details", doc.get("dense_ort_ms")))
+    if details:
+        sbs = report.side_by_side(doc["engines"], f"{doc['title']}: engines side by side")
+        if sbs is not None:
+            ui.out.print(sbs)
+    else:
+        ui.out.print(report.summary_table(doc["engines"], "per model and engine (--details: every column)"))
     m = doc["machine"]
     ui.out.print(f"{m['cpu']}, {m['cores']} cores, {' '.join(m['isa'])}; measured memory bandwidth {m['bandwidth']['gbs']:.1f} GB/s"
-                 + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""))
+                 + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""), width=None if details else 100)
     if doc.get("dense_tokens_agree_across_engines") is not None:
         ui.out.print(f"dense greedy tokens equal across engines: {doc['dense_tokens_agree_across_engines']}")
 

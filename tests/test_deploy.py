@@ -83,6 +83,34 @@ def test_export_skips_when_up_to_date_and_refuses_a_wrong_plan(deployed, monkeyp
     assert not [p for p in dep.parent.iterdir() if p.name.startswith(".deployment")]
 
 
+def test_export_resumes_with_the_run_key_scheme(deployed, tmp_path, monkeypatch, capsys):
+    """sparsedeploy.json holds the RunDir scheme's key (args + inputs); same key: skipped, changed: rebuilt."""
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline.rundir import is_current, stage_key
+
+    meta_path = deployed["pruned"] / "sparsedeploy.json"
+    saved = meta_path.read_text()
+    meta = json.loads(saved)
+    assert meta["args"] == {"seqlen": 64, "head": True} and meta["inputs"]["source"] == str(deployed["run"].resolve())
+    assert is_current(meta, stage_key(meta["args"], meta["inputs"]))
+    assert meta["export_key"] == {**meta["inputs"], **meta["args"]}      # the flat form native.py reads
+    # a deployment exported before the shared key (export_key only) is still up to date
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("args", "inputs")}))
+    try:
+        code, out, err = _cli(["export", deployed["run"], "--seqlen", 64], monkeypatch, capsys)
+    finally:
+        meta_path.write_text(saved)
+    assert code == 0 and "up to date" in err, err
+    # another argument rebuilds the deployment; the same one again skips it
+    dep = export(str(deployed["run"]), seqlen=48, out=tmp_path / "dep")
+    stamp = (dep / "model.onnx").stat().st_mtime_ns
+    assert json.loads((dep / "sparsedeploy.json").read_text())["args"]["seqlen"] == 48
+    export(str(deployed["run"]), seqlen=48, out=dep)
+    assert (dep / "model.onnx").stat().st_mtime_ns == stamp
+    export(str(deployed["run"]), seqlen=56, out=dep)
+    assert json.loads((dep / "sparsedeploy.json").read_text())["args"]["seqlen"] == 56
+
+
 def test_compile_checks_tokens_and_never_touches_model_onnx(deployed, monkeypatch, capsys):
     dep = deployed["pruned"]
     before = sha(dep / "model.onnx")
@@ -103,6 +131,9 @@ def test_bench_table5_and_report_files(deployed, monkeypatch, capsys, tmp_path):
     assert code == 0, err
     for row in ("Latency (ms)", "Throughput (tokens/sec)", "Speedup", "Dense"):
         assert row in out
+    # by default: Table 5 and one short line per model and engine, readable on a 120-column terminal
+    assert max(len(line) for line in out.splitlines()) <= 120, out
+    assert "ms/token" in out and "Weights MB" in out and "Loop overhead" not in out and "Of bound" not in out
     doc = json.loads(js.read_text())
     rows = doc["engines"][ENGINE]
     assert [r["label"] for r in rows][0] == "Dense" and len(rows) == 2
@@ -121,6 +152,15 @@ def test_bench_table5_and_report_files(deployed, monkeypatch, capsys, tmp_path):
     assert all(sha(d / "model.onnx") == h for d, h in before.items())
 
 
+def test_bench_details_shows_every_column(deployed, monkeypatch, capsys):
+    code, out, err = _cli(["bench", deployed["dense"], deployed["pruned"], "--engine", "onnxruntime", "--cores", 1,
+                           "--prompt-tokens", 4, "--new-tokens", 4, "--rounds", 1, "--details"], monkeypatch, capsys)
+    assert code == 0, err
+    for name in ("Latency (ms)", "Peak RSS MB", "Loop overhead", "Engine-only speedup", "vs dense ORT",
+                 "Layer/own bound", "Bound ms", "BW use", "Of bound"):
+        assert name in out, name
+
+
 def test_bench_bad_input_is_one_line(deployed, monkeypatch, capsys, tmp_path, tiny_tokenizer):
     dep = deployed["dense"]
     cases = [
@@ -129,10 +169,15 @@ def test_bench_bad_input_is_one_line(deployed, monkeypatch, capsys, tmp_path, ti
         (["bench", dep, "--engine", "tensorrt"], "unknown engine"),
         (["bench", dep, "--cores", 999], "--cores"),
         (["compile", deployed["root"]], "missing"),
+        (["bench", tmp_path / "fresh-run"], f"{tmp_path / 'fresh-run'} has no deployment yet — export it first: "
+                                            f"sparsedeploy export {tmp_path / 'fresh-run'}"),
+        (["bench", deployed["run"]], f"is a RUN directory, not a deployment — pass its deployment: {deployed['pruned']}"),
         (["export", deployed["run"], "--seqlen", 2], "--seqlen"),
         (["sweep", "x", "--out", tmp_path / "s", "--sparsities", "0,1.5"], "outside"),
         (["sweep", "x", "--out", tmp_path / "s", "--synthetic", "gpt5"], "unknown synthetic"),
     ]
+    (tmp_path / "fresh-run").mkdir()
+    (tmp_path / "fresh-run" / "manifest.json").write_text('{"stages": {}}')
     for argv, needle in cases:
         code, out, err = _cli(argv, monkeypatch, capsys)
         assert code == 2 and err.startswith("error:") and needle in err, (argv, err)
@@ -166,7 +211,7 @@ def test_sweep_resumes_and_reuses_calibration(tiny_llama_dir, tmp_path, monkeypa
 
 
 def test_parse_sparsities_and_synthetic_shapes():
-    from sparsedeploy.bench.sweep import SYNTHETIC, parse_sparsities
+    from sparsedeploy.workflows.sweep import SYNTHETIC, parse_sparsities
 
     assert parse_sparsities("0.5, 0,0.9,0.5") == (0.0, 0.5, 0.9)
     shapes = SYNTHETIC["llama2-7b"]

@@ -242,3 +242,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, argv, needle, bad
     assert needle.lower() in lines[0].lower(), lines[0]
     assert "Traceback" not in err
     assert not run.exists() or not any(run.iterdir()), list(run.iterdir())
+
+
+def test_one_resume_key_for_manifest_records_and_deployments(tmp_path):
+    from pathlib import Path as P
+
+    from sparsedeploy.pipeline.rundir import is_current, stage_key
+
+    key = stage_key({"seqlen": 64, "out": P("/x")}, {"fingerprint": "abc", "source": P("/run")})
+    assert key == {"args": {"seqlen": 64, "out": "/x"}, "inputs": {"fingerprint": "abc", "source": "/run"}}
+    run = RunDir(tmp_path / "r")
+    run.mark_done("s", {"seqlen": 64, "out": P("/x")}, {"fingerprint": "abc", "source": P("/run")}, 1.0)
+    rec = run.stage("s")
+    assert is_current(rec, key) and run.is_done("s", {"seqlen": 64, "out": "/x"}, {"fingerprint": "abc", "source": "/run"})
+    assert not run.is_done("s", {"seqlen": 32, "out": "/x"}, {"fingerprint": "abc", "source": "/run"})
+    assert not is_current(dict(rec, inputs={"fingerprint": "other", "source": "/run"}), key)
+    assert not is_current(None, key) and not is_current({"args": key["args"]}, key)

@@ -132,6 +132,36 @@ def test_render():
     assert tables[1].columns[0].header == "Model" and tables[1].columns[-1].header == "Of bound"
 
 
+def test_summary_and_details_by_model_keep_every_value():
+    t = report.summary_table(_doc()["engines"], "summary")
+    assert [c.header for c in t.columns] == ["Model", "Engine", "ms/token", "Tokens/s", "Speedup", "Weights MB"]
+    cells = _cells(t)
+    assert cells["Model"] == ["Dense", "10%", "70%", "Dense", "50%"] and cells["Engine"][-1] == "onnxruntime"
+    assert cells["Speedup"][2] == f"{353.0 / 124.8:.2f}x" and cells["Weights MB"][0] == report.DASH
+    wide = _cells(report.details_table(ROWS, "d", dense_ort_ms=400.0))
+    tall = report.details_by_model(ROWS, "d", dense_ort_ms=400.0)
+    assert [c.header for c in tall.columns] == ["Model", *wide["Model"]]
+    rows = list(zip(*[list(c.cells) for c in tall.columns]))
+    assert {r[0]: list(r[1:]) for r in rows} == {k: v for k, v in wide.items() if k != "Model"}
+
+
+def test_cli_bench_output_fits_100_columns_unless_details(capsys):
+    from sparsedeploy import cli
+
+    rows = [dict(r, weight_mb=123.4) for r in ROWS]
+    doc = {**_doc(), "title": "smollm2-135m: dense vs DLP+wanda — decode ms/token",
+           "engines": {"native": rows, "deepsparse": ROWS, "onnxruntime": ROWS},
+           "machine": {"cpu": "Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz", "cores": 64, "bandwidth": {"gbs": 12.3},
+                       "isa": ["amx_tile", "avx2", "avx512_bf16", "avx512_vnni", "avx512bw", "avx512f", "fma"]}}
+    cli._print_bench(doc)
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+    assert "123" in out and "Of bound" not in out and "side by side" not in out
+    cli._print_bench(doc, details=True)
+    out = capsys.readouterr().out
+    assert "Of bound" in out and "Layer/own bound" in out and "side by side" in out
+
+
 def test_measure_bandwidth_small():
     bw = report.measure_bandwidth(threads=2, mbytes=8, repeats=2)
     kernels = ("add_gbs", "copy_gbs", "sum_gbs", "dot_gbs")

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import ui
 from ..errors import UserError, check
-from ..export.onnx_kv import read_deployment
+from ..export.onnx_kv import DEPLOY_META, read_deployment
 from ..pipeline.rundir import read_json, write_json
 from . import report
 from ..engine import engine_names, unavailable
@@ -58,6 +58,16 @@ def parse_engines(text: str) -> list[str]:
     return names
 
 
+def _read_deployment(deployment: str | Path) -> dict:
+    """read_deployment, with a RUN directory (manifest.json, no sparsedeploy.json) named as what it is."""
+    d = Path(deployment)
+    if (d / "manifest.json").is_file() and not (d / DEPLOY_META).is_file():
+        if (d / "deployment" / DEPLOY_META).is_file():
+            raise UserError(f"{d} is a RUN directory, not a deployment", f"pass its deployment: {d / 'deployment'}")
+        raise UserError(f"{d} has no deployment yet", f"export it first: sparsedeploy export {d}")
+    return read_deployment(d)
+
+
 def _check_cores(cores: int | None) -> None:
     import os
 
@@ -78,7 +88,7 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
 
     _check_engine(engine)
     _check_cores(cores)
-    meta = read_deployment(deployment)
+    meta = _read_deployment(deployment)
     onnx_path = Path(meta["onnx"])
     before = file_sha256(onnx_path)
     t0 = time.perf_counter()
@@ -194,7 +204,7 @@ def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_toke
     the probe's numbers). The line says so when the probe cannot be trusted: other processes used more than
     `busy_above` of the CPU meanwhile, or the winner was not the fastest in every round, or its round medians
     spread by more than `disagree_above`."""
-    meta = read_deployment(deployment)
+    meta = _read_deployment(deployment)
     engines = available_engines()
     if "native" in engines:
         from ..export.native import ensure_native
@@ -404,7 +414,7 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
     check(len(deployments) >= 1, "no deployment given", "pass one or more deployment folders")
     deps = []
     for dep in deployments:
-        meta = read_deployment(dep)
+        meta = _read_deployment(dep)
         meta.setdefault("sparsity", 0.0)
         S = int(meta["seqlen"])
         check(cfg.prompt_tokens + cfg.new_tokens <= S, f"{cfg.prompt_tokens} prompt + {cfg.new_tokens} new tokens exceed "

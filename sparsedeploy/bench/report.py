@@ -30,6 +30,7 @@ _PKGS = {"numpy": ("numpy",), "onnx": ("onnx",), "onnxruntime": ("onnxruntime", 
 _DETAIL_COLS = ("Model", "Sparsity", "Median ms", "p90 ms", "Tokens/s", "Prefill ms", "Compile s", "Peak RSS MB",
                 "Weights MB", "Loop overhead", "Speedup", "Engine-only speedup", "vs dense ORT", "Layer speedup", "Layer ms", "Layer/own bound", "Bound ms",
                 "BW use", "Bound speedup", "Of bound")
+_SUMMARY_COLS = ("Model", "Engine", "ms/token", "Tokens/s", "Speedup", "Weights MB")   # fits 100 columns
 
 
 # ----------------------------------------------------------------------------------------- machine facts
@@ -191,14 +192,19 @@ def _table5_cells(rows: list[dict], baseline: str = "dense") -> tuple[list[str],
     return header, body
 
 
-def _details_cells(rows: list[dict], dense_ort_ms: float | None = None,
-                   baseline: str = "dense") -> tuple[list[str], list[list[str]]]:
+def _in_order(rows: list[dict], dense_ort_ms: float | None = None, baseline: str = "dense") -> list[dict]:
+    """derived() rows, dense first then by sparsity (only by sparsity when there is no dense row)."""
     try:
         rows = _ordered(rows, baseline)
     except ValueError:
         rows = sorted(rows, key=lambda r: _num(r.get("sparsity")) or 0.0)
+    return derived(rows, dense_ort_ms, baseline=baseline)
+
+
+def _details_cells(rows: list[dict], dense_ort_ms: float | None = None,
+                   baseline: str = "dense") -> tuple[list[str], list[list[str]]]:
     body = []
-    for r in derived(rows, dense_ort_ms, baseline=baseline):
+    for r in _in_order(rows, dense_ort_ms, baseline):
         s = _num(r.get("sparsity"))
         body.append([str(r.get("label", DASH)), _fmt(None if s is None else 100 * s, ".1f", "%"),
                      _fmt_lat(r.get("latency_ms")), _fmt_lat(r.get("latency_p90_ms")), _fmt(r.get("throughput_tps")),
@@ -212,6 +218,15 @@ def _details_cells(rows: list[dict], dense_ort_ms: float | None = None,
                      _fmt(r.get("bandwidth_use"), ".0%"),
                      _fmt(r.get("bound_speedup"), ".2f", "x"), _fmt(r.get("bound_fraction"), ".0%")])
     return list(_DETAIL_COLS), body
+
+
+def _summary_cells(engines: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
+    """One short line per model and engine: decode latency, throughput, speedup vs that engine's dense model,
+    resident weights (native rows only)."""
+    body = [[str(r.get("label", DASH)), engine, _fmt_lat(r.get("latency_ms")), _fmt(r.get("throughput_tps")),
+             _fmt(r.get("speedup"), ".2f", "x"), _fmt(r.get("weight_mb"), ".0f")]
+            for engine, rows in engines.items() for r in _in_order(rows)]
+    return list(_SUMMARY_COLS), body
 
 
 def _rich(title: str, header: list[str], body: list[list[str]]) -> Table:
@@ -238,6 +253,20 @@ def details_table(rows: list[dict], title: str, dense_ort_ms: float | None = Non
                   baseline: str = "dense") -> Table:
     """One line per model with timings, memory, overhead, speedups and the bandwidth bound."""
     return _rich(title, *_details_cells(rows, dense_ort_ms, baseline))
+
+
+def details_by_model(rows: list[dict], title: str, dense_ort_ms: float | None = None, *,
+                     baseline: str = "dense") -> Table:
+    """details_table on its side, a column per model as in Table 5: its 20 columns as rows, so that every
+    header and value stays whole on a terminal (the wide layout truncates them even at 230 columns)."""
+    header, body = _details_cells(rows, dense_ort_ms, baseline)
+    return _rich(title, [header[0], *(r[0] for r in body)], [[h, *(r[i] for r in body)] for i, h in enumerate(header) if i])
+
+
+def summary_table(engines: dict[str, list[dict]], title: str) -> Table:
+    """The console's default view: one line per model and engine, narrow enough for an 80-column terminal
+    (details_by_model and the report files keep every column)."""
+    return _rich(title, *_summary_cells(engines))
 
 
 def render(doc: dict) -> list[Table]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import ui
 from ..errors import UserError, check
-from ..pipeline.rundir import read_json
+from ..pipeline.rundir import is_current, read_json, stage_key
 
 VERIFY_PROMPT = "The history of the city began when"
 VERIFY_TOKENS = 16
@@ -76,12 +76,17 @@ def export(source: str, *, seqlen: int = 512, out: Path | None = None, force: bo
     out = Path(out) if out is not None else default_out(source)
     ref = resolve(source) if model is None else None
     where = Path(source).resolve() if Path(source).exists() else source    # the same folder by any path
-    key = {"source": str(where), "fingerprint": ref.fingerprint() if ref else None, "seqlen": seqlen, "head": head}
+    args, inputs = {"seqlen": seqlen, "head": head}, {"source": str(where), "fingerprint": ref.fingerprint() if ref else None}
+    key = stage_key(args, inputs)      # the RUN's resume scheme: sparsedeploy.json holds "args" and "inputs"
+    # export_key: the same facts in one flat dict, which native.py reads (export_key.source, .fingerprint) and
+    # which deployments exported before stage_key hold instead of args/inputs
+    export_key = {**inputs, **args}
     meta_path = out / DEPLOY_META
     if not force and ref is not None and meta_path.is_file():
         try:
             old = read_json(meta_path)
-            if old.get("export_key") == key and old.get("verified"):
+            legacy = "args" not in old and old.get("export_key") == export_key
+            if old.get("verified") and (is_current(old, key) or legacy):
                 ui.info(f"export: up to date in {out}")
                 return out
         except UserError:
@@ -119,7 +124,7 @@ def export(source: str, *, seqlen: int = 512, out: Path | None = None, force: bo
 
     with ui.progress(f"export {source} → {out}", 1) as bar:
         write_deployment(model, tokenizer, out, seqlen=seqlen, head=head,
-                         extra_meta={"export_key": key, "source": str(source)}, check=verify_staged)
+                         extra_meta={**key, "export_key": export_key, "source": str(source)}, check=verify_staged)
         bar(1)
     meta = read_json(meta_path)
     meta["export_seconds"] = round(time.perf_counter() - t0, 2)

@@ -2,6 +2,9 @@
 
 manifest.json = {"stages": {name: {"done", "args", "inputs", "versions", "seconds", "finished"}}}
 A stage is skipped when it is done with the same args and inputs; anything else recomputes it.
+
+One resume scheme for every stage, the export included: `stage_key(args, inputs)` is what a record must hold
+to be current (`is_current`), whether the record is a manifest entry or a deployment's sparsedeploy.json.
 """
 from __future__ import annotations
 
@@ -66,6 +69,17 @@ def atomic_path(path: Path):
             tmp.unlink()
 
 
+def stage_key(args: dict, inputs: dict) -> dict:
+    """The resume key of a stage: its arguments and its inputs (fingerprints of files, or the finish time of
+    the stage that wrote them), as JSON stores them. A record holding the same key is up to date."""
+    return {"args": _jsonable(args), "inputs": _jsonable(inputs)}
+
+
+def is_current(record: dict | None, key: dict) -> bool:
+    """Whether `record` (a manifest stage entry, a deployment's metadata) holds `key` (from stage_key)."""
+    return bool(record) and {k: record.get(k) for k in key} == key
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -84,8 +98,7 @@ class RunDir:
 
     def is_done(self, name: str, args: dict, inputs: dict, files: tuple[str, ...] = ()) -> bool:
         rec = self.stage(name)
-        return bool(rec and rec.get("done") and rec.get("args") == _jsonable(args)
-                    and rec.get("inputs") == _jsonable(inputs)
+        return bool(rec and rec.get("done") and is_current(rec, stage_key(args, inputs))
                     and all((self.path / f).exists() for f in files))
 
     def invalidate(self, name: str) -> None:
@@ -96,8 +109,7 @@ class RunDir:
 
     def mark_done(self, name: str, args: dict, inputs: dict, seconds: float, **extra) -> None:
         man = self.manifest()
-        man["stages"][name] = {"done": True, "args": _jsonable(args), "inputs": _jsonable(inputs),
-                               "versions": versions(), "seconds": round(seconds, 3),
+        man["stages"][name] = {"done": True, **stage_key(args, inputs), "versions": versions(), "seconds": round(seconds, 3),
                                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_jsonable(extra)}
         write_json(self.manifest_path, man)
 

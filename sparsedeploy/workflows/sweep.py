@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import ui
 from ..errors import UserError, check
 from ..pipeline.rundir import read_json
-from .bench import BenchConfig, bench
+from ..bench.bench import BenchConfig, bench
 
 SYNTHETIC = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -192,7 +192,7 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
 
 
 def sweep(cfg: SweepConfig, out: Path) -> dict:
-    from . import report
+    from ..bench import report
 
     cfg.bench.validate()
     out = Path(out)

@@ -1,0 +1,1 @@
+"""Workflows: loops over the stages (run, sweep). The CLI parses arguments, calls one, and prints its result."""
