@@ -45,6 +45,7 @@ class Runtime(ABC):
     dynamic: bool = False            # True: any (L, S) per call (ONNX Runtime, native)
     present_rows: str = "all"        # "all": `present` holds all S rows; "new": only the L new ones
     fallback: str | None = None      # engine to use instead where this one cannot run (None: refuse)
+    stateful: bool = False           # True: keeps its own KV cache; decode.py steps `sequence(S)`, not `run`
     cores: int | None = None
 
     def __init__(self, onnx_path: str | Path):
@@ -98,6 +99,8 @@ def register(name: str, target: str, *, aliases: tuple[str, ...] = ()) -> None:
 register("native", "sparsedeploy.engine.native.runtime:NativeRuntime")
 register("deepsparse", "sparsedeploy.engine.deepsparse:DeepSparseRuntime", aliases=("ds",))
 register("onnxruntime", "sparsedeploy.engine.onnxruntime:OrtRuntime", aliases=("ort",))
+# measurement peer (a GGUF export, not the ONNX deployment; built by scripts/build-llamacpp.sh)
+register("llamacpp", "sparsedeploy.engine.llamacpp:LlamaCppRuntime", aliases=("llama.cpp", "llamacpp"))
 
 
 def engine_names() -> tuple[str, ...]:

@@ -120,6 +120,15 @@ class KVSlots:
         self.attention_mask[0, slots] = 1
 
 
+def new_sequence(runtime, cache_len: int):
+    """The per-generation state the loop steps through: KVSlots (L = 1) over a graph engine's `run`, or the
+    engine's own `sequence` when it keeps its KV cache itself (`stateful`: llama.cpp). Both have
+    `step(tokens, start) -> (logits [1, L, V], engine seconds)`."""
+    if getattr(runtime, "stateful", False):
+        return runtime.sequence(cache_len)
+    return KVSlots(runtime, 1, cache_len)
+
+
 def _argmax_last(logits: np.ndarray) -> int:
     return int(np.argmax(logits[0, -1]))
 
@@ -149,6 +158,9 @@ def _prefill(dec: KVSlots, prefill, prompt: list[int], S: int) -> tuple[int, np.
     A prefill shape of L tokens has S - L cache slots, so only chunks whose tokens all fit there go that way
     (more would push the oldest prompt tokens out). Returns (next position, last logits, how it was fed)."""
     pos, logits, mode = 0, None, "token by token"
+    if prefill is not None and not isinstance(dec, KVSlots):       # a stateful engine: the prompt in one call
+        logits, _ = dec.step(prompt, 0)
+        return len(prompt), logits, f"1 chunk of {len(prompt)}"
     if prefill is not None:
         if getattr(prefill, "dynamic", False):
             chunk = min(len(prompt), S - len(prompt)) if len(prompt) < S else 0
@@ -178,7 +190,7 @@ def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
         default: the limit export_onnx recorded in the graph. Exceeding it raises UserError.
     """
     prompt, S = _check_request(runtime, prompt_ids, n, cache_len, max_positions)
-    dec = KVSlots(runtime, 1, S)
+    dec = new_sequence(runtime, S)
     t0 = time.perf_counter()
     pos, logits, mode = _prefill(dec, prefill, prompt, S)
     token = _argmax_last(logits)
@@ -254,7 +266,7 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
     prompt, S = _check_request(runtime, prompt_ids, n, cache_len, max_positions)
     rng = np.random.default_rng(seed)
     stops = {int(t) for t in stop_ids}
-    dec = KVSlots(runtime, 1, S)
+    dec = new_sequence(runtime, S)
     pos, logits, _ = _prefill(dec, prefill, prompt, S)
     token = sample_token(logits[0, -1], temperature, top_p, rng)
     result = GenerateResult(tokens=[token], prompt_len=len(prompt), engine=runtime.name, finish_reason="length",

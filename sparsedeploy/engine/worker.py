@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Runtime, make_runtime
+from .base import Runtime, engine_class, make_runtime
 
 
 def _send(stream, obj) -> None:
@@ -147,7 +147,10 @@ class WorkerRuntime(Runtime):
 
     def __init__(self, engine: str, onnx_path: str | Path, *, cores: int | None = None, seq_len: int | None = 1,
                  cache_len: int | None = None, prefill_len: int | None = None):
-        super().__init__(onnx_path)
+        if getattr(engine_class(engine), "stateful", False):    # llama.cpp: a GGUF file, no graph to read here
+            self.onnx_path, self.io, self.input_names, self.output_names = Path(onnx_path), {}, [], ["logits"]
+        else:
+            super().__init__(onnx_path)
         self.seq_len, self.cache_len = seq_len, cache_len
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])
