@@ -152,11 +152,26 @@ def eval_(
 @app.command()
 def export(
     run_or_model: str = typer.Argument(..., help="RUN directory, HF folder, .gguf, or 'smollm2-135m'"),
-    seqlen: int = typer.Option(512, help="total context S the deployment is compiled for (prompt + generated)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="deployment folder (default RUN/deployment)"),
+    seqlen: int = typer.Option(512, help="ONNX: total context S the deployment is compiled for (prompt + generated)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="deployment folder (default RUN/deployment); GGUF: the "
+                                       ".gguf file (default RUN/deployment-gguf/model-TYPE.gguf)"),
+    format: str = typer.Option("onnx", "--format", help="onnx (DeepSparse / ONNX Runtime / native) | gguf (llama.cpp)"),
+    type_: Optional[str] = typer.Option(None, "--type", help="GGUF: f32 | f16 | q8_0 | q4_0 | q4_1 (default f32)"),
+    cores: Optional[int] = typer.Option(None, help="GGUF: threads for llama.cpp's check (default: all)"),
     force: bool = typer.Option(False),
 ):
-    """KV-cache ONNX export → a deployment folder, verified (tokens = PyTorch's, sparsity = the plan)."""
+    """KV-cache ONNX export → a deployment folder, verified (tokens = PyTorch's, sparsity = the plan);
+    --format gguf: a GGUF file for llama.cpp, verified (read back; llama.cpp's tokens where it is built)."""
+    fmt = format.lower()
+    if fmt not in ("onnx", "gguf"):
+        raise UserError(f"unknown export format '{format}'", "use --format onnx or --format gguf")
+    if fmt == "gguf":
+        from .export.gguf import check_type, export_gguf
+        path = export_gguf(run_or_model, qtype=check_type(type_ or "f32"), out=out, force=force, cores=cores)
+        _print_gguf(path)
+        return
+    if type_ is not None:
+        raise UserError("--type applies to --format gguf", "drop --type, or add --format gguf")
     from .export.stage import export as export_stage
     dep = export_stage(run_or_model, seqlen=seqlen, out=out, force=force)
     _print_export(dep)
@@ -339,6 +354,26 @@ def _print_export(dep: Path) -> None:
     ui.out.print(f"deployment: {dep}  (seqlen {meta['seqlen']}, weight sparsity {meta.get('sparsity', 0):.1%}; "
                  f"{len(v.get('tokens', []))} greedy tokens on {v.get('engine', '-')} equal PyTorch's; "
                  f"sparsity per layer equals {v.get('plan_from', '-')})")
+
+
+def _print_gguf(path: Path) -> None:
+    from .pipeline.rundir import read_json
+    rec = read_json(path.with_suffix(".json"))
+    lc = rec.get("llamacpp") or {}
+    if "skipped" in lc:
+        check = f"llama.cpp check skipped: {lc['skipped']}"
+    elif lc:
+        check = (f"llama.cpp's {len(lc['tokens'])} greedy tokens "
+                 + ("equal PyTorch's" if lc["tokens_equal"] else f"agree with PyTorch's on {lc['agree']}"))
+    else:
+        check = "not verified"
+    ppl = rec.get("perplexity") or {}
+    if ppl.get("pytorch_fp32") is not None:
+        check += (f"; perplexity {ppl.get('llamacpp') or '-'} (llama.cpp, {rec['type']}) vs {ppl['pytorch_fp32']:.3f} "
+                  f"(PyTorch fp32), {ppl['chunks']} windows of {ppl['n_ctx']}")
+    rb = rec.get("readback") or {}
+    ui.out.print(f"gguf: {path}  ({rec['type']}, {rec['bytes'] / 2**20:.1f} MB; {rb.get('tensors', '?')} tensors read back "
+                 f"within {rb.get('max_rel_error', float('nan')):.2g} of the weights; {check})")
 
 
 def _print_bench(doc: dict, details: bool = False) -> None:
