@@ -206,16 +206,18 @@ def compile_(
                          f"chose {g['chosen']}; ms summed over layers: {ms}")
 
 
-def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk=0):
+def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk=0,
+                  gguf_type="f32"):
     from .bench.bench import BenchConfig
     return BenchConfig(engine=engine, cores=cores, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds,
-                       group_size=group_size, ort_baseline=ort_baseline, prefill_chunk=prefill_chunk)
+                       group_size=group_size, ort_baseline=ort_baseline, prefill_chunk=prefill_chunk,
+                       gguf_type=gguf_type)
 
 
 @app.command()
 def bench(
     deployments: list[Path] = typer.Argument(..., help="deployment folders (dense + pruned copies of one model)"),
-    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime | native, several comma-separated, or all"),
+    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime | native | llamacpp, several comma-separated, or all"),
     cores: Optional[int] = typer.Option(None),
     prompt_tokens: int = typer.Option(64),
     new_tokens: int = typer.Option(128),
@@ -223,13 +225,15 @@ def bench(
     group_size: Optional[int] = typer.Option(None, help="pruned models alive at once (each group re-runs the dense model)"),
     ort_baseline: bool = typer.Option(True, help="also time the dense model on ONNX Runtime"),
     prefill_chunk: int = typer.Option(0, help="0: prefill token by token; L: a second engine for L-token chunks"),
+    gguf_type: str = typer.Option("f32", help="llamacpp: decode DEPLOYMENT/model-TYPE.gguf or RUN/deployment-gguf/model-TYPE.gguf"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results here"),
     out: Optional[Path] = typer.Option(None, help="also write OUT.{json,csv,md,png}"),
     details: bool = typer.Option(False, "--details", help=DETAILS_HELP),
 ):
     """Decode latency, throughput and speedup vs dense: Table 5."""
     from .bench import bench as bench_mod, report
-    cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk)
+    cfg = _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk,
+                        gguf_type)
     doc = bench_mod.bench(deployments, cfg, json_out=json_out)
     if out is not None:
         report.write_reports(doc, out)
@@ -247,7 +251,7 @@ def sweep(
     layers: int = typer.Option(2, help="decoder layers of the synthetic model"),
     nsamples: int = typer.Option(32), calib_seqlen: int = typer.Option(256),
     seqlen: int = typer.Option(256, help="deployment context S"),
-    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime | native, several comma-separated, or all"),
+    engine: str = typer.Option("deepsparse", help="deepsparse | onnxruntime | native | llamacpp, several comma-separated, or all"),
     cores: Optional[int] = typer.Option(None),
     prompt_tokens: int = typer.Option(64), new_tokens: int = typer.Option(128),
     rounds: int = typer.Option(3), group_size: Optional[int] = typer.Option(None),

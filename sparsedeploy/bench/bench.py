@@ -23,7 +23,7 @@ from ..errors import UserError, check
 from ..export.onnx_kv import DEPLOY_META, read_deployment
 from ..pipeline.rundir import read_json, write_json
 from . import report
-from ..engine import engine_names, unavailable
+from ..engine import engine_class, engine_names, unavailable
 from ..engine.worker import WorkerRuntime
 
 DENSE_BELOW = 0.005          # a deployment with fewer zeros than this is "Dense"
@@ -150,8 +150,40 @@ def _format_counts(index: dict) -> dict:
 
 
 def available_engines() -> list[str]:
-    """The registered engines that can run here (DeepSparse only where it imports)."""
-    return [e for e in engine_names() if unavailable(e) is None]
+    """The registered engines that can run here (DeepSparse only where it imports) on an ONNX deployment
+    (llama.cpp, a measurement peer on a GGUF export, is only benched when named)."""
+    return [e for e in engine_names() if unavailable(e) is None and engine_class(e).reads_onnx]
+
+
+def gguf_for(meta: dict, gguf_type: str = "f32") -> Path | None:
+    """The GGUF export of a deployment's model: DEPLOYMENT/model-TYPE.gguf, else the sibling folder
+    `sparsedeploy export --format gguf` writes by default (RUN/deployment-gguf/model-TYPE.gguf)."""
+    d = Path(meta["dir"])
+    for f in (d / f"model-{gguf_type}.gguf", d.parent / "deployment-gguf" / f"model-{gguf_type}.gguf"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _llamacpp_jobs(deps: list[dict], cfg: "BenchConfig") -> list[str]:
+    """cfg's engines, with llama.cpp dropped (one-line notice) where it is not built; each deployment's GGUF
+    recorded in meta["gguf"] (a deployment without one: notice, and llama.cpp skips it)."""
+    engines = cfg.engines
+    if "llamacpp" not in engines:
+        return engines
+    why = unavailable("llamacpp")
+    if why is not None:
+        ui.info(f"note: {why}; the other engines go on")
+        engines = [e for e in engines if e != "llamacpp"]
+        check(bool(engines), f"no engine left to bench: {why}", "build it, or name another engine")
+        return engines
+    for m in deps:
+        f = gguf_for(m, cfg.gguf_type)
+        m["gguf"] = str(f) if f is not None else None
+        if f is None:
+            ui.info(f"note: no model-{cfg.gguf_type}.gguf for {m['dir']}, so llama.cpp skips it — export one: "
+                    f"sparsedeploy export RUN --format gguf --type {cfg.gguf_type}")
+    return engines
 
 
 class OtherLoad:
@@ -268,6 +300,7 @@ class BenchConfig:
     bandwidth_mbytes: int = 256
     prefill_chunk: int = 0             # 0: prompt token by token through the decode engine; L > 1: a second
                                        # engine compiled for L-token chunks (ONNX Runtime: one call, any L)
+    gguf_type: str = "f32"             # llamacpp: which GGUF export of each deployment it decodes
 
     @property
     def engines(self) -> list[str]:
@@ -282,6 +315,8 @@ class BenchConfig:
               f"--prefill-chunk {self.prefill_chunk} must be 0 or between 2 and --prompt-tokens",
               "use 0 (token by token) or e.g. 16")
         check(self.rounds >= 1, f"--rounds {self.rounds} must be at least 1", "use e.g. 3")
+        from ..export.gguf import check_type
+        check_type(self.gguf_type)
         check(self.group_size is None or self.group_size >= 1, f"--group-size {self.group_size} must be at least 1",
               "omit it to bench every model together")
 
@@ -336,9 +371,10 @@ def _group_key(group: list[dict], cfg: BenchConfig) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list[dict]:
-    """Workers for every model of the group (+ dense on ONNX Runtime), interleaved rounds -> one row each."""
-    jobs = [(d, e) for e in cfg.engines for d in group]
+def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int], engines: list[str] | None = None) -> list[dict]:
+    """Workers for every model of the group (+ dense on ONNX Runtime), interleaved rounds -> one row each.
+    llama.cpp decodes each deployment's GGUF export (meta["gguf"]; none: skipped)."""
+    jobs = [(d, e) for e in (engines or cfg.engines) for d in group if e != "llamacpp" or d.get("gguf")]
     dense = next((d for d in group if d["sparsity"] < DENSE_BELOW), None)
     if cfg.ort_baseline and "onnxruntime" not in cfg.engines and dense is not None:
         jobs.append((dense, "onnxruntime"))
@@ -347,7 +383,8 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
     try:
         with ui.progress(f"compile {len(jobs)} engines", len(jobs)) as bar:
             for j, (d, engine) in enumerate(jobs):
-                w = WorkerRuntime(engine, d["onnx"], cores=cfg.cores, seq_len=1, cache_len=int(d["seqlen"]),
+                path = d["gguf"] if engine == "llamacpp" else d["onnx"]
+                w = WorkerRuntime(engine, path, cores=cfg.cores, seq_len=1, cache_len=int(d["seqlen"]),
                                   prefill_len=cfg.prefill_chunk or None)
                 workers.append(w)
                 w.decode(prompt[:8], 4)                                   # warm-up
@@ -357,12 +394,13 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int]) -> list
                              "native_bytes": native["weight_bytes"] if native else None,
                              "engine": w.name, "requested_engine": engine, "fallback_reason": w.fallback_reason,
                              "compile_s": round(w.compile_seconds, 3), "synthetic": bool(d.get("synthetic")),
+                             "gguf": str(path) if engine == "llamacpp" else None,
                              "_decode": [], "_engine": [], "_overhead": [], "_prefill": [], "_tokens": None})
                 bar(j + 1)
         head_ms = {}
         if dense is not None and dense.get("head"):
             for w, (d, engine) in zip(workers, jobs):
-                if d is dense and w.name not in head_ms:
+                if d is dense and w.name not in head_ms and engine_class(engine).reads_onnx:
                     head_ms[w.name] = w.time_head(Path(d["dir"]) / d["head"])["head_ms"]
         total = cfg.rounds * len(workers)
         with ui.progress(f"decode {cfg.new_tokens} tokens × {cfg.rounds} rounds × {len(workers)} models", total) as bar:
@@ -423,6 +461,7 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
     sizes = {(m["num_layers"], m["hidden_size"], m["vocab_size"]) for m in deps}
     check(len(sizes) == 1, "the deployments are different models (layers, hidden size or vocabulary differ)",
           "bench pruned copies of one model together")
+    engines = _llamacpp_jobs(deps, cfg)
     if "native" in cfg.engines:
         from ..export.native import ensure_native
 
@@ -450,7 +489,7 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
             except UserError:
                 pass
         ui.info(f"bench group {gi + 1}/{len(groups)}: {', '.join(label_for(d['sparsity']) for d in group)}")
-        grows = _bench_group(group, cfg, prompt)
+        grows = _bench_group(group, cfg, prompt, engines)
         if cached is not None:
             write_json(cached, {"key": key, "rows": grows})
         rows += [dict(r, group=gi) for r in grows]

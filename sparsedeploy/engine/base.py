@@ -46,6 +46,7 @@ class Runtime(ABC):
     present_rows: str = "all"        # "all": `present` holds all S rows; "new": only the L new ones
     fallback: str | None = None      # engine to use instead where this one cannot run (None: refuse)
     stateful: bool = False           # True: keeps its own KV cache; decode.py steps `sequence(S)`, not `run`
+    reads_onnx: bool = True          # False: runs another export of the model (llama.cpp: a GGUF file)
     cores: int | None = None
 
     def __init__(self, onnx_path: str | Path):

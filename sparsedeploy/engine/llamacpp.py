@@ -154,6 +154,7 @@ class LlamaCppRuntime(Runtime):
     label = "llama.cpp"
     dynamic = True              # any number of tokens per call (the prompt in one batch when asked)
     stateful = True             # keeps its own KV cache: drive it through `sequence`, not `run`
+    reads_onnx = False          # decodes the GGUF export (sparsedeploy export --format gguf)
 
     def __init__(self, path: str | Path, *, cores: int | None = None, seq_len: int | None = None,
                  cache_len: int | None = None):
