@@ -64,8 +64,11 @@ def find_gguf(path: str | Path) -> Path:
     """A .gguf file, or the one GGUF in a folder (f32 preferred where there are several: it is the export
     verified token for token). One-line UserError otherwise."""
     p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":
-        return p
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return p
+        raise UserError(f"{p} is not a GGUF file", "pass a .gguf file (sparsedeploy export RUN --format gguf)")
     if p.is_dir():
         found = sorted(p.glob("*.gguf"))
         if len(found) == 1:

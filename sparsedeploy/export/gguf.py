@@ -332,7 +332,7 @@ def llamacpp_tokens(path: Path, prompt: list[int], n: int, cores: int | None = N
 def _perplexity_text(tokenizer, n_ctx: int, chunks: int) -> tuple[str, list[int]]:
     from ..pipeline.data import default_eval_source, load_text
 
-    text = str(load_text(default_eval_source()))
+    text = load_text(default_eval_source()).joined
     ids = tokenizer(text[: n_ctx * chunks * 8], add_special_tokens=False)["input_ids"]
     return text, ids
 
