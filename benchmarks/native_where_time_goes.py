@@ -29,6 +29,17 @@ KINDS = {"csr_gemv": "sparse products", "ell_gemv": "sparse products", "csr_gemm
          "relu_": "norms + activation"}
 
 
+def _timed(fn, kind, acc, calls, on):
+    def timed(*args):
+        if not on[0]:
+            return fn(*args)
+        t0 = time.perf_counter()
+        fn(*args)
+        acc[kind] += time.perf_counter() - t0
+        calls[kind] += 1
+    return timed
+
+
 def profile(dep: Path, threads: int, prompt_len: int, steps: int) -> dict:
     from sparsedeploy.engine.decode import KVSlots, greedy_decode
     from sparsedeploy.bench.bench import prompt_ids
@@ -74,6 +85,13 @@ def profile(dep: Path, threads: int, prompt_len: int, steps: int) -> dict:
     acc.clear()
     for name, fn in originals.items():
         setattr(K, name, wrap(name, fn))
+    # products call the build the tuner chose through Linear.gemv (bound at load): wrap those too
+    m = rt.model
+    linears = [lay[g] for lay in m.layers for g in ("qkv", "o", "up", "down")] + [m.lm_head]
+    saved = [(lin, lin.gemv) for lin in linears]
+    for lin in linears:
+        kind = "lm_head" if lin is m.lm_head else ("dense products" if lin.fmt == "dense" else "sparse products")
+        lin.gemv = _timed(lin.gemv, kind, acc, calls, on)
     try:
         dec = KVSlots(rt, 1, int(meta["seqlen"]))
         pos = 0
@@ -95,6 +113,8 @@ def profile(dep: Path, threads: int, prompt_len: int, steps: int) -> dict:
     finally:
         for name, fn in originals.items():
             setattr(K, name, fn)
+        for lin, fn in saved:
+            lin.gemv = fn
     step_instr = float(np.sum(step_times)) / steps * 1e3
     step_plain = float(np.median(plain.decode_ms))
     wb = rt.model.weight_bytes()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, set_num_threads, get_num_threads, config as numba_config
 
-from .simd import bitmask_dot
+from .simd import bitmask_gemm, bitmask_gemv  # noqa: F401  (with their intrinsic: one cache stamp)
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -117,21 +117,6 @@ def ell_gemv(cols, vals, x, bias, out, acc):
             out[r] = s
 
 
-@njit(**_OPTS)
-def bitmask_gemv(rowptr, masks, vals, x, bias, out, acc):
-    n = rowptr.shape[0] - 1
-    nblk = masks.shape[0] // n if n else 0
-    has_bias = bias.shape[0] == n
-    for r in prange(n):
-        s = bitmask_dot(vals, masks, x, rowptr[r], r * nblk, nblk)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
-
-
 def _serial_build(f):
     """The same product as one serial loop (prange runs as range). A parallel region costs a fork and a join
     (microseconds) that a small product may not repay; the compile-time tuner times both builds per group.
@@ -149,26 +134,6 @@ GEMV_SERIAL = {k: _serial_build(f) for k, f in GEMV.items()}
 
 
 # ----------------------------------------------------------------------------- products, L tokens (prefill)
-@njit(**_OPTS)
-def bitmask_gemm(rowptr, masks, vals, X, bias, Y, acc):
-    """Row by row, every token: a row's values and masks stay in L1 while the L tokens reuse them."""
-    n = rowptr.shape[0] - 1
-    L = X.shape[0]
-    nblk = masks.shape[0] // n if n else 0
-    has_bias = bias.shape[0] == n
-    for r in prange(n):
-        for l in range(L):
-            t = bitmask_dot(vals, masks, X[l], rowptr[r], r * nblk, nblk)
-            if has_bias:
-                t += bias[r]
-            if acc:
-                Y[l, r] += t
-            else:
-                Y[l, r] = t
-
-
-
-# X [L, in] -> Y [L, out]; same acc/bias convention.
 @njit(**_OPTS)
 def csr_gemm(rowptr, cols, vals, X, bias, Y, acc):
     n = rowptr.shape[0] - 1

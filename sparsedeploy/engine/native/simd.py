@@ -20,11 +20,14 @@ fixed-order tree, so results do not depend on the thread count.
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 16
+_OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)   # as kernels.py; kept here so that
+# numba's on-disk cache, stamped by this file, is invalidated when the intrinsic changes
+UNROLL = 4
 
 
 def has_avx512() -> bool:
@@ -58,10 +61,10 @@ def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
         ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
         fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
         zero = ir.Constant(v16, [0.0] * LANES)
-        acc = cgutils.alloca_once_value(builder, zero)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
         off = cgutils.alloca_once_value(builder, voff)
-        with cgutils.for_range(builder, nblk) as loop:
-            b = loop.index
+
+        def block(b, acc):
             mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
             mvec = builder.bitcast(mk, m16)
             o = builder.load(off)
@@ -70,6 +73,21 @@ def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
                                       ir.Constant(i32, 4), mvec, zero])
             builder.store(builder.call(fma, [v, xv, builder.load(acc)]), acc)
             builder.store(builder.add(o, builder.zext(builder.call(ctpop, [mk]), i64)), off)
+
+        # UNROLL blocks per trip, each into its own accumulator: one chain of dependent FMAs (4 cycles each on
+        # current cores) would otherwise bound the loop, not the loads.
+        groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
+        with cgutils.for_range(builder, groups) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
+            for u in range(UNROLL):
+                block(builder.add(base, ir.Constant(i64, u)), accs[u])
+        with cgutils.for_range(builder, builder.sub(nblk, builder.mul(groups, ir.Constant(i64, UNROLL)))) as loop:
+            block(builder.add(builder.mul(groups, ir.Constant(i64, UNROLL)), loop.index), accs[0])
+        acc = accs[0]
+        total = builder.load(accs[0])
+        for a_ in accs[1:]:
+            total = builder.fadd(total, builder.load(a_))
+        builder.store(total, acc)
         a = builder.load(acc)
         lanes = [builder.extract_element(a, ir.Constant(i32, i)) for i in range(LANES)]
         while len(lanes) > 1:                                   # fixed-order pairwise sum
@@ -77,3 +95,41 @@ def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
         return lanes[0]
 
     return sig, codegen
+
+
+# The bitmask products (kernels.py re-exports them). Same conventions as the other products there.
+@njit(**_OPTS)
+def bitmask_gemv(rowptr, masks, vals, x, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    nblk = masks.shape[0] // n if n else 0
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = bitmask_dot(vals, masks, x, rowptr[r], r * nblk, nblk)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def bitmask_gemm(rowptr, masks, vals, X, bias, Y, acc):
+    """Row by row, every token: a row's values and masks stay in L1 while the L tokens reuse them."""
+    n = rowptr.shape[0] - 1
+    L = X.shape[0]
+    nblk = masks.shape[0] // n if n else 0
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        for l in range(L):
+            t = bitmask_dot(vals, masks, X[l], rowptr[r], r * nblk, nblk)
+            if has_bias:
+                t += bias[r]
+            if acc:
+                Y[l, r] += t
+            else:
+                Y[l, r] = t
+
+
+
+# X [L, in] -> Y [L, out]; same acc/bias convention.
