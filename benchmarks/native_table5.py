@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--sparsities", default="0,0.5,0.6,0.7,0.8,0.9")
+    ap.add_argument("--engines", default=ENGINES)
+    ap.add_argument("--synthetic-group-size", type=int, default=1, help="pruned models per group (each adds dense; "
+                    "every worker of a group stays resident: 7B-shaped ones take 1-3 GB each)")
     a = ap.parse_args()
     work = Path(a.work)
     todo = a.only or ["synthetic", "smollm2"]
@@ -46,7 +49,7 @@ def main() -> None:
         cfg = SweepConfig(synthetic="llama2-7b", layers=2, method="magnitude", allocator="uniform", export_seqlen=256,
                           sparsities=sp,
                           prepare_only=a.prepare_only,
-                          bench=BenchConfig(engine=ENGINES, group_size=1, prompt_tokens=16, new_tokens=64,
+                          bench=BenchConfig(engine=a.engines, group_size=a.synthetic_group_size, prompt_tokens=16, new_tokens=64,
                                             rounds=a.rounds, ort_baseline=False))
         sweep(cfg, work / "sweep_synthetic_llama2_7b")
         if not a.prepare_only:
@@ -55,7 +58,7 @@ def main() -> None:
         cfg = SweepConfig("smollm2-135m", allocator="dlp", method="wanda", nsamples=32, calib_seqlen=256,
                           sparsities=parse_sparsities(a.sparsities),
                           export_seqlen=256, prepare_only=a.prepare_only,
-                          bench=BenchConfig(engine=ENGINES, group_size=3, prompt_tokens=64, new_tokens=128,
+                          bench=BenchConfig(engine=a.engines, group_size=3, prompt_tokens=64, new_tokens=128,
                                             rounds=a.rounds, ort_baseline=False))
         out = work / "sweep_smollm2"
         if a.prepare_only:

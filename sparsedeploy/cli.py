@@ -200,6 +200,10 @@ def compile_(
         ui.out.print(f"native: {n['threads']} threads ({n['threading_layer']}), stored groups {n['formats']} ({how}); "
                      f"decoder linears {wb['decoder_linears'] / 2**20:.1f} MB "
                      f"(dense {wb['decoder_linears_dense'] / 2**20:.1f} MB), all weights {wb['total'] / 2**20:.1f} MB")
+        busy = (n.get("tuning") or {}).get("other_load")
+        if busy is not None and busy > 0.15:
+            ui.out.print(f"warning: other processes used {busy:.0%} of the CPU while the formats were timed, so the "
+                         "choice may be wrong — rerun on an idle machine: sparsedeploy compile DEPLOYMENT --engine native --force")
         for g in n.get("measured") or []:
             ms = ", ".join(f"{f} {v:.2f}" for f, v in g["ms_all_layers"].items())
             ui.out.print(f"  {g['group']:>4} {g['shape'][0]}x{g['shape'][1]} at {g['sparsity'][0]:.0%}-{g['sparsity'][1]:.0%}: "

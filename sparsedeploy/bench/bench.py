@@ -24,6 +24,7 @@ from ..export.onnx_kv import DEPLOY_META, read_deployment
 from ..pipeline.rundir import read_json, write_json
 from . import report
 from ..engine import engine_class, engine_names, unavailable
+from ..engine.cpuload import OtherLoad  # noqa: F401  (re-exported)
 from ..engine.worker import WorkerRuntime
 
 DENSE_BELOW = 0.005          # a deployment with fewer zeros than this is "Dense"
@@ -186,49 +187,6 @@ def _llamacpp_jobs(deps: list[dict], cfg: "BenchConfig") -> list[str]:
     return engines
 
 
-class OtherLoad:
-    """CPU time that processes other than ours used while the block ran, as a fraction of the machine (Linux:
-    /proc/stat minus our own and our workers' /proc/<pid>/stat). None where /proc is not there."""
-
-    def __init__(self, pids: list[int]):
-        self.pids = pids
-        self.fraction: float | None = None
-
-    @staticmethod
-    def _total() -> tuple[int, int] | None:
-        try:
-            f = open("/proc/stat").readline().split()[1:]
-        except OSError:
-            return None
-        v = [int(x) for x in f]
-        idle = v[3] + (v[4] if len(v) > 4 else 0)
-        return sum(v[:8]) - idle, sum(v[:8])
-
-    def _ours(self) -> int:
-        import os
-
-        total = 0
-        for pid in {os.getpid(), *self.pids}:
-            try:
-                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])          # utime + stime
-            except (OSError, IndexError, ValueError):
-                pass
-        return total
-
-    def __enter__(self):
-        self._t0, self._o0 = self._total(), self._ours()
-        return self
-
-    def __exit__(self, *exc):
-        t1 = self._total()
-        if self._t0 is None or t1 is None:
-            return
-        busy, total = t1[0] - self._t0[0], t1[1] - self._t0[1]
-        if total > 0:
-            self.fraction = max(0.0, (busy - (self._ours() - self._o0)) / total)
-
-
 def pick_engine(deployment: str | Path, cores: int | None = None, *, prompt_tokens: int = 16, new_tokens: int = 48,
                 rounds: int = 3, busy_above: float = 0.15, disagree_above: float = 0.10) -> tuple[str, str]:
     """The fastest engine on this machine for this deployment, from an interleaved decode probe of every
@@ -368,6 +326,10 @@ def _group(deps: list[dict], size: int | None) -> list[list[dict]]:
 def _group_key(group: list[dict], cfg: BenchConfig) -> str:
     parts = [json.dumps(asdict(cfg), sort_keys=True)]
     parts += [f"{d['dir']}:{d.get('export_key')}" for d in group]
+    if "native" in cfg.engines:          # re-tuned or rebuilt native weights invalidate a cached group
+        for d in group:
+            f = Path(d["dir"]) / "native" / "native.json"
+            parts.append(hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "-")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

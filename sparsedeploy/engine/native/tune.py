@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from ..cpuload import OtherLoad
 from . import kernels as K
 from .pack import candidates, encode
 
@@ -78,6 +79,8 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
         call()
     times: dict[tuple, list[float]] = {k: [] for k in calls}
     clock = time.perf_counter
+    load = OtherLoad([])
+    load.__enter__()
     for r in range(rounds):
         for f in (fmts if r % 2 == 0 else fmts[::-1]):
             for i in range(len(cands)):
@@ -88,6 +91,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
                     t0 = clock()
                     call()
                     times[(i, g, f)].append(clock() - t0)
+    load.__exit__(None, None, None)
     choice, ms = [], []
     for i in range(len(cands)):
         ci, mi = {}, {}
@@ -100,5 +104,6 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
         choice.append(ci)
         ms.append(mi)
     record = {"cpu": cpu_name(), "threads": used, "rounds": rounds, "tie": tie, "ms": ms,
+              "other_load": None if load.fraction is None else round(load.fraction, 3),
               "formats": sorted({f for c in choice for f in c.values()})}
     return choice, record
