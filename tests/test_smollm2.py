@@ -63,7 +63,8 @@ def test_dlp_beats_uniform_on_smollm2(tmp_path_factory, eval_cfg):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7])
 def test_smollm2_greedy_tokens_equal_across_pytorch_onnxruntime_deepsparse(tmp_path, sparsity):
     """Dense and 50% / 70% magnitude-pruned SmolLM2: 16 greedy tokens from PyTorch (checked at export against ONNX
-    Runtime), ONNX Runtime, DeepSparse and the native engine (CSR from 55%) in workers are the same list."""
+    Runtime), ONNX Runtime, DeepSparse and the native engine (formats measured; CSR and bitmask forced) in workers
+    are the same list."""
     from sparsedeploy.engine import unavailable
     from sparsedeploy.engine.worker import WorkerRuntime
     from sparsedeploy.export.stage import export
@@ -85,10 +86,18 @@ def test_smollm2_greedy_tokens_equal_across_pytorch_onnxruntime_deepsparse(tmp_p
     from sparsedeploy.export.onnx_kv import read_deployment
     from sparsedeploy.export.native import ensure_native
 
-    index = ensure_native(read_deployment(dep))
-    assert {g["format"] for layer in index["layers"] for g in layer.values()} == ({"csr"} if sparsity > 0.55 else {"dense"})
+    index = ensure_native(read_deployment(dep), cores=1)             # formats measured on this CPU
+    assert {g["format"] for layer in index["layers"] for g in layer.values()} <= {"dense", "csr", "bitmask"}
+    assert index["tuning"]["threads"] == 1
     engines = ["onnxruntime", "native"] + (["deepsparse"] if unavailable("deepsparse") is None else [])
     for engine in engines:
         with WorkerRuntime(engine, dep / "model.onnx", cores=1, seq_len=1, cache_len=64) as w:
             assert w.name == engine
             assert w.decode(prompt, 16).tokens == torch_tokens, engine
+    if sparsity:                 # every format on the real model, whatever the tuner picked: CSR (fixed rule), bitmask
+        for kw in ({"crossover": 0.0}, {"formats": ("bitmask",)}):
+            index = ensure_native(read_deployment(dep), cores=1, force=True, **kw)
+            fmts = {g["format"] for layer in index["layers"] for g in layer.values()}
+            assert fmts == ({"csr"} if "crossover" in kw else {"bitmask"})
+            with WorkerRuntime("native", dep / "model.onnx", cores=1, seq_len=1, cache_len=64) as w:
+                assert w.decode(prompt, 16).tokens == torch_tokens, fmts
