@@ -1,4 +1,4 @@
-"""Graph IO of a KV-cache text-generation ONNX file: names, cache geometry, static copies. No torch."""
+"""Graph IO of a KV-cache text-generation ONNX file: names, cache geometry, static copies (onnx only)."""
 from __future__ import annotations
 
 import shutil
@@ -17,7 +17,7 @@ def _io_from_proto(proto, path: Path) -> dict:
     outputs = [o.name for o in proto.graph.output]
     past = [n for n in names if n.startswith(CACHE_INPUT_PREFIX)]
     if not past or "input_ids" not in names or "logits" not in outputs:
-        raise UserError(f"{path} is not a KV-cache text-generation graph", "export it with sparsedeploy.export.onnx_kv")
+        raise UserError(f"{path} is not a KV-cache text-generation graph", "export it with `sparsedeploy export`")
     dims = inputs[names.index(past[0])].type.tensor_type.shape.dim
     data_files = sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
     vocab = proto.graph.output[outputs.index("logits")].type.tensor_type.shape.dim[2].dim_value or None
