@@ -142,16 +142,10 @@ def _share(deps: list[Path]) -> Path | None:
     return Path(deps[0]) / NATIVE_DIR if deps else None
 
 
-def _native_current(meta: dict, cores: int | None) -> bool:
-    from ..export.native import is_current
-
-    return is_current(meta, cores=cores)
-
-
 def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
     from ..export.onnx_kv import DEPLOY_META
     from ..export.stage import export
-    from ..export.native import build_from_model
+    from ..export.native import build_from_model, is_current
 
     check(cfg.synthetic in SYNTHETIC, f"unknown synthetic model '{cfg.synthetic}'", f"use one of: {', '.join(SYNTHETIC)}")
     check(1 <= cfg.layers <= 64, f"--layers {cfg.layers} must be between 1 and 64", "use e.g. --layers 2")
@@ -168,7 +162,7 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
                 meta = read_json(dest / DEPLOY_META)
                 if meta.get("synthetic_key") == key:
                     meta["dir"] = str(dest)
-                    if want_native and not _native_current(meta, cfg.bench.cores):
+                    if want_native and not is_current(meta, cores=cfg.bench.cores):
                         ui.info(f"synthetic {cfg.synthetic}: native weights for {p:.0%}")
                         build_from_model(_synthetic_pruned(cfg, p), meta, cores=cfg.bench.cores, share_with=_share(deps))
                     ui.info(f"export: up to date in {dest}")

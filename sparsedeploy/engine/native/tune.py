@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import platform
 import time
+from functools import partial
 
 import numpy as np
 
 from ..cpuload import OtherLoad
 from . import kernels as K
+from .model import Linear
 from .pack import candidates, encode
 
 GROUP_ORDER = ("qkv", "o", "up", "down")
@@ -36,17 +38,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-ARGS = {"dense": ("w",), "ell": ("cols", "vals"), "csr": ("rowptr", "cols", "vals"), "bitmask": ("rowptr", "masks", "vals")}
-
-
-def _product(variant: str, arrs: dict, x: np.ndarray, out: np.ndarray):
-    fmt, _, serial = variant.partition("/")
-    fn = (K.GEMV_SERIAL if serial else K.GEMV)[fmt]
-    args = tuple(arrs[k] for k in ARGS[fmt])
-    bias = np.zeros(0, np.float32)
-    return lambda: fn(*args, x, bias, out, False)
-
-
 def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None = None, rounds: int = 7,
                    tie: float = 0.03, formats: tuple[str, ...] | None = None,
                    serial: bool = True) -> tuple[list[dict[str, str]], dict]:
@@ -56,7 +47,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
     A tie goes to fewer bytes, then to the parallel build."""
     used = K.set_threads(threads)
     rng = np.random.default_rng(0)
-    cands: list[dict[str, dict[str, tuple[dict, int]]]] = []
+    cands: list[dict[str, dict[str, Linear]]] = []          # [layer][group]["csr" | "csr/serial" ...]
     for layer in layers:
         c = {}
         for g, W in layer.items():
@@ -64,34 +55,31 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
             allowed = [f for f in candidates(W) if formats is None or f in formats] or ["dense"]
             for fmt in allowed:
                 arrs = encode(W, fmt)
-                nbytes = sum(int(a.nbytes) for a in arrs.values())
-                c[g][fmt] = (arrs, nbytes)
+                c[g][fmt] = Linear(fmt, arrs, None, W.shape)
                 if serial:
-                    c[g][fmt + "/serial"] = (arrs, nbytes)
+                    c[g][fmt + "/serial"] = Linear(fmt, arrs, None, W.shape, serial=True)
         cands.append(c)
     order = [g for g in GROUP_ORDER if layers and g in layers[0]] + [g for g in (layers[0] if layers else {}) if g not in GROUP_ORDER]
     xs = {g: rng.standard_normal(layers[0][g].shape[1]).astype(np.float32) for g in order} if layers else {}
     outs = {g: np.zeros(layers[0][g].shape[0], np.float32) for g in order} if layers else {}
     fmts = sorted({f for c in cands for g in c for f in c[g]}, key=lambda f: (("dense", "ell", "csr", "bitmask").index(f.split("/")[0]), f))
-    calls = {(i, g, f): _product(f, cands[i][g][f][0], xs[g], outs[g]) for i in range(len(cands)) for g in order
+    calls = {(i, g, f): partial(cands[i][g][f].vec, xs[g], outs[g], False) for i in range(len(cands)) for g in order
              for f in cands[i][g]}
     for call in calls.values():                  # compile and touch every candidate once
         call()
     times: dict[tuple, list[float]] = {k: [] for k in calls}
     clock = time.perf_counter
-    load = OtherLoad([])
-    load.__enter__()
-    for r in range(rounds):
-        for f in (fmts if r % 2 == 0 else fmts[::-1]):
-            for i in range(len(cands)):
-                for g in order:
-                    call = calls.get((i, g, f))
-                    if call is None:
-                        continue
-                    t0 = clock()
-                    call()
-                    times[(i, g, f)].append(clock() - t0)
-    load.__exit__(None, None, None)
+    with OtherLoad([]) as load:
+        for r in range(rounds):
+            for f in (fmts if r % 2 == 0 else fmts[::-1]):
+                for i in range(len(cands)):
+                    for g in order:
+                        call = calls.get((i, g, f))
+                        if call is None:
+                            continue
+                        t0 = clock()
+                        call()
+                        times[(i, g, f)].append(clock() - t0)
     choice, ms = [], []
     for i in range(len(cands)):
         ci, mi = {}, {}
@@ -99,7 +87,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
             med = {f: float(np.median(times[(i, g, f)])) * 1e3 for f in cands[i][g]}
             best = min(med.values())
             close = [f for f in med if med[f] <= best * (1 + tie)]
-            ci[g] = min(close, key=lambda f: (cands[i][g][f][1], f.endswith("/serial")))
+            ci[g] = min(close, key=lambda f: (cands[i][g][f].nbytes, f.endswith("/serial")))
             mi[g] = {f: round(v, 6) for f, v in med.items()}
         choice.append(ci)
         ms.append(mi)
