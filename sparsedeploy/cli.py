@@ -332,6 +332,13 @@ def _print_run_step(step: str, cfg, res, details: bool) -> None:
         ui.out.print(f"compiled on {res.compiled['engine']} in {res.compiled['compile_s']:.2f} s; its greedy tokens equal PyTorch's")
     elif step == "benched":
         _print_bench(res.bench, details)
+        peer = [r for r in res.bench["engines"].get("llamacpp", []) if r["sparsity"] < 0.005]
+        ours = [r for r in res.bench["engines"].get(res.engine, []) if r["sparsity"] >= 0.005]
+        if peer and ours:
+            x = peer[0]["latency_ms"] / ours[0]["latency_ms"]       # > 1: the pruned model decodes faster
+            ui.out.print(f"the peer: llama.cpp on the dense model as Q4_0 takes {peer[0]['latency_ms']:.1f} ms/token; the "
+                         f"pruned model on {res.engine} {ours[0]['latency_ms']:.1f} ms/token: "
+                         + (f"{x:.2f}× faster than the peer" if x >= 1 else f"{1 / x:.2f}× slower than the peer"))
         ui.out.print(f"bench reports: {res.reports}.{{json,csv,md,png}}")
 
 

@@ -177,6 +177,30 @@ def test_llamacpp_greedy_tokens_equal_pytorch_on_f32(tiny_llama_dir, tiny_f32):
         assert again.tokens == res.tokens
 
 
+def test_synthetic_word_level_model_exports_and_runs_in_llamacpp(tmp_path):
+    """The synthetic models' whole-word vocabulary ("t0 t1 …") is written as a merge-less BPE vocabulary: the file
+    reads back exactly and, where llama.cpp is built, it loads it and its greedy tokens equal PyTorch's."""
+    from sparsedeploy.export.gguf import export_gguf, read_fields, read_weights
+    from sparsedeploy.export.verify import greedy_torch
+    from sparsedeploy.workflows.sweep import SYNTHETIC, synthetic_model, synthetic_tokenizer
+
+    model = synthetic_model("llama-tiny", 2)
+    tok = synthetic_tokenizer(SYNTHETIC["llama-tiny"]["vocab_size"])
+    path = export_gguf("tiny", qtype="f32", out=tmp_path / "m.gguf", model=model, tokenizer=tok, verify=False)
+    fields = read_fields(path)
+    assert fields["tokenizer.ggml.pre"] == "default" and fields["tokenizer.ggml.tokens"] == 512
+    sd = model.state_dict()
+    for name, a in read_weights(path, model).items():
+        np.testing.assert_array_equal(a, sd[name].numpy())
+    why = _llamacpp_missing()
+    if why:
+        pytest.skip(why)
+    from sparsedeploy.export.gguf import llamacpp_tokens
+
+    prompt = [5, 6, 7, 8, 9]
+    assert llamacpp_tokens(path, prompt, 8, cores=1) == greedy_torch(model, prompt, 8)
+
+
 @pytest.mark.slow
 def test_llamacpp_on_smollm2_f32_and_q4_0(tmp_path):
     """SmolLM2: the f32 GGUF's greedy tokens equal PyTorch's in llama.cpp; q4_0 reports perplexity pairs."""

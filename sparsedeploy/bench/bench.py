@@ -178,12 +178,15 @@ def _llamacpp_jobs(deps: list[dict], cfg: "BenchConfig") -> list[str]:
         engines = [e for e in engines if e != "llamacpp"]
         check(bool(engines), f"no engine left to bench: {why}", "build it, or name another engine")
         return engines
+    missing = []
     for m in deps:
         f = gguf_for(m, cfg.gguf_type)
         m["gguf"] = str(f) if f is not None else None
         if f is None:
-            ui.info(f"note: no model-{cfg.gguf_type}.gguf for {m['dir']}, so llama.cpp skips it — export one: "
-                    f"sparsedeploy export RUN --format gguf --type {cfg.gguf_type}")
+            missing.append(m["dir"])
+    if missing:
+        ui.info(f"note: llama.cpp decodes {len(deps) - len(missing)} of {len(deps)} models: no model-{cfg.gguf_type}.gguf "
+                f"for {', '.join(missing)} — export one: sparsedeploy export RUN --format gguf --type {cfg.gguf_type}")
     return engines
 
 
@@ -340,6 +343,13 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int], engines
     dense = next((d for d in group if d["sparsity"] < DENSE_BELOW), None)
     if cfg.ort_baseline and "onnxruntime" not in cfg.engines and dense is not None:
         jobs.append((dense, "onnxruntime"))
+    return time_jobs(jobs, cfg, prompt, dense)
+
+
+def time_jobs(jobs: list[tuple[dict, str]], cfg: BenchConfig, prompt: list[int], dense: dict | None) -> list[dict]:
+    """One worker per (deployment meta, engine) job, each warmed up, then `cfg.rounds` interleaved rounds (order
+    rotated per round) -> one row per job. A job's meta may carry "label" (else Dense / NN%) and, for llama.cpp,
+    "gguf" (the file it decodes). `dense`: the meta whose head.onnx splits a step into layers and the rest."""
     workers: list[WorkerRuntime] = []
     rows: list[dict] = []
     try:
@@ -351,7 +361,7 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int], engines
                 workers.append(w)
                 w.decode(prompt[:8], 4)                                   # warm-up
                 native = w.engine_info if w.name == "native" else None
-                rows.append({"label": label_for(d["sparsity"]), "sparsity": d["sparsity"], "deployment": d["dir"],
+                rows.append({"label": d.get("label") or label_for(d["sparsity"]), "sparsity": d["sparsity"], "deployment": d["dir"],
                              "weight_mb": round(native["weight_bytes"]["total"] / 2**20, 1) if native else None,
                              "native_bytes": native["weight_bytes"] if native else None,
                              "engine": w.name, "requested_engine": engine, "fallback_reason": w.fallback_reason,

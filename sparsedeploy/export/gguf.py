@@ -159,9 +159,14 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
 
     doc = _tokenizer_json(tokenizer)
     model = doc.get("model") or {}
-    if model.get("type") != "BPE":
+    if model.get("type") == "WordLevel":
+        # a whole-word vocabulary (the synthetic models' "t0 t1 …" tokens): written as a BPE vocabulary without
+        # merges, so llama.cpp maps ids to the same strings; the ids are what a benchmark feeds it
+        pre = "default"
+    elif model.get("type") == "BPE":
+        pre = pre_tokenizer_name(doc)
+    else:
         raise UserError(f"GGUF export handles BPE tokenizers, not {model.get('type')}", "export ONNX instead")
-    pre = pre_tokenizer_name(doc)
     vocab = dict(model.get("vocab") or {})
     added = {int(a["id"]): a for a in doc.get("added_tokens") or []}
     for i, a in added.items():
@@ -179,6 +184,9 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
             a = added.get(i)
             types.append(TokenType.NORMAL if a is None else TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    if not merges:      # llama.cpp requires the key and the writer drops an empty array: one inert merge
+        first = by_id[min(by_id)]
+        merges = [f"{first[:1]} {first[1:] or first}"]
 
     def tid(tok):
         return None if tok is None else vocab.get(str(tok))

@@ -80,11 +80,36 @@ def run(cfg: RunConfig, on_step: Callable[[str, RunResult], None] | None = None)
         step("picked", res)
     res.compiled = bench_mod.compile_deployment(res.deployment, res.engine, cfg.cores)
     step("compiled", res)
-    bcfg = bench_mod.BenchConfig(engine=res.engine, cores=cfg.cores, prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens,
-                                 rounds=3, group_size=None, ort_baseline=True)
+    engines = res.engine
+    if peer_gguf(cfg, res.dense_deployment) is not None:
+        engines += ",llamacpp"
+    bcfg = bench_mod.BenchConfig(engine=engines, cores=cfg.cores, prompt_tokens=cfg.prompt_tokens, new_tokens=cfg.new_tokens,
+                                 rounds=3, group_size=None, ort_baseline=True, gguf_type=PEER_TYPE)
     res.bench = bench_mod.bench([res.dense_deployment, res.deployment], bcfg,
                                 title=f"{cfg.model}: dense vs {cfg.allocator.upper()}+{cfg.method} — decode ms/token")
     res.reports = out / "table5"
     report.write_reports(res.bench, res.reports)
     step("benched", res)
     return res
+
+
+PEER_TYPE = "q4_0"
+
+
+def peer_gguf(cfg: RunConfig, dense_deployment: Path) -> Path | None:
+    """Where llama.cpp is built (scripts/build-llamacpp.sh): the dense model as a Q4_0 GGUF inside the dense
+    deployment, so that the bench times the peer a user would otherwise deploy in the same rounds."""
+    from ..engine import unavailable
+
+    if unavailable("llamacpp") is not None:
+        return None
+    from .. import ui
+    from ..errors import UserError
+    from ..export.gguf import export_gguf
+
+    try:
+        return export_gguf(cfg.model, qtype=PEER_TYPE, out=Path(dense_deployment) / f"model-{PEER_TYPE}.gguf",
+                           force=cfg.force, cores=cfg.cores)
+    except UserError as e:            # e.g. an architecture llama.cpp's llama graph does not cover
+        ui.info(f"note: no llama.cpp peer for this model: {e}")
+        return None

@@ -91,6 +91,7 @@ def _real_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
     for p in cfg.sparsities:
         if p == 0:
             deps.append(export(cfg.model, seqlen=cfg.export_seqlen, out=out / "dense" / "deployment"))
+            _gguf_export(cfg, cfg.model, deps[-1])
             continue
         run = out / _tag(p)
         if needs_data:
@@ -98,7 +99,26 @@ def _real_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
         ui.info(f"sweep: {cfg.allocator} + {cfg.method} at {p:.0%}")
         st.prune(st.RunDir(run), st.PruneConfig(cfg.model, p, cfg.allocator, cfg.method, calib=calib))
         deps.append(export(str(run), seqlen=cfg.export_seqlen))
+        _gguf_export(cfg, str(run), deps[-1])
     return deps
+
+
+def _gguf_export(cfg: SweepConfig, source: str, deployment: Path, *, model_fn=None, tokenizer=None) -> None:
+    """With llama.cpp among the engines (and built): the GGUF export of `cfg.bench.gguf_type` beside the
+    deployment (DEPLOYMENT/../deployment-gguf/model-TYPE.gguf, where bench looks for it). Synthetic models
+    (`model_fn` makes the model) are written once per deployment folder, unverified (random weights)."""
+    from ..engine import unavailable
+
+    if "llamacpp" not in cfg.bench.engines or unavailable("llamacpp") is not None:
+        return
+    from ..export.gguf import GGUF_DIR, export_gguf
+
+    t = cfg.bench.gguf_type
+    dest = Path(deployment).parent / GGUF_DIR / f"model-{t}.gguf"
+    if model_fn is None:
+        export_gguf(source, qtype=t, out=dest)
+    elif not dest.is_file():
+        export_gguf(source, qtype=t, out=dest, model=model_fn(), tokenizer=tokenizer, verify=False)
 
 
 def synthetic_tokenizer(vocab: int):
@@ -165,6 +185,8 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
                     if want_native and not is_current(meta, cores=cfg.bench.cores):
                         ui.info(f"synthetic {cfg.synthetic}: native weights for {p:.0%}")
                         build_from_model(_synthetic_pruned(cfg, p), meta, cores=cfg.bench.cores, share_with=_share(deps))
+                    _gguf_export(cfg, f"synthetic-{cfg.synthetic}-{cfg.layers}L-{_tag(p)}", dest,
+                                 model_fn=lambda: _synthetic_pruned(cfg, p), tokenizer=tok)
                     ui.info(f"export: up to date in {dest}")
                     deps.append(dest)
                     continue
@@ -180,6 +202,7 @@ def _synthetic_deployments(cfg: SweepConfig, out: Path) -> list[Path]:
         write_json(dest / DEPLOY_META, meta)
         if want_native:
             build_from_model(model, dict(meta, dir=str(dest)), cores=cfg.bench.cores, share_with=_share(deps))
+        _gguf_export(cfg, f"synthetic-{cfg.synthetic}-{cfg.layers}L-{_tag(p)}", dest, model_fn=lambda: model, tokenizer=tok)
         del model
         deps.append(dest)
     return deps
