@@ -325,3 +325,47 @@ def test_a_missing_eval_is_a_one_line_error(fake_sweep):
     with pytest.raises(UserError) as e:
         build_points(fake_sweep["doc"], fake_sweep["out"], (0.5, 0.9), ["native"])
     assert "p90/eval.json is missing" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_search_end_to_end_on_the_tiny_llama_with_onnxruntime(tiny_llama_dir, corpus_file, tmp_path, monkeypatch,
+                                                             capsys):
+    out = tmp_path / "search"
+    common = ["search", tiny_llama_dir, "--out", out, "--engines", "onnxruntime", "--sparsities", "0.5",
+              "--nsamples", 4, "--calib-seqlen", 32, "--seqlen", 48, "--eval-data", f"file:{corpus_file}",
+              "--eval-seqlen", 32, "--max-windows", 2, "--device", "cpu", "--cores", 1, "--prompt-tokens", 8,
+              "--new-tokens", 8, "--rounds", 1]
+    code, stdout, err = run_cli([*common, "--ppl-budget", 1000], monkeypatch, capsys)
+    assert code == 0, err
+    doc = json.loads((out / "search.json").read_text())
+    pts = doc["points"]
+    # the dense and the 50% model on ONNX Runtime, each with its own perplexity from its eval.json
+    assert len(pts) == 2 and {p["engine"] for p in pts} == {"onnxruntime"}
+    dense, pruned = sorted(pts, key=lambda p: p["sparsity"])
+    assert dense["label"] == "Dense" and abs(pruned["sparsity"] - 0.5) < 1 / 32
+    evals = {t: json.loads((out / t / "eval.json").read_text()) for t in ("dense", "p50")}
+    assert doc["dense_ppl"] == evals["dense"]["perplexity"]
+    assert (dense["ppl"], pruned["ppl"]) == (evals["dense"]["perplexity"], evals["p50"]["perplexity"])
+    assert Path(pruned["deployment"]) == out / "p50" / "deployment"
+    assert evals["p50"]["windows"] == 2 and evals["p50"]["seqlen"] == 32
+    table = json.loads((out / "table5.json").read_text())
+    assert {p["label"]: p["ms"] for p in pts} == {r["label"]: r["latency_ms"] for r in table["engines"]["onnxruntime"]}
+    # a budget everything meets: the fastest point
+    fastest = min(pts, key=lambda p: (p["ms"], p["ppl"]))
+    assert doc["choice"] == fastest
+    assert f"ready to serve: sparsedeploy serve {fastest['deployment']} --engine onnxruntime --cores 1" in stdout
+    assert "◀ chosen" in stdout and "frontier" in stdout
+    assert (Path(fastest["deployment"]) / "model.onnx").is_file()
+    # again, with a latency budget everything meets: nothing is redone, the most accurate point is chosen
+    stamps = {t: (out / t / "eval.json").stat().st_mtime_ns for t in ("dense", "p50")}
+    code, stdout, err = run_cli([*common, "--latency-ms", 1e6], monkeypatch, capsys)
+    assert code == 0, err
+    assert "reusing" in err and "up to date" in err
+    assert {t: (out / t / "eval.json").stat().st_mtime_ns for t in ("dense", "p50")} == stamps
+    doc = json.loads((out / "search.json").read_text())
+    assert doc["choice"] == min(doc["points"], key=lambda p: (p["ppl"], p["ms"]))
+    # and a budget nothing meets: the frontier is printed, then one line naming what would admit the closest
+    code, stdout, err = run_cli([*common, "--latency-ms", 1e-6], monkeypatch, capsys)
+    assert code == 2 and "frontier" in stdout
+    assert err.strip().splitlines()[-1].startswith("error: no configuration decodes within --latency-ms")
+    assert "would admit it" in err and "Traceback" not in err
