@@ -323,8 +323,8 @@ def _print_frontier(res) -> None:
     for col in ("", "engine", "model", "ms/token", "perplexity", "× dense", "kind"):
         table.add_column(col, justify="left" if col in ("", "engine", "model", "kind") else "right")
     rows = list(res.frontier)
-    if res.choice is not None and res.choice not in rows:
-        rows.append(res.choice)
+    if res.choice is not None and not any(p is res.choice for p in rows):   # dominated by a llama.cpp peer
+        rows = sorted(rows + [res.choice], key=lambda p: (p["ms"], p["ppl"]))
     for p in rows:
         mark = "◀ chosen" if p is res.choice else ""
         table.add_row(mark, p["engine"], p["label"], f"{p['ms']:.2f}", f"{p['ppl']:.2f}",

@@ -170,6 +170,8 @@ def test_check_budget_returns_the_kind():
     (["--ppl-budget", "1.1", "--engines", "llamacpp"], "names only the llama.cpp peer"),
     (["--ppl-budget", "1.1", "--sparsities", "0,1.5"], "outside"),
     (["--ppl-budget", "1.1", "--max-windows", "0"], "--max-windows"),
+    (["--ppl-budget", "1.1", "--eval-seqlen", "4"], "--eval-seqlen"),
+    (["--ppl-budget", "1.1", "--gguf-type", "q3_k"], "unknown GGUF type"),
     (["--ppl-budget", "1.1", "--prompt-tokens", "200"], "exceed"),
 ])
 def test_bad_search_arguments_exit_2_with_one_line_before_any_work(args, needle, tmp_path, monkeypatch, capsys):
@@ -311,6 +313,7 @@ def test_points_of_the_llamacpp_peer_are_shown_not_chosen(fake_sweep, monkeypatc
     monkeypatch.setattr(search_mod, "_gguf_ppl", lambda g, cfg: 37.5)
     exported = []
     monkeypatch.setattr(search_mod, "_gguf_exports", lambda cfg, o: exported.append(o))
+    monkeypatch.setattr(search_mod, "_peer_built", lambda: True)
     res = search(_cfg(engines="native,llamacpp", ppl_budget=1.10), out)
     assert exported == [out] and [c.prepare_only for c, _ in fake_sweep["calls"]["sweep"]] == [True, False]
     assert names(res.frontier)[0] == "llamacpp Dense q4_0"
@@ -369,3 +372,17 @@ def test_search_end_to_end_on_the_tiny_llama_with_onnxruntime(tiny_llama_dir, co
     assert code == 2 and "frontier" in stdout
     assert err.strip().splitlines()[-1].startswith("error: no configuration decodes within --latency-ms")
     assert "would admit it" in err and "Traceback" not in err
+    # the llama.cpp peer's quantized GGUF is scored on its own (dequantized) weights, on the same windows
+    from sparsedeploy.export.gguf import export_gguf
+    from sparsedeploy.workflows.search import SearchConfig, _gguf_ppl
+
+    monkeypatch.setenv("SPARSEDEPLOY_CACHE", str(tmp_path / "cache"))   # the dequantized copy goes here
+    gguf = export_gguf(str(out / "p50"), qtype="q4_0", out=out / "p50" / "deployment-gguf" / "model-q4_0.gguf", cores=1)
+    cfg = SearchConfig(model=str(tiny_llama_dir), eval_data=f"file:{corpus_file}", eval_seqlen=32, max_windows=2,
+                       device="cpu")
+    q = _gguf_ppl(str(gguf), cfg)
+    saved = json.loads(gguf.with_suffix(".eval.json").read_text())
+    assert q == saved["perplexity"] and saved["windows"] == 2 and saved["seqlen"] == 32
+    assert math.isfinite(q) and q != evals["p50"]["perplexity"]      # 4-bit weights: not the fp32 number
+    assert q == pytest.approx(evals["p50"]["perplexity"], rel=0.2)
+    assert any((tmp_path / "cache" / "models").iterdir())

@@ -112,14 +112,17 @@ def _evaluate_all(cfg: SearchConfig, out: Path) -> dict[float, dict]:
     return docs
 
 
+def _peer_built() -> bool:
+    from ..engine import unavailable
+
+    return unavailable(PEER) is None
+
+
 def _gguf_exports(cfg: SearchConfig, out: Path) -> None:
     """GGUF files of the dense and pruned models where bench's llama.cpp worker looks for them
-    (OUT/<tag>/deployment-gguf/model-TYPE.gguf), when llama.cpp is asked for and built."""
-    from ..engine import unavailable
+    (OUT/<tag>/deployment-gguf/model-TYPE.gguf)."""
     from ..export.gguf import export_gguf
 
-    if PEER not in parse_engines(cfg.engines) or unavailable(PEER) is not None:
-        return          # bench prints the one-line notice and goes on with the other engines
     for p in with_dense(cfg.sparsities):
         source = cfg.model if p == 0 else str(Path(out) / _tag(p))
         export_gguf(source, qtype=cfg.gguf_type, out=Path(out) / _tag(p) / "deployment-gguf" /
@@ -193,6 +196,7 @@ def search(cfg: SearchConfig, out: Path, on_step: Callable[[str, SearchResult], 
     engines = parse_engines(cfg.engines)
     check(any(e != PEER for e in engines), f"--engines {cfg.engines} names only the llama.cpp peer",
           "add an engine sparsedeploy serves: native, deepsparse or onnxruntime")
+    check(cfg.eval_seqlen >= 8, f"--eval-seqlen {cfg.eval_seqlen} is too short", "use e.g. --eval-seqlen 256")
     check(cfg.max_windows is None or cfg.max_windows >= 1, f"--max-windows {cfg.max_windows} must be at least 1",
           "omit it to use every window")
     cfg.bench_config().validate()
@@ -201,7 +205,9 @@ def search(cfg: SearchConfig, out: Path, on_step: Callable[[str, SearchResult], 
           "lower --prompt-tokens/--new-tokens or raise --seqlen")
     out = Path(out)
     res = SearchResult(budget={"kind": kind, "value": value})
-    if PEER in engines:          # the GGUF exports must exist before the bench
+    # llama.cpp decodes GGUF exports, which must exist before the bench (not built: bench says so in one line
+    # and goes on with the other engines)
+    if PEER in engines and _peer_built():
         sweep(cfg.sweep_config(prepare_only=True), out)
         _gguf_exports(cfg, out)
     doc = sweep(cfg.sweep_config(), out)
@@ -229,7 +235,7 @@ def search(cfg: SearchConfig, out: Path, on_step: Callable[[str, SearchResult], 
         _ready(res.choice, cfg.cores)
         res.serve = serve_line(res.choice, cfg.cores)
     write_json(res.json, {
-        "model": cfg.model, "allocator": cfg.allocator, "method": cfg.method, "sparsities": list(cfg.sparsities),
+        "model": cfg.model, "allocator": cfg.allocator, "method": cfg.method, "sparsities": list(with_dense(cfg.sparsities)),
         "engines": engines, "budget": res.budget, "dense_ppl": res.dense_ppl,
         "eval": {"data": evals[0.0].get("data"), "seqlen": cfg.eval_seqlen, "max_windows": cfg.max_windows},
         "bench": {"prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens, "rounds": cfg.rounds,
