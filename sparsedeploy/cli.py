@@ -314,6 +314,11 @@ def search(
     ui.out.print(f"ready to serve: {res.serve}")
 
 
+def _ms(ms: float) -> str:
+    """Two decimals, or three significant digits below 1 ms (tiny test models)."""
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+
+
 def _print_frontier(res) -> None:
     b = res.budget
     within = (f"perplexity <= {b['value']:g} × dense = {b['max_ppl']:.2f}" if b["kind"] == "ppl"
@@ -327,18 +332,18 @@ def _print_frontier(res) -> None:
         rows = sorted(rows + [res.choice], key=lambda p: (p["ms"], p["ppl"]))
     for p in rows:
         mark = "◀ chosen" if p is res.choice else ""
-        table.add_row(mark, p["engine"], p["label"], f"{p['ms']:.2f}", f"{p['ppl']:.2f}",
+        table.add_row(mark, p["engine"], p["label"], _ms(p["ms"]), f"{p['ppl']:.2f}",
                       f"{p['ppl'] / res.dense_ppl:.3f}", p.get("kind", ""))
     ui.out.print(table)
     m = res.machine or {}
     ui.out.print(f"{m.get('cpu')}, {m.get('cores')} cores; perplexity on {b.get('data')}; all points: {res.json}")
     if res.choice is not None:
         c = res.choice
-        ui.out.print(f"chosen: {c['engine']} {c['label']} — {c['ms']:.2f} ms/token, perplexity {c['ppl']:.2f} "
+        ui.out.print(f"chosen: {c['engine']} {c['label']} — {_ms(c['ms'])} ms/token, perplexity {c['ppl']:.2f} "
                      f"({c['ppl'] / res.dense_ppl:.3f}× dense {res.dense_ppl:.2f}): {c['deployment']}")
     if res.peer_better is not None:
         p = res.peer_better
-        ui.out.print(f"note: the llama.cpp peer {p['label']} would do better within this budget ({p['ms']:.2f} ms/token, "
+        ui.out.print(f"note: the llama.cpp peer {p['label']} would do better within this budget ({_ms(p['ms'])} ms/token, "
                      f"perplexity {p['ppl']:.2f}); sparsedeploy serves only its own deployments")
 
 

@@ -321,6 +321,26 @@ def test_points_of_the_llamacpp_peer_are_shown_not_chosen(fake_sweep, monkeypatc
     assert res.peer_better["engine"] == "llamacpp"
 
 
+def test_the_cli_prints_the_frontier_the_choice_the_peer_and_the_serve_line(fake_sweep, monkeypatch, capsys):
+    import sparsedeploy.workflows.search as search_mod
+
+    out, doc, dep = fake_sweep["out"], fake_sweep["doc"], fake_sweep["dep"]
+    doc["engines"]["llamacpp"] = [_row("llamacpp", 0.0, 11.0, dep["dense"], gguf="/g/model-q4_0.gguf")]
+    monkeypatch.setattr(search_mod, "_gguf_ppl", lambda g, cfg: 37.5)
+    monkeypatch.setattr(search_mod, "_gguf_exports", lambda cfg, o: None)
+    monkeypatch.setattr(search_mod, "_peer_built", lambda: True)
+    code, stdout, err = run_cli(["search", "my-model", "--out", out, "--engines", "native,deepsparse,llamacpp",
+                                 "--sparsities", "0.5,0.9", "--cores", 1, "--ppl-budget", "1.10"], monkeypatch, capsys)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    chosen = [ln for ln in lines if "◀ chosen" in ln]
+    assert len(chosen) == 1 and "native" in chosen[0] and "50%" in chosen[0] and "26.00" in chosen[0], chosen
+    assert any("llamacpp" in ln and "Dense q4_0" in ln and "llama.cpp peer" in ln for ln in lines), stdout
+    assert "note: the llama.cpp peer Dense q4_0 would do better within this budget (11.00 ms/token" in stdout
+    assert "Test CPU 9000" in stdout
+    assert lines[-1] == f"ready to serve: sparsedeploy serve {dep['p50']} --engine native --cores 1"
+
+
 def test_a_missing_eval_is_a_one_line_error(fake_sweep):
     from sparsedeploy.workflows.search import build_points
 
