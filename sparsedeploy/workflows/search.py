@@ -143,21 +143,20 @@ def build_points(doc: dict, out: Path, sparsities, engines: list[str], *,
     perplexity from OUT/<tag>/eval.json of the model the row's deployment holds. Rows of engines not asked for
     (the dense ONNX Runtime baseline bench adds) are left out. A llama.cpp row decoding a quantized GGUF gets
     that GGUF's own perplexity (`peer_ppl(path)`)."""
-    by_dep: dict[str, tuple[float, float]] = {}
+    ppl_of: dict[str, float] = {}       # resolved deployment path -> its model's perplexity
     for p in with_dense(sparsities):
         f = eval_path(out, p)
         check(f.is_file(), f"{f} is missing", "rerun sparsedeploy search: it evaluates every model of the sweep")
-        by_dep[str(deployment_path(out, p).resolve())] = (p, _ppl(read_json(f)))
+        ppl_of[str(deployment_path(out, p).resolve())] = _ppl(read_json(f))
     points = []
     for engine, rows in doc["engines"].items():
         for r in rows:
             if r.get("requested_engine", engine) not in engines:
                 continue
-            hit = by_dep.get(str(Path(r["deployment"]).resolve()))
-            if hit is None:
+            ppl = ppl_of.get(str(Path(r["deployment"]).resolve()))
+            if ppl is None:
                 ui.info(f"note: {r['deployment']} ({engine}) is not one of this search's models; left out")
                 continue
-            ppl = hit[1]
             kind = "sparsedeploy"
             label = r["label"]
             gguf = r.get("gguf")
