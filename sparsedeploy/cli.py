@@ -279,6 +279,75 @@ def sweep(
 
 
 @app.command()
+def search(
+    model: str = typer.Argument("smollm2-135m", help="model to prune (HF folder, .gguf, hub id or 'smollm2-135m')"),
+    ppl_budget: Optional[float] = typer.Option(None, help="fastest configuration with perplexity <= this × dense "
+                                                          "(1.10: at most 10% worse)"),
+    latency_ms: Optional[float] = typer.Option(None, help="most accurate configuration decoding in <= X ms/token"),
+    engines: str = typer.Option("native,deepsparse,onnxruntime", help="engines to measure, comma-separated "
+                                "(llamacpp: a peer on GGUF exports, shown but not chosen)"),
+    sparsities: str = typer.Option("0,0.5,0.6,0.7,0.8,0.9", help="the sweep's sparsities (dense is always included)"),
+    allocator: str = typer.Option("dlp"),
+    method: str = typer.Option("wanda"),
+    out: Path = typer.Option(Path("runs/search"), "--out", help="sweep directory (resumable; a sweep's OUT is reused)"),
+    max_windows: Optional[int] = typer.Option(64, help="perplexity on the first K windows only"),
+    eval_data: Optional[str] = typer.Option(None, help="default: wikitext2 if found locally, else held-out Wikipedia"),
+    eval_seqlen: int = typer.Option(256),
+    data_file: Optional[str] = typer.Option(None),
+    cores: Optional[int] = typer.Option(None, help="cores for the engines (default: all)"),
+    nsamples: int = typer.Option(32), calib_seqlen: int = typer.Option(256),
+    seqlen: int = typer.Option(256, help="deployment context S"),
+    prompt_tokens: int = typer.Option(64), new_tokens: int = typer.Option(128), rounds: int = typer.Option(3),
+    gguf_type: str = typer.Option("f32", help="llamacpp: the GGUF type it decodes (f32 | f16 | q8_0 | q4_0 | q4_1)"),
+    device: str = typer.Option("auto", help="for the perplexity: auto | cpu | cuda"),
+):
+    """The fastest configuration within a perplexity budget, or the most accurate within a latency budget,
+    from a sweep (reused); prints the frontier and leaves the choice ready to serve."""
+    from .workflows.search import SearchConfig, search as search_workflow
+    from .workflows.sweep import parse_sparsities
+    cfg = SearchConfig(model=model, ppl_budget=ppl_budget, latency_ms=latency_ms, engines=engines,
+                       sparsities=parse_sparsities(sparsities), allocator=allocator, method=method, nsamples=nsamples,
+                       calib_seqlen=calib_seqlen, export_seqlen=seqlen, eval_data=eval_data, eval_seqlen=eval_seqlen,
+                       max_windows=max_windows, data_file=data_file, device=device, cores=cores,
+                       prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, gguf_type=gguf_type)
+    res = search_workflow(cfg, out, on_step=lambda step, r: _print_frontier(r))
+    ui.out.print(f"ready to serve: {res.serve}")
+
+
+def _ms(ms: float) -> str:
+    """Two decimals, or three significant digits below 1 ms (tiny test models)."""
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+
+
+def _print_frontier(res) -> None:
+    b = res.budget
+    within = (f"perplexity <= {b['value']:g} × dense = {b['max_ppl']:.2f}" if b["kind"] == "ppl"
+              else f"<= {b['value']:g} ms/token")
+    table = Table(title=f"perplexity vs decode latency: the frontier ({len(res.frontier)} of {len(res.points)} "
+                        f"configurations), budget {within}")
+    for col in ("", "engine", "model", "ms/token", "perplexity", "× dense", "kind"):
+        table.add_column(col, justify="left" if col in ("", "engine", "model", "kind") else "right")
+    rows = list(res.frontier)
+    if res.choice is not None and not any(p is res.choice for p in rows):   # dominated by a llama.cpp peer
+        rows = sorted(rows + [res.choice], key=lambda p: (p["ms"], p["ppl"]))
+    for p in rows:
+        mark = "◀ chosen" if p is res.choice else ""
+        table.add_row(mark, p["engine"], p["label"], _ms(p["ms"]), f"{p['ppl']:.2f}",
+                      f"{p['ppl'] / res.dense_ppl:.3f}", p.get("kind", ""))
+    ui.out.print(table)
+    m = res.machine or {}
+    ui.out.print(f"{m.get('cpu')}, {m.get('cores')} cores; perplexity on {b.get('data')}; all points: {res.json}")
+    if res.choice is not None:
+        c = res.choice
+        ui.out.print(f"chosen: {c['engine']} {c['label']} — {_ms(c['ms'])} ms/token, perplexity {c['ppl']:.2f} "
+                     f"({c['ppl'] / res.dense_ppl:.3f}× dense {res.dense_ppl:.2f}): {c['deployment']}")
+    if res.peer_better is not None:
+        p = res.peer_better
+        ui.out.print(f"note: the llama.cpp peer {p['label']} would do better within this budget ({_ms(p['ms'])} ms/token, "
+                     f"perplexity {p['ppl']:.2f}); sparsedeploy serves only its own deployments")
+
+
+@app.command()
 def run(
     model: str = typer.Option("smollm2-135m", help="model to prune (default: the embedded SmolLM2-135M)"),
     out: Path = typer.Option(DEFAULT_RUN, "--out"),
