@@ -54,31 +54,46 @@ def quiet():
         QUIET.unlink(missing_ok=True)
 
 
-def _gguf_perplexity(path: Path, source: str, windows_cfg: dict, cache: Path) -> float:
-    """PyTorch's perplexity with the GGUF's dequantised weights in the source model (same windows as the rest)."""
-    import torch
+def llama_bench(ggufs: list[dict], prompt: int, new: int, cores: int | None, reps: int = 3) -> dict[str, dict]:
+    """llama.cpp's own figure for each GGUF: `llama-bench -p 0 -n NEW -d PROMPT` (tg at the same depth as our
+    decode), ms/token = 1000 / avg t/s, beside the binding's per-token time that the table uses."""
+    import os
+    import subprocess
 
-    from sparsedeploy.export.gguf import read_weights
-    from sparsedeploy.pipeline.data import eval_windows, load_text
-    from sparsedeploy.pipeline.evaluate import perplexity
-    from sparsedeploy.pipeline.models import load, resolve
+    from sparsedeploy.engine.llamacpp import tool
 
-    key = {"gguf": str(path), "size": path.stat().st_size, "mtime": path.stat().st_mtime_ns, **windows_cfg}
-    if cache.is_file() and read_json(cache).get("key") == key:
-        return read_json(cache)["perplexity"]
-    model, tok = load(resolve(source))
-    sd = {k: torch.from_numpy(v) for k, v in read_weights(path, model).items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected, unexpected
-    windows = eval_windows(tok, load_text(windows_cfg["data"]), windows_cfg["seqlen"], windows_cfg["max_windows"])
-    ppl = perplexity(model, windows, device=torch.device("cpu"))
-    write_json(cache, {"key": key, "perplexity": ppl, "missing": missing})
-    return ppl
+    exe = tool("llama-bench")
+    if exe is None:
+        return {}
+    out = {}
+    for g in ggufs:
+        cmd = [str(exe), "-m", g["gguf"], "-p", "0", "-n", str(new), "-d", str(prompt), "-r", str(reps),
+               "-t", str(cores or os.cpu_count()), "-o", "json"]
+        try:
+            doc = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True).stdout)
+            ts = float(doc[0]["avg_ts"])
+            out[g["label"]] = {"ms": 1000.0 / ts, "tokens_per_s": ts, "stddev_ts": float(doc[0].get("stddev_ts", 0.0)),
+                               "command": " ".join(cmd[1:])}
+        except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as e:
+            out[g["label"]] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+    return out
+
+
+def _bench_notes(lb: dict[str, dict], pts: list[dict]) -> list[str]:
+    ms = {p["label"]: p["ms"] for p in pts if p["engine"] == "llamacpp"}
+    lines = []
+    for label, r in lb.items():
+        if "ms" in r:
+            lines.append(f"{label}: llama-bench tg at the same depth {r['ms']:.2f} ms/token ({r['tokens_per_s']:.1f} ± "
+                         f"{r['stddev_ts']:.1f} t/s) vs the binding's {ms.get(label, float('nan')):.2f} (the table's figure)")
+        else:
+            lines.append(f"{label}: llama-bench failed ({r['error']})")
+    return lines
 
 
 def smollm2(work: Path, a) -> None:
     from sparsedeploy.engine.llamacpp import LlamaCppRuntime
-    from sparsedeploy.export.gguf import export_gguf
+    from sparsedeploy.export.gguf import export_gguf, gguf_perplexity
     from sparsedeploy.export.native import ensure_native
     from sparsedeploy.pipeline.models import ALIASES, _package_file
     from sparsedeploy.pipeline.stages import EvalConfig, evaluate
@@ -92,15 +107,14 @@ def smollm2(work: Path, a) -> None:
                       bench=BenchConfig(engine=engines, ort_baseline=False))
     deps = [_read_deployment(d) for d in sweep(cfg, work / "sweep_smollm2")["deployments"]]
     # perplexity: the same windows for every point
-    wcfg = {"data": "wikitext2", "seqlen": 256, "max_windows": 64}
     ecfg = EvalConfig(data="wikitext2", seqlen=256, max_windows=64)
     ppl, configs = {}, {}
     for d in deps:
         run = Path(d["dir"]).parent
-        name = "Dense (fp32)" if d["sparsity"] == 0 else f"Wanda+DLP {round(d['sparsity'] * 100)}%"
+        name = "Dense (fp32)" if d["sparsity"] < 0.005 else f"Wanda+DLP {round(d['sparsity'] * 100)}%"
         d["config"] = d["label"] = name
-        out = work / "ppl" / "dense.json" if d["sparsity"] == 0 else None
-        src = "smollm2-135m" if d["sparsity"] == 0 else str(run)
+        out = work / "ppl" / "dense.json" if d["sparsity"] < 0.005 else None
+        src = "smollm2-135m" if d["sparsity"] < 0.005 else str(run)
         ui.info(f"perplexity: {name}")
         ppl[name] = evaluate(src, ecfg, out=out)["perplexity"]
     ggufs, bpw, llama_ppl = [], {}, {}
@@ -110,7 +124,7 @@ def smollm2(work: Path, a) -> None:
         name = peer_label(t)
         ggufs.append(dict(deps[0], gguf=str(path), label=name, config=name))
         bpw[name] = GGUF_BPW[t]
-        ppl[name] = _gguf_perplexity(path, "smollm2-135m", wcfg, work / "ppl" / f"gguf-{t}.json")
+        ppl[name] = gguf_perplexity(path, "smollm2-135m", ecfg)["perplexity"]
         if isinstance(rec.get("perplexity"), dict) and rec["perplexity"].get("llamacpp") is not None:
             llama_ppl[name] = rec["perplexity"]
     shipped = _package_file(*ALIASES["smollm2-135m"])
@@ -126,6 +140,7 @@ def smollm2(work: Path, a) -> None:
                                                      rounds=a.rounds, ort_baseline=False),
                                    group_size=a.group_size, anchors=(peer_label("q4_0"), peer_label("q8_0")))
         doc = pareto.measure(deps, ggufs, pcfg)
+        doc["llama_bench"] = llama_bench(ggufs, 64, 128, a.cores)
     pts = pareto.points(doc, ppl, bpw)
     notes = [
         "Perplexity: WikiText-2 test, first 64 non-overlapping 256-token windows, computed by PyTorch on each point's "
@@ -141,6 +156,7 @@ def smollm2(work: Path, a) -> None:
         "incl. indices; llama.cpp: the GGUF type's block size; DeepSparse/ORT: not reported).",
         "llama.cpp build: " + _llamacpp_build(),
     ]
+    notes += _bench_notes(doc["llama_bench"], pts)
     for name, rec in llama_ppl.items():
         notes.append(f"{name}: llama-perplexity {rec['llamacpp']:.2f} vs PyTorch (fp32 model) {rec['pytorch_fp32']:.2f} "
                      f"on {rec['chunks']}×{rec['n_ctx']} tokens, llama-perplexity's protocol for both")
@@ -158,7 +174,7 @@ def synthetic(work: Path, a) -> None:
     from sparsedeploy.export.gguf import export_gguf
     from sparsedeploy.workflows.sweep import _synthetic_pruned, synthetic_tokenizer, SYNTHETIC
 
-    engines = a.engines
+    engines = a.synthetic_engines
     cfg = SweepConfig(synthetic="llama2-7b", layers=2, method="magnitude", allocator="uniform", export_seqlen=256,
                       sparsities=parse_sparsities(a.synthetic_sparsities), prepare_only=True,
                       bench=BenchConfig(engine=engines, ort_baseline=False))
@@ -179,12 +195,13 @@ def synthetic(work: Path, a) -> None:
         bpw[name] = GGUF_BPW[t]
     del dense_model
     for d in deps:
-        d["config"] = d["label"] = "Dense (fp32)" if d["sparsity"] == 0 else f"magnitude {round(d['sparsity'] * 100)}%"
+        d["config"] = d["label"] = "Dense (fp32)" if d["sparsity"] < 0.005 else f"magnitude {round(d['sparsity'] * 100)}%"
     pcfg = pareto.ParetoConfig(bench=BenchConfig(engine=engines, cores=a.cores, prompt_tokens=16, new_tokens=64,
                                                  rounds=a.rounds, ort_baseline=False),
                                group_size=1, anchors=(peer_label("q4_0"), peer_label("q8_0")))
     with quiet():
         doc = pareto.measure(deps, ggufs, pcfg)
+        doc["llama_bench"] = llama_bench(ggufs, 16, 64, a.cores)
     pts = pareto.points(doc, {}, bpw)
     notes = ["SYNTHETIC weights (random, LLaMA2-7B layer shapes: hidden 4096, MLP 11008, 32 heads, vocabulary 32000), "
              "2 decoder layers + full embedding and lm_head; magnitude pruning per output row. Latency only.",
@@ -192,7 +209,7 @@ def synthetic(work: Path, a) -> None:
              "Q8_0; our engines keep them fp32).",
              "Decode: 16-token prompt then 64 new tokens, " f"{a.rounds} interleaved rounds; one deployment per group, each "
              "group with llama.cpp Q4_0 and Q8_0 in its rounds; '× vs' columns against those.",
-             "llama.cpp build: " + _llamacpp_build()]
+             "llama.cpp build: " + _llamacpp_build()] + _bench_notes(doc["llama_bench"], pts)
     _publish(doc, pts, "pareto_synthetic_llama2_7b_2layers", "SYNTHETIC LLaMA2-7B shapes, 2 layers: decode latency, "
              "sparsedeploy vs llama.cpp dense GGUF", pcfg, notes)
 
@@ -219,6 +236,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=2)
     ap.add_argument("--synthetic-sparsities", default="0,0.5,0.7,0.9")
     ap.add_argument("--synthetic-types", default="f16,q8_0,q4_0")
+    ap.add_argument("--synthetic-engines", default="native,deepsparse")
     a = ap.parse_args()
     work = Path(a.work)
     todo = a.only or ["smollm2", "synthetic"]

@@ -21,7 +21,7 @@ def test_frontier_keeps_only_undominated_points():
     pts = [dict(label="a", ms=10, ppl=40), dict(label="b", ms=12, ppl=30), dict(label="c", ms=12, ppl=35),
            dict(label="d", ms=20, ppl=30), dict(label="e", ms=25, ppl=10), dict(label="f", ms=5, ppl=None),
            dict(label="g", ms=8, ppl=math.inf)]
-    assert [p["label"] for p in pareto.frontier(pts)] == ["a", "b", "e"]
+    assert [p["label"] for p in pareto.frontier(pts)] == ["g", "a", "b", "e"]     # inf: usable, simply worst
     assert pareto.frontier([]) == []
 
 

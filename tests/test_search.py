@@ -310,12 +310,10 @@ def test_points_of_the_llamacpp_peer_are_shown_not_chosen(fake_sweep, monkeypatc
     # the workflow: the peer is on the frontier and would win, but the choice is sparsedeploy's own
     import sparsedeploy.workflows.search as search_mod
 
-    monkeypatch.setattr(search_mod, "_gguf_ppl", lambda g, cfg: 37.5)
-    exported = []
-    monkeypatch.setattr(search_mod, "_gguf_exports", lambda cfg, o: exported.append(o))
-    monkeypatch.setattr(search_mod, "_peer_built", lambda: True)
+    monkeypatch.setattr(search_mod, "_gguf_ppl", lambda g, cfg, o: 37.5)
     res = search(_cfg(engines="native,llamacpp", ppl_budget=1.10), out)
-    assert exported == [out] and [c.prepare_only for c, _ in fake_sweep["calls"]["sweep"]] == [True, False]
+    # one sweep (it exports each model's GGUF itself when llama.cpp is built and named)
+    assert [(c.prepare_only, c.bench.engines) for c, _ in fake_sweep["calls"]["sweep"]] == [(False, ["native", "llamacpp"])]
     assert names(res.frontier)[0] == "llamacpp Dense q4_0"
     assert res.choice["engine"] == "native" and res.choice["label"] == "50%"
     assert res.peer_better["engine"] == "llamacpp"
@@ -326,9 +324,7 @@ def test_the_cli_prints_the_frontier_the_choice_the_peer_and_the_serve_line(fake
 
     out, doc, dep = fake_sweep["out"], fake_sweep["doc"], fake_sweep["dep"]
     doc["engines"]["llamacpp"] = [_row("llamacpp", 0.0, 11.0, dep["dense"], gguf="/g/model-q4_0.gguf")]
-    monkeypatch.setattr(search_mod, "_gguf_ppl", lambda g, cfg: 37.5)
-    monkeypatch.setattr(search_mod, "_gguf_exports", lambda cfg, o: None)
-    monkeypatch.setattr(search_mod, "_peer_built", lambda: True)
+    monkeypatch.setattr(search_mod, "_gguf_ppl", lambda g, cfg, o: 37.5)
     code, stdout, err = run_cli(["search", "my-model", "--out", out, "--engines", "native,deepsparse,llamacpp",
                                  "--sparsities", "0.5,0.9", "--cores", 1, "--ppl-budget", "1.10"], monkeypatch, capsys)
     assert code == 0, err
@@ -396,13 +392,11 @@ def test_search_end_to_end_on_the_tiny_llama_with_onnxruntime(tiny_llama_dir, co
     from sparsedeploy.export.gguf import export_gguf
     from sparsedeploy.workflows.search import SearchConfig, _gguf_ppl
 
-    monkeypatch.setenv("SPARSEDEPLOY_CACHE", str(tmp_path / "cache"))   # the dequantized copy goes here
     gguf = export_gguf(str(out / "p50"), qtype="q4_0", out=out / "p50" / "deployment-gguf" / "model-q4_0.gguf", cores=1)
     cfg = SearchConfig(model=str(tiny_llama_dir), eval_data=f"file:{corpus_file}", eval_seqlen=32, max_windows=2,
                        device="cpu")
-    q = _gguf_ppl(str(gguf), cfg)
+    q = _gguf_ppl(str(gguf), cfg, out)
     saved = json.loads(gguf.with_suffix(".eval.json").read_text())
     assert q == saved["perplexity"] and saved["windows"] == 2 and saved["seqlen"] == 32
     assert math.isfinite(q) and q != evals["p50"]["perplexity"]      # 4-bit weights: not the fp32 number
     assert q == pytest.approx(evals["p50"]["perplexity"], rel=0.2)
-    assert any((tmp_path / "cache" / "models").iterdir())

@@ -6,11 +6,10 @@ dense deployment's meta with "gguf" (the file) and "label" set. Jobs are timed i
 of a group fits in memory; the `anchors` (by default llama.cpp on dense Q4_0 and Q8_0) run in every group, and
 each row is also given as a ratio to the anchors timed in its own group. A point's perplexity comes from the
 caller (the same text and windows for every point). `frontier` keeps the points no other point beats on both
-latency and perplexity.
+latency and perplexity (bench/frontier.py).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from .. import ui
 from ..errors import check
 from . import report
+from .frontier import frontier
 from .bench import BenchConfig, DENSE_BELOW, prompt_ids, step_bytes, time_jobs
 
 
@@ -28,21 +28,6 @@ class ParetoConfig:
     bench: BenchConfig = field(default_factory=lambda: BenchConfig(engine="native", ort_baseline=False))
     group_size: int = 2                  # sparsedeploy deployments per group (each brings one job per engine)
     anchors: tuple[str, ...] = ("Dense Q4_0 (llama.cpp)", "Dense Q8_0 (llama.cpp)")
-
-
-def frontier(points: list[dict]) -> list[dict]:
-    """The points no other point dominates (ms ≤ and ppl ≤, one of them <), sorted by ms."""
-    pts = sorted((p for p in points if _finite(p.get("ms")) and _finite(p.get("ppl"))), key=lambda p: (p["ms"], p["ppl"]))
-    out, best = [], math.inf
-    for p in pts:
-        if p["ppl"] < best:
-            out.append(p)
-            best = p["ppl"]
-    return out
-
-
-def _finite(x) -> bool:
-    return x is not None and math.isfinite(float(x))
 
 
 def _groups(deps: list[dict], size: int) -> list[list[dict]]:

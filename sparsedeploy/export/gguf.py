@@ -291,6 +291,24 @@ def read_weights(path: str | Path, model) -> dict[str, np.ndarray]:
     return out
 
 
+def gguf_perplexity(path: str | Path, source: str, ecfg) -> dict:
+    """The eval stage's perplexity of `source` (the model the GGUF was exported from) with the GGUF's
+    dequantised weights in place: its own tokenizer and the same windows as every other model's evaluation.
+    Cached beside the file (model-TYPE.eval.json) while file, source and settings are unchanged."""
+    import torch
+
+    from ..pipeline.stages import evaluate
+
+    path = Path(path)
+    st = path.stat()
+
+    def weights(model):
+        return {k: torch.from_numpy(v) for k, v in read_weights(path, model).items()}
+
+    return evaluate(source, ecfg, out=path.with_suffix(".eval.json"), weights=weights,
+                    weights_key={"gguf": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+
+
 def read_fields(path: str | Path) -> dict:
     """Scalar and string metadata of a GGUF file (arrays given by their length)."""
     from gguf import GGUFReader

@@ -112,29 +112,15 @@ def _evaluate_all(cfg: SearchConfig, out: Path) -> dict[float, dict]:
     return docs
 
 
-def _peer_built() -> bool:
-    from ..engine import unavailable
-
-    return unavailable(PEER) is None
-
-
-def _gguf_exports(cfg: SearchConfig, out: Path) -> None:
-    """GGUF files of the dense and pruned models where bench's llama.cpp worker looks for them
-    (OUT/<tag>/deployment-gguf/model-TYPE.gguf)."""
-    from ..export.gguf import export_gguf
-
-    for p in with_dense(cfg.sparsities):
-        source = cfg.model if p == 0 else str(Path(out) / _tag(p))
-        export_gguf(source, qtype=cfg.gguf_type, out=Path(out) / _tag(p) / "deployment-gguf" /
-                    f"model-{cfg.gguf_type}.gguf", cores=cfg.cores)
-
-
-def _gguf_ppl(gguf: str, cfg: SearchConfig) -> float:
-    """Perplexity of a quantized GGUF's (dequantized) weights on the same windows as every other point."""
+def _gguf_ppl(gguf: str, cfg: SearchConfig, out: Path) -> float:
+    """Perplexity of a quantized GGUF's (dequantized) weights, scored as every other point is."""
+    from ..export.gguf import gguf_perplexity
     from ..pipeline import stages as st
 
     ecfg = st.EvalConfig(cfg.eval_data, cfg.eval_seqlen, cfg.max_windows, cfg.data_file, cfg.device)
-    return _ppl(st.evaluate(gguf, ecfg, out=Path(gguf).with_suffix(".eval.json")))
+    tag = Path(gguf).parent.parent.name                 # OUT/<tag>/deployment-gguf/model-TYPE.gguf
+    source = cfg.model if tag == "dense" else str(Path(out) / tag)
+    return _ppl(gguf_perplexity(gguf, source, ecfg))
 
 
 def build_points(doc: dict, out: Path, sparsities, engines: list[str], *,
@@ -204,16 +190,12 @@ def search(cfg: SearchConfig, out: Path, on_step: Callable[[str, SearchResult], 
           "lower --prompt-tokens/--new-tokens or raise --seqlen")
     out = Path(out)
     res = SearchResult(budget={"kind": kind, "value": value})
-    # llama.cpp decodes GGUF exports, which must exist before the bench (not built: bench says so in one line
-    # and goes on with the other engines)
-    if PEER in engines and _peer_built():
-        sweep(cfg.sweep_config(prepare_only=True), out)
-        _gguf_exports(cfg, out)
+    # with llama.cpp among the engines (and built), the sweep exports each model's GGUF beside its deployment
     doc = sweep(cfg.sweep_config(), out)
     evals = _evaluate_all(cfg, out)
     res.machine = {k: doc["machine"].get(k) for k in ("cpu", "cores", "isa")}
     res.dense_ppl = _ppl(evals[0.0])
-    res.points = build_points(doc, out, cfg.sparsities, engines, peer_ppl=lambda g: _gguf_ppl(g, cfg))
+    res.points = build_points(doc, out, cfg.sparsities, engines, peer_ppl=lambda g: _gguf_ppl(g, cfg, out))
     res.frontier = fr.frontier(res.points)
     if kind == "ppl":
         res.budget["max_ppl"] = value * res.dense_ppl

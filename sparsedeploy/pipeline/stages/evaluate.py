@@ -25,12 +25,19 @@ class EvalConfig:
     device: str = "auto"
 
 
-def evaluate(model_or_run: str, cfg: EvalConfig, *, out: Path | None = None, force: bool = False) -> dict:
+def evaluate(model_or_run: str, cfg: EvalConfig, *, out: Path | None = None, force: bool = False,
+             weights=None, weights_key: dict | None = None) -> dict:
+    """Perplexity of the model (non-overlapping windows), written to `out` (a RUN: RUN/eval.json) and reused
+    while the key holds. `weights(model) -> {state-dict name: tensor}` replaces weights after loading (e.g. a
+    GGUF file's dequantised ones, so they are scored with the model's own tokenizer and the same windows);
+    `weights_key` names them in the key."""
     check(cfg.seqlen >= 8, f"--seqlen {cfg.seqlen} is too short", "use e.g. --seqlen 2048")
     check(cfg.max_windows is None or cfg.max_windows >= 1, f"--max-windows {cfg.max_windows} must be at least 1", "omit it to use every window")
     data = cfg.data or default_eval_source(cfg.data_file)
     ref = resolve(model_or_run)
     key = {"data": data, "seqlen": cfg.seqlen, "max_windows": cfg.max_windows, "fingerprint": ref.fingerprint()}
+    if weights_key is not None:
+        key["weights"] = weights_key
     is_run = (Path(model_or_run) / "manifest.json").is_file()
     if out is None and is_run:
         out = Path(model_or_run) / EVAL
@@ -43,6 +50,10 @@ def evaluate(model_or_run: str, cfg: EvalConfig, *, out: Path | None = None, for
             pass
     device = resolve_device(cfg.device)
     model, tok = load(ref)
+    if weights is not None:
+        unexpected = model.load_state_dict(weights(model), strict=False).unexpected_keys
+        check(not unexpected, f"replacement weights name tensors the model lacks: {unexpected[:3]}",
+              "pass weights of this model")
     windows = eval_windows(tok, load_text(data, cfg.data_file), cfg.seqlen, cfg.max_windows)
     t0 = time.perf_counter()
     with ui.progress(f"perplexity on {data} ({windows.shape[0]}×{cfg.seqlen})", windows.shape[0]) as bar:
