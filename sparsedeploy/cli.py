@@ -141,8 +141,18 @@ def eval_(
     data_file: Optional[str] = typer.Option(None, help="path of wiki.test.raw"),
     device: str = typer.Option("auto"),
     force: bool = typer.Option(False),
+    engine: Optional[str] = typer.Option(None, help="score a deployment folder (or RUN) through this engine "
+                                         "(native | deepsparse | onnxruntime) instead of PyTorch"),
+    cores: Optional[int] = typer.Option(None, help="with --engine: cores for the engine (default: all)"),
 ):
-    """Perplexity (non-overlapping windows, exp of mean token NLL)."""
+    """Perplexity (non-overlapping windows, exp of mean token NLL); --engine: through the deployed engine."""
+    if engine is not None:
+        from .bench.quality import deployment_perplexity
+        doc = deployment_perplexity(model_or_run, engine, data=data, seqlen=seqlen, max_windows=max_windows,
+                                    data_file=data_file, cores=cores)
+        ui.out.print(f"perplexity {doc['perplexity']:.2f} through {doc['engine']} on {doc['data']} "
+                     f"({doc['windows']}×{doc['seqlen']} tokens, {doc['seconds']:.0f} s)")
+        return
     st = _stages()
     doc = st.evaluate(model_or_run, st.EvalConfig(data, seqlen, max_windows, data_file, device), force=force)
     ui.out.print(f"perplexity {doc['perplexity']:.2f} on {doc['data']} ({doc['windows']}×{doc['seqlen']} tokens, "

@@ -2,7 +2,7 @@
 instead, llama.cpp decoding dense GGUF files (f32/f16/Q8_0/Q4_0/Q4_1) — timed in the same interleaved rounds.
 
 A job is (meta, engine): a deployment's meta (engine native / deepsparse / onnxruntime) or, for llama.cpp, the
-dense deployment's meta with "gguf" (the file) and "label" set. Jobs are timed in groups so that every worker
+dense deployment's meta with "gguf" (the file) and "label" set; a meta with "engines" runs on those only. Jobs are timed in groups so that every worker
 of a group fits in memory; the `anchors` (by default llama.cpp on dense Q4_0 and Q8_0) run in every group, and
 each row is also given as a ratio to the anchors timed in its own group. A point's perplexity comes from the
 caller (the same text and windows for every point). `frontier` keeps the points no other point beats on both
@@ -50,7 +50,7 @@ def measure(deps: list[dict], ggufs: list[dict], cfg: ParetoConfig) -> dict:
     rows: list[dict] = []
     groups = _groups(deps, cfg.group_size)
     for gi, group in enumerate(groups):
-        jobs = [(d, e) for d in group for e in engines] + [(g, "llamacpp") for g in anchors]
+        jobs = [(d, e) for d in group for e in (d.get("engines") or engines)] + [(g, "llamacpp") for g in anchors]
         if gi == 0:
             jobs += [(g, "llamacpp") for g in rest]
         ui.info(f"pareto group {gi + 1}/{len(groups)}: {len(jobs)} workers")

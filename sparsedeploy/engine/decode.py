@@ -180,6 +180,24 @@ def _prefill(dec: KVSlots, prefill, prompt: list[int], S: int) -> tuple[int, np.
     return pos, logits, mode
 
 
+def window_nll(runtime, ids, cache_len: int | None = None) -> tuple[float, int]:
+    """Teacher-forced negative log-likelihood of a token window through the engine, one token per step (the
+    decode path itself): the sum over t of -log softmax(logits_t)[ids[t + 1]], and the number of terms. With
+    perplexity = exp(sum / count) this scores a window exactly as PyTorch's evaluation does."""
+    ids = [int(t) for t in ids]
+    S = int(cache_len or runtime.cache_len or 0)
+    if len(ids) < 2 or len(ids) > S:
+        raise UserError(f"a window of {len(ids)} tokens does not fit a cache of {S}", "use windows of 2..S tokens")
+    seq = new_sequence(runtime, S)
+    total = 0.0
+    for t in range(len(ids) - 1):
+        logits, _ = seq.step(ids[t:t + 1], t)
+        z = logits[0, -1].astype(np.float64)
+        m = float(z.max())
+        total += m + float(np.log(np.exp(z - m).sum())) - float(z[ids[t + 1]])
+    return total, len(ids) - 1
+
+
 def greedy_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
                   max_positions: int | None = None) -> DecodeResult:
     """Greedy-generate `n` tokens after `prompt_ids` with `runtime` (L = 1).
