@@ -259,3 +259,22 @@ def test_kernel_paths_name_this_cpu_and_the_portable_switch(tmp_path):
 
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got[0]["int8"] == "portable" and got[0]["int8_bitmask"] == "portable" and got[1] and got[2]
+
+
+@VNNI
+@pytest.mark.parametrize("shape", [(9, 64), (33, 200), (5, 4096)])
+def test_q4_reference_kernel_equals_its_dequantised_product(shape):
+    rows, cols = shape
+    W = _matrix(rows, cols, 0.0, seed=11)
+    x = _act(cols, 11)
+    q, corr, s = LB.act_buffers(cols)
+    LB.quantize_act(x, q, corr, s)
+    enc = LB.encode_q4(W)
+    assert enc["w4"].nbytes + enc["ws"].nbytes == rows * (-(-cols // 64)) * (32 + 4)
+    Wd = LB.dequantized_q4(enc, cols).astype(np.float64)
+    assert np.abs(Wd - W).max() <= np.abs(W).max() / 8 * 1.01           # 4-bit steps
+    xd = LB.dequantized_act(x).astype(np.float64)
+    ref = Wd @ xd
+    out = np.full(rows, np.nan, np.float32)
+    LB.q4_gemv_vnni(enc["w4"], enc["ws"], q, corr, s, E, out, False)
+    np.testing.assert_array_less(np.abs(out - ref), 2e-6 * (np.abs(Wd) @ np.abs(xd)) + 1e-6)

@@ -249,6 +249,75 @@ def vnni_bitmask_dot(typingctx, vals, masks, voff, mstart, q, corr, scale, nblk)
     return sig, codegen
 
 
+@intrinsic
+def vnni_q4_dot(typingctx, w4, woff, ws, soff, q, corr, scale, nblk):
+    """Dense 4-bit (Q4_0-like) row: sum over 64-column blocks b of scale[b] * sum over its two 32-column
+    halves h of ws[soff + 2 b + h] (float16 bits, uint16: numba has no float16 arrays) * sum_j (nibble_j - 8) * q_j. Block b's 32 bytes at
+    w4.flat[woff + 32 b]: byte k holds column 64 b + k in its low nibble and column 64 b + 32 + k in its high
+    one, so the two unpacked halves are the block's 64 bytes in order; corr >> 4 = -8 * sum q per lane."""
+    if not (_is(w4, types.uint8) and _is(ws, types.uint16) and _is(q, types.int8, 1)
+            and _is(corr, types.int32, 1) and _is(scale, types.float32, 1)):
+        return None
+    sig = types.float32(w4, types.int64, ws, types.int64, q, corr, scale, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+        v32b = ir.VectorType(i8, 32)
+        h2, f2 = ir.VectorType(ir.HalfType(), 2), ir.VectorType(f32, 2)
+        wa = context.make_array(signature.args[0])(context, builder, args[0])
+        wsa = context.make_array(signature.args[2])(context, builder, args[2])
+        qa = context.make_array(signature.args[4])(context, builder, args[4])
+        ca = context.make_array(signature.args[5])(context, builder, args[5])
+        sa = context.make_array(signature.args[6])(context, builder, args[6])
+        woff, soff, nblk = args[1], args[3], args[7]
+        mod = builder.module
+        dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+        zero = ir.Constant(v16f, [0.0] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+        low = ir.Constant(v32b, [15] * 32)
+        four8 = ir.Constant(v32b, [4] * 32)
+        four32 = ir.Constant(v16i, [4] * LANES)
+        cat = ir.Constant(ir.VectorType(i32, 64), list(range(64)))
+        halves = ir.Constant(ir.VectorType(i32, LANES), [0] * 8 + [1] * 8)
+        splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+        def block(b, acc):
+            p = builder.gep(wa.data, [builder.add(woff, builder.mul(b, ir.Constant(i64, 32)))])
+            raw = builder.load(builder.bitcast(p, v32b.as_pointer()), align=1)
+            w64 = builder.shuffle_vector(builder.and_(raw, low), builder.lshr(raw, four8), cat)
+            c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.mul(b, ir.Constant(i64, LANES))]),
+                                             v16i.as_pointer()), align=4)
+            qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
+                                              v16i.as_pointer()), align=1)
+            dot = builder.call(dpbusd, [builder.ashr(c, four32), builder.bitcast(w64, v16i), qv])
+            hp = builder.gep(wsa.data, [builder.add(soff, builder.mul(b, ir.Constant(i64, 2)))])
+            wsv = builder.fpext(builder.load(builder.bitcast(hp, h2.as_pointer()), align=2), f2)
+            wsv = builder.shuffle_vector(wsv, ir.Constant(f2, ir.Undefined), halves)
+            s = builder.load(builder.gep(sa.data, [b]))
+            sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
+                                        ir.Constant(v16f, ir.Undefined), splat0)
+            builder.store(builder.call(fma, [builder.fmul(builder.sitofp(dot, v16f), wsv), sv, builder.load(acc)]), acc)
+
+        groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
+        with cgutils.for_range(builder, groups) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
+            for u in range(UNROLL):
+                block(builder.add(base, ir.Constant(i64, u)), accs[u])
+        done = builder.mul(groups, ir.Constant(i64, UNROLL))
+        with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+            block(builder.add(done, loop.index), accs[0])
+        total = builder.load(accs[0])
+        for a in accs[1:]:
+            total = builder.fadd(total, builder.load(a))
+        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
+        while len(lanes) > 1:
+            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+    return sig, codegen
+
+
 # ----------------------------------------------------------------------------- int8 dense
 # wq uint8 [out, 64 nblk], wscale f32 [out]; q/corr/scale from quantize_act of x
 @njit(**_OPTS)
@@ -374,6 +443,27 @@ def int8_csr_gemv(rowptr, cols, vals, wscale, x, bias, out, acc):
             out[r] = s
 
 
+# ----------------------------------------------------------------------------- dense 4-bit reference (Q4_0-like)
+# w4 uint8 [out, 32 nblk] (two nibbles a byte, see vnni_q4_dot), ws float16 bits as uint16 [out, 2 nblk] (one scale per 32
+# weights): 0.5625 bytes per weight, llama.cpp's Q4_0. A measuring stick for the sparse int8 formats
+# (benchmarks/lowbit_gemv.py), not an engine format; VNNI only.
+@njit(**_OPTS)
+def q4_gemv_vnni(w4, ws, q, corr, scale, bias, out, acc):
+    n, stride = w4.shape
+    nblk = stride // 32
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16 or ws.shape[1] != 2 * nblk:
+        raise ValueError("q4_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = vnni_q4_dot(w4, r * stride, ws, r * 2 * nblk, q, corr, scale, nblk)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
 int8_gemv = int8_gemv_vnni if _PATHS["int8"] != "portable" else int8_gemv_portable
 int8_bitmask_gemv = int8_bitmask_gemv_vnni if _PATHS["int8_bitmask"] != "portable" else int8_bitmask_gemv_portable
 
@@ -465,3 +555,32 @@ def dequantized_act(x) -> np.ndarray:
     q, corr, s = act_buffers(x.shape[0])
     quantize_act(x, q, corr, s)
     return (q.reshape(-1, BLOCK).astype(np.float32) * s[:, None]).reshape(-1)[:x.shape[0]]
+
+
+def encode_q4(W) -> dict[str, np.ndarray]:
+    """Q4_0-like: per 32 columns d = (the value of largest magnitude) / -8, codes rint(w / d) + 8 in [0, 15]."""
+    W = _matrix(W)
+    out_f, in_f = W.shape
+    nblk = -(-in_f // BLOCK)
+    P = np.zeros((out_f, nblk * BLOCK), np.float32)
+    P[:, :in_f] = W
+    G = P.reshape(out_f, 2 * nblk, 32)
+    idx = np.abs(G).argmax(axis=2)
+    m = np.take_along_axis(G, idx[..., None], axis=2)[..., 0]
+    d = (m / np.float32(-8)).astype(np.float16)
+    df = d.astype(np.float32)
+    safe = np.where(df != 0, df, np.float32(1))
+    codes = np.clip(np.rint(G / safe[..., None]) + 8, 0, 15).astype(np.uint8)
+    codes[df == 0] = 8
+    C = codes.reshape(out_f, nblk, 2, 32)
+    w4 = (C[:, :, 0, :] | (C[:, :, 1, :] << 4)).reshape(out_f, nblk * 32)
+    return {"w4": np.ascontiguousarray(w4), "ws": np.ascontiguousarray(d).view(np.uint16)}
+
+
+def dequantized_q4(enc, in_features) -> np.ndarray:
+    w4, ws = enc["w4"], enc["ws"].view(np.float16).astype(np.float32)
+    out_f = w4.shape[0]
+    nblk = w4.shape[1] // 32
+    B = w4.reshape(out_f, nblk, 32)
+    codes = np.stack([B & 15, B >> 4], axis=2).astype(np.float32) - 8      # [out, nblk, 2, 32]
+    return (codes * ws.reshape(out_f, nblk, 2)[..., None]).reshape(out_f, nblk * 64)[:, :in_features]
