@@ -41,9 +41,8 @@ def pruned(shape, sparsity, seed=0):
     W = rng.standard_normal(shape, dtype=np.float32)
     k = int(round((1 - sparsity) * shape[1]))
     if k < shape[1]:
-        A = np.abs(W)
-        thr = np.partition(A, shape[1] - k, axis=1)[:, shape[1] - k][:, None]
-        W[A < thr] = 0
+        drop = np.argpartition(np.abs(W), shape[1] - k, axis=1)[:, :shape[1] - k]
+        np.put_along_axis(W, drop, 0, axis=1)
     return W
 
 
@@ -66,6 +65,8 @@ def kernels():
                                                               x["corr"], x["s"], e, o, False)),
         "int8 ELL": (True, LB.encode_int8_ell,
                      lambda a, x, o: LB.int8_ell_gemv(a["cols"], a["vals"], a["wscale"], x["x"], e, o, False)),
+        "int8 ELL, plain numba": (True, LB.encode_int8_ell,
+                                  lambda a, x, o: LB.int8_ell_gemv_portable(a["cols"], a["vals"], a["wscale"], x["x"], e, o, False)),
     }
     if LB.has_vnni():
         ks["Q4_0-like dense"] = (False, LB.encode_q4,
@@ -119,12 +120,15 @@ def asm_worker():
     calls = {"int8_gemv_vnni": lambda: LB.int8_gemv_vnni(d["wq"], d["wscale"], q, corr, s, e, out, False),
              "int8_bitmask_gemv_vnni": lambda: LB.int8_bitmask_gemv_vnni(bm["rowptr"], bm["masks"], bm["vals"], bm["wscale"],
                                                                          q, corr, s, e, out, False),
-             "int8_ell_gemv": lambda: LB.int8_ell_gemv(el["cols"], el["vals"], el["wscale"], x, e, out, False)}
+             "int8_ell_gemv_avx512": lambda: LB.int8_ell_gemv_avx512(el["cols"], el["vals"], el["wscale"], x, e, out, False),
+             "int8_ell_gemv_portable": lambda: LB.int8_ell_gemv_portable(el["cols"], el["vals"], el["wscale"], x, e, out, False)}
     if LB.has_vnni():
         q4 = LB.encode_q4(W)
         calls["q4_gemv_vnni"] = lambda: LB.q4_gemv_vnni(q4["w4"], q4["ws"], q, corr, s, e, out, False)
     if not (LB.has_vnni() and LB.has_vbmi2()):
         calls = {k: v for k, v in calls.items() if "vnni" not in k}
+    if not LB.has_avx512f():
+        calls.pop("int8_ell_gemv_avx512")
     res = {}
     for name, call in calls.items():
         call()
@@ -132,9 +136,11 @@ def asm_worker():
         asm = "\n".join(fn.inspect_asm().values())
         key = re.compile(r"^\s*(vpdpbusd|vpexpandb|vfmadd\w*ps|vgather\w+)\b")
         cands = [b for b in loops(asm) if any(key.match(l) for l in b)]
-        body = max(cands, key=lambda b: (sum(1 for l in b if key.match(l)), -len(b))) if cands else []
-        if name == "int8_ell_gemv" and cands:          # the widest FMA loop, not a scalar remainder
-            body = max(cands, key=lambda b: (sum("%zmm" in l for l in b), sum("%ymm" in l for l in b), -len(b)))
+        # the densest loop in key instructions: the unrolled inner loop, not the row loop around it
+        body = max(cands, key=lambda b: (sum(1 for l in b if key.match(l)) / len(b), -len(b))) if cands else []
+        if name.startswith("int8_ell_gemv") and cands:   # the gather loop of the widest registers, densest in gathers
+            width = lambda b: 2 if any("gather" in l and "%zmm" in l for l in b) else 1 if any("gather" in l for l in b) else 0  # noqa: E731
+            body = max(cands, key=lambda b: (width(b), sum("gather" in l for l in b) / len(b)))
         ins = [l.strip().split()[0] for l in body if l.strip() and not l.strip().endswith(":")]
         count = lambda pre: sum(1 for i in ins if i.startswith(pre))  # noqa: E731
         res[name] = {"function_vpdpbusd": len(re.findall(r"\bvpdpbusd\b", asm)),
@@ -193,9 +199,21 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lowbit_gemv"))
     ap.add_argument("--asm-worker", action="store_true")
+    ap.add_argument("--asm-only", action="store_true", help="redo the assembly check into an existing --out json/md")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the md from an existing --out json")
     args = ap.parse_args()
     if args.asm_worker:
         return asm_worker()
+    if args.report_only:
+        res = json.loads(Path(args.out + ".json").read_text())
+        Path(args.out + ".md").write_text(report(res))
+        return None
+    if args.asm_only:
+        res = json.loads(Path(args.out + ".json").read_text())
+        res["asm"] = run_asm_check()
+        Path(args.out + ".json").write_text(json.dumps(res, indent=1) + "\n")
+        Path(args.out + ".md").write_text(report(res))
+        return None
 
     from sparsedeploy.bench.report import machine_info, measure_bandwidth
     from sparsedeploy.engine.native import kernels as K
@@ -298,10 +316,28 @@ def report(res) -> str:
                      f"{r['bytes_per_weight']:.3f} | {r['cold_ms']:.3f} | {r['cold_gbs']:.1f} | {r['hot_ms']:.3f} | "
                      f"{r['hot_gbs']:.1f} | {xq} | {xi} | {r['rel_err_vs_fp32']:.4f} |")
         L.append("")
+    L += ["## Summary: the fastest int8 format per sparsity (cold), against dense Q4_0-like and dense int8", "",
+          "| shape | sparsity | fastest | cold ms | x Q4 | x int8 dense | hot / cold | bytes read / Q4's |",
+          "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for shape in shapes:
+        rs = [r for r in rows if r["shape"] == shape]
+        dense = {r["kernel"]: r for r in rs if r["sparsity"] == 0}
+        q4, i8 = dense.get("Q4_0-like dense"), dense.get("int8 dense")
+        for p in sorted({r["sparsity"] for r in rs if r["sparsity"] > 0}):
+            cand = [r for r in rs if r["sparsity"] == p and r["kernel"].startswith("int8")]
+            if not cand or not q4 or not i8:
+                continue
+            b = min(cand, key=lambda r: r["cold_ms"])
+            L.append(f"| {shape} | {p:.0%} | {b['kernel']} | {b['cold_ms']:.3f} | {q4['cold_ms'] / b['cold_ms']:.2f} | "
+                     f"{i8['cold_ms'] / b['cold_ms']:.2f} | {b['hot_ms'] / b['cold_ms']:.2f} | {b['bytes'] / q4['bytes']:.2f} |")
+    L += ["", "hot / cold near 1: the kernel is compute-bound (the cache-resident time is about the cold one); far "
+          "below 1: memory-bound.", ""]
     asm = res["asm"]
     L += ["## Assembly evidence", "",
-          "Fresh numba compile (empty cache) of each kernel; the loop shown is the loop of the machine code holding "
-          "the most of the kernel's key instructions (vpdpbusd / vpexpandb / FMA / gathers; for int8 ELL: the widest FMA loop).", ""]
+          "Fresh numba compile (empty cache) of each kernel; the loop shown is the loop of the machine code densest in "
+          "the kernel's key instructions (vpdpbusd / vpexpandb / FMA / gathers; for int8 ELL: the loop of the widest gathers, densest in them). "
+          "`int8 ELL` in the tables is the kernel `kernel_paths()` names for this CPU (avx512: int8_ell_gemv_avx512), "
+          "`int8 ELL, plain numba` the portable loop.", ""]
     if "error" in asm:
         L.append(f"asm check failed: {asm['error']}")
     else:

@@ -43,11 +43,16 @@ def test_int8_deployment_tokens_equal_pytorch_on_the_quantised_model(deployments
         assert n["tuning"]["weights"] == "int8"
         for g in n["measured"]:
             assert set(g["ms_all_layers"]) <= INT8 | {f + "/serial" for f in INT8}
+    print(f"\n[int8 tokens] {which} crossover={crossover} formats={n['formats']}: emulated={rec['tokens_equal_pytorch']} "
+          f"weights-only={rec['tokens_equal_pytorch_quantized_weights_only']} fp32={rec['tokens_equal_pytorch_fp32']}")
     # the engine's tokens equal PyTorch's on the same int8 weights and activations (the check that raises)
     assert rec["tokens_equal_pytorch"] is True
     assert isinstance(rec["tokens_equal_pytorch_fp32"], bool)
     assert isinstance(rec["tokens_equal_pytorch_quantized_weights_only"], bool)
-    assert n["weight_bytes"]["decoder_linears"] < n["weight_bytes"]["decoder_linears_dense"] / 2   # int8: < 2 of 4 bytes
+    wb = n["weight_bytes"]
+    assert wb["decoder_linears"] < wb["decoder_linears_dense"]
+    if formats == {"int8"}:                                 # 1 byte + 1/64 of the padding, against fp32's 4
+        assert wb["decoder_linears"] < 0.3 * wb["decoder_linears_dense"]
 
 
 @pytest.mark.parametrize("fmt", ["int8_bitmask", "int8_csr", "int8"])

@@ -27,7 +27,8 @@ The bitmask format first puts a block's kept weights back in their lanes with on
 pass-through value 128, i.e. w = 0. Walking set bits one by one was 3-20x slower (issue 13).
 
 ELL and CSR are for very sparse groups: int8 values and uint16 column indices (3 bytes per kept weight),
-fp32 activations, plain numba loops with unsigned 64-bit indices (see kernels.py).
+fp32 activations gathered 16 at a time (`gather_i8_dot`: 512-bit vgatherdps where the CPU has AVX-512F;
+numba's own loops stay at 256 bits there), or plain numba loops with unsigned 64-bit indices elsewhere.
 
 Portable path: vpdpbusd exists only with AVX-512 VNNI and vpexpandb only with AVX-512 VBMI2, and LLVM
 cannot compile the VNNI intrinsic for a CPU without it. So the names `int8_gemv` / `int8_bitmask_gemv` are
@@ -64,6 +65,11 @@ def _features() -> dict:
     return llvm.get_host_cpu_features()
 
 
+def has_avx512f() -> bool:
+    """AVX-512F: 16-lane gathers (the int8 ELL / CSR kernels)."""
+    return bool(_features().get("avx512f", False))
+
+
 def has_vnni() -> bool:
     """AVX-512 VNNI (vpdpbusd on 512-bit vectors): Intel since Cascade Lake, AMD Zen 4."""
     f = _features()
@@ -79,16 +85,18 @@ def has_vbmi2() -> bool:
 def _choose() -> dict[str, str]:
     forced = os.environ.get("SPARSEDEPLOY_LOWBIT_PORTABLE", "") not in ("", "0")
     vnni = has_vnni() and not forced
+    avx512 = has_avx512f() and not forced
     return {"int8": "avx512-vnni" if vnni else "portable",
             "int8_bitmask": "avx512-vnni+vbmi2" if vnni and has_vbmi2() else "portable",
-            "int8_ell": "numba", "int8_csr": "numba"}
+            "int8_ell": "avx512" if avx512 else "portable", "int8_csr": "avx512" if avx512 else "portable"}
 
 
 _PATHS = _choose()
 
 
 def kernel_paths() -> dict[str, str]:
-    """Which kernel each int8 format runs on this CPU: 'avx512-vnni[+vbmi2]' (intrinsics) or 'portable'."""
+    """Which kernel each int8 format runs on this CPU: 'avx512-vnni[+vbmi2]' / 'avx512' (intrinsics) or
+    'portable' (plain numba)."""
     return dict(_PATHS)
 
 
@@ -252,7 +260,8 @@ def vnni_bitmask_dot(typingctx, vals, masks, voff, mstart, q, corr, scale, nblk)
 @intrinsic
 def vnni_q4_dot(typingctx, w4, woff, ws, soff, q, corr, scale, nblk):
     """Dense 4-bit (Q4_0-like) row: sum over 64-column blocks b of scale[b] * sum over its two 32-column
-    halves h of ws[soff + 2 b + h] (float16 bits, uint16: numba has no float16 arrays) * sum_j (nibble_j - 8) * q_j. Block b's 32 bytes at
+    halves h of ws[soff + 2 b + h] * sum_j (nibble_j - 8) * q_j, ws float16 bits as uint16 (numba has no
+    float16 arrays). Block b's 32 bytes at
     w4.flat[woff + 32 b]: byte k holds column 64 b + k in its low nibble and column 64 b + 32 + k in its high
     one, so the two unpacked halves are the block's 64 bytes in order; corr >> 4 = -8 * sum q per lane."""
     if not (_is(w4, types.uint8) and _is(ws, types.uint16) and _is(q, types.int8, 1)
@@ -314,6 +323,83 @@ def vnni_q4_dot(typingctx, w4, woff, ws, soff, q, corr, scale, nblk):
         while len(lanes) > 1:
             lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
         return lanes[0]
+
+    return sig, codegen
+
+
+@intrinsic
+def gather_i8_dot(typingctx, cols, vals, off, cnt, x):
+    """float32 sum over j < cnt of float(vals.flat[off + j]) * x[cols.flat[off + j]]: 16 lanes a step with
+    512-bit gathers (plain numba loops stay at 256 bits here), four accumulators, the tail under a lane mask."""
+    if not (isinstance(cols, types.Array) and cols.dtype in (types.uint16, types.uint32) and _is(vals, types.int8)
+            and _is(x, types.float32, 1)):
+        return None
+    sig = types.float32(cols, vals, types.int64, types.int64, x)
+    wide = cols.dtype == types.uint32
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+        i16, i1 = ir.IntType(16), ir.IntType(1)
+        m16 = ir.VectorType(i1, LANES)
+        vi = ir.VectorType(i32 if wide else i16, LANES)
+        v16b = ir.VectorType(i8, LANES)
+        ca = context.make_array(signature.args[0])(context, builder, args[0])
+        va = context.make_array(signature.args[1])(context, builder, args[1])
+        xa = context.make_array(signature.args[4])(context, builder, args[4])
+        off, cnt = args[2], args[3]
+        mod = builder.module
+        ptr = ir.PointerType()
+        gather = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, ptr, v16i, m16, i32]),
+                                                "llvm.x86.avx512.mask.gather.dps.512")
+        mload_i = cgutils.get_or_insert_function(mod, ir.FunctionType(vi, [ptr, i32, m16, vi]),
+                                                 f"llvm.masked.load.v16i{32 if wide else 16}.p0")
+        mload_b = cgutils.get_or_insert_function(mod, ir.FunctionType(v16b, [ptr, i32, m16, v16b]),
+                                                 "llvm.masked.load.v16i8.p0")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+        zero = ir.Constant(v16f, [0.0] * LANES)
+        ones = ir.Constant(m16, [1] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+        xp = builder.bitcast(xa.data, ptr)
+
+        def step(j, acc, mask=None):
+            cp = builder.bitcast(builder.gep(ca.data, [builder.add(off, j)]), ptr)
+            vp = builder.bitcast(builder.gep(va.data, [builder.add(off, j)]), ptr)
+            if mask is None:
+                c = builder.load(builder.bitcast(cp, vi.as_pointer()), align=4 if wide else 2)
+                v = builder.load(builder.bitcast(vp, v16b.as_pointer()), align=1)
+                mask = ones
+            else:
+                c = builder.call(mload_i, [cp, ir.Constant(i32, 4 if wide else 2), mask, ir.Constant(vi, [0] * LANES)])
+                v = builder.call(mload_b, [vp, ir.Constant(i32, 1), mask, ir.Constant(v16b, [0] * LANES)])
+            idx = c if wide else builder.zext(c, v16i)
+            xg = builder.call(gather, [zero, xp, idx, mask, ir.Constant(i32, 4)])
+            builder.store(builder.call(fma, [builder.sitofp(v, v16f), xg, builder.load(acc)]), acc)
+
+        chunk = LANES * UNROLL
+        groups = builder.udiv(cnt, ir.Constant(i64, chunk))
+        with cgutils.for_range(builder, groups) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, chunk))
+            for u in range(UNROLL):
+                step(builder.add(base, ir.Constant(i64, u * LANES)), accs[u])
+        done = builder.mul(groups, ir.Constant(i64, chunk))
+        left = builder.sub(cnt, done)
+        full = builder.udiv(left, ir.Constant(i64, LANES))
+        with cgutils.for_range(builder, full) as loop:
+            step(builder.add(done, builder.mul(loop.index, ir.Constant(i64, LANES))), accs[1])
+        done = builder.add(done, builder.mul(full, ir.Constant(i64, LANES)))
+        rem = builder.trunc(builder.sub(cnt, done), i32)
+        with builder.if_then(builder.icmp_unsigned("!=", rem, ir.Constant(i32, 0))):
+            lanes = ir.Constant(v16i, list(range(LANES)))
+            rv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i, ir.Undefined), rem, ir.Constant(i32, 0)),
+                                        ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * LANES))
+            step(done, accs[2], builder.icmp_unsigned("<", lanes, rv))
+        total = builder.load(accs[0])
+        for a in accs[1:]:
+            total = builder.fadd(total, builder.load(a))
+        lanes_ = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
+        while len(lanes_) > 1:
+            lanes_ = [builder.fadd(lanes_[i], lanes_[i + 1]) for i in range(0, len(lanes_), 2)]
+        return lanes_[0]
 
     return sig, codegen
 
@@ -408,7 +494,7 @@ def int8_bitmask_gemv_portable(rowptr, masks, vals, wscale, q, corr, scale, bias
 
 # ----------------------------------------------------------------------------- int8 ELL / CSR, fp32 activations
 @njit(**_OPTS)
-def int8_ell_gemv(cols, vals, wscale, x, bias, out, acc):
+def int8_ell_gemv_portable(cols, vals, wscale, x, bias, out, acc):
     n, k = vals.shape
     has_bias = bias.shape[0] == n
     for r in prange(n):
@@ -425,7 +511,7 @@ def int8_ell_gemv(cols, vals, wscale, x, bias, out, acc):
 
 
 @njit(**_OPTS)
-def int8_csr_gemv(rowptr, cols, vals, wscale, x, bias, out, acc):
+def int8_csr_gemv_portable(rowptr, cols, vals, wscale, x, bias, out, acc):
     n = rowptr.shape[0] - 1
     has_bias = bias.shape[0] == n
     for r in prange(n):
@@ -464,8 +550,38 @@ def q4_gemv_vnni(w4, ws, q, corr, scale, bias, out, acc):
             out[r] = s
 
 
+@njit(**_OPTS)
+def int8_ell_gemv_avx512(cols, vals, wscale, x, bias, out, acc):
+    n, k = vals.shape
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = wscale[r] * gather_i8_dot(cols, vals, r * k, k, x)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def int8_csr_gemv_avx512(rowptr, cols, vals, wscale, x, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = wscale[r] * gather_i8_dot(cols, vals, rowptr[r], rowptr[r + 1] - rowptr[r], x)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
 int8_gemv = int8_gemv_vnni if _PATHS["int8"] != "portable" else int8_gemv_portable
 int8_bitmask_gemv = int8_bitmask_gemv_vnni if _PATHS["int8_bitmask"] != "portable" else int8_bitmask_gemv_portable
+int8_ell_gemv = int8_ell_gemv_avx512 if _PATHS["int8_ell"] != "portable" else int8_ell_gemv_portable
+int8_csr_gemv = int8_csr_gemv_avx512 if _PATHS["int8_csr"] != "portable" else int8_csr_gemv_portable
 
 
 # ----------------------------------------------------------------------------- encoding (numpy)
