@@ -194,10 +194,11 @@ def compile_(
     cores: Optional[int] = typer.Option(None, help="cores for the engine (default: all)"),
     crossover: Optional[float] = typer.Option(None, help="native: a fixed rule instead of measuring: dense below this sparsity, ELL/CSR above (default: each group's format is timed on this CPU)"),
     force: bool = typer.Option(False, help="native: rebuild DEPLOYMENT/native/"),
+    weights: Optional[str] = typer.Option(None, help="native: value type of the decoder weights: fp32 (default) | int8 (per-row round-to-nearest at compile time)"),
 ):
     """Compile one decode step on the engine (in its own process, on a copy) and check its tokens."""
     from .bench.bench import compile_deployment
-    rec = compile_deployment(deployment, engine, cores, crossover=crossover, force=force)
+    rec = compile_deployment(deployment, engine, cores, crossover=crossover, force=force, weights=weights)
     note = f" (fallback: {rec['fallback_reason']})" if rec.get("fallback_reason") else ""
     match = {True: "equal PyTorch's", False: "DIFFER from PyTorch's", None: "not checked"}[rec.get("tokens_equal_pytorch")]
     ui.out.print(f"{rec['engine']}{note}: compiled in {rec['compile_s']:.2f} s, greedy tokens {match}, "
@@ -207,6 +208,10 @@ def compile_(
         wb = n["weight_bytes"]
         how = (f"measured on {n['tuning']['cpu']} with {n['tuning']['threads']} threads" if n.get("tuning")
                else f"fixed crossover {n['crossover']:g}")
+        if n.get("weights", "fp32") != "fp32":
+            ui.out.print(f"native weights: {n['weights']} ({n['quantization']}); kernels: {n.get('int8_kernels')}; greedy "
+                         f"tokens equal fp32 PyTorch's: {rec.get('tokens_equal_pytorch_fp32')}, PyTorch's on the "
+                         f"quantised weights alone: {rec.get('tokens_equal_pytorch_quantized_weights_only')}")
         ui.out.print(f"native: {n['threads']} threads ({n['threading_layer']}), stored groups {n['formats']} ({how}); "
                      f"decoder linears {wb['decoder_linears'] / 2**20:.1f} MB "
                      f"(dense {wb['decoder_linears_dense'] / 2**20:.1f} MB), all weights {wb['total'] / 2**20:.1f} MB")

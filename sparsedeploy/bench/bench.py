@@ -79,12 +79,15 @@ def _check_cores(cores: int | None) -> None:
 
 # ----------------------------------------------------------------------------------------------- compile
 def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores: int | None = None, *,
-                       crossover: float | None = None, force: bool = False) -> dict:
+                       crossover: float | None = None, force: bool = False, weights: str | None = None) -> dict:
     """Compile the deployment for one decode step on `engine` (in a worker, on a copy of model.onnx), check
     that its greedy tokens equal PyTorch's from export time, and record compile time -> compile-<engine>.json.
     The native engine first builds DEPLOYMENT/native/ from the pruned safetensors: each group's format is the
     fastest one measured on this CPU with `cores` threads, unless `crossover` fixes the rule (dense below that
-    sparsity, ELL/CSR above); `force`: rebuild."""
+    sparsity, ELL/CSR above); `force`: rebuild. weights (native): the decoder groups' value type, "fp32" or
+    "int8" (per-row round-to-nearest at build time); an int8 build's tokens are checked against PyTorch on the
+    same fake-quantised weights and activations (export.native.int8_reference_tokens), and the index's
+    tokens against fp32 PyTorch are reported beside."""
     from ..export.verify import VerificationError
 
     _check_engine(engine)
@@ -97,7 +100,9 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     if engine == "native":
         from ..export.native import ensure_native
 
-        index = ensure_native(meta, crossover=crossover, force=force, cores=cores)
+        index = ensure_native(meta, crossover=crossover, force=force, cores=cores, weights=weights)
+    else:
+        check(weights in (None, "fp32"), f"--weights {weights} is for the native engine only", "add --engine native")
     build_s = time.perf_counter() - t0
     with WorkerRuntime(engine, onnx_path, cores=cores, seq_len=1, cache_len=int(meta["seqlen"])) as w:
         rec = {"requested_engine": engine, "engine": w.name, "fallback_reason": w.fallback_reason,
@@ -105,13 +110,24 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
         if index is not None:
             rec["native"] = {**(w.engine_info or {}), "crossover": index["crossover"], "build_s": round(build_s, 3),
                              "formats": _format_counts(index), "deepsparse_loaded": w.deepsparse_loaded,
-                             "tuning": index.get("tuning"), "measured": measured_summary(index)}
+                             "tuning": index.get("tuning"), "measured": measured_summary(index),
+                             "weights": index.get("weights") or "fp32", "quantization": index.get("quantization")}
         verified = meta.get("verified") or {}
         if verified.get("tokens"):
             res = w.decode(verified["prompt_ids"], len(verified["tokens"]))
-            rec["tokens_equal_pytorch"] = res.tokens == verified["tokens"]
+            ref = verified["tokens"]
+            if index is not None and (index.get("weights") or "fp32") != "fp32":
+                from ..export.native import int8_reference_tokens
+
+                refs = int8_reference_tokens(meta, index, verified["prompt_ids"], len(ref))
+                rec["tokens"] = res.tokens
+                rec["pytorch_reference"] = "int8 per-row RTN weights + int8 per-64 activations where the engine quantises them"
+                rec["tokens_equal_pytorch_fp32"] = res.tokens == ref
+                rec["tokens_equal_pytorch_quantized_weights_only"] = res.tokens == refs["weights"]
+                ref = refs["weights_and_activations"]
+            rec["tokens_equal_pytorch"] = res.tokens == ref
             if not rec["tokens_equal_pytorch"]:
-                raise VerificationError(f"{w.name} greedy tokens {res.tokens} differ from PyTorch's {verified['tokens']}",
+                raise VerificationError(f"{w.name} greedy tokens {res.tokens} differ from PyTorch's {ref}",
                                         "report it with the deployment; ONNX Runtime's tokens matched at export")
             rec["decode_ms_median"] = res.summary()["decode_ms_median"]
         rec["peak_rss_mb"] = w.peak_rss_mb()

@@ -13,19 +13,21 @@ from pathlib import Path
 from .. import ui
 from ..errors import UserError, check
 from ..engine.native.kernels import default_threads
-from ..engine.native.pack import FORMAT_VERSION, NATIVE_DIR, build, load_tensors, read_index
+from ..engine.native.pack import FORMAT_VERSION, NATIVE_DIR, build, check_weights, load_tensors, read_index
 from ..engine.native.tune import cpu_name
 
 
 def native_key(meta: dict, crossover: float | None, threads: int | None = None,
-               formats: tuple[str, ...] | None = None) -> dict:
+               formats: tuple[str, ...] | None = None, weights: str = "fp32") -> dict:
     """What the native weights depend on. With measured formats (crossover None) that includes the CPU and the
-    thread count they were timed with: the same deployment on another machine is re-tuned there."""
+    thread count they were timed with: the same deployment on another machine is re-tuned there. A value type
+    other than fp32 is part of the key (an fp32 build's key is what it was before value types existed)."""
     return {"format_version": FORMAT_VERSION, "export_key": meta.get("export_key"),
             "synthetic_key": meta.get("synthetic_key"),
             "crossover": None if crossover is None else float(crossover),
             "tuned_on": {"cpu": cpu_name(), "threads": default_threads(threads)} if crossover is None else None,
-            **({"formats": sorted(formats)} if formats else {})}
+            **({"formats": sorted(formats)} if formats else {}),
+            **({"weights": weights} if weights != "fp32" else {})}
 
 
 def wanted_crossover(old: dict | None, crossover: float | None, keep_fixed: bool):
@@ -36,9 +38,17 @@ def wanted_crossover(old: dict | None, crossover: float | None, keep_fixed: bool
     return old.get("crossover") if keep_fixed and old is not None else None
 
 
+def wanted_weights(old: dict | None, weights: str | None, keep_fixed: bool) -> str:
+    """An explicit --weights wins; else `keep_fixed` (bench, run, sweep) keeps the built value type; else fp32."""
+    if weights is not None:
+        return check_weights(weights)
+    return (old.get("weights") or "fp32") if keep_fixed and old is not None else "fp32"
+
+
 def is_current(meta: dict, *, cores: int | None = None) -> bool:
     index = read_index(Path(meta["dir"]) / NATIVE_DIR)
-    return index is not None and index.get("key") == native_key(meta, index.get("crossover"), cores)
+    return index is not None and index.get("key") == native_key(meta, index.get("crossover"), cores,
+                                                                 weights=index.get("weights") or "fp32")
 
 
 def check_zeros(index: dict, meta: dict) -> None:
@@ -52,26 +62,28 @@ def check_zeros(index: dict, meta: dict) -> None:
 
 
 def build_from_model(model, meta: dict, *, crossover: float | None = None, cores: int | None = None,
-                     share_with: Path | None = None) -> dict:
+                     share_with: Path | None = None, weights: str = "fp32") -> dict:
     """Native weights straight from an in-memory torch model (synthetic sweeps have no weights on disk).
     share_with: another deployment's native folder whose embedding/lm_head file may be hard-linked."""
     tensors = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     config = json.loads((Path(meta["dir"]) / "config.json").read_text())
-    index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR, key=native_key(meta, crossover, cores),
-                  crossover=crossover, threads=cores, share_with=share_with)
+    index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR, key=native_key(meta, crossover, cores, weights=weights),
+                  crossover=crossover, threads=cores, share_with=share_with, weights=weights)
     check_zeros(index, meta)
     return index
 
 
 def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = False, cores: int | None = None,
-                  formats: tuple[str, ...] | None = None, keep_fixed: bool = False) -> dict:
-    """The deployment's native index, building it when missing, stale or asked for (`force`)."""
+                  formats: tuple[str, ...] | None = None, keep_fixed: bool = False, weights: str | None = None) -> dict:
+    """The deployment's native index, building it when missing, stale or asked for (`force`).
+    weights: the decoder groups' value type ("fp32" | "int8"; None: fp32, or with keep_fixed what was built)."""
     from ..pipeline.models import resolve
 
     ndir = Path(meta["dir"]) / NATIVE_DIR
     old = read_index(ndir)
     c = wanted_crossover(old, crossover, keep_fixed)
-    want = native_key(meta, c, cores, formats)
+    wt = wanted_weights(old, weights, keep_fixed)
+    want = native_key(meta, c, cores, formats, wt)
     if old is not None and old.get("key") == want and not force:
         return old
     check(not meta.get("synthetic"), f"{meta['dir']} is a synthetic deployment without native weights",
@@ -89,10 +101,65 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
         check(ref.fingerprint() == ekey["fingerprint"], f"{source} changed since {meta['dir']} was exported",
               f"re-export it: sparsedeploy export {source}")
     check(Path(ref.path).is_dir(), f"{source} is not a local model folder", "export from a local RUN or model folder")
-    how = "each group's format measured on this CPU" if c is None else f"crossover {c:g}"
+    how = ("each group's format measured on this CPU" if c is None else f"crossover {c:g}") + \
+        ("" if wt == "fp32" else f", {wt} weights: per-row round-to-nearest")
     with ui.progress(f"native weights for {meta['dir']} ({how})", 1) as bar:
         config = json.loads((Path(meta["dir"]) / "config.json").read_text())
-        index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats)
+        index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats,
+                      weights=wt)
         bar(1)
     check_zeros(index, meta)
     return index
+
+
+def _fake_quant_act(module, args):
+    """PyTorch forward pre-hook: the input quantised as lowbit.quantize_act does (int8 per 64 columns of the
+    last axis, symmetric, rint), dequantised: what the int8 dense / bitmask products multiply with."""
+    import torch
+
+    x = args[0]
+    m = x.shape[-1]
+    nblk = -(-m // 64)
+    xp = torch.nn.functional.pad(x.float(), (0, nblk * 64 - m)).reshape(*x.shape[:-1], nblk, 64)
+    amax = xp.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                      torch.zeros_like(amax))
+    q = torch.clamp(torch.round(xp * inv), -127, 127)
+    deq = (q * (amax / torch.tensor(127.0))).reshape(*x.shape[:-1], nblk * 64)[..., :m]
+    return (deq.to(x.dtype),) + tuple(args[1:])
+
+
+def int8_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict:
+    """Greedy tokens of the PyTorch model on the weights an int8 native build computes with: every decoder
+    linear per-row round-to-nearest int8 (lowbit.quantize_rows), dequantised ("weights"); and with, in
+    addition, the inputs of the groups stored as int8 / int8_bitmask quantised per 64 columns as those
+    kernels do ("weights_and_activations": the engine's arithmetic up to float summation order)."""
+    import numpy as np
+    import torch
+
+    from ..arch import native_arch
+    from ..engine.native.lowbit import quantize_rows
+    from ..pipeline.models import load, resolve
+    from .verify import greedy_torch
+
+    ekey = meta.get("export_key") or {}
+    model, _ = load(resolve(str(ekey.get("source") or meta.get("source"))))
+    arch = native_arch(index["config"])
+    mods = []
+    with torch.no_grad():
+        for i, groups in enumerate(index["layers"]):
+            for g, info in groups.items():
+                for name in info["linears"]:
+                    mod = model.get_submodule(f"{arch.layers}.{i}.{name}")
+                    wq, s = quantize_rows(mod.weight.detach().float().numpy())
+                    mod.weight.copy_(torch.from_numpy(wq.astype(np.float32) * s[:, None]).to(mod.weight.dtype))
+                    if info["format"] in ("int8", "int8_bitmask"):
+                        mods.append(mod)
+    out = {"weights": greedy_torch(model, prompt_ids, n)}
+    hooks = [m.register_forward_pre_hook(_fake_quant_act) for m in mods]
+    try:
+        out["weights_and_activations"] = greedy_torch(model, prompt_ids, n)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out

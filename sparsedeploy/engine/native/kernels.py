@@ -129,7 +129,11 @@ def _serial_build(f):
     return njit(**_SERIAL)(g)
 
 
-GEMV = {"dense": dense_gemv, "csr": csr_gemv, "ell": ell_gemv, "bitmask": bitmask_gemv}
+from .lowbit import (int8_bitmask_gemv, int8_csr_gemv, int8_ell_gemv, int8_gemv,  # noqa: E402,F401
+                     quantize_act, kernel_paths as lowbit_paths)
+
+GEMV = {"dense": dense_gemv, "csr": csr_gemv, "ell": ell_gemv, "bitmask": bitmask_gemv,
+        "int8": int8_gemv, "int8_csr": int8_csr_gemv, "int8_ell": int8_ell_gemv, "int8_bitmask": int8_bitmask_gemv}
 GEMV_SERIAL = {k: _serial_build(f) for k, f in GEMV.items()}
 
 

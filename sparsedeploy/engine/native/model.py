@@ -25,35 +25,66 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 
 
 class Linear:
-    """One stored group (dense / ELL / CSR / bitmask): y = W x (+ bias), optionally added into y."""
+    """One stored group (dense / ELL / CSR / bitmask, fp32 or int8): y = W x (+ bias), optionally added into y.
+    The int8 dense and bitmask groups quantise x to int8 per 64 columns once per call (lowbit.quantize_act,
+    into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
-    __slots__ = ("fmt", "a", "b", "c", "bias", "rows", "cols_in", "nbytes", "gemv")
+    __slots__ = ("fmt", "a", "b", "c", "d", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
         self.fmt = fmt
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
         self.bias = _EMPTY if bias is None else bias
-        if fmt == "dense":
-            self.a, self.b, self.c = arrays["w"], None, None
-        elif fmt == "ell":
-            self.a, self.b, self.c = arrays["cols"], arrays["vals"], None
-        elif fmt == "csr":
-            self.a, self.b, self.c = arrays["rowptr"], arrays["cols"], arrays["vals"]
-        elif fmt == "bitmask":
-            self.a, self.b, self.c = arrays["rowptr"], arrays["masks"], arrays["vals"]
-        else:
-            raise UserError(f"unknown stored format '{fmt}' in native weights", "rebuild them: sparsedeploy compile --engine native")
+        self.d, self.qbuf = None, None
+        try:
+            if fmt == "dense":
+                self.a, self.b, self.c = arrays["w"], None, None
+            elif fmt == "ell":
+                self.a, self.b, self.c = arrays["cols"], arrays["vals"], None
+            elif fmt == "csr":
+                self.a, self.b, self.c = arrays["rowptr"], arrays["cols"], arrays["vals"]
+            elif fmt == "bitmask":
+                self.a, self.b, self.c = arrays["rowptr"], arrays["masks"], arrays["vals"]
+            elif fmt == "int8":
+                self.a, self.b, self.c = arrays["wq"], arrays["wscale"], None
+            elif fmt == "int8_ell":
+                self.a, self.b, self.c = arrays["cols"], arrays["vals"], arrays["wscale"]
+            elif fmt in ("int8_csr", "int8_bitmask"):
+                self.a, self.b, self.c, self.d = (arrays["rowptr"], arrays["cols" if fmt == "int8_csr" else "masks"],
+                                                  arrays["vals"], arrays["wscale"])
+            else:
+                raise KeyError(fmt)
+        except KeyError:
+            raise UserError(f"unknown stored format '{fmt}' (or its arrays are missing) in native weights",
+                            "rebuild them: sparsedeploy compile --engine native --force") from None
+        if fmt in ("int8", "int8_bitmask"):
+            from .lowbit import act_buffers
+
+            self.qbuf = act_buffers(self.cols_in)
         self.nbytes = sum(int(x.nbytes) for x in arrays.values()) + int(self.bias.nbytes)
         self.gemv = (K.GEMV_SERIAL if serial else K.GEMV)[fmt]          # the build the tuner measured fastest
 
     def vec(self, x: np.ndarray, out: np.ndarray, acc: bool) -> None:
         """x [in] -> out [rows]."""
-        if self.fmt == "csr" or self.fmt == "bitmask":
+        f = self.fmt
+        if f == "csr" or f == "bitmask":
             self.gemv(self.a, self.b, self.c, x, self.bias, out, acc)
-        elif self.fmt == "ell":
+        elif f == "ell":
             self.gemv(self.a, self.b, x, self.bias, out, acc)
-        else:
+        elif f == "dense":
             self.gemv(self.a, x, self.bias, out, acc)
+        elif f == "int8":
+            q, corr, s = self.qbuf
+            K.quantize_act(x, q, corr, s)
+            self.gemv(self.a, self.b, q, corr, s, self.bias, out, acc)
+        elif f == "int8_bitmask":
+            q, corr, s = self.qbuf
+            K.quantize_act(x, q, corr, s)
+            self.gemv(self.a, self.b, self.c, self.d, q, corr, s, self.bias, out, acc)
+        elif f == "int8_ell":
+            self.gemv(self.a, self.b, self.c, x, self.bias, out, acc)
+        else:                                                              # int8_csr
+            self.gemv(self.a, self.b, self.c, self.d, x, self.bias, out, acc)
 
     def mat(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [L, in] -> Y [L, rows]."""
@@ -65,7 +96,7 @@ class Linear:
             K.bitmask_gemm(self.a, self.b, self.c, X, self.bias, Y, acc)
         elif self.fmt == "ell":
             K.ell_gemm(self.a, self.b, X, self.bias, Y, acc)
-        else:
+        elif self.fmt == "dense":
             r = X @ self.a.T
             if self.bias.shape[0]:
                 r += self.bias
@@ -73,9 +104,12 @@ class Linear:
                 Y += r
             else:
                 Y[...] = r
+        else:                            # int8 groups: token by token (prefill is not what they are for, yet)
+            for l in range(X.shape[0]):
+                self.vec(X[l], Y[l], acc)
 
     def dense(self) -> np.ndarray:
-        """The matrix this group stores, dense (for tests)."""
+        """The matrix this group stores, dense (for tests; int8 groups: dequantised)."""
         W = np.zeros((self.rows, self.cols_in), dtype=np.float32)
         if self.fmt == "dense":
             W[:] = self.a
@@ -85,9 +119,23 @@ class Linear:
             nblk = self.b.shape[0] // max(self.rows, 1)
             bits = ((self.b.reshape(self.rows, nblk, 1) >> np.arange(16, dtype=np.uint16)) & 1).astype(bool)
             W[bits.reshape(self.rows, nblk * 16)[:, :self.cols_in]] = self.c
-        else:
+        elif self.fmt == "csr":
             counts = np.diff(self.a)
             W[np.repeat(np.arange(self.rows), counts), self.b.astype(np.int64)] = self.c
+        elif self.fmt == "int8":
+            W[:] = (self.a[:, :self.cols_in].astype(np.float32) - 128) * self.b[:, None]
+        elif self.fmt == "int8_ell":
+            np.put_along_axis(W, self.a.astype(np.int64), self.b.astype(np.float32) * self.c[:, None], axis=1)
+        elif self.fmt == "int8_csr":
+            counts = np.diff(self.a)
+            r = np.repeat(np.arange(self.rows), counts)
+            W[r, self.b.astype(np.int64)] = self.c.astype(np.float32) * self.d[r]
+        else:                                                              # int8_bitmask
+            nblk = self.b.shape[0] // max(self.rows, 1)
+            bits = np.unpackbits(self.b.view(np.uint8).reshape(self.rows, nblk, 8), axis=2, bitorder="little")
+            keep = bits.reshape(self.rows, nblk * 64)[:, :self.cols_in].astype(bool)
+            r = np.nonzero(keep)[0]
+            W[keep] = (self.c.astype(np.float32) - 128) * self.d[r]
         return W
 
 

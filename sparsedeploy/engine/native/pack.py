@@ -7,7 +7,10 @@ decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) an
     CSR      rowptr [out+1] int64, cols [nnz], vals [nnz],
     bitmask  rowptr [out+1] int64, masks uint16 [out * ceil(in/16)], vals [nnz]  (one bit per weight),
 with uint16 column indices when the input width fits in 16 bits, else uint32. Bytes per weight at kept
-fraction d: dense 4, ELL/CSR 6d, bitmask 4d + 1/8. Which one is fastest depends on the CPU (its bandwidth,
+fraction d: dense 4, ELL/CSR 6d, bitmask 4d + 1/8.
+With `weights="int8"` (per-row round-to-nearest int8, scale max|row| / 127; lowbit.py) the groups are stored
+as int8 (dense, 1 byte), int8_bitmask (d + 1/8), int8_ell / int8_csr (3d), plus 4 bytes of scale per row;
+the int8 dense and bitmask products quantise their input vector to int8 per 64 columns (VNNI dot products). Which one is fastest depends on the CPU (its bandwidth,
 gathers, AVX-512), the shape and the sparsity, so by default each group's format is *measured*: tune.py
 times every candidate on the group's real matrix in decode order on this CPU with the engine's thread
 count, and the index records the times and the choice. `--crossover C` replaces that with a fixed rule
@@ -48,8 +51,27 @@ def sparse_format(W: np.ndarray) -> str:
     return "ell" if W.shape[0] and (counts == counts[0]).all() else "csr"
 
 
+VALUE_TYPES = ("fp32", "int8")
+INT8_FORMATS = ("int8", "int8_ell", "int8_csr", "int8_bitmask")
+
+
+def value_type(fmt: str) -> str:
+    return "int8" if fmt in INT8_FORMATS else "fp32"
+
+
+def check_weights(weights: str) -> str:
+    check(weights in VALUE_TYPES, f"--weights {weights!r} is not a value type of the native engine",
+          f"use one of: {', '.join(VALUE_TYPES)}")
+    return weights
+
+
 def encode(W: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
     """One matrix in one stored format (see the module doc)."""
+    if fmt in INT8_FORMATS:
+        from . import lowbit as LB
+
+        return {"int8": LB.encode_int8, "int8_ell": LB.encode_int8_ell, "int8_csr": LB.encode_int8_csr,
+                "int8_bitmask": LB.encode_int8_bitmask}[fmt](W)
     W = np.ascontiguousarray(W, dtype=np.float32)
     out_f, in_f = W.shape
     if fmt == "dense":
@@ -78,16 +100,23 @@ def encode(W: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def compress(W: np.ndarray, crossover: float) -> tuple[str, dict[str, np.ndarray]]:
-    """The fixed rule (`--crossover`): dense below the crossover sparsity, else ELL or CSR."""
-    W = np.ascontiguousarray(W, dtype=np.float32)
+def fixed_format(W: np.ndarray, crossover: float, weights: str = "fp32") -> str:
+    """The fixed rule (`--crossover`): dense below the crossover sparsity, else ELL or CSR (of that value type)."""
     sparsity = 1.0 - np.count_nonzero(W) / max(W.size, 1)
     fmt = "dense" if sparsity < crossover else sparse_format(W)
+    return fmt if weights == "fp32" else ("int8" if fmt == "dense" else f"int8_{fmt}")
+
+
+def compress(W: np.ndarray, crossover: float, weights: str = "fp32") -> tuple[str, dict[str, np.ndarray]]:
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    fmt = fixed_format(W, crossover, weights)
     return fmt, encode(W, fmt)
 
 
-def candidates(W: np.ndarray) -> list[str]:
-    """The formats the compile-time tuner times for one matrix."""
+def candidates(W: np.ndarray, weights: str = "fp32") -> list[str]:
+    """The formats the compile-time tuner times for one matrix (those of its value type)."""
+    if weights == "int8":
+        return ["int8", "int8_" + sparse_format(W), "int8_bitmask"]
     return ["dense", sparse_format(W), "bitmask"]
 
 
@@ -110,16 +139,19 @@ def _content_key(arrays: dict[str, np.ndarray]) -> str:
 
 def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
           crossover: float | None = None, threads: int | None = None, formats: tuple[str, ...] | None = None,
-          share_with: str | Path | None = None) -> dict:
+          share_with: str | Path | None = None, weights: str = "fp32") -> dict:
     """Compress `tensors` into out_dir (written to a temp folder, then renamed into place). Returns the index.
     crossover None: each group's format is the fastest on this CPU, measured on its real shape (tune.py);
     a number: the fixed rule of `compress`. threads: the thread count the tuner times with; formats: restrict
     the tuner's candidates (tune.choose_formats).
-    share_with: a native folder whose shared.safetensors is hard-linked when its content is the same."""
+    share_with: a native folder whose shared.safetensors is hard-linked when its content is the same.
+    weights: the decoder groups' value type, "fp32" or "int8" (per-row round-to-nearest at build time; norms,
+    embeddings and lm_head stay fp32)."""
     from safetensors.numpy import save_file
 
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
           "use e.g. 0.55, or omit it to choose each group's format by measurement")
+    check_weights(weights)
     arch = native_arch(config)
     n_layers = int(config["num_hidden_layers"])
     arrays: dict[str, np.ndarray] = {}
@@ -148,9 +180,9 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         from .tune import choose_formats
 
         choice, tuning = choose_formats([{g: W for g, (W, _) in layer.items()} for layer in stacked], threads=threads,
-                                        formats=formats)
+                                        formats=formats, weights=weights)
     else:
-        choice = [{g: compress(W, crossover)[0] for g, (W, _) in layer.items()} for layer in stacked]
+        choice = [{g: fixed_format(W, crossover, weights) for g, (W, _) in layer.items()} for layer in stacked]
     for i in range(n_layers):
         src = f"{arch.layers}.{i}."
         dst = f"layers.{i}"
@@ -192,6 +224,9 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
     dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
     stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
     index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
+             "weights": weights, "quantization": None if weights == "fp32" else
+             "int8 per output row, round-to-nearest at compile time (scale max|row| / 127); activations of the int8 "
+             "dense/bitmask products int8 per 64 columns",
              "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
              "config": config, "layers": groups_index, "tied_lm_head": tied, "zeros": zeros,
              "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,

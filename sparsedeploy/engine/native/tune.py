@@ -40,10 +40,11 @@ def cpu_name() -> str:
 
 def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None = None, rounds: int = 7,
                    tie: float = 0.03, formats: tuple[str, ...] | None = None,
-                   serial: bool = True) -> tuple[list[dict[str, str]], dict]:
+                   serial: bool = True, weights: str = "fp32") -> tuple[list[dict[str, str]], dict]:
     """layers[i][group] = the stacked fp32 matrix. Returns (choice[i][group] = format, tuning record).
     formats: only these candidates (dense where none of them applies), e.g. to compare formats.
     serial: also time each format's serial build ("csr/serial"): no parallel region, for small products.
+    weights: the value type ("fp32" or "int8"): only formats of that type are candidates (pack.candidates).
     A tie goes to fewer bytes, then to the parallel build."""
     used = K.set_threads(threads)
     rng = np.random.default_rng(0)
@@ -52,7 +53,8 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
         c = {}
         for g, W in layer.items():
             c[g] = {}
-            allowed = [f for f in candidates(W) if formats is None or f in formats] or ["dense"]
+            allowed = ([f for f in candidates(W, weights) if formats is None or f in formats]
+                       or ["dense" if weights == "fp32" else "int8"])
             for fmt in allowed:
                 arrs = encode(W, fmt)
                 c[g][fmt] = Linear(fmt, arrs, None, W.shape)
@@ -62,7 +64,8 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
     order = [g for g in GROUP_ORDER if layers and g in layers[0]] + [g for g in (layers[0] if layers else {}) if g not in GROUP_ORDER]
     xs = {g: rng.standard_normal(layers[0][g].shape[1]).astype(np.float32) for g in order} if layers else {}
     outs = {g: np.zeros(layers[0][g].shape[0], np.float32) for g in order} if layers else {}
-    fmts = sorted({f for c in cands for g in c for f in c[g]}, key=lambda f: (("dense", "ell", "csr", "bitmask").index(f.split("/")[0]), f))
+    kinds = ("dense", "ell", "csr", "bitmask", "int8", "int8_ell", "int8_csr", "int8_bitmask")
+    fmts = sorted({f for c in cands for g in c for f in c[g]}, key=lambda f: (kinds.index(f.split("/")[0]), f))
     calls = {(i, g, f): partial(cands[i][g][f].vec, xs[g], outs[g], False) for i in range(len(cands)) for g in order
              for f in cands[i][g]}
     for call in calls.values():                  # compile and touch every candidate once
@@ -91,7 +94,8 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
             mi[g] = {f: round(v, 6) for f, v in med.items()}
         choice.append(ci)
         ms.append(mi)
-    record = {"cpu": cpu_name(), "threads": used, "rounds": rounds, "tie": tie, "ms": ms,
+    record = {"cpu": cpu_name(), "threads": used, "rounds": rounds, "tie": tie, "ms": ms, "weights": weights,
+              **({"int8_kernels": K.lowbit_paths()} if weights != "fp32" else {}),
               "other_load": None if load.fraction is None else round(load.fraction, 3),
               "formats": sorted({f for c in choice for f in c.values()})}
     return choice, record

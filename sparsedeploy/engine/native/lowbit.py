@@ -1,0 +1,702 @@
+"""Low-bit products of the native engine: int8 weights (per-row scale), dense, bitmask, ELL and CSR.
+
+Decode on a CPU streams weights, so a product costs about its bytes over the memory bandwidth, and int8
+values read a quarter of fp32's. Plain numba loops over int8 never use the integer dot-product instructions
+(they multiply in scalar registers), so the two block formats are written as LLVM IR through `@intrinsic`:
+
+  int8 (dense)    wq uint8 [out, 64 nblk] = w + 128 (padding columns hold 128, i.e. w = 0), wscale f32 [out]
+  int8_bitmask    rowptr int64 [out+1], masks uint64 [out * nblk] (bit j of mask b = column 64 b + j),
+                  vals uint8 [nnz] = w + 128 (each row's kept weights, packed, columns ascending), wscale [out]
+  int8_ell        cols uint16/32 [out, k], vals int8 [out, k], wscale [out]      (fp32 activations)
+  int8_csr        rowptr int64 [out+1], cols uint16/32 [nnz], vals int8 [nnz], wscale [out]   (fp32 activations)
+
+The two block formats multiply int8 activations (`quantize_act`: per 64-column block b, symmetric,
+s_b = max|x_b| / 127, q = rint(x / s_b)). One 64-column block of a row is one AVX-512 VNNI instruction:
+
+    acc_i = corr[16 b + i] + sum_{k<4} u8[4 i + k] * q[4 i + k]          vpdpbusd (u8 x s8 -> int32 lanes)
+
+vpdpbusd multiplies *unsigned* bytes by signed bytes, so the weights are stored shifted, u8 = w + 128, and
+the shift is taken out exactly in integers: `corr[16 b + i] = -128 * sum_k q[64 b + 4 i + k]`, computed once
+per activation vector, is the accumulator the instruction starts from, so each int32 lane holds the exact
+sum of w * q over its 4 columns (no large float correction subtracted at the end, so no cancellation).
+Then per block the 16 lanes are converted to float and FMA'd with s_b into float lanes; one horizontal sum
+per row (a fixed-order tree: results do not depend on the thread count); out[r] = wscale[r] * sum (+ bias).
+
+The bitmask format first puts a block's kept weights back in their lanes with one VBMI2 byte expand
+(`llvm.masked.expandload.v64i8` with the block's 64-bit mask, lowered to vpexpandb); absent lanes get the
+pass-through value 128, i.e. w = 0. Walking set bits one by one was 3-20x slower (issue 13).
+
+ELL and CSR are for very sparse groups: int8 values and uint16 column indices (3 bytes per kept weight),
+fp32 activations gathered 16 at a time (`gather_i8_dot`: 512-bit vgatherdps where the CPU has AVX-512F;
+numba's own loops stay at 256 bits there), or plain numba loops with unsigned 64-bit indices elsewhere.
+
+Portable path: vpdpbusd exists only with AVX-512 VNNI and vpexpandb only with AVX-512 VBMI2, and LLVM
+cannot compile the VNNI intrinsic for a CPU without it. So the names `int8_gemv` / `int8_bitmask_gemv` are
+bound at import to the intrinsic kernels where LLVM's host features have them, else to plain-numba kernels
+computing the same integers (`kernel_paths()` says which one this CPU gets; SPARSEDEPLOY_LOWBIT_PORTABLE=1
+forces the portable ones). Every kernel has the kernels.py conventions: it writes out[r] (acc: adds into it),
+bias added when it has `out` rows.
+
+Every @intrinsic stays in this file: numba's on-disk cache of a kernel is stamped by its source file.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ...errors import check
+
+BLOCK = 64                     # columns per activation block (one vpdpbusd: 64 bytes)
+LANES = 16                     # int32 / float32 lanes of a 512-bit vector
+UNROLL = 4                     # blocks per loop trip, each into its own float accumulator
+_OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+_SERIAL = dict(fastmath=True, cache=True, nogil=True)
+
+
+# ----------------------------------------------------------------------------- which path this CPU gets
+def _features() -> dict:
+    import llvmlite.binding as llvm
+
+    return llvm.get_host_cpu_features()
+
+
+def has_avx512f() -> bool:
+    """AVX-512F: 16-lane gathers (the int8 ELL / CSR kernels)."""
+    return bool(_features().get("avx512f", False))
+
+
+def has_vnni() -> bool:
+    """AVX-512 VNNI (vpdpbusd on 512-bit vectors): Intel since Cascade Lake, AMD Zen 4."""
+    f = _features()
+    return all(bool(f.get(k, False)) for k in ("avx512f", "avx512bw", "avx512vnni"))
+
+
+def has_vbmi2() -> bool:
+    """AVX-512 VBMI2 (vpexpandb): Intel since Ice Lake, AMD Zen 4."""
+    f = _features()
+    return all(bool(f.get(k, False)) for k in ("avx512f", "avx512bw", "avx512vbmi2"))
+
+
+def _choose() -> dict[str, str]:
+    forced = os.environ.get("SPARSEDEPLOY_LOWBIT_PORTABLE", "") not in ("", "0")
+    vnni = has_vnni() and not forced
+    avx512 = has_avx512f() and not forced
+    return {"int8": "avx512-vnni" if vnni else "portable",
+            "int8_bitmask": "avx512-vnni+vbmi2" if vnni and has_vbmi2() else "portable",
+            "int8_ell": "avx512" if avx512 else "portable", "int8_csr": "avx512" if avx512 else "portable"}
+
+
+_PATHS = _choose()
+
+
+def kernel_paths() -> dict[str, str]:
+    """Which kernel each int8 format runs on this CPU: 'avx512-vnni[+vbmi2]' / 'avx512' (intrinsics) or
+    'portable' (plain numba)."""
+    return dict(_PATHS)
+
+
+# ----------------------------------------------------------------------------- activations
+def act_buffers(in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Buffers for `quantize_act` of a width-`in_features` vector: q int8 [64 nblk], corr int32 [16 nblk],
+    scale float32 [nblk]."""
+    nblk = -(-int(in_features) // BLOCK)
+    return (np.zeros(nblk * BLOCK, np.int8), np.zeros(nblk * LANES, np.int32), np.zeros(nblk, np.float32))
+
+
+@njit(cache=True, nogil=True)
+def quantize_act(x, q, corr, scale):
+    """x float32 [m] -> q int8 [64 nblk] (zero past m), corr int32 [16 nblk], scale float32 [nblk].
+    Block b: scale[b] = max|x_b| / 127, q = rint(x * (127 / max|x_b|)) (0 for an all-zero block),
+    corr[16 b + i] = -128 * (q[64 b + 4 i] + ... + q[64 b + 4 i + 3]) (see the module doc)."""
+    m = x.shape[0]
+    nblk = scale.shape[0]
+    if q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16 or nblk * 64 < m:
+        raise ValueError("quantize_act: buffers do not fit x (use act_buffers)")
+    for b in range(nblk):
+        lo = b * 64
+        hi = min(lo + 64, m)
+        amax = np.float32(0.0)
+        for j in range(lo, hi):
+            a = abs(x[j])
+            if a > amax:
+                amax = a
+        inv = np.float32(0.0)
+        if amax > 0:
+            inv = np.float32(127.0) / amax
+        scale[b] = amax / np.float32(127.0)
+        for i in range(16):
+            t = 0
+            for k in range(4):
+                j = lo + 4 * i + k
+                v = 0
+                if j < hi:
+                    v = int(np.rint(x[j] * inv))
+                    if v > 127:
+                        v = 127
+                    elif v < -127:
+                        v = -127
+                q[j] = v
+                t += v
+            corr[b * 16 + i] = -128 * t
+    return nblk
+
+
+# ----------------------------------------------------------------------------- intrinsics
+def _vec_types():
+    i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    return i8, i32, i64, f32, ir.VectorType(i32, LANES), ir.VectorType(f32, LANES), ir.VectorType(i8, 64)
+
+
+def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights):
+    """The shared loop: for each block b < nblk, int32 lanes = vpdpbusd(corr_b, weights(b), q_b), then
+    float lanes += float(lanes) * scale[b]; UNROLL accumulators; returns their fixed-order horizontal sum.
+    weights(b) emits the block's 64 weight bytes as <16 x i32>."""
+    i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+    mod = builder.module
+    dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+    zero = ir.Constant(v16f, [0.0] * LANES)
+    splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+
+    def block(b, acc):
+        c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.mul(b, ir.Constant(i64, LANES))]),
+                                         v16i.as_pointer()), align=4)
+        qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
+                                          v16i.as_pointer()), align=1)
+        dot = builder.call(dpbusd, [c, weights(b), qv])
+        s = builder.load(builder.gep(sa.data, [b]))
+        sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
+                                    ir.Constant(v16f, ir.Undefined), splat0)
+        builder.store(builder.call(fma, [builder.sitofp(dot, v16f), sv, builder.load(acc)]), acc)
+
+    groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
+    with cgutils.for_range(builder, groups) as loop:
+        base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
+        for u in range(UNROLL):
+            block(builder.add(base, ir.Constant(i64, u)), accs[u])
+    done = builder.mul(groups, ir.Constant(i64, UNROLL))
+    with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+        block(builder.add(done, loop.index), accs[0])
+    total = builder.load(accs[0])
+    for a in accs[1:]:
+        total = builder.fadd(total, builder.load(a))
+    lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
+    while len(lanes) > 1:
+        lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+    return lanes[0]
+
+
+def _is(a, dtype, ndim=None):
+    return isinstance(a, types.Array) and a.dtype == dtype and (ndim is None or a.ndim == ndim)
+
+
+@intrinsic
+def vnni_dense_dot(typingctx, wq, woff, q, corr, scale, nblk):
+    """float32 sum over blocks b < nblk of scale[b] * sum_j (wq.flat[woff + 64 b + j] - 128) * q[64 b + j]."""
+    if not (_is(wq, types.uint8) and _is(q, types.int8, 1) and _is(corr, types.int32, 1) and _is(scale, types.float32, 1)):
+        return None
+    sig = types.float32(wq, types.int64, q, corr, scale, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+        wa = context.make_array(signature.args[0])(context, builder, args[0])
+        qa = context.make_array(signature.args[2])(context, builder, args[2])
+        ca = context.make_array(signature.args[3])(context, builder, args[3])
+        sa = context.make_array(signature.args[4])(context, builder, args[4])
+        woff = args[1]
+
+        def weights(b):
+            p = builder.gep(wa.data, [builder.add(woff, builder.mul(b, ir.Constant(i64, BLOCK)))])
+            return builder.load(builder.bitcast(p, v16i.as_pointer()), align=1)
+
+        return _vnni_blocks(context, builder, args[5], qa, ca, sa, weights)
+
+    return sig, codegen
+
+
+@intrinsic
+def vnni_bitmask_dot(typingctx, vals, masks, voff, mstart, q, corr, scale, nblk):
+    """As vnni_dense_dot, with block b's weights expand(vals[off:], masks[mstart + b]) (absent: w = 0),
+    off starting at voff and advancing by each mask's popcount."""
+    if not (_is(vals, types.uint8, 1) and _is(masks, types.uint64, 1) and _is(q, types.int8, 1)
+            and _is(corr, types.int32, 1) and _is(scale, types.float32, 1)):
+        return None
+    sig = types.float32(vals, masks, types.int64, types.int64, q, corr, scale, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+        m64 = ir.VectorType(ir.IntType(1), 64)
+        va = context.make_array(signature.args[0])(context, builder, args[0])
+        ma = context.make_array(signature.args[1])(context, builder, args[1])
+        qa = context.make_array(signature.args[4])(context, builder, args[4])
+        ca = context.make_array(signature.args[5])(context, builder, args[5])
+        sa = context.make_array(signature.args[6])(context, builder, args[6])
+        mstart = args[3]
+        mod = builder.module
+        expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [va.data.type, m64, v64b]),
+                                                "llvm.masked.expandload.v64i8")
+        ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+        absent = ir.Constant(v64b, [-128] * 64)           # the byte 0x80 = 128 = w + 128 for w = 0
+        off = cgutils.alloca_once_value(builder, args[2])
+
+        def weights(b):
+            mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
+            o = builder.load(off)
+            v = builder.call(expand, [builder.gep(va.data, [o]), builder.bitcast(mk, m64), absent])
+            builder.store(builder.add(o, builder.call(ctpop, [mk])), off)
+            return builder.bitcast(v, v16i)
+
+        return _vnni_blocks(context, builder, args[7], qa, ca, sa, weights)
+
+    return sig, codegen
+
+
+@intrinsic
+def vnni_q4_dot(typingctx, w4, woff, ws, soff, q, corr, scale, nblk):
+    """Dense 4-bit (Q4_0-like) row: sum over 64-column blocks b of scale[b] * sum over its two 32-column
+    halves h of ws[soff + 2 b + h] * sum_j (nibble_j - 8) * q_j, ws float16 bits as uint16 (numba has no
+    float16 arrays). Block b's 32 bytes at
+    w4.flat[woff + 32 b]: byte k holds column 64 b + k in its low nibble and column 64 b + 32 + k in its high
+    one, so the two unpacked halves are the block's 64 bytes in order; corr >> 4 = -8 * sum q per lane."""
+    if not (_is(w4, types.uint8) and _is(ws, types.uint16) and _is(q, types.int8, 1)
+            and _is(corr, types.int32, 1) and _is(scale, types.float32, 1)):
+        return None
+    sig = types.float32(w4, types.int64, ws, types.int64, q, corr, scale, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+        v32b = ir.VectorType(i8, 32)
+        h2, f2 = ir.VectorType(ir.HalfType(), 2), ir.VectorType(f32, 2)
+        wa = context.make_array(signature.args[0])(context, builder, args[0])
+        wsa = context.make_array(signature.args[2])(context, builder, args[2])
+        qa = context.make_array(signature.args[4])(context, builder, args[4])
+        ca = context.make_array(signature.args[5])(context, builder, args[5])
+        sa = context.make_array(signature.args[6])(context, builder, args[6])
+        woff, soff, nblk = args[1], args[3], args[7]
+        mod = builder.module
+        dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+        zero = ir.Constant(v16f, [0.0] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+        low = ir.Constant(v32b, [15] * 32)
+        four8 = ir.Constant(v32b, [4] * 32)
+        four32 = ir.Constant(v16i, [4] * LANES)
+        cat = ir.Constant(ir.VectorType(i32, 64), list(range(64)))
+        halves = ir.Constant(ir.VectorType(i32, LANES), [0] * 8 + [1] * 8)
+        splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+        def block(b, acc):
+            p = builder.gep(wa.data, [builder.add(woff, builder.mul(b, ir.Constant(i64, 32)))])
+            raw = builder.load(builder.bitcast(p, v32b.as_pointer()), align=1)
+            w64 = builder.shuffle_vector(builder.and_(raw, low), builder.lshr(raw, four8), cat)
+            c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.mul(b, ir.Constant(i64, LANES))]),
+                                             v16i.as_pointer()), align=4)
+            qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
+                                              v16i.as_pointer()), align=1)
+            dot = builder.call(dpbusd, [builder.ashr(c, four32), builder.bitcast(w64, v16i), qv])
+            hp = builder.gep(wsa.data, [builder.add(soff, builder.mul(b, ir.Constant(i64, 2)))])
+            wsv = builder.fpext(builder.load(builder.bitcast(hp, h2.as_pointer()), align=2), f2)
+            wsv = builder.shuffle_vector(wsv, ir.Constant(f2, ir.Undefined), halves)
+            s = builder.load(builder.gep(sa.data, [b]))
+            sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
+                                        ir.Constant(v16f, ir.Undefined), splat0)
+            builder.store(builder.call(fma, [builder.fmul(builder.sitofp(dot, v16f), wsv), sv, builder.load(acc)]), acc)
+
+        groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
+        with cgutils.for_range(builder, groups) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
+            for u in range(UNROLL):
+                block(builder.add(base, ir.Constant(i64, u)), accs[u])
+        done = builder.mul(groups, ir.Constant(i64, UNROLL))
+        with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+            block(builder.add(done, loop.index), accs[0])
+        total = builder.load(accs[0])
+        for a in accs[1:]:
+            total = builder.fadd(total, builder.load(a))
+        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
+        while len(lanes) > 1:
+            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+    return sig, codegen
+
+
+@intrinsic
+def gather_i8_dot(typingctx, cols, vals, off, cnt, x):
+    """float32 sum over j < cnt of float(vals.flat[off + j]) * x[cols.flat[off + j]]: 16 lanes a step with
+    512-bit gathers (plain numba loops stay at 256 bits here), four accumulators, the tail under a lane mask."""
+    if not (isinstance(cols, types.Array) and cols.dtype in (types.uint16, types.uint32) and _is(vals, types.int8)
+            and _is(x, types.float32, 1)):
+        return None
+    sig = types.float32(cols, vals, types.int64, types.int64, x)
+    wide = cols.dtype == types.uint32
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+        i16, i1 = ir.IntType(16), ir.IntType(1)
+        m16 = ir.VectorType(i1, LANES)
+        vi = ir.VectorType(i32 if wide else i16, LANES)
+        v16b = ir.VectorType(i8, LANES)
+        ca = context.make_array(signature.args[0])(context, builder, args[0])
+        va = context.make_array(signature.args[1])(context, builder, args[1])
+        xa = context.make_array(signature.args[4])(context, builder, args[4])
+        off, cnt = args[2], args[3]
+        mod = builder.module
+        ptr = ir.PointerType()
+        gather = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, ptr, v16i, m16, i32]),
+                                                "llvm.x86.avx512.mask.gather.dps.512")
+        mload_i = cgutils.get_or_insert_function(mod, ir.FunctionType(vi, [ptr, i32, m16, vi]),
+                                                 f"llvm.masked.load.v16i{32 if wide else 16}.p0")
+        mload_b = cgutils.get_or_insert_function(mod, ir.FunctionType(v16b, [ptr, i32, m16, v16b]),
+                                                 "llvm.masked.load.v16i8.p0")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+        zero = ir.Constant(v16f, [0.0] * LANES)
+        ones = ir.Constant(m16, [1] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+        xp = builder.bitcast(xa.data, ptr)
+
+        def step(j, acc, mask=None):
+            cp = builder.bitcast(builder.gep(ca.data, [builder.add(off, j)]), ptr)
+            vp = builder.bitcast(builder.gep(va.data, [builder.add(off, j)]), ptr)
+            if mask is None:
+                c = builder.load(builder.bitcast(cp, vi.as_pointer()), align=4 if wide else 2)
+                v = builder.load(builder.bitcast(vp, v16b.as_pointer()), align=1)
+                mask = ones
+            else:
+                c = builder.call(mload_i, [cp, ir.Constant(i32, 4 if wide else 2), mask, ir.Constant(vi, [0] * LANES)])
+                v = builder.call(mload_b, [vp, ir.Constant(i32, 1), mask, ir.Constant(v16b, [0] * LANES)])
+            idx = c if wide else builder.zext(c, v16i)
+            xg = builder.call(gather, [zero, xp, idx, mask, ir.Constant(i32, 4)])
+            builder.store(builder.call(fma, [builder.sitofp(v, v16f), xg, builder.load(acc)]), acc)
+
+        chunk = LANES * UNROLL
+        groups = builder.udiv(cnt, ir.Constant(i64, chunk))
+        with cgutils.for_range(builder, groups) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, chunk))
+            for u in range(UNROLL):
+                step(builder.add(base, ir.Constant(i64, u * LANES)), accs[u])
+        done = builder.mul(groups, ir.Constant(i64, chunk))
+        left = builder.sub(cnt, done)
+        full = builder.udiv(left, ir.Constant(i64, LANES))
+        with cgutils.for_range(builder, full) as loop:
+            step(builder.add(done, builder.mul(loop.index, ir.Constant(i64, LANES))), accs[1])
+        done = builder.add(done, builder.mul(full, ir.Constant(i64, LANES)))
+        rem = builder.trunc(builder.sub(cnt, done), i32)
+        with builder.if_then(builder.icmp_unsigned("!=", rem, ir.Constant(i32, 0))):
+            lanes = ir.Constant(v16i, list(range(LANES)))
+            rv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16i, ir.Undefined), rem, ir.Constant(i32, 0)),
+                                        ir.Constant(v16i, ir.Undefined), ir.Constant(v16i, [0] * LANES))
+            step(done, accs[2], builder.icmp_unsigned("<", lanes, rv))
+        total = builder.load(accs[0])
+        for a in accs[1:]:
+            total = builder.fadd(total, builder.load(a))
+        lanes_ = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
+        while len(lanes_) > 1:
+            lanes_ = [builder.fadd(lanes_[i], lanes_[i + 1]) for i in range(0, len(lanes_), 2)]
+        return lanes_[0]
+
+    return sig, codegen
+
+
+# ----------------------------------------------------------------------------- int8 dense
+# wq uint8 [out, 64 nblk], wscale f32 [out]; q/corr/scale from quantize_act of x
+@njit(**_OPTS)
+def int8_gemv_vnni(wq, wscale, q, corr, scale, bias, out, acc):
+    n, stride = wq.shape
+    nblk = stride // 64
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16:
+        raise ValueError("int8_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = wscale[r] * vnni_dense_dot(wq, r * stride, q, corr, scale, nblk)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def int8_gemv_portable(wq, wscale, q, corr, scale, bias, out, acc):
+    n, stride = wq.shape
+    nblk = stride // 64
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16:
+        raise ValueError("int8_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = np.float32(0.0)
+        for b in range(nblk):
+            t = np.int32(0)
+            for j in range(b * 64, b * 64 + 64):
+                t += (np.int32(wq[r, j]) - np.int32(128)) * np.int32(q[j])
+            s += np.float32(t) * scale[b]
+        s *= wscale[r]
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+# ----------------------------------------------------------------------------- int8 + bitmask
+@njit(**_OPTS)
+def int8_bitmask_gemv_vnni(rowptr, masks, vals, wscale, q, corr, scale, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    nblk = masks.shape[0] // n if n else 0
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16:
+        raise ValueError("int8_bitmask_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = wscale[r] * vnni_bitmask_dot(vals, masks, rowptr[r], r * nblk, q, corr, scale, nblk)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def int8_bitmask_gemv_portable(rowptr, masks, vals, wscale, q, corr, scale, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    nblk = masks.shape[0] // n if n else 0
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16:
+        raise ValueError("int8_bitmask_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    one = np.uint64(1)
+    for r in prange(n):
+        off = rowptr[r]
+        s = np.float32(0.0)
+        for b in range(nblk):
+            m = masks[r * nblk + b]
+            t = np.int32(0)
+            for j in range(64):
+                if (m >> np.uint64(j)) & one:
+                    t += (np.int32(vals[off]) - np.int32(128)) * np.int32(q[b * 64 + j])
+                    off += 1
+            s += np.float32(t) * scale[b]
+        s *= wscale[r]
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+# ----------------------------------------------------------------------------- int8 ELL / CSR, fp32 activations
+@njit(**_OPTS)
+def int8_ell_gemv_portable(cols, vals, wscale, x, bias, out, acc):
+    n, k = vals.shape
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = np.float32(0.0)
+        for j in range(np.uint64(k)):
+            s += np.float32(vals[r, j]) * x[np.uint64(cols[r, j])]
+        s *= wscale[r]
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def int8_csr_gemv_portable(rowptr, cols, vals, wscale, x, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        lo = np.uint64(rowptr[r])
+        hi = np.uint64(rowptr[r + 1])
+        s = np.float32(0.0)
+        for j in range(lo, hi):
+            s += np.float32(vals[j]) * x[np.uint64(cols[j])]
+        s *= wscale[r]
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+# ----------------------------------------------------------------------------- dense 4-bit reference (Q4_0-like)
+# w4 uint8 [out, 32 nblk] (two nibbles a byte, see vnni_q4_dot), ws float16 bits as uint16 [out, 2 nblk] (one scale per 32
+# weights): 0.5625 bytes per weight, llama.cpp's Q4_0. A measuring stick for the sparse int8 formats
+# (benchmarks/lowbit_gemv.py), not an engine format; VNNI only.
+@njit(**_OPTS)
+def q4_gemv_vnni(w4, ws, q, corr, scale, bias, out, acc):
+    n, stride = w4.shape
+    nblk = stride // 32
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16 or ws.shape[1] != 2 * nblk:
+        raise ValueError("q4_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = vnni_q4_dot(w4, r * stride, ws, r * 2 * nblk, q, corr, scale, nblk)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def int8_ell_gemv_avx512(cols, vals, wscale, x, bias, out, acc):
+    n, k = vals.shape
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = wscale[r] * gather_i8_dot(cols, vals, r * k, k, x)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def int8_csr_gemv_avx512(rowptr, cols, vals, wscale, x, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = wscale[r] * gather_i8_dot(cols, vals, rowptr[r], rowptr[r + 1] - rowptr[r], x)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+int8_gemv = int8_gemv_vnni if _PATHS["int8"] != "portable" else int8_gemv_portable
+int8_bitmask_gemv = int8_bitmask_gemv_vnni if _PATHS["int8_bitmask"] != "portable" else int8_bitmask_gemv_portable
+int8_ell_gemv = int8_ell_gemv_avx512 if _PATHS["int8_ell"] != "portable" else int8_ell_gemv_portable
+int8_csr_gemv = int8_csr_gemv_avx512 if _PATHS["int8_csr"] != "portable" else int8_csr_gemv_portable
+
+
+# ----------------------------------------------------------------------------- encoding (numpy)
+def _matrix(W) -> np.ndarray:
+    W = np.asarray(W)
+    check(W.ndim == 2, f"an int8 format needs a 2-D matrix, got shape {W.shape}")
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    check(bool(np.isfinite(W).all()), "the matrix to quantise holds NaN or inf", "check the model's weights")
+    return W
+
+
+def quantize_rows(W) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row round-to-nearest int8: scale_r = max|W_r| / 127, wq = rint(W / scale_r) in [-127, 127]
+    (an all-zero row: scale 0, codes 0). Dequantised: wq * scale[:, None]."""
+    W = _matrix(W)
+    amax = np.abs(W).max(axis=1) if W.shape[1] else np.zeros(W.shape[0], np.float32)
+    scale = (amax / np.float32(127)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    wq = np.clip(np.rint(W / safe[:, None]), -127, 127).astype(np.int8)
+    return wq, scale
+
+
+def index_dtype(in_features: int):
+    return np.uint16 if in_features <= 65536 else np.uint32
+
+
+def encode_int8(W) -> dict[str, np.ndarray]:
+    W = _matrix(W)
+    wq, scale = quantize_rows(W)
+    out_f, in_f = W.shape
+    nblk = -(-in_f // BLOCK)
+    u = np.full((out_f, nblk * BLOCK), 128, np.uint8)
+    u[:, :in_f] = (wq.astype(np.int16) + 128).astype(np.uint8)
+    return {"wq": u, "wscale": scale}
+
+
+def _rows(W):
+    nz = W != 0
+    counts = nz.sum(axis=1)
+    rowptr = np.zeros(W.shape[0] + 1, np.int64)
+    np.cumsum(counts, out=rowptr[1:])
+    return nz, counts, rowptr
+
+
+def encode_int8_bitmask(W) -> dict[str, np.ndarray]:
+    """Kept weights = the nonzeros of W (a kept weight that rounds to code 0 stays kept)."""
+    W = _matrix(W)
+    wq, scale = quantize_rows(W)
+    out_f, in_f = W.shape
+    nz, counts, rowptr = _rows(W)
+    nblk = -(-in_f // BLOCK)
+    bits = np.zeros((out_f, nblk * BLOCK), bool)
+    bits[:, :in_f] = nz
+    masks = np.packbits(bits.reshape(out_f, nblk, BLOCK), axis=2, bitorder="little")   # [out, nblk, 8] bytes
+    masks = np.ascontiguousarray(masks).view("<u8").reshape(-1).astype(np.uint64)
+    vals = (wq[nz].astype(np.int16) + 128).astype(np.uint8)
+    return {"rowptr": rowptr, "masks": masks, "vals": vals, "wscale": scale}
+
+
+def encode_int8_ell(W) -> dict[str, np.ndarray]:
+    W = _matrix(W)
+    wq, scale = quantize_rows(W)
+    out_f, in_f = W.shape
+    nz, counts, _ = _rows(W)
+    k = int(counts[0]) if out_f else 0
+    check(bool((counts == k).all()), "int8_ell needs the same nonzero count in every row", "use int8_csr")
+    cols = np.nonzero(nz)[1].astype(index_dtype(in_f)).reshape(out_f, k)
+    return {"cols": cols, "vals": wq[nz].reshape(out_f, k), "wscale": scale}
+
+
+def encode_int8_csr(W) -> dict[str, np.ndarray]:
+    W = _matrix(W)
+    wq, scale = quantize_rows(W)
+    nz, _, rowptr = _rows(W)
+    return {"rowptr": rowptr, "cols": np.nonzero(nz)[1].astype(index_dtype(W.shape[1])), "vals": wq[nz], "wscale": scale}
+
+
+def dequantized(W) -> np.ndarray:
+    """The matrix the int8 formats compute with: rint-quantised per row, nonzeros of W only (float32)."""
+    wq, scale = quantize_rows(W)
+    return wq.astype(np.float32) * scale[:, None]
+
+
+def dequantized_act(x) -> np.ndarray:
+    """The activation vector the int8 block formats compute with (quantize_act, dequantised; float32)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    q, corr, s = act_buffers(x.shape[0])
+    quantize_act(x, q, corr, s)
+    return (q.reshape(-1, BLOCK).astype(np.float32) * s[:, None]).reshape(-1)[:x.shape[0]]
+
+
+def encode_q4(W) -> dict[str, np.ndarray]:
+    """Q4_0-like: per 32 columns d = (the value of largest magnitude) / -8, codes rint(w / d) + 8 in [0, 15]."""
+    W = _matrix(W)
+    out_f, in_f = W.shape
+    nblk = -(-in_f // BLOCK)
+    P = np.zeros((out_f, nblk * BLOCK), np.float32)
+    P[:, :in_f] = W
+    G = P.reshape(out_f, 2 * nblk, 32)
+    idx = np.abs(G).argmax(axis=2)
+    m = np.take_along_axis(G, idx[..., None], axis=2)[..., 0]
+    d = (m / np.float32(-8)).astype(np.float16)
+    df = d.astype(np.float32)
+    safe = np.where(df != 0, df, np.float32(1))
+    codes = np.clip(np.rint(G / safe[..., None]) + 8, 0, 15).astype(np.uint8)
+    codes[df == 0] = 8
+    C = codes.reshape(out_f, nblk, 2, 32)
+    w4 = (C[:, :, 0, :] | (C[:, :, 1, :] << 4)).reshape(out_f, nblk * 32)
+    return {"w4": np.ascontiguousarray(w4), "ws": np.ascontiguousarray(d).view(np.uint16)}
+
+
+def dequantized_q4(enc, in_features) -> np.ndarray:
+    w4, ws = enc["w4"], enc["ws"].view(np.float16).astype(np.float32)
+    out_f = w4.shape[0]
+    nblk = w4.shape[1] // 32
+    B = w4.reshape(out_f, nblk, 32)
+    codes = np.stack([B & 15, B >> 4], axis=2).astype(np.float32) - 8      # [out, nblk, 2, 32]
+    return (codes * ws.reshape(out_f, nblk, 2)[..., None]).reshape(out_f, nblk * 64)[:, :in_features]

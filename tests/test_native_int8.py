@@ -1,0 +1,114 @@
+"""int8 native deployments (`compile --engine native --weights int8`): stored groups, the key, greedy tokens
+against PyTorch on the same fake-quantised weights (and activations), and bad input."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .cli_helpers import run_cli as _cli
+
+INT8 = {"int8", "int8_ell", "int8_csr", "int8_bitmask"}
+
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory, tiny_model_dir, corpus_file):
+    """Dense and magnitude-pruned 80% (uneven rows) deployments of the tiny models."""
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline import stages
+
+    root = tmp_path_factory.mktemp("native-int8")
+    calib = stages.CalibConfig(str(tiny_model_dir), f"file:{corpus_file}", 8, 48, 0, None, "cpu")
+    out = {"dense": export(str(tiny_model_dir), seqlen=64, out=root / "dense")}
+    run = root / "magnitude"
+    stages.prune(stages.RunDir(run), stages.PruneConfig(str(tiny_model_dir), 0.8, "uniform", "magnitude", calib=calib,
+                                                        device="cpu"))
+    out["magnitude"] = export(str(run), seqlen=64)
+    return out
+
+
+@pytest.mark.parametrize("which,crossover,formats", [("dense", 0.9, {"int8"}), ("magnitude", 0.0, {"int8_csr"}),
+                                                     ("magnitude", None, None), ("dense", None, None)])
+def test_int8_deployment_tokens_equal_pytorch_on_the_quantised_model(deployments, which, crossover, formats):
+    from sparsedeploy.bench.bench import compile_deployment
+
+    rec = compile_deployment(deployments[which], "native", cores=2, crossover=crossover, force=True, weights="int8")
+    n = rec["native"]
+    assert n["weights"] == "int8" and "round-to-nearest" in n["quantization"]
+    assert set(n["formats"]) <= INT8
+    if formats is not None:
+        assert set(n["formats"]) == formats
+    else:
+        assert n["tuning"]["weights"] == "int8"
+        for g in n["measured"]:
+            assert set(g["ms_all_layers"]) <= INT8 | {f + "/serial" for f in INT8}
+    print(f"\n[int8 tokens] {which} crossover={crossover} formats={n['formats']}: emulated={rec['tokens_equal_pytorch']} "
+          f"weights-only={rec['tokens_equal_pytorch_quantized_weights_only']} fp32={rec['tokens_equal_pytorch_fp32']}")
+    # the engine's tokens equal PyTorch's on the same int8 weights and activations (the check that raises)
+    assert rec["tokens_equal_pytorch"] is True
+    assert isinstance(rec["tokens_equal_pytorch_fp32"], bool)
+    assert isinstance(rec["tokens_equal_pytorch_quantized_weights_only"], bool)
+    wb = n["weight_bytes"]
+    assert wb["decoder_linears"] < wb["decoder_linears_dense"]
+    if formats == {"int8"}:                                 # 1 byte + 1/64 of the padding, against fp32's 4
+        assert wb["decoder_linears"] < 0.3 * wb["decoder_linears_dense"]
+
+
+@pytest.mark.parametrize("fmt", ["int8_bitmask", "int8_csr", "int8"])
+def test_int8_groups_store_the_rtn_weights_and_decode_in_process(deployments, fmt):
+    from safetensors.numpy import load_file
+
+    from sparsedeploy.engine.decode import greedy_decode
+    from sparsedeploy.engine.native.lowbit import quantize_rows
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.export.native import ensure_native, int8_reference_tokens
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    meta = read_deployment(deployments["magnitude"])
+    index = ensure_native(meta, force=True, formats=(fmt,), weights="int8")
+    assert {g["format"] for layer in index["layers"] for g in layer.values()} == {fmt}
+    assert index["weights"] == "int8" and index["key"]["weights"] == "int8"
+    rt = NativeRuntime(meta["onnx"], cache_len=int(meta["seqlen"]))
+    v = meta["verified"]
+    res = greedy_decode(rt, v["prompt_ids"], len(v["tokens"]), prefill=rt)
+    ref = int8_reference_tokens(meta, index, v["prompt_ids"], len(v["tokens"]))
+    assert res.tokens == ref["weights_and_activations"]
+    if fmt == "int8_csr":                                    # fp32 activations: the weights alone are the reference
+        assert ref["weights"] == ref["weights_and_activations"]
+    src_dir = Path(meta["export_key"]["source"])
+    src = load_file(str(next((src_dir / "model").glob("*.safetensors")) if (src_dir / "model").is_dir()
+                        else next(src_dir.glob("*.safetensors"))))
+    arch = rt.model.arch
+    for i, layer in enumerate(rt.model.layers):
+        for g, names in arch.stacks().items():
+            W = np.concatenate([src[f"{arch.layers}.{i}.{n}.weight"] for n in names], 0)
+            wq, s = quantize_rows(W)
+            np.testing.assert_allclose(layer[g].dense(), wq.astype(np.float32) * s[:, None], rtol=1e-6, atol=0)
+            assert (layer[g].dense()[W == 0] == 0).all()
+    info = rt.info()
+    assert set(info["int8_kernels"]) == {fmt}
+
+
+def test_the_value_type_is_in_the_key_and_kept_by_bench(deployments):
+    from sparsedeploy.export.native import ensure_native, is_current
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    meta = read_deployment(deployments["magnitude"])
+    a = ensure_native(meta, crossover=0.55, force=True, weights="int8")
+    assert a["weights"] == "int8" and is_current(meta)
+    b = ensure_native(meta, cores=None, keep_fixed=True)              # bench / run / sweep keep what was built
+    assert b["key"] == a["key"]
+    c = ensure_native(meta, crossover=0.55)                          # compile without --weights: fp32 again
+    assert c["weights"] == "fp32" and "weights" not in c["key"] and is_current(meta)
+    assert {g["format"] for layer in c["layers"] for g in layer.values()} <= {"dense", "ell", "csr"}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["compile", "{dep}", "--engine", "native", "--weights", "int3"], "--weights 'int3'"),
+    (["compile", "{dep}", "--engine", "onnxruntime", "--weights", "int8"], "native engine only"),
+])
+def test_bad_weights_option_is_one_line(deployments, monkeypatch, capsys, argv, needle):
+    argv = [a.replace("{dep}", str(deployments["magnitude"])) for a in argv]
+    code, out, err = _cli(argv, monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
