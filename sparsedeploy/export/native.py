@@ -129,21 +129,20 @@ def _fake_quant_act(module, args):
     return (deq.to(x.dtype),) + tuple(args[1:])
 
 
-def int8_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict:
-    """Greedy tokens of the PyTorch model on the weights an int8 native build computes with: every decoder
-    linear per-row round-to-nearest int8 (lowbit.quantize_rows), dequantised ("weights"); and with, in
-    addition, the inputs of the groups stored as int8 / int8_bitmask quantised per 64 columns as those
-    kernels do ("weights_and_activations": the engine's arithmetic up to float summation order)."""
+def int8_reference_model(meta: dict, index: dict):
+    """The PyTorch model on the weights an int8 native build computes with: every decoder linear (and the
+    lm_head) per-row round-to-nearest int8 (lowbit.quantize_rows), dequantised. Returns (model, tokenizer,
+    quantise_activations): the last installs forward pre-hooks that also quantise the inputs of the groups
+    stored as int8 / int8_bitmask per 64 columns, as those kernels do (returns the hook handles)."""
     import numpy as np
     import torch
 
     from ..arch import native_arch
     from ..engine.native.lowbit import quantize_rows
     from ..pipeline.models import load, resolve
-    from .verify import greedy_torch
 
     ekey = meta.get("export_key") or {}
-    model, _ = load(resolve(str(ekey.get("source") or meta.get("source"))))
+    model, tok = load(resolve(str(ekey.get("source") or meta.get("source"))))
     arch = native_arch(index["config"])
     mods = []
     with torch.no_grad():
@@ -155,8 +154,23 @@ def int8_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict:
                     mod.weight.copy_(torch.from_numpy(wq.astype(np.float32) * s[:, None]).to(mod.weight.dtype))
                     if info["format"] in ("int8", "int8_bitmask"):
                         mods.append(mod)
+        if index.get("head") == "int8":          # the int8 lm_head (a tied one gets its own, quantised copy)
+            head = model.get_output_embeddings()
+            wq, s = quantize_rows(head.weight.detach().float().numpy())
+            head.weight = torch.nn.Parameter(torch.from_numpy(wq.astype(np.float32) * s[:, None]).to(head.weight.dtype),
+                                             requires_grad=False)
+            mods.append(head)
+    return model, tok, lambda: [m.register_forward_pre_hook(_fake_quant_act) for m in mods]
+
+
+def int8_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict:
+    """Greedy tokens of int8_reference_model: weights only ("weights") and with the activations quantised as
+    the engine does ("weights_and_activations": the engine's arithmetic up to float summation order)."""
+    from .verify import greedy_torch
+
+    model, _, quantise_activations = int8_reference_model(meta, index)
     out = {"weights": greedy_torch(model, prompt_ids, n)}
-    hooks = [m.register_forward_pre_hook(_fake_quant_act) for m in mods]
+    hooks = quantise_activations()
     try:
         out["weights_and_activations"] = greedy_torch(model, prompt_ids, n)
     finally:

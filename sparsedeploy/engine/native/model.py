@@ -183,8 +183,12 @@ class NativeModel:
             self.layers.append(lay)
         self.inter = self.layers[0]["down"].cols_in if self.layers else 0
         self.embed = t["embed"]
-        self.lm_head = Linear("dense", {"w": t["embed"] if index["tied_lm_head"] else t["lm_head"]}, None,
-                              (t["embed"] if index["tied_lm_head"] else t["lm_head"]).shape)
+        if index.get("head") == "int8":
+            self.lm_head = Linear("int8", {"wq": t["head_int8.wq"], "wscale": t["head_int8.wscale"]}, None,
+                                  (t["head_int8.wscale"].shape[0], self.embed.shape[1]))
+        else:
+            self.lm_head = Linear("dense", {"w": t["embed"] if index["tied_lm_head"] else t["lm_head"]}, None,
+                                  (t["embed"] if index["tied_lm_head"] else t["lm_head"]).shape)
         self.final_norm = (t["final_norm.w"], t.get("final_norm.b")) if "final_norm.w" in t else None
         self.pos_embed = t.get("positions")
         self.project_in = Linear("dense", {"w": t["project_in"]}, None, t["project_in"].shape) if "project_in" in t else None
@@ -205,7 +209,8 @@ class NativeModel:
     # ------------------------------------------------------------------ sizes
     def weight_bytes(self) -> dict:
         lin = sum(l[g].nbytes for l in self.layers for g in ("qkv", "o", "up", "down"))
-        rest = int(self.embed.nbytes) + (0 if self.index["tied_lm_head"] else self.lm_head.nbytes)
+        separate_head = not self.index["tied_lm_head"] or self.index.get("head") == "int8"
+        rest = int(self.embed.nbytes) + (self.lm_head.nbytes if separate_head else 0)
         rest += sum(int(a.nbytes) for l in self.layers for k in ("attn_norm", "mlp_norm") for a in l[k] if a is not None)
         if self.pos_embed is not None:
             rest += int(self.pos_embed.nbytes)

@@ -145,8 +145,8 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
     a number: the fixed rule of `compress`. threads: the thread count the tuner times with; formats: restrict
     the tuner's candidates (tune.choose_formats).
     share_with: a native folder whose shared.safetensors is hard-linked when its content is the same.
-    weights: the decoder groups' value type, "fp32" or "int8" (per-row round-to-nearest at build time; norms,
-    embeddings and lm_head stay fp32)."""
+    weights: the decoder groups' value type, "fp32" or "int8" (per-row round-to-nearest at build time); with
+    int8 the lm_head is int8 per row too (index["head"]); norms and the embedding stay fp32."""
     from safetensors.numpy import save_file
 
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
@@ -208,7 +208,13 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         groups_index.append(layer_groups)
     put("embed", _get(tensors, f"{arch.embed}.weight"))
     tied = f"{arch.lm_head}.weight" not in tensors or bool(config.get("tie_word_embeddings", False))
-    if not tied:
+    head = "int8" if weights == "int8" else "fp32"
+    if head == "int8":      # a low-bit deployment's lm_head: int8 per row (the embedding lookup stays fp32)
+        from .lowbit import encode_int8
+
+        for k, a in encode_int8(_get(tensors, f"{arch.embed if tied else arch.lm_head}.weight")).items():
+            put(f"head_int8.{k}", a)
+    elif not tied:
         put("lm_head", _get(tensors, f"{arch.lm_head}.weight"))
     if f"{arch.final_norm}.weight" in tensors:
         norm("final_norm", arch.final_norm)
@@ -228,7 +234,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
              "int8 per output row, round-to-nearest at compile time (scale max|row| / 127); activations of the int8 "
              "dense/bitmask products int8 per 64 columns",
              "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
-             "config": config, "layers": groups_index, "tied_lm_head": tied, "zeros": zeros,
+             "config": config, "layers": groups_index, "tied_lm_head": tied, "head": head, "zeros": zeros,
              "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
                        "decoder_linears_dense": dense_bytes}, "shared_key": shared_key}
     out_dir = Path(out_dir)
