@@ -54,6 +54,43 @@ def quiet():
         QUIET.unlink(missing_ok=True)
 
 
+def weight_view(meta: dict, weights: str, root: Path) -> dict:
+    """A second view of a deployment whose native/ folder holds `weights` builds (the other files are links to
+    the original's), so that the fp32 and the low-bit native builds of one model run side by side."""
+    src = Path(meta["dir"])
+    view = root / f"{src.parent.name}-{weights}"
+    view.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "native" and not f.name.startswith(".") and not (view / f.name).exists():
+            (view / f.name).symlink_to(f.resolve())
+    return _read_deployment(view)
+
+
+def int8_perplexity(meta: dict, index: dict, ecfg, cache: Path) -> float:
+    """PyTorch's perplexity on the int8 build's arithmetic (int8 weights per row incl. lm_head, int8 activations
+    per 64 columns where the kernels take them), on the eval stage's windows."""
+    import torch
+
+    from sparsedeploy.export.native import int8_reference_model
+    from sparsedeploy.pipeline.data import eval_windows, load_text
+    from sparsedeploy.pipeline.evaluate import perplexity
+
+    key = {"native_key": index.get("key"), "formats": [{g: v["format"] for g, v in lg.items()} for lg in index["layers"]],
+           "data": ecfg.data, "seqlen": ecfg.seqlen, "max_windows": ecfg.max_windows}
+    if cache.is_file() and read_json(cache).get("key") == key:
+        return read_json(cache)["perplexity"]
+    model, tok, quantise_activations = int8_reference_model(meta, index)
+    windows = eval_windows(tok, load_text(ecfg.data), ecfg.seqlen, ecfg.max_windows)
+    hooks = quantise_activations()
+    try:
+        ppl = perplexity(model, windows)
+    finally:
+        for h in hooks:
+            h.remove()
+    write_json(cache, {"key": key, "perplexity": ppl})
+    return ppl
+
+
 def llama_bench(ggufs: list[dict], prompt: int, new: int, cores: int | None, reps: int = 3) -> dict[str, dict]:
     """llama.cpp's own figure for each GGUF: `llama-bench -p 0 -n NEW -d PROMPT` (tg at the same depth as our
     decode), ms/token = 1000 / avg t/s, beside the binding's per-token time that the table uses."""
@@ -117,7 +154,7 @@ def smollm2(work: Path, a) -> None:
         src = "smollm2-135m" if d["sparsity"] < 0.005 else str(run)
         ui.info(f"perplexity: {name}")
         ppl[name] = evaluate(src, ecfg, out=out)["perplexity"]
-    ggufs, bpw, llama_ppl = [], {}, {}
+    ggufs, bpw, llama_ppl, checks = [], {}, {}, []
     for t in TYPES:
         path = export_gguf("smollm2-135m", qtype=t, out=work / "gguf" / f"model-{t}.gguf", cores=a.cores)
         rec = read_json(path.with_suffix(".json"))
@@ -132,10 +169,34 @@ def smollm2(work: Path, a) -> None:
     ggufs.append(dict(deps[0], gguf=str(shipped), label=name, config=name))
     ppl[name] = ppl["Dense (fp32)"]    # the default model is this file, dequantised: the same weights
     bpw[name] = GGUF_BPW["q4_1"]
+    lowbit = [w for w in a.native_weights.split(",") if w != "fp32"]
+    views = []
     with quiet():
         if "native" in engines:
             for d in deps:
-                ensure_native(d, cores=a.cores, keep_fixed=True)
+                ensure_native(d, cores=a.cores, weights="fp32")
+                for w in lowbit:
+                    v = weight_view(d, w, work / "views_smollm2")
+                    v.update(config=f"{d['config']} {w}", label=f"{d['config']} {w}", engines=["native"],
+                             index=ensure_native(v, cores=a.cores, weights=w))
+                    views.append(v)
+    for v in views:
+        ppl[v["config"]] = int8_perplexity(v, v.pop("index"), ecfg, work / "ppl" / f"{Path(v['dir']).name}.json")
+    if views:    # the check behind those numbers: perplexity through the engine itself, on the first windows
+        from sparsedeploy.bench.quality import engine_perplexity, windows_for
+        from sparsedeploy.pipeline.stages import EvalConfig as EC
+
+        for v in views[:: max(1, len(views) // 2)][:2]:
+            win = windows_for(v["dir"], "wikitext2", 256, 4)
+            with quiet():
+                got = engine_perplexity(v["onnx"], "native", win, cores=a.cores, cache_len=int(v["seqlen"]))
+            ref = int8_perplexity(dict(v), ensure_native(v, cores=a.cores, keep_fixed=True), EC("wikitext2", 256, 4),
+                                  work / "ppl" / f"{Path(v['dir']).name}-4w.json")
+            checks.append(f"{v['config']}: perplexity through the native engine {got['perplexity']:.3f} vs PyTorch on the "
+                          f"same int8 weights and activations {ref:.3f} (first 4 windows; "
+                          f"{100 * (got['perplexity'] / ref - 1):+.3f}%)")
+    deps = deps + views
+    with quiet():
         pcfg = pareto.ParetoConfig(bench=BenchConfig(engine=engines, cores=a.cores, prompt_tokens=64, new_tokens=128,
                                                      rounds=a.rounds, ort_baseline=False),
                                    group_size=a.group_size, anchors=(peer_label("q4_0"), peer_label("q8_0")))
@@ -156,7 +217,11 @@ def smollm2(work: Path, a) -> None:
         "incl. indices; llama.cpp: the GGUF type's block size; DeepSparse/ORT: not reported).",
         "llama.cpp build: " + _llamacpp_build(),
     ]
-    notes += _bench_notes(doc["llama_bench"], pts)
+    notes += _bench_notes(doc["llama_bench"], pts) + checks
+    if views:
+        notes.append("'… int8' rows: the same pruned model on the native engine with int8 weights (per output row, "
+                     "round-to-nearest at compile time; lm_head int8 too; activations int8 per 64 columns in the int8 "
+                     "dense/bitmask products); their perplexity is PyTorch's on exactly that arithmetic.")
     for name, rec in llama_ppl.items():
         notes.append(f"{name}: llama-perplexity {rec['llamacpp']:.2f} vs PyTorch (fp32 model) {rec['pytorch_fp32']:.2f} "
                      f"on {rec['chunks']}×{rec['n_ctx']} tokens, llama-perplexity's protocol for both")
@@ -196,6 +261,22 @@ def synthetic(work: Path, a) -> None:
     del dense_model
     for d in deps:
         d["config"] = d["label"] = "Dense (fp32)" if d["sparsity"] < 0.005 else f"magnitude {round(d['sparsity'] * 100)}%"
+    lowbit = [w for w in a.native_weights.split(",") if w != "fp32"]
+    views = []
+    if "native" in engines and lowbit:
+        from sparsedeploy.engine.native.pack import read_index
+        from sparsedeploy.export.native import build_from_model
+
+        for p, d in zip(cfg.sparsities, deps):         # the sweep returns them in this order
+            for w in lowbit:
+                v = weight_view(d, w, work / "views_synthetic")
+                idx = read_index(Path(v["dir"]) / "native")
+                if idx is None or idx.get("weights") != w:
+                    with quiet():
+                        build_from_model(_synthetic_pruned(cfg, p), v, cores=a.cores, weights=w)
+                v.update(config=f"{d['config']} {w}", label=f"{d['config']} {w}", engines=["native"])
+                views.append(v)
+    deps = deps + views
     pcfg = pareto.ParetoConfig(bench=BenchConfig(engine=engines, cores=a.cores, prompt_tokens=16, new_tokens=64,
                                                  rounds=a.rounds, ort_baseline=False),
                                group_size=1, anchors=(peer_label("q4_0"), peer_label("q8_0")))
@@ -214,8 +295,18 @@ def synthetic(work: Path, a) -> None:
              "sparsedeploy vs llama.cpp dense GGUF", pcfg, notes)
 
 
+def cpu_tag() -> str:
+    """The CPU kind in result names (a result on one kind is not a result on the other)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return "cpu"
+    return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
+
+
 def _publish(doc: dict, pts: list[dict], name: str, title: str, pcfg, notes: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"{name}_{cpu_tag()}"
     doc = dict(doc, points=pts, frontier=[(p["label"], p["engine"]) for p in pareto.frontier(pts)], notes=notes,
                title=title)
     write_json(RESULTS / f"{name}.json", json.loads(json.dumps(doc, default=str)))
@@ -237,6 +328,8 @@ def main() -> None:
     ap.add_argument("--synthetic-sparsities", default="0,0.5,0.7,0.9")
     ap.add_argument("--synthetic-types", default="f16,q8_0,q4_0")
     ap.add_argument("--synthetic-engines", default="native,deepsparse")
+    ap.add_argument("--native-weights", default="fp32,int8", help="native value types to time (each beyond fp32 "
+                    "in a view of the deployment with its own native build)")
     a = ap.parse_args()
     work = Path(a.work)
     todo = a.only or ["smollm2", "synthetic"]
