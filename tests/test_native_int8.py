@@ -112,3 +112,31 @@ def test_bad_weights_option_is_one_line(deployments, monkeypatch, capsys, argv, 
     argv = [a.replace("{dep}", str(deployments["magnitude"])) for a in argv]
     code, out, err = _cli(argv, monkeypatch, capsys)
     assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_worker_loads_the_native_build_beside_the_graph_it_was_given_not_beside_the_link_target(deployments, tmp_path):
+    """A second view of a deployment (its files symlinked, its own native/ folder with int8 weights) must run its
+    own build: a worker that resolved the graph's path would run the original's fp32 build instead."""
+    from sparsedeploy.engine.worker import WorkerRuntime
+    from sparsedeploy.export.native import ensure_native
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    src = Path(deployments["dense"])
+    ensure_native(read_deployment(src), crossover=0.55, weights="fp32")
+    view = tmp_path / "view"
+    view.mkdir()
+    for f in src.iterdir():
+        if f.name != "native":
+            (view / f.name).symlink_to(f.resolve())
+    built = ensure_native(read_deployment(view), crossover=0.55, weights="int8")
+    assert built["weights"] == "int8"
+    meta = read_deployment(view)
+    w = WorkerRuntime("native", meta["onnx"], cores=1, seq_len=1, cache_len=int(meta["seqlen"]))
+    try:
+        got = w.engine_info["weight_bytes"]
+    finally:
+        w.close()
+    from sparsedeploy.engine.native.model import NativeModel
+
+    assert got == NativeModel(view / "native").weight_bytes()
+    assert got != NativeModel(src / "native").weight_bytes()

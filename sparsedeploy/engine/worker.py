@@ -160,7 +160,7 @@ class WorkerRuntime(Runtime):
             env["OMP_NUM_THREADS"] = str(cores)
         self._proc = subprocess.Popen([sys.executable, "-c", "from sparsedeploy.engine.worker import _worker_main; _worker_main()"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        _send(self._proc.stdin, {"engine": engine, "onnx_path": str(Path(onnx_path).resolve()), "cores": cores,
+        _send(self._proc.stdin, {"engine": engine, "onnx_path": os.path.abspath(onnx_path), "cores": cores,
                                  "seq_len": seq_len, "cache_len": cache_len, "prefill_len": prefill_len})
         try:
             info = self._reply()
@@ -246,7 +246,7 @@ class WorkerRuntime(Runtime):
 
     def time_head(self, head_path: str | Path, repeats: int = 30) -> dict:
         """Time head.onnx on this worker's engine (see time_head)."""
-        return self._call(("time_head", str(Path(head_path).resolve()), int(repeats)))
+        return self._call(("time_head", os.path.abspath(head_path), int(repeats)))
 
     def peak_rss_mb(self, field: str = "VmHWM") -> float | None:
         """The worker's peak resident memory so far (Linux), engine and cache included (field="VmRSS": now)."""
