@@ -90,16 +90,23 @@ def test_encoder_round_trips_given_codes_scales_zeros_and_mask(shape, gs):
     codes_in = codes.copy()
     codes_in[~keep] = 9                                      # pruned positions' codes are not stored
     enc = I4.encode_int4_bitmask(codes_in, scale, zero, keep, gs)
-    nnz = int(keep.sum())
-    assert enc["rowptr"].dtype == np.int64 and enc["rowptr"][-1] == nnz
-    np.testing.assert_array_equal(np.diff(enc["rowptr"]), keep.sum(axis=1))
-    assert enc["masks"].dtype == np.uint64 and enc["masks"].shape == (rows * -(-cols // 64),)
-    assert enc["vals"].dtype == np.uint8 and enc["vals"].shape == (-(-nnz // 2) + I4.PAD,)
+    nblk = -(-cols // 64)
+    # per row, per 64-column block, the block's kept codes two a byte in pack_bits' order (code 2k in the
+    # low nibble), each block from a byte boundary; rowptr = byte offsets of the rows
+    want, starts = [], [0]
+    for r in range(rows):
+        for b in range(nblk):
+            blk = codes[r, 64 * b:64 * b + 64][keep[r, 64 * b:64 * b + 64]]
+            if blk.size:
+                want.append(Q.pack_bits(torch.from_numpy(blk[None, :].astype(np.int64)), 4).numpy()[0])
+        starts.append(sum(w.size for w in want))
+    want = np.concatenate(want) if want else np.zeros(0, np.uint8)
+    assert enc["rowptr"].dtype == np.int64
+    np.testing.assert_array_equal(enc["rowptr"], starts)
+    assert enc["masks"].dtype == np.uint64 and enc["masks"].shape == (rows * nblk,)
+    assert enc["vals"].dtype == np.uint8 and enc["vals"].shape == (want.size + I4.PAD,)
+    np.testing.assert_array_equal(enc["vals"][:-I4.PAD], want)
     assert not enc["vals"][-I4.PAD:].any()
-    # the kept codes, two a byte, in pack_bits' order (code 2k in the low nibble)
-    stream = codes[keep]
-    packed = Q.pack_bits(torch.from_numpy(stream[None, :].astype(np.int64)), 4).numpy()[0]
-    np.testing.assert_array_equal(enc["vals"][:-I4.PAD], packed)
     # the masks say exactly which weights are kept, bit j of mask b = column 64 b + j
     bits = np.unpackbits(enc["masks"].view(np.uint8).reshape(rows, -1, 8), axis=2, bitorder="little").reshape(rows, -1)
     np.testing.assert_array_equal(bits[:, :cols].astype(bool), keep)
@@ -179,7 +186,8 @@ def test_int4_bitmask_kernels_equal_the_dequantised_product(shape, sparsity, gs)
     q, corr, s = LB.act_buffers(cols)
     LB.quantize_act(x, q, corr, s)
     enc = I4.encode_int4_bitmask_from_weights(W, gs)
-    assert enc["rowptr"][-1] == np.count_nonzero(W)
+    counts = np.unpackbits(enc["masks"].view(np.uint8), bitorder="little").reshape(-1, 64).sum(axis=1)
+    assert counts.sum() == np.count_nonzero(W) and enc["rowptr"][-1] == ((counts + 1) // 2).sum()
     for name, k in _kernels():
         out = np.full(rows, np.nan, np.float32)
         _call(k, enc, q, corr, s, E, out, False)
@@ -190,8 +198,8 @@ def test_int4_bitmask_kernels_equal_the_dequantised_product(shape, sparsity, gs)
 
 @pytest.mark.parametrize("cols", [64, 192, 4096])
 def test_every_nibble_alignment_and_group_count(cols):
-    """Rows whose kept counts are odd (the next row starts in a high nibble), full 64-kept blocks at an odd
-    offset (65 nibbles = 33 bytes), groups of one block and of the whole row."""
+    """Blocks with odd kept counts (a 0 high nibble before the next block), full 64-kept blocks (32 bytes),
+    groups of one block and of the whole row."""
     rng = np.random.default_rng(cols)
     rows = 12
     W = rng.standard_normal((rows, cols)).astype(np.float32)
@@ -206,7 +214,8 @@ def test_every_nibble_alignment_and_group_count(cols):
     LB.quantize_act(x, q, corr, s)
     for gs in (64, 128, -1):
         enc = I4.encode_int4_bitmask_from_weights(W, gs)
-        assert (enc["rowptr"][1:-1] % 2 == 1).any()
+        counts = np.unpackbits(enc["masks"].view(np.uint8), bitorder="little").reshape(-1, 64).sum(axis=1)
+        assert (counts % 2 == 1).any() and (counts == 64).any()
         for _, k in _kernels():
             out = np.full(rows, np.nan, np.float32)
             _call(k, enc, q, corr, s, E, out, False)

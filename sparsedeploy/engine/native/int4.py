@@ -4,15 +4,19 @@ The GPTQ stage (pipeline/quantize.py) gives, per output row r and group g of `gr
 and a float zero point; a KEPT weight is scale[r, g] * (c - zero[r, g]) with its code c in 0..15, a pruned one
 is exactly 0 and has no code (the grid has no level at 0), so the format needs the mask:
 
-  int4_bitmask  rowptr int64 [out+1]   nibble offset of row r's first kept code (rowptr[out] = nnz)
+  int4_bitmask  rowptr int64 [out+1]   byte offset of row r's codes in vals (rowptr[out] = their bytes)
                 masks uint64 [out*nblk] bit j of mask r*nblk + b = column 64 b + j kept (nblk = ceil(in / 64))
-                vals uint8 [ceil(nnz/2) + 64]  the kept codes of all rows, in order (row-major, columns
-                               ascending), two a byte: code i in byte i >> 1, the low nibble when i is even
-                               (pack_bits' order); then 64 zero bytes, so a block may load 64 bytes anywhere
+                vals uint8 [rowptr[out] + 64]  per row, per block, the block's kept codes in column order, two
+                               a byte: code k of the block in byte k >> 1, the low nibble when k is even
+                               (pack_bits' order); each block starts on a byte (an odd count leaves a 0
+                               high nibble: 1/4 byte per block on average), so a block is ceil(popcount / 2)
+                               bytes; then 64 zero bytes, so a block may load 64 bytes from any offset
                 scale, zero float32 [out, ngroups]   ngroups = ceil(in / group_size)
                 group_size int64 [1]   a multiple of 64 (a group is whole 64-column blocks)
 
-about 0.5 byte per kept weight + 1/8 byte per weight (mask) + 8 / group_size bytes per weight (scale, zero).
+about 0.5 byte per kept weight + 1/8 byte per weight (mask) + 8 / group_size bytes per weight (scale, zero)
++ 1/256 byte per weight (block alignment). Byte-aligned blocks spare the kernel a variable 4-bit shift of the
+nibble offsets (a broadcast and an add a block).
 
 Activations are the int8 blocks of `lowbit.quantize_act` (per 64 columns, s_b = max|x_b| / 127). Per row
 
@@ -21,11 +25,12 @@ Activations are the int8 blocks of `lowbit.quantize_act` (per 64 columns, s_b = 
 
 both exact int32 (|dot_b| <= 64 * 15 * 127). One 64-column block of the VNNI kernel:
 
-    raw   = 64 bytes at vals + (o >> 1)                o = the row's running nibble offset
-    dup   = vpermb(raw): qword L of dup = raw bytes 4L .. 4L+7
-    nib   = vpmultishiftqb(dup, 4 (o & 1) + 4 i) & 15  byte 8L + i = nibble o + 8L + i of the stream (VBMI)
+    raw   = 64 bytes at vals + o                       o = the row's running byte offset
+    dup   = vpermd(raw): qword L of dup = raw bytes 4L .. 4L+7
+    nib   = vpmultishiftqb(dup, 4 i) & 15              byte 8L + i = nibble 8L + i of the block (VBMI)
     w     = vpexpandb(nib, mask_b), zeroing             the kept codes back in their columns (VBMI2)
     ones  = mask_b ? 1 : 0 (a masked byte move)
+    o    += (popcount(mask_b) + 1) >> 1
     dot   = vpdpbusd(0, w, q_b)      codes are unsigned: u8 x s8 directly, no +128 shift
     msum  = vpdpbusd(0, ones, q_b)   the masked activation sum (a per-block popcount would not do)
     acc  += (float(dot) - zero * float(msum)) * (s_b * scale)     16 float lanes, two FMAs
@@ -79,10 +84,10 @@ def kernel_paths() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- intrinsic
 @intrinsic
-def vnni_int4_bitmask_dot(typingctx, vals, masks, noff, mstart, gscale, gzero, goff, bpg, q, scale, nblk):
+def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, goff, bpg, q, scale, nblk):
     """float32 sum over blocks b < nblk of scale[b] * gscale.flat[goff + b // bpg] *
-    (dot_b - gzero.flat[goff + b // bpg] * msum_b), block b's codes expand(nibbles of vals from nibble noff
-    on, masks[mstart + b]) (see the module doc); the nibble offset advances by each mask's popcount."""
+    (dot_b - gzero.flat[goff + b // bpg] * msum_b), block b's codes expand(nibbles of vals from byte boff
+    on, masks[mstart + b]) (see the module doc); the byte offset advances by ceil(popcount / 2) a block."""
     if not (_is(vals, types.uint8, 1) and _is(masks, types.uint64, 1) and _is(gscale, types.float32)
             and _is(gzero, types.float32) and gscale.layout == "C" and gzero.layout == "C"
             and _is(q, types.int8, 1) and _is(scale, types.float32, 1)):
@@ -99,7 +104,7 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, noff, mstart, gscale, gzero, g
         gza = context.make_array(signature.args[5])(context, builder, args[5])
         qa = context.make_array(signature.args[8])(context, builder, args[8])
         sa = context.make_array(signature.args[9])(context, builder, args[9])
-        noff, mstart, goff, bpg, nblk = args[2], args[3], args[6], args[7], args[10]
+        boff, mstart, goff, bpg, nblk = args[2], args[3], args[6], args[7], args[10]
         mod = builder.module
         dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
         fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
@@ -115,9 +120,8 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, noff, mstart, gscale, gzero, g
         splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
         dup = ir.Constant(ir.VectorType(i32, 64), [4 * (k // 8) + k % 8 for k in range(64)])
         ctrl = ir.Constant(v64b, [4 * (k % 8) for k in range(64)])
-        splat0b = ir.Constant(ir.VectorType(i32, 64), [0] * 64)
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
-        off = cgutils.alloca_once_value(builder, noff)
+        off = cgutils.alloca_once_value(builder, boff)
         kin = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))      # block index within its group
         gi = cgutils.alloca_once_value(builder, goff)                       # flat group index
 
@@ -129,21 +133,18 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, noff, mstart, gscale, gzero, g
             mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
             mv = builder.bitcast(mk, m64)
             o = builder.load(off)
-            p = builder.gep(va.data, [builder.lshr(o, ir.Constant(i64, 1))])
+            p = builder.gep(va.data, [o])
             raw = builder.load(builder.bitcast(p, v64b.as_pointer()), align=1)
             d = builder.shuffle_vector(raw, ir.Constant(v64b, ir.Undefined), dup)
-            # 4 (o & 1) added to the bit offsets arithmetically: a select of two constants becomes a branch
-            odd4 = builder.trunc(builder.shl(builder.and_(o, ir.Constant(i64, 1)), ir.Constant(i64, 2)), i8)
-            sh = builder.shuffle_vector(builder.insert_element(ir.Constant(v64b, ir.Undefined), odd4, ir.Constant(i32, 0)),
-                                        ir.Constant(v64b, ir.Undefined), splat0b)
-            nib = builder.and_(builder.call(mshift, [builder.add(ctrl, sh), d]), low)
+            nib = builder.and_(builder.call(mshift, [ctrl, d]), low)
             w = builder.call(expand, [nib, zb, mv])
             one = builder.select(mv, ones, zb)
             qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
                                               v16i.as_pointer()), align=1)
             dot = builder.call(dpbusd, [zi, builder.bitcast(w, v16i), qv])
             msum = builder.call(dpbusd, [zi, builder.bitcast(one, v16i), qv])
-            builder.store(builder.add(o, builder.call(ctpop, [mk])), off)
+            nb = builder.lshr(builder.add(builder.call(ctpop, [mk]), ir.Constant(i64, 1)), ir.Constant(i64, 1))
+            builder.store(builder.add(o, nb), off)
             g = builder.load(gi)
             gs = builder.load(builder.gep(gsa.data, [g]))
             gz = builder.load(builder.gep(gza.data, [g]))
@@ -190,7 +191,7 @@ def int4_bitmask_gemv_vnni(rowptr, masks, vals, gscale, gzero, group_size, q, co
     ng = gscale.shape[1]
     if ng != (nblk + bpg - 1) // bpg or gzero.shape[0] != n or gzero.shape[1] != ng or gscale.shape[0] != n:
         raise ValueError("int4_bitmask_gemv: scales / zeros do not match the groups of the weights")
-    if n and vals.shape[0] < (rowptr[n] + 1) // 2 + 64:
+    if n and vals.shape[0] < rowptr[n] + 64:
         raise ValueError("int4_bitmask_gemv: vals lacks its 64 bytes of padding (use encode_int4_bitmask)")
     has_bias = bias.shape[0] == n
     for r in prange(n):
@@ -215,7 +216,7 @@ def int4_bitmask_gemv_portable(rowptr, masks, vals, gscale, gzero, group_size, q
     ng = gscale.shape[1]
     if ng != (nblk + bpg - 1) // bpg or gzero.shape[0] != n or gzero.shape[1] != ng or gscale.shape[0] != n:
         raise ValueError("int4_bitmask_gemv: scales / zeros do not match the groups of the weights")
-    if n and vals.shape[0] < (rowptr[n] + 1) // 2 + 64:
+    if n and vals.shape[0] < rowptr[n] + 64:
         raise ValueError("int4_bitmask_gemv: vals lacks its 64 bytes of padding (use encode_int4_bitmask)")
     has_bias = bias.shape[0] == n
     one = np.uint64(1)
@@ -229,13 +230,15 @@ def int4_bitmask_gemv_portable(rowptr, masks, vals, gscale, gzero, group_size, q
             g = b // bpg
             dot = np.int32(0)
             msum = np.int32(0)
+            k = 0
             for j in range(64):
                 if (m >> np.uint64(j)) & one:
-                    c = (np.int32(vals[off >> 1]) >> np.int32(4 * (off & 1))) & np.int32(15)
+                    c = (np.int32(vals[off + (k >> 1)]) >> np.int32(4 * (k & 1))) & np.int32(15)
                     qj = np.int32(q[b * 64 + j])
                     dot += c * qj
                     msum += qj
-                    off += 1
+                    k += 1
+            off += (k + 1) >> 1
             e = np.float32(dot) - gzero[r, g] * np.float32(msum)
             s += e * (scale[b] * gscale[r, g])
         if has_bias:
@@ -287,15 +290,30 @@ def encode_int4_bitmask(codes, scale, zero, keep, group_size) -> dict[str, np.nd
     bits[:, :in_f] = keep
     masks = np.packbits(bits.reshape(out_f, nblk, BLOCK), axis=2, bitorder="little")     # [out, nblk, 8] bytes
     masks = np.ascontiguousarray(masks).view("<u8").reshape(-1).astype(np.uint64)
+    pos, nbytes = _nibble_positions(bits.reshape(out_f, nblk, BLOCK))
     rowptr = np.zeros(out_f + 1, np.int64)
-    np.cumsum(keep.sum(axis=1), out=rowptr[1:])
-    nnz = int(rowptr[-1])
-    stream = np.zeros(2 * (-(-nnz // 2)), np.uint8)
-    stream[:nnz] = kept
-    vals = np.zeros(stream.shape[0] // 2 + PAD, np.uint8)
-    vals[:stream.shape[0] // 2] = stream[0::2] | (stream[1::2] << 4)
+    np.cumsum(nbytes.sum(axis=1), out=rowptr[1:])
+    vals = np.zeros(int(rowptr[-1]) + PAD, np.uint8)
+    lo = pos % 2 == 0
+    vals[pos[lo] >> 1] = kept[lo]
+    vals[pos[~lo] >> 1] |= kept[~lo] << 4
     return {"rowptr": rowptr, "masks": masks, "vals": vals, "scale": scale.copy(), "zero": zero.copy(),
             "group_size": np.array([gs], np.int64)}
+
+
+def _nibble_positions(bits):
+    """bits bool [out, nblk, 64] -> (nibble position in vals of each kept weight, row-major order; bytes per
+    block [out, nblk]): blocks laid out one after the other, each from a byte boundary."""
+    out_f, nblk, _ = bits.shape
+    counts = bits.sum(axis=2).reshape(-1)
+    nbytes = (counts + 1) // 2
+    start = np.zeros(counts.shape[0], np.int64)
+    np.cumsum(nbytes[:-1], out=start[1:])
+    first = np.zeros(counts.shape[0], np.int64)                 # index of each block's first kept weight
+    np.cumsum(counts[:-1], out=first[1:])
+    blk = np.repeat(np.arange(counts.shape[0]), counts)         # the block of each kept weight
+    rank = np.arange(blk.shape[0], dtype=np.int64) - first[blk]
+    return 2 * start[blk] + rank, nbytes.reshape(out_f, nblk)
 
 
 def rtn_int4(W, group_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -341,12 +359,10 @@ def decode_int4_bitmask(enc, in_features: int) -> tuple[np.ndarray, np.ndarray, 
     out_f = rowptr.shape[0] - 1
     nblk = masks.shape[0] // out_f if out_f else 0
     bits = np.unpackbits(masks.astype("<u8").view(np.uint8).reshape(out_f, nblk, 8), axis=2, bitorder="little")
+    pos, _ = _nibble_positions(bits.reshape(out_f, nblk, BLOCK).astype(bool))
     keep = bits.reshape(out_f, nblk * BLOCK)[:, :in_features].astype(bool)
-    nnz = int(rowptr[-1])
-    body = vals[:-(-nnz // 2)]
-    stream = np.stack([body & 15, body >> 4], axis=1).reshape(-1)[:nnz]
     codes = np.zeros((out_f, in_features), np.uint8)
-    codes[keep] = stream
+    codes[keep] = (vals[pos >> 1] >> (4 * (pos & 1)).astype(np.uint8)) & 15
     return codes, enc["scale"], enc["zero"], keep
 
 
