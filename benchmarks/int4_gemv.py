@@ -257,7 +257,7 @@ def report(res) -> str:
             L.append(f"| {shape} | {p:.0%} | {a['cold_ms']:.3f} | {b['cold_ms']:.3f} | {q4c} | "
                      f"{a['cold_ms'] / b['cold_ms']:.2f} | {a['hot_ms'] / b['hot_ms']:.2f} | {q4r} | "
                      f"{a['bytes'] / b['bytes']:.2f} |")
-    L += ["", "Below 1 in the ratio columns: int4 + bitmask is faster.", ""]
+    L += ["", "Below 1 in the ratio columns: int4 + bitmask is faster.", ""] + res.get("notes", []) + [""]
     asm = res["asm"]
     L += ["## Assembly evidence", "",
           "Fresh numba compile (empty cache); the loop shown is the machine-code loop densest in vpdpbusd / vpexpandb / "

@@ -12,7 +12,8 @@ is exactly 0 and has no code (the grid has no level at 0), so the format needs t
                                high nibble: 1/4 byte per block on average), so a block is ceil(popcount / 2)
                                bytes; then 64 zero bytes, so a block may load 64 bytes from any offset
                 scale, zero float32 [out, ngroups]   ngroups = ceil(in / group_size)
-                group_size int64 [1]   a multiple of 64 (a group is whole 64-column blocks)
+                group_size int64 [1]   a multiple of 64 (a group is whole 64-column blocks); the GPTQ
+                               stage's -1 (one group per row) is stored as the row width rounded up to 64
 
 about 0.5 byte per kept weight + 1/8 byte per weight (mask) + 8 / group_size bytes per weight (scale, zero)
 + 1/256 byte per weight (block alignment). Byte-aligned blocks spare the kernel a variable 4-bit shift of the
@@ -40,6 +41,10 @@ one fixed-order horizontal sum per row. Needs AVX-512 VNNI + VBMI + VBMI2 (Intel
 Rapids, AMD Zen 4); elsewhere (or SPARSEDEPLOY_LOWBIT_PORTABLE=1) `int4_bitmask_gemv` is the plain-numba
 twin computing the same integers. `kernel_paths()` says which. Kernel conventions as kernels.py: it writes
 out[r] (acc: adds into it), bias added when it has `out` rows.
+
+Measured (benchmarks/results/int4_gemv_*.md): the block costs about twice int8_bitmask's instructions (the
+nibble unpack, the second vpdpbusd and its float conversion), so the kernel is compute-bound at a near
+constant time per block whatever the sparsity; it beats int8 + bitmask only where int8's bytes dominate.
 
 Every @intrinsic stays in this file: numba's on-disk cache of a kernel is stamped by its source file.
 """
