@@ -1,0 +1,381 @@
+"""4-bit sparse products of the native engine: GPTQ-grid codes + a keep bitmask (issue 13, "low-bit sparse").
+
+The GPTQ stage (pipeline/quantize.py) gives, per output row r and group g of `group_size` columns, a scale
+and a float zero point; a KEPT weight is scale[r, g] * (c - zero[r, g]) with its code c in 0..15, a pruned one
+is exactly 0 and has no code (the grid has no level at 0), so the format needs the mask:
+
+  int4_bitmask  rowptr int64 [out+1]   byte offset of row r's codes in vals (rowptr[out] = their bytes)
+                masks uint64 [out*nblk] bit j of mask r*nblk + b = column 64 b + j kept (nblk = ceil(in / 64))
+                vals uint8 [rowptr[out] + 64]  per row, per block, the block's kept codes in column order, two
+                               a byte: code k of the block in byte k >> 1, the low nibble when k is even
+                               (pack_bits' order); each block starts on a byte (an odd count leaves a 0
+                               high nibble: 1/4 byte per block on average), so a block is ceil(popcount / 2)
+                               bytes; then 64 zero bytes, so a block may load 64 bytes from any offset
+                scale, zero float32 [out, ngroups]   ngroups = ceil(in / group_size)
+                group_size int64 [1]   a multiple of 64 (a group is whole 64-column blocks); the GPTQ
+                               stage's -1 (one group per row) is stored as the row width rounded up to 64
+
+about 0.5 byte per kept weight + 1/8 byte per weight (mask) + 8 / group_size bytes per weight (scale, zero)
++ 1/256 byte per weight (block alignment). Byte-aligned blocks spare the kernel a variable 4-bit shift of the
+nibble offsets (a broadcast and an add a block).
+
+Activations are the int8 blocks of `lowbit.quantize_act` (per 64 columns, s_b = max|x_b| / 127). Per row
+
+    out[r] = sum_b s_b * scale[r, g(b)] * (dot_b - zero[r, g(b)] * msum_b),
+    dot_b  = sum over kept j of block b of c_j * q_j,      msum_b = sum over kept j of q_j
+
+both exact int32 (|dot_b| <= 64 * 15 * 127). One 64-column block of the VNNI kernel:
+
+    raw   = 64 bytes at vals + o                       o = the row's running byte offset
+    dup   = vpermd(raw): qword L of dup = raw bytes 4L .. 4L+7
+    nib   = vpmultishiftqb(dup, 4 i) & 15              byte 8L + i = nibble 8L + i of the block (VBMI)
+    w     = vpexpandb(nib, mask_b), zeroing             the kept codes back in their columns (VBMI2)
+    ones  = mask_b ? 1 : 0 (a masked byte move)
+    o    += (popcount(mask_b) + 1) >> 1
+    dot   = vpdpbusd(0, w, q_b)      codes are unsigned: u8 x s8 directly, no +128 shift
+    msum  = vpdpbusd(0, ones, q_b)   the masked activation sum (a per-block popcount would not do)
+    acc  += (float(dot) - zero * float(msum)) * (s_b * scale)     16 float lanes, two FMAs
+
+UNROLL blocks a loop trip into their own accumulators; the group index advances by a counter (no division);
+one fixed-order horizontal sum per row. Needs AVX-512 VNNI + VBMI + VBMI2 (Intel Ice Lake / Sapphire
+Rapids, AMD Zen 4); elsewhere (or SPARSEDEPLOY_LOWBIT_PORTABLE=1) `int4_bitmask_gemv` is the plain-numba
+twin computing the same integers. `kernel_paths()` says which. Kernel conventions as kernels.py: it writes
+out[r] (acc: adds into it), bias added when it has `out` rows.
+
+Measured (benchmarks/results/int4_gemv_*.md): the block costs about twice int8_bitmask's instructions (the
+nibble unpack, the second vpdpbusd and its float conversion), so the kernel is compute-bound at a near
+constant time per block whatever the sparsity; it beats int8 + bitmask only where int8's bytes dominate.
+
+Every @intrinsic stays in this file: numba's on-disk cache of a kernel is stamped by its source file.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .lowbit import BLOCK, LANES, UNROLL, _features, _is, _matrix, _vec_types, has_vbmi2, has_vnni
+
+_OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+BITS = 4
+MAXQ = 2 ** BITS - 1
+PAD = 64                       # zero bytes after the packed codes: a block loads 64 bytes from any offset
+
+
+# ----------------------------------------------------------------------------- which path this CPU gets
+def has_vbmi() -> bool:
+    """AVX-512 VBMI (vpermb, vpmultishiftqb): Intel since Ice Lake / Cannon Lake, AMD Zen 4."""
+    f = _features()
+    return all(bool(f.get(k, False)) for k in ("avx512f", "avx512bw", "avx512vbmi"))
+
+
+def _choose() -> dict[str, str]:
+    forced = os.environ.get("SPARSEDEPLOY_LOWBIT_PORTABLE", "") not in ("", "0")
+    fast = has_vnni() and has_vbmi() and has_vbmi2() and not forced
+    return {"int4_bitmask": "avx512-vnni+vbmi+vbmi2" if fast else "portable"}
+
+
+_PATHS = _choose()
+
+
+def kernel_paths() -> dict[str, str]:
+    """Which kernel the int4 format runs on this CPU: 'avx512-vnni+vbmi+vbmi2' (intrinsics) or 'portable'."""
+    return dict(_PATHS)
+
+
+# ----------------------------------------------------------------------------- intrinsic
+@intrinsic
+def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, goff, bpg, q, scale, nblk):
+    """float32 sum over blocks b < nblk of scale[b] * gscale.flat[goff + b // bpg] *
+    (dot_b - gzero.flat[goff + b // bpg] * msum_b), block b's codes expand(nibbles of vals from byte boff
+    on, masks[mstart + b]) (see the module doc); the byte offset advances by ceil(popcount / 2) a block."""
+    if not (_is(vals, types.uint8, 1) and _is(masks, types.uint64, 1) and _is(gscale, types.float32)
+            and _is(gzero, types.float32) and gscale.layout == "C" and gzero.layout == "C"
+            and _is(q, types.int8, 1) and _is(scale, types.float32, 1)):
+        return None
+    sig = types.float32(vals, masks, types.int64, types.int64, gscale, gzero, types.int64, types.int64, q, scale,
+                        types.int64)
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+        m64 = ir.VectorType(ir.IntType(1), 64)
+        va = context.make_array(signature.args[0])(context, builder, args[0])
+        ma = context.make_array(signature.args[1])(context, builder, args[1])
+        gsa = context.make_array(signature.args[4])(context, builder, args[4])
+        gza = context.make_array(signature.args[5])(context, builder, args[5])
+        qa = context.make_array(signature.args[8])(context, builder, args[8])
+        sa = context.make_array(signature.args[9])(context, builder, args[9])
+        boff, mstart, goff, bpg, nblk = args[2], args[3], args[6], args[7], args[10]
+        mod = builder.module
+        dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+        mshift = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [v64b, v64b]), "llvm.x86.avx512.pmultishift.qb.512")
+        expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [v64b, v64b, m64]),
+                                                "llvm.x86.avx512.mask.expand.v64i8")
+        ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+        zero = ir.Constant(v16f, [0.0] * LANES)
+        zi = ir.Constant(v16i, [0] * LANES)
+        zb = ir.Constant(v64b, [0] * 64)
+        ones = ir.Constant(v64b, [1] * 64)
+        low = ir.Constant(v64b, [15] * 64)
+        splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+        dup = ir.Constant(ir.VectorType(i32, 64), [4 * (k // 8) + k % 8 for k in range(64)])
+        ctrl = ir.Constant(v64b, [4 * (k % 8) for k in range(64)])
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+        off = cgutils.alloca_once_value(builder, boff)
+        kin = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))      # block index within its group
+        gi = cgutils.alloca_once_value(builder, goff)                       # flat group index
+
+        def splat(x):
+            return builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), x, ir.Constant(i32, 0)),
+                                          ir.Constant(v16f, ir.Undefined), splat0)
+
+        def block(b, acc):
+            mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
+            mv = builder.bitcast(mk, m64)
+            o = builder.load(off)
+            p = builder.gep(va.data, [o])
+            raw = builder.load(builder.bitcast(p, v64b.as_pointer()), align=1)
+            d = builder.shuffle_vector(raw, ir.Constant(v64b, ir.Undefined), dup)
+            nib = builder.and_(builder.call(mshift, [ctrl, d]), low)
+            w = builder.call(expand, [nib, zb, mv])
+            one = builder.select(mv, ones, zb)
+            qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
+                                              v16i.as_pointer()), align=1)
+            dot = builder.call(dpbusd, [zi, builder.bitcast(w, v16i), qv])
+            msum = builder.call(dpbusd, [zi, builder.bitcast(one, v16i), qv])
+            nb = builder.lshr(builder.add(builder.call(ctpop, [mk]), ir.Constant(i64, 1)), ir.Constant(i64, 1))
+            builder.store(builder.add(o, nb), off)
+            g = builder.load(gi)
+            gs = builder.load(builder.gep(gsa.data, [g]))
+            gz = builder.load(builder.gep(gza.data, [g]))
+            s = builder.load(builder.gep(sa.data, [b]))
+            e = builder.call(fma, [builder.sitofp(msum, v16f), splat(builder.fneg(gz)), builder.sitofp(dot, v16f)])
+            builder.store(builder.call(fma, [e, splat(builder.fmul(s, gs)), builder.load(acc)]), acc)
+            k1 = builder.add(builder.load(kin), ir.Constant(i64, 1))
+            wrap = builder.icmp_unsigned("==", k1, bpg)
+            builder.store(builder.select(wrap, ir.Constant(i64, 0), k1), kin)
+            builder.store(builder.add(g, builder.zext(wrap, i64)), gi)
+
+        groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
+        with cgutils.for_range(builder, groups) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
+            for u in range(UNROLL):
+                block(builder.add(base, ir.Constant(i64, u)), accs[u])
+        done = builder.mul(groups, ir.Constant(i64, UNROLL))
+        with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+            block(builder.add(done, loop.index), accs[0])
+        total = builder.load(accs[0])
+        for a in accs[1:]:
+            total = builder.fadd(total, builder.load(a))
+        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
+        while len(lanes) > 1:
+            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+    return sig, codegen
+
+
+# ----------------------------------------------------------------------------- int4 + bitmask kernels
+# (rowptr, masks, vals, gscale, gzero, group_size) from encode_int4_bitmask; q, corr, scale from quantize_act of x
+# (corr is not read: the codes are unsigned, so there is no +128 shift to take out; it is taken so that every
+# int8-activation kernel has the same (q, corr, scale, bias, out, acc) tail).
+@njit(**_OPTS)
+def int4_bitmask_gemv_vnni(rowptr, masks, vals, gscale, gzero, group_size, q, corr, scale, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    nblk = masks.shape[0] // n if n else 0
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64:
+        raise ValueError("int4_bitmask_gemv: activation blocks do not match the weights' width")
+    bpg = group_size // 64
+    if group_size <= 0 or group_size % 64 != 0:
+        raise ValueError("int4_bitmask_gemv: group_size must be a positive multiple of 64")
+    ng = gscale.shape[1]
+    if ng != (nblk + bpg - 1) // bpg or gzero.shape[0] != n or gzero.shape[1] != ng or gscale.shape[0] != n:
+        raise ValueError("int4_bitmask_gemv: scales / zeros do not match the groups of the weights")
+    if n and vals.shape[0] < rowptr[n] + 64:
+        raise ValueError("int4_bitmask_gemv: vals lacks its 64 bytes of padding (use encode_int4_bitmask)")
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = vnni_int4_bitmask_dot(vals, masks, rowptr[r], r * nblk, gscale, gzero, r * ng, bpg, q, scale, nblk)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def int4_bitmask_gemv_portable(rowptr, masks, vals, gscale, gzero, group_size, q, corr, scale, bias, out, acc):
+    n = rowptr.shape[0] - 1
+    nblk = masks.shape[0] // n if n else 0
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64:
+        raise ValueError("int4_bitmask_gemv: activation blocks do not match the weights' width")
+    bpg = group_size // 64
+    if group_size <= 0 or group_size % 64 != 0:
+        raise ValueError("int4_bitmask_gemv: group_size must be a positive multiple of 64")
+    ng = gscale.shape[1]
+    if ng != (nblk + bpg - 1) // bpg or gzero.shape[0] != n or gzero.shape[1] != ng or gscale.shape[0] != n:
+        raise ValueError("int4_bitmask_gemv: scales / zeros do not match the groups of the weights")
+    if n and vals.shape[0] < rowptr[n] + 64:
+        raise ValueError("int4_bitmask_gemv: vals lacks its 64 bytes of padding (use encode_int4_bitmask)")
+    has_bias = bias.shape[0] == n
+    one = np.uint64(1)
+    for r in prange(n):
+        off = rowptr[r]
+        s = np.float32(0.0)
+        for b in range(nblk):
+            m = masks[r * nblk + b]
+            if m == 0:
+                continue
+            g = b // bpg
+            dot = np.int32(0)
+            msum = np.int32(0)
+            k = 0
+            for j in range(64):
+                if (m >> np.uint64(j)) & one:
+                    c = (np.int32(vals[off + (k >> 1)]) >> np.int32(4 * (k & 1))) & np.int32(15)
+                    qj = np.int32(q[b * 64 + j])
+                    dot += c * qj
+                    msum += qj
+                    k += 1
+            off += (k + 1) >> 1
+            e = np.float32(dot) - gzero[r, g] * np.float32(msum)
+            s += e * (scale[b] * gscale[r, g])
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+int4_bitmask_gemv = int4_bitmask_gemv_vnni if _PATHS["int4_bitmask"] != "portable" else int4_bitmask_gemv_portable
+
+
+# ----------------------------------------------------------------------------- encoding (numpy)
+def _group_size(group_size, in_features: int) -> int:
+    """group_size as stored: a positive multiple of 64, or -1 = one group per row (stored as the padded width)."""
+    gs = int(group_size)
+    if gs == -1:
+        return max(BLOCK, -(-in_features // BLOCK) * BLOCK)
+    if gs <= 0 or gs % BLOCK:
+        raise ValueError(f"int4_bitmask: group_size {group_size} is not a positive multiple of {BLOCK} (or -1): "
+                         "a group must be whole 64-column activation blocks")
+    return gs
+
+
+def encode_int4_bitmask(codes, scale, zero, keep, group_size) -> dict[str, np.ndarray]:
+    """GPTQ-stage output -> the int4_bitmask arrays (module doc). codes uint8 [out, in] (0..15 where kept;
+    anything where pruned), scale / zero float32 [out, ceil(in / group_size)], keep bool [out, in];
+    group_size a multiple of 64 (ValueError otherwise) or -1 (one group per row)."""
+    codes = np.asarray(codes)
+    keep = np.asarray(keep)
+    if codes.ndim != 2 or keep.shape != codes.shape:
+        raise ValueError(f"int4_bitmask: codes {codes.shape} and keep {keep.shape} must be the same 2-D shape")
+    out_f, in_f = codes.shape
+    gs = _group_size(group_size, in_f)
+    ng = -(-in_f // gs) if in_f else 0
+    scale = np.ascontiguousarray(scale, dtype=np.float32)
+    zero = np.ascontiguousarray(zero, dtype=np.float32)
+    if scale.shape != (out_f, ng) or zero.shape != (out_f, ng):
+        raise ValueError(f"int4_bitmask: scale {scale.shape} / zero {zero.shape} must be {(out_f, ng)} "
+                         f"(one per row and group of {gs} columns)")
+    keep = keep.astype(bool)
+    kept = codes[keep]
+    if kept.size and (kept.min() < 0 or kept.max() > MAXQ):
+        raise ValueError("int4_bitmask: a kept code is outside 0..15")
+    kept = kept.astype(np.uint8)
+    nblk = -(-in_f // BLOCK)
+    bits = np.zeros((out_f, nblk * BLOCK), bool)
+    bits[:, :in_f] = keep
+    masks = np.packbits(bits.reshape(out_f, nblk, BLOCK), axis=2, bitorder="little")     # [out, nblk, 8] bytes
+    masks = np.ascontiguousarray(masks).view("<u8").reshape(-1).astype(np.uint64)
+    pos, nbytes = _nibble_positions(bits.reshape(out_f, nblk, BLOCK))
+    rowptr = np.zeros(out_f + 1, np.int64)
+    np.cumsum(nbytes.sum(axis=1), out=rowptr[1:])
+    vals = np.zeros(int(rowptr[-1]) + PAD, np.uint8)
+    lo = pos % 2 == 0
+    vals[pos[lo] >> 1] = kept[lo]
+    vals[pos[~lo] >> 1] |= kept[~lo] << 4
+    return {"rowptr": rowptr, "masks": masks, "vals": vals, "scale": scale.copy(), "zero": zero.copy(),
+            "group_size": np.array([gs], np.int64)}
+
+
+def _nibble_positions(bits):
+    """bits bool [out, nblk, 64] -> (nibble position in vals of each kept weight, row-major order; bytes per
+    block [out, nblk]): blocks laid out one after the other, each from a byte boundary."""
+    out_f, nblk, _ = bits.shape
+    counts = bits.sum(axis=2).reshape(-1)
+    nbytes = (counts + 1) // 2
+    start = np.zeros(counts.shape[0], np.int64)
+    np.cumsum(nbytes[:-1], out=start[1:])
+    first = np.zeros(counts.shape[0], np.int64)                 # index of each block's first kept weight
+    np.cumsum(counts[:-1], out=first[1:])
+    blk = np.repeat(np.arange(counts.shape[0]), counts)         # the block of each kept weight
+    rank = np.arange(blk.shape[0], dtype=np.int64) - first[blk]
+    return 2 * start[blk] + rank, nbytes.reshape(out_f, nblk)
+
+
+def rtn_int4(W, group_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest asymmetric 4-bit on pipeline/quantize.py's grid, per row and group, over the nonzeros
+    (kept = W != 0): scale = (max - min) / 15, zero = -min / scale (one distinct value: scale = |min|, at
+    least 1e-8; no kept value: min -1, max 1), code = clip(rint(w / scale + zero), 0, 15), moved one level
+    where its level would be exactly 0. Returns (codes uint8 [out, in], 0 where pruned; scale, zero float32
+    [out, groups]; keep bool [out, in]); group_size as in encode_int4_bitmask."""
+    W = _matrix(W)
+    out_f, in_f = W.shape
+    gs = _group_size(group_size, in_f)
+    ng = -(-in_f // gs) if in_f else 0
+    keep = W != 0
+    scale = np.zeros((out_f, ng), np.float32)
+    zero = np.zeros((out_f, ng), np.float32)
+    codes = np.zeros((out_f, in_f), np.uint8)
+    for g in range(ng):
+        sl = slice(g * gs, min(in_f, (g + 1) * gs))
+        Wg, Kg = W[:, sl], keep[:, sl]
+        has = Kg.any(axis=1)
+        xmin = np.where(has, np.where(Kg, Wg, np.float32(np.inf)).min(axis=1), np.float32(-1)).astype(np.float32)
+        xmax = np.where(has, np.where(Kg, Wg, np.float32(-np.inf)).max(axis=1), np.float32(1)).astype(np.float32)
+        s = ((xmax - xmin) / np.float32(MAXQ)).astype(np.float32)
+        s = np.where(s <= 0, np.maximum(np.abs(xmin), np.float32(1e-8)), s).astype(np.float32)
+        z = (-xmin / s).astype(np.float32)
+        qf = np.clip(np.rint(Wg / s[:, None] + z[:, None]), 0, MAXQ).astype(np.float32)
+        hit = Kg & (s[:, None] * (qf - z[:, None]) == 0)
+        qf = np.where(hit, np.where(qf < MAXQ, qf + 1, qf - 1), qf)
+        codes[:, sl] = np.where(Kg, qf, 0).astype(np.uint8)
+        scale[:, g], zero[:, g] = s, z
+    return codes, scale, zero, keep
+
+
+def encode_int4_bitmask_from_weights(W, group_size=128) -> dict[str, np.ndarray]:
+    """int4_bitmask of W quantised by `rtn_int4` (kept = the nonzeros of W)."""
+    codes, scale, zero, keep = rtn_int4(W, group_size)
+    return encode_int4_bitmask(codes, scale, zero, keep, group_size)
+
+
+def decode_int4_bitmask(enc, in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of encode_int4_bitmask: (codes uint8 [out, in], 0 where pruned; scale; zero; keep)."""
+    rowptr, masks, vals = enc["rowptr"], enc["masks"], enc["vals"]
+    out_f = rowptr.shape[0] - 1
+    nblk = masks.shape[0] // out_f if out_f else 0
+    bits = np.unpackbits(masks.astype("<u8").view(np.uint8).reshape(out_f, nblk, 8), axis=2, bitorder="little")
+    pos, _ = _nibble_positions(bits.reshape(out_f, nblk, BLOCK).astype(bool))
+    keep = bits.reshape(out_f, nblk * BLOCK)[:, :in_features].astype(bool)
+    codes = np.zeros((out_f, in_features), np.uint8)
+    codes[keep] = (vals[pos >> 1] >> (4 * (pos & 1)).astype(np.uint8)) & 15
+    return codes, enc["scale"], enc["zero"], keep
+
+
+def dequantized_int4(enc, in_features: int) -> np.ndarray:
+    """The exact float32 matrix the int4_bitmask kernels compute with: scale * (code - zero) where kept (the
+    float32 arithmetic of quantize.dequantize), exactly 0 where pruned."""
+    codes, scale, zero, keep = decode_int4_bitmask(enc, in_features)
+    gs = int(enc["group_size"][0])
+    g = np.arange(in_features) // gs
+    w = scale[:, g] * (codes.astype(np.float32) - zero[:, g])
+    return np.where(keep, w, np.float32(0)).astype(np.float32)
