@@ -194,7 +194,7 @@ def compile_(
     cores: Optional[int] = typer.Option(None, help="cores for the engine (default: all)"),
     crossover: Optional[float] = typer.Option(None, help="native: a fixed rule instead of measuring: dense below this sparsity, ELL/CSR above (default: each group's format is timed on this CPU)"),
     force: bool = typer.Option(False, help="native: rebuild DEPLOYMENT/native/"),
-    weights: Optional[str] = typer.Option(None, help="native: value type of the decoder weights: fp32 (default) | int8 (per-row round-to-nearest at compile time)"),
+    weights: Optional[str] = typer.Option(None, help="native: value type of the decoder weights: fp32 (default) | int8 (per-row round-to-nearest at compile time) | int4 (4-bit codes over a bitmask: a 4-bit GPTQ RUN's own codes, else round-to-nearest in groups of 128)"),
 ):
     """Compile one decode step on the engine (in its own process, on a copy) and check its tokens."""
     from .bench.bench import compile_deployment
@@ -209,7 +209,7 @@ def compile_(
         how = (f"measured on {n['tuning']['cpu']} with {n['tuning']['threads']} threads" if n.get("tuning")
                else f"fixed crossover {n['crossover']:g}")
         if n.get("weights", "fp32") != "fp32":
-            ui.out.print(f"native weights: {n['weights']} ({n['quantization']}); kernels: {n.get('int8_kernels')}; greedy "
+            ui.out.print(f"native weights: {n['weights']} ({n['quantization']}); kernels: {n.get('lowbit_kernels')}; greedy "
                          f"tokens equal fp32 PyTorch's: {rec.get('tokens_equal_pytorch_fp32')}, PyTorch's on the "
                          f"quantised weights alone: {rec.get('tokens_equal_pytorch_quantized_weights_only')}")
         ui.out.print(f"native: {n['threads']} threads ({n['threading_layer']}), stored groups {n['formats']} ({how}); "

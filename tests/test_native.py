@@ -253,7 +253,8 @@ def test_bench_native_runs_where_deepsparse_cannot_be_imported(deployments, tmp_
     assert list(doc["engines"]) == ["native"]
     rows = doc["engines"]["native"]
     assert len(rows) == 2 and all(r["engine"] == "native" for r in rows)
-    assert rows[1]["weight_mb"] < rows[0]["weight_mb"]
+    # formats are chosen by timing on this CPU: on a busy machine a tiny pruned model may measure fastest dense
+    assert rows[1]["weight_mb"] <= rows[0]["weight_mb"]
     check = subprocess.run([sys.executable, "-c", "import deepsparse"], env=env, capture_output=True, text=True)
     assert check.returncode != 0 and "not installed" in check.stderr
 

@@ -62,7 +62,7 @@ def test_int8_groups_store_the_rtn_weights_and_decode_in_process(deployments, fm
     from sparsedeploy.engine.decode import greedy_decode
     from sparsedeploy.engine.native.lowbit import quantize_rows
     from sparsedeploy.engine.native.runtime import NativeRuntime
-    from sparsedeploy.export.native import ensure_native, int8_reference_tokens
+    from sparsedeploy.export.native import ensure_native, lowbit_reference_tokens
     from sparsedeploy.export.onnx_kv import read_deployment
 
     meta = read_deployment(deployments["magnitude"])
@@ -72,7 +72,7 @@ def test_int8_groups_store_the_rtn_weights_and_decode_in_process(deployments, fm
     rt = NativeRuntime(meta["onnx"], cache_len=int(meta["seqlen"]))
     v = meta["verified"]
     res = greedy_decode(rt, v["prompt_ids"], len(v["tokens"]), prefill=rt)
-    ref = int8_reference_tokens(meta, index, v["prompt_ids"], len(v["tokens"]))
+    ref = lowbit_reference_tokens(meta, index, v["prompt_ids"], len(v["tokens"]))
     assert res.tokens == ref["weights_and_activations"]
     if fmt == "int8_csr":                                    # fp32 activations: the weights alone are the reference
         assert ref["weights"] == ref["weights_and_activations"]
@@ -87,7 +87,7 @@ def test_int8_groups_store_the_rtn_weights_and_decode_in_process(deployments, fm
             np.testing.assert_allclose(layer[g].dense(), wq.astype(np.float32) * s[:, None], rtol=1e-6, atol=0)
             assert (layer[g].dense()[W == 0] == 0).all()
     info = rt.info()
-    assert set(info["int8_kernels"]) == {fmt}
+    assert set(info["lowbit_kernels"]) == {fmt}
 
 
 def test_the_value_type_is_in_the_key_and_kept_by_bench(deployments):

@@ -70,7 +70,7 @@ def test_int8_deployment_perplexity_through_native_equals_pytorch_on_the_quantis
 
     from sparsedeploy.bench.quality import engine_perplexity, windows_for
     from sparsedeploy.engine.native.model import NativeModel
-    from sparsedeploy.export.native import ensure_native, int8_reference_model
+    from sparsedeploy.export.native import ensure_native, lowbit_reference_model
     from sparsedeploy.export.onnx_kv import read_deployment
     from sparsedeploy.pipeline.evaluate import perplexity
 
@@ -81,7 +81,7 @@ def test_int8_deployment_perplexity_through_native_equals_pytorch_on_the_quantis
     assert NativeModel(dep / "native").lm_head.fmt == "int8"
     windows = windows_for(dep, f"file:{corpus_file}", 32, 3)
     ours = engine_perplexity(dep / "model.onnx", "native", windows, cores=1, cache_len=64)["perplexity"]
-    model, _, quantise_activations = int8_reference_model(meta, index)
+    model, _, quantise_activations = lowbit_reference_model(meta, index)
     plain = perplexity(model, torch.from_numpy(windows))
     hooks = quantise_activations()
     try:

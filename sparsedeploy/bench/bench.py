@@ -86,7 +86,7 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     fastest one measured on this CPU with `cores` threads, unless `crossover` fixes the rule (dense below that
     sparsity, ELL/CSR above); `force`: rebuild. weights (native): the decoder groups' value type, "fp32" or
     "int8" (per-row round-to-nearest at build time); an int8 build's tokens are checked against PyTorch on the
-    same fake-quantised weights and activations (export.native.int8_reference_tokens), and the index's
+    same fake-quantised weights and activations (export.native.lowbit_reference_tokens), and the index's
     tokens against fp32 PyTorch are reported beside."""
     from ..export.verify import VerificationError
 
@@ -117,11 +117,11 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
             res = w.decode(verified["prompt_ids"], len(verified["tokens"]))
             ref = verified["tokens"]
             if index is not None and (index.get("weights") or "fp32") != "fp32":
-                from ..export.native import int8_reference_tokens
+                from ..export.native import lowbit_reference_tokens
 
-                refs = int8_reference_tokens(meta, index, verified["prompt_ids"], len(ref))
+                refs = lowbit_reference_tokens(meta, index, verified["prompt_ids"], len(ref))
                 rec["tokens"] = res.tokens
-                rec["pytorch_reference"] = "int8 per-row RTN weights + int8 per-64 activations where the engine quantises them"
+                rec["pytorch_reference"] = f"{index['weights']} weights as built (see quantization) + int8 per-64 activations where the engine quantises them"
                 rec["tokens_equal_pytorch_fp32"] = res.tokens == ref
                 rec["tokens_equal_pytorch_quantized_weights_only"] = res.tokens == refs["weights"]
                 ref = refs["weights_and_activations"]

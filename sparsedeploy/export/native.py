@@ -102,7 +102,7 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
               f"re-export it: sparsedeploy export {source}")
     check(Path(ref.path).is_dir(), f"{source} is not a local model folder", "export from a local RUN or model folder")
     how = ("each group's format measured on this CPU" if c is None else f"crossover {c:g}") + \
-        ("" if wt == "fp32" else f", {wt} weights: per-row round-to-nearest")
+        ("" if wt == "fp32" else f", {wt} weights: round-to-nearest")
     with ui.progress(f"native weights for {meta['dir']} ({how})", 1) as bar:
         config = json.loads((Path(meta["dir"]) / "config.json").read_text())
         index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats,
@@ -129,16 +129,21 @@ def _fake_quant_act(module, args):
     return (deq.to(x.dtype),) + tuple(args[1:])
 
 
-def int8_reference_model(meta: dict, index: dict):
-    """The PyTorch model on the weights an int8 native build computes with: every decoder linear (and the
-    lm_head) per-row round-to-nearest int8 (lowbit.quantize_rows), dequantised. Returns (model, tokenizer,
-    quantise_activations): the last installs forward pre-hooks that also quantise the inputs of the groups
-    stored as int8 / int8_bitmask per 64 columns, as those kernels do (returns the hook handles)."""
+def lowbit_reference_model(meta: dict, index: dict):
+    """The PyTorch model on the weights a low-bit native build computes with, computed here independently of
+    the build: every decoder linear of an int8 build per-row round-to-nearest int8 (lowbit.quantize_rows), of an
+    int4 build round-to-nearest on the GPTQ grid (int4.rtn_int4) or, for groups built from a GPTQ checkpoint's
+    codes, the RUN's fake-quant weights as they are; the lm_head int8 per row; all dequantised. Returns (model,
+    tokenizer, quantise_activations): the last installs forward pre-hooks that also quantise the inputs of the
+    groups stored as int8 / int8_bitmask / int4_bitmask per 64 columns, as those kernels do (returns the hook
+    handles)."""
     import numpy as np
     import torch
 
     from ..arch import native_arch
+    from ..engine.native.int4 import rtn_int4
     from ..engine.native.lowbit import quantize_rows
+    from ..engine.native.pack import INT4_GROUP
     from ..pipeline.models import load, resolve
 
     ekey = meta.get("export_key") or {}
@@ -150,9 +155,17 @@ def int8_reference_model(meta: dict, index: dict):
             for g, info in groups.items():
                 for name in info["linears"]:
                     mod = model.get_submodule(f"{arch.layers}.{i}.{name}")
-                    wq, s = quantize_rows(mod.weight.detach().float().numpy())
-                    mod.weight.copy_(torch.from_numpy(wq.astype(np.float32) * s[:, None]).to(mod.weight.dtype))
-                    if info["format"] in ("int8", "int8_bitmask"):
+                    W = mod.weight.detach().float().numpy()
+                    if info["format"] == "int4_bitmask":
+                        if info.get("codes") != "gptq":
+                            codes, sc, zr, keep = rtn_int4(W, INT4_GROUP)
+                            g = np.arange(W.shape[1]) // INT4_GROUP
+                            W = np.where(keep, sc[:, g] * (codes.astype(np.float32) - zr[:, g]), np.float32(0))
+                            mod.weight.copy_(torch.from_numpy(W.astype(np.float32)).to(mod.weight.dtype))
+                    else:
+                        wq, s = quantize_rows(W)
+                        mod.weight.copy_(torch.from_numpy(wq.astype(np.float32) * s[:, None]).to(mod.weight.dtype))
+                    if info["format"] in ("int8", "int8_bitmask", "int4_bitmask"):
                         mods.append(mod)
         if index.get("head") == "int8":          # the int8 lm_head (a tied one gets its own, quantised copy)
             head = model.get_output_embeddings()
@@ -163,12 +176,12 @@ def int8_reference_model(meta: dict, index: dict):
     return model, tok, lambda: [m.register_forward_pre_hook(_fake_quant_act) for m in mods]
 
 
-def int8_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict:
-    """Greedy tokens of int8_reference_model: weights only ("weights") and with the activations quantised as
+def lowbit_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict:
+    """Greedy tokens of lowbit_reference_model: weights only ("weights") and with the activations quantised as
     the engine does ("weights_and_activations": the engine's arithmetic up to float summation order)."""
     from .verify import greedy_torch
 
-    model, _, quantise_activations = int8_reference_model(meta, index)
+    model, _, quantise_activations = lowbit_reference_model(meta, index)
     out = {"weights": greedy_torch(model, prompt_ids, n)}
     hooks = quantise_activations()
     try:

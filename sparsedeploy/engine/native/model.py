@@ -25,17 +25,17 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 
 
 class Linear:
-    """One stored group (dense / ELL / CSR / bitmask, fp32 or int8): y = W x (+ bias), optionally added into y.
-    The int8 dense and bitmask groups quantise x to int8 per 64 columns once per call (lowbit.quantize_act,
+    """One stored group (dense / ELL / CSR / bitmask, fp32 or int8; int4 bitmask): y = W x (+ bias), optionally
+    added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 per 64 columns once per call (lowbit.quantize_act,
     into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
-    __slots__ = ("fmt", "a", "b", "c", "d", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf")
+    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
         self.fmt = fmt
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
         self.bias = _EMPTY if bias is None else bias
-        self.d, self.qbuf = None, None
+        self.d, self.e, self.gs, self.qbuf = None, None, 0, None
         try:
             if fmt == "dense":
                 self.a, self.b, self.c = arrays["w"], None, None
@@ -52,12 +52,16 @@ class Linear:
             elif fmt in ("int8_csr", "int8_bitmask"):
                 self.a, self.b, self.c, self.d = (arrays["rowptr"], arrays["cols" if fmt == "int8_csr" else "masks"],
                                                   arrays["vals"], arrays["wscale"])
+            elif fmt == "int4_bitmask":
+                self.a, self.b, self.c, self.d, self.e = (arrays["rowptr"], arrays["masks"], arrays["vals"],
+                                                          arrays["scale"], arrays["zero"])
+                self.gs = int(arrays["group_size"][0])
             else:
                 raise KeyError(fmt)
         except KeyError:
             raise UserError(f"unknown stored format '{fmt}' (or its arrays are missing) in native weights",
                             "rebuild them: sparsedeploy compile --engine native --force") from None
-        if fmt in ("int8", "int8_bitmask"):
+        if fmt in ("int8", "int8_bitmask", "int4_bitmask"):
             from .lowbit import act_buffers
 
             self.qbuf = act_buffers(self.cols_in)
@@ -83,6 +87,10 @@ class Linear:
             self.gemv(self.a, self.b, self.c, self.d, q, corr, s, self.bias, out, acc)
         elif f == "int8_ell":
             self.gemv(self.a, self.b, self.c, x, self.bias, out, acc)
+        elif f == "int4_bitmask":
+            q, corr, s = self.qbuf
+            K.quantize_act(x, q, corr, s)
+            self.gemv(self.a, self.b, self.c, self.d, self.e, self.gs, q, corr, s, self.bias, out, acc)
         else:                                                              # int8_csr
             self.gemv(self.a, self.b, self.c, self.d, x, self.bias, out, acc)
 
@@ -104,12 +112,18 @@ class Linear:
                 Y += r
             else:
                 Y[...] = r
-        else:                            # int8 groups: token by token (prefill is not what they are for, yet)
+        else:                            # low-bit groups: token by token (prefill is not what they are for, yet)
             for l in range(X.shape[0]):
                 self.vec(X[l], Y[l], acc)
 
     def dense(self) -> np.ndarray:
-        """The matrix this group stores, dense (for tests; int8 groups: dequantised)."""
+        """The matrix this group stores, dense (for tests; int8 / int4 groups: dequantised)."""
+        if self.fmt == "int4_bitmask":
+            from .int4 import dequantized_int4
+
+            enc = {"rowptr": self.a, "masks": self.b, "vals": self.c, "scale": self.d, "zero": self.e,
+                   "group_size": np.array([self.gs], np.int64)}
+            return dequantized_int4(enc, self.cols_in)
         W = np.zeros((self.rows, self.cols_in), dtype=np.float32)
         if self.fmt == "dense":
             W[:] = self.a

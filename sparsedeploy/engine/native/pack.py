@@ -10,7 +10,12 @@ with uint16 column indices when the input width fits in 16 bits, else uint32. By
 fraction d: dense 4, ELL/CSR 6d, bitmask 4d + 1/8.
 With `weights="int8"` (per-row round-to-nearest int8, scale max|row| / 127; lowbit.py) the groups are stored
 as int8 (dense, 1 byte), int8_bitmask (d + 1/8), int8_ell / int8_csr (3d), plus 4 bytes of scale per row;
-the int8 dense and bitmask products quantise their input vector to int8 per 64 columns (VNNI dot products). Which one is fastest depends on the CPU (its bandwidth,
+the int8 dense and bitmask products quantise their input vector to int8 per 64 columns (VNNI dot products).
+With `weights="int4"` every group is int4_bitmask (int4.py): 4-bit codes of the kept weights on the GPTQ stage's
+grid (per row and group of INT4_GROUP columns a float32 scale and zero point) over a keep bitmask, about
+d/2 + 1/8 + 8/group bytes a weight; the codes are the GPTQ checkpoint's own when the deployment comes from a
+4-bit quantised RUN (`codes`, bit-exact with its fake-quant weights), else round-to-nearest at build time.
+Which one is fastest depends on the CPU (its bandwidth,
 gathers, AVX-512), the shape and the sparsity, so by default each group's format is *measured*: tune.py
 times every candidate on the group's real matrix in decode order on this CPU with the engine's thread
 count, and the index records the times and the choice. `--crossover C` replaces that with a fixed rule
@@ -51,12 +56,14 @@ def sparse_format(W: np.ndarray) -> str:
     return "ell" if W.shape[0] and (counts == counts[0]).all() else "csr"
 
 
-VALUE_TYPES = ("fp32", "int8")
+VALUE_TYPES = ("fp32", "int8", "int4")
 INT8_FORMATS = ("int8", "int8_ell", "int8_csr", "int8_bitmask")
+INT4_FORMATS = ("int4_bitmask",)
+INT4_GROUP = 128                          # columns per scale/zero of a round-to-nearest int4 build
 
 
 def value_type(fmt: str) -> str:
-    return "int8" if fmt in INT8_FORMATS else "fp32"
+    return "int8" if fmt in INT8_FORMATS else "int4" if fmt in INT4_FORMATS else "fp32"
 
 
 def check_weights(weights: str) -> str:
@@ -67,6 +74,10 @@ def check_weights(weights: str) -> str:
 
 def encode(W: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
     """One matrix in one stored format (see the module doc)."""
+    if fmt in INT4_FORMATS:
+        from .int4 import encode_int4_bitmask_from_weights
+
+        return encode_int4_bitmask_from_weights(W, INT4_GROUP)
     if fmt in INT8_FORMATS:
         from . import lowbit as LB
 
@@ -104,6 +115,8 @@ def fixed_format(W: np.ndarray, crossover: float, weights: str = "fp32") -> str:
     """The fixed rule (`--crossover`): dense below the crossover sparsity, else ELL or CSR (of that value type)."""
     sparsity = 1.0 - np.count_nonzero(W) / max(W.size, 1)
     fmt = "dense" if sparsity < crossover else sparse_format(W)
+    if weights == "int4":
+        return "int4_bitmask"
     return fmt if weights == "fp32" else ("int8" if fmt == "dense" else f"int8_{fmt}")
 
 
@@ -117,6 +130,8 @@ def candidates(W: np.ndarray, weights: str = "fp32") -> list[str]:
     """The formats the compile-time tuner times for one matrix (those of its value type)."""
     if weights == "int8":
         return ["int8", "int8_" + sparse_format(W), "int8_bitmask"]
+    if weights == "int4":
+        return list(INT4_FORMATS)
     return ["dense", sparse_format(W), "bitmask"]
 
 
@@ -139,14 +154,16 @@ def _content_key(arrays: dict[str, np.ndarray]) -> str:
 
 def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
           crossover: float | None = None, threads: int | None = None, formats: tuple[str, ...] | None = None,
-          share_with: str | Path | None = None, weights: str = "fp32") -> dict:
+          share_with: str | Path | None = None, weights: str = "fp32", codes=None) -> dict:
     """Compress `tensors` into out_dir (written to a temp folder, then renamed into place). Returns the index.
     crossover None: each group's format is the fastest on this CPU, measured on its real shape (tune.py);
     a number: the fixed rule of `compress`. threads: the thread count the tuner times with; formats: restrict
     the tuner's candidates (tune.choose_formats).
     share_with: a native folder whose shared.safetensors is hard-linked when its content is the same.
     weights: the decoder groups' value type, "fp32" or "int8" (per-row round-to-nearest at build time); with
-    int8 the lm_head is int8 per row too (index["head"]); norms and the embedding stay fp32."""
+    int8 (or int4) the lm_head is int8 per row (index["head"]); norms and the embedding stay fp32.
+    codes: for int4, a GPTQ checkpoint's reader, codes(linear name) -> (codes, scale, zero, keep, group_size)
+    or None (that linear: round-to-nearest); its groups are then built from those codes (no re-quantisation)."""
     from safetensors.numpy import save_file
 
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
@@ -165,7 +182,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         if arch.norm == "layer":
             put(f"{prefix}.b", _get(tensors, f"{name}.bias"))
 
-    stacked = []
+    stacked, int4_sources = [], set()
     for i in range(n_layers):
         src = f"{arch.layers}.{i}."
         layer = {}
@@ -192,7 +209,12 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         for g, names in arch.stacks().items():
             W, mats = stacked[i][g]
             fmt, _, serial = choice[i][g].partition("/")
-            arrs = encode(W, fmt)
+            from_codes = fmt in INT4_FORMATS and codes is not None and all(codes(src + n) is not None for n in names)
+            arrs = _int4_from_codes([codes(src + n) for n in names]) if from_codes else encode(W, fmt)
+            if from_codes:
+                int4_sources.add("gptq")
+            elif fmt in INT4_FORMATS:
+                int4_sources.add("rtn")
             for k, a in arrs.items():
                 put(f"{dst}.{g}.{k}", a)
             biases = [tensors.get(src + n + ".bias") for n in names]
@@ -203,12 +225,14 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
             layer_groups[g] = {"format": fmt, "serial": bool(serial), "shape": list(W.shape), "nnz": nnz,
                                "sparsity": round(1 - nnz / W.size, 6), "linears": list(names),
                                "rows": [int(m.shape[0]) for m in mats]}
+            if fmt in INT4_FORMATS:
+                layer_groups[g]["codes"] = "gptq" if from_codes else "rtn"
             if tuning is not None:
                 layer_groups[g]["measured_ms"] = tuning["ms"][i][g]
         groups_index.append(layer_groups)
     put("embed", _get(tensors, f"{arch.embed}.weight"))
     tied = f"{arch.lm_head}.weight" not in tensors or bool(config.get("tie_word_embeddings", False))
-    head = "int8" if weights == "int8" else "fp32"
+    head = "fp32" if weights == "fp32" else "int8"
     if head == "int8":      # a low-bit deployment's lm_head: int8 per row (the embedding lookup stays fp32)
         from .lowbit import encode_int8
 
@@ -230,9 +254,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
     dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
     stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
     index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
-             "weights": weights, "quantization": None if weights == "fp32" else
-             "int8 per output row, round-to-nearest at compile time (scale max|row| / 127); activations of the int8 "
-             "dense/bitmask products int8 per 64 columns",
+             "weights": weights, "quantization": _quantization(weights, int4_sources),
              "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
              "config": config, "layers": groups_index, "tied_lm_head": tied, "head": head, "zeros": zeros,
              "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
@@ -265,6 +287,28 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return index
+
+
+def _int4_from_codes(parts: list[tuple]) -> dict[str, np.ndarray]:
+    """One stacked int4_bitmask group from the GPTQ codes of its linears (rows concatenated)."""
+    from .int4 import encode_int4_bitmask
+
+    gs = {int(p[4]) for p in parts}
+    check(len(gs) == 1, "the stacked linears of one group were quantised with different group sizes",
+          "re-quantize the RUN with one --group-size")
+    return encode_int4_bitmask(*(np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in range(4)), gs.pop())
+
+
+def _quantization(weights: str, int4_sources: set[str]) -> str | None:
+    if weights == "fp32":
+        return None
+    act = "activations int8 per 64 columns in the int8 dense/bitmask and int4 products"
+    if weights == "int8":
+        return f"int8 per output row, round-to-nearest at compile time (scale max|row| / 127); {act}; lm_head int8 per row"
+    how = {"gptq": "the GPTQ checkpoint's codes (no re-quantisation)",
+           "rtn": f"round-to-nearest at compile time (asymmetric, groups of {INT4_GROUP})"}
+    return (f"int4 codes on the GPTQ grid over a keep bitmask: {' and '.join(how[s] for s in sorted(int4_sources))}; "
+            f"{act}; lm_head int8 per row")
 
 
 def read_index(native_dir: str | Path) -> dict | None:

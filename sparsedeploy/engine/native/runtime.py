@@ -66,12 +66,12 @@ class NativeRuntime(Runtime):
         return out
 
     def info(self) -> dict:
-        from .lowbit import kernel_paths
+        from .kernels import lowbit_paths
 
         info = {"threads": self.threads, "threading_layer": self.threading_layer, "weight_bytes": self.model.weight_bytes()}
         fmts = {g["format"] for layer in self.model.index["layers"] for g in layer.values()}
-        if any(f.startswith("int8") for f in fmts):            # which int8 kernels this CPU runs (VNNI or portable)
-            info["int8_kernels"] = {f: p for f, p in kernel_paths().items() if f in fmts}
+        if any(f.startswith(("int8", "int4")) for f in fmts):   # which low-bit kernels this CPU runs (VNNI or portable)
+            info["lowbit_kernels"] = {f: p for f, p in lowbit_paths().items() if f in fmts}
         return info
 
     def time_head(self, head_path=None, repeats: int = 30) -> dict:

@@ -54,7 +54,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
         for g, W in layer.items():
             c[g] = {}
             allowed = ([f for f in candidates(W, weights) if formats is None or f in formats]
-                       or ["dense" if weights == "fp32" else "int8"])
+                       or [{"fp32": "dense", "int8": "int8", "int4": "int4_bitmask"}[weights]])
             for fmt in allowed:
                 arrs = encode(W, fmt)
                 c[g][fmt] = Linear(fmt, arrs, None, W.shape)
@@ -64,7 +64,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
     order = [g for g in GROUP_ORDER if layers and g in layers[0]] + [g for g in (layers[0] if layers else {}) if g not in GROUP_ORDER]
     xs = {g: rng.standard_normal(layers[0][g].shape[1]).astype(np.float32) for g in order} if layers else {}
     outs = {g: np.zeros(layers[0][g].shape[0], np.float32) for g in order} if layers else {}
-    kinds = ("dense", "ell", "csr", "bitmask", "int8", "int8_ell", "int8_csr", "int8_bitmask")
+    kinds = ("dense", "ell", "csr", "bitmask", "int8", "int8_ell", "int8_csr", "int8_bitmask", "int4_bitmask")
     fmts = sorted({f for c in cands for g in c for f in c[g]}, key=lambda f: (kinds.index(f.split("/")[0]), f))
     calls = {(i, g, f): partial(cands[i][g][f].vec, xs[g], outs[g], False) for i in range(len(cands)) for g in order
              for f in cands[i][g]}
@@ -95,7 +95,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
         choice.append(ci)
         ms.append(mi)
     record = {"cpu": cpu_name(), "threads": used, "rounds": rounds, "tie": tie, "ms": ms, "weights": weights,
-              **({"int8_kernels": K.lowbit_paths()} if weights != "fp32" else {}),
+              **({"lowbit_kernels": K.lowbit_paths()} if weights != "fp32" else {}),
               "other_load": None if load.fraction is None else round(load.fraction, 3),
               "formats": sorted({f for c in choice for f in c.values()})}
     return choice, record

@@ -1,0 +1,87 @@
+"""int4 native deployments (`compile --engine native --weights int4`): 4-bit codes on the GPTQ grid over a keep
+bitmask (engine/native/int4.py) built into the engine: stored groups against an independent round-to-nearest,
+greedy tokens against PyTorch on the same weights and activations, bytes, and the key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory, tiny_model_dir, corpus_file):
+    """Dense and magnitude-pruned 70% deployments of the tiny models."""
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline import stages
+
+    root = tmp_path_factory.mktemp("native-int4")
+    calib = stages.CalibConfig(str(tiny_model_dir), f"file:{corpus_file}", 8, 48, 0, None, "cpu")
+    out = {"dense": export(str(tiny_model_dir), seqlen=64, out=root / "dense")}
+    run = root / "magnitude"
+    stages.prune(stages.RunDir(run), stages.PruneConfig(str(tiny_model_dir), 0.7, "uniform", "magnitude", calib=calib,
+                                                        device="cpu"))
+    out["magnitude"] = export(str(run), seqlen=64)
+    return out
+
+
+@pytest.mark.parametrize("which,crossover", [("magnitude", None), ("dense", 0.55)])
+def test_int4_deployment_tokens_equal_pytorch_on_the_same_weights_and_activations(deployments, which, crossover):
+    from sparsedeploy.bench.bench import compile_deployment
+
+    rec = compile_deployment(deployments[which], "native", cores=2, crossover=crossover, force=True, weights="int4")
+    n = rec["native"]
+    assert n["weights"] == "int4" and "round-to-nearest" in n["quantization"] and "checkpoint" not in n["quantization"]
+    assert set(n["formats"]) == {"int4_bitmask"}
+    assert rec["tokens_equal_pytorch"] is True          # the check that raises when they differ
+    assert isinstance(rec["tokens_equal_pytorch_fp32"], bool)
+    wb = n["weight_bytes"]
+    # 1/2 byte a kept weight + 1/8 (mask) + 8/128 (scale, zero) + per row and block overheads that the tiny
+    # models' short rows magnify (a row pointer, byte-aligned blocks): well under int8's 1 and fp32's 4 bytes
+    limit = 0.6 if which == "magnitude" else 0.95
+    assert wb["decoder_linears"] < limit / 4 * wb["decoder_linears_dense"]
+
+
+def test_int4_groups_store_an_independent_rtn_of_the_source_and_the_key_holds_the_value_type(deployments):
+    from safetensors.numpy import load_file
+
+    from sparsedeploy.engine.native.pack import INT4_GROUP
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.export.native import ensure_native, is_current
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    meta = read_deployment(deployments["magnitude"])
+    index = ensure_native(meta, crossover=0.55, force=True, weights="int4")
+    assert index["weights"] == "int4" and index["key"]["weights"] == "int4" and index["head"] == "int8"
+    assert {g["codes"] for layer in index["layers"] for g in layer.values()} == {"rtn"}
+    assert ensure_native(meta, cores=None, keep_fixed=True)["key"] == index["key"] and is_current(meta)
+    rt = NativeRuntime(meta["onnx"], cache_len=int(meta["seqlen"]))
+    assert set(rt.info()["lowbit_kernels"]) == {"int4_bitmask"}
+    src_dir = Path(meta["export_key"]["source"]) / "model"
+    src = load_file(str(next(src_dir.glob("*.safetensors"))))
+    arch = rt.model.arch
+    for i, layer in enumerate(rt.model.layers):
+        for g, names in arch.stacks().items():
+            W = np.concatenate([src[f"{arch.layers}.{i}.{n}.weight"] for n in names], 0).astype(np.float32)
+            got = layer[g].dense()
+            assert ((got == 0) == (W == 0)).all()                       # exactly the pruned zeros, no new ones
+            # the grid, by hand: per row and group of 128 kept weights, levels min + k (max - min) / 15
+            for r in range(0, W.shape[0], 7):
+                for g0 in range(0, W.shape[1], INT4_GROUP):
+                    w, q = W[r, g0:g0 + INT4_GROUP], got[r, g0:g0 + INT4_GROUP]
+                    k = w != 0
+                    if not k.any():
+                        continue
+                    lo, hi = w[k].min(), w[k].max()
+                    if hi == lo:
+                        continue
+                    step = (hi - lo) / 15
+                    err = np.abs(q[k] - w[k])
+                    far = err > step / 2 * (1 + 1e-4) + 1e-7    # only a level that would be exactly 0 moves one up
+                    assert far.sum() <= 1 and (err <= 1.5 * step * (1 + 1e-4)).all()
+                    # every stored value is on one of the 16 levels
+                    lev = np.rint((q[k] - lo) / step)
+                    assert ((lev >= 0) & (lev <= 15)).all()
+                    np.testing.assert_allclose(q[k], lo + lev * step, rtol=1e-4, atol=1e-6)
+    c = ensure_native(meta, crossover=0.55)                             # compile without --weights: fp32 again
+    assert c["weights"] == "fp32"
