@@ -80,7 +80,7 @@ def test_engine_and_a_native_worker_leave_torch_and_transformers_out(tmp_path):
         "import sys\n"
         "import sparsedeploy.engine, sparsedeploy.engine.worker, sparsedeploy.engine.decode\n"
         "import sparsedeploy.engine.native.runtime, sparsedeploy.engine.onnxruntime, sparsedeploy.engine.deployment\n"
-        "import sparsedeploy.engine.llamacpp\n"
+        "import sparsedeploy.engine.llamacpp, sparsedeploy.engine.native.gptq_codes\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "print('LOADED', bad)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

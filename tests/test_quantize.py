@@ -194,30 +194,40 @@ def test_packed_checkpoint_round_trips_bit_exactly(bits, group_size, act_order, 
     for k, v in want.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
     assert tok2 is not None and tok2("the cat").input_ids == tok("the cat").input_ids
-    # sizes: codes take bits/8 bytes per weight (rounded up per row), the mask 1/8
+    # sizes (format /2): codes of the kept weights only, bits/8 bytes each (one stream, rounded up once per
+    # linear), the row pointer 8 bytes per row + 8, the mask 1/8 byte per weight (rounded up per row)
     from safetensors.torch import load_file
     raw = load_file(str(tmp_path / "q" / qz.PACKED_FILE))
     for name, lin in prunable_linears(model).items():
         rows, cols = lin.weight.shape
+        nnz = int((lin.weight != 0).sum())
         assert raw[f"{name}.weight_qcodes"].dtype == torch.uint8
-        assert tuple(raw[f"{name}.weight_qcodes"].shape) == (rows, -(-cols * bits // 8))
+        assert tuple(raw[f"{name}.weight_qcodes"].shape) == (-(-nnz * bits // 8),)
+        rowptr = raw[f"{name}.weight_rowptr"]
+        assert rowptr.dtype == torch.int64 and rowptr.tolist() == [0] + torch.cumsum((lin.weight != 0).sum(1), 0).tolist()
         assert tuple(raw[f"{name}.weight_mask"].shape) == (rows, -(-cols // 8))
         assert (f"{name}.weight_zeros" in raw) == (not sym)
         assert f"{name}.weight" not in raw
-    # int4: code 2k in the low nibble of byte k
+    # int4: the first two kept codes of row 0 in byte 0, the earlier in the low nibble
     if bits == 4:
         name = next(iter(results))
-        b0 = int(raw[f"{name}.weight_qcodes"][0, 0])
-        assert (b0 & 0xF, b0 >> 4) == (int(results[name].q[0, 0]), int(results[name].q[0, 1]))
+        b0 = int(raw[f"{name}.weight_qcodes"][0])
+        kept0 = results[name].q[0][results[name].keep[0]]
+        assert (b0 & 0xF, b0 >> 4) == (int(kept0[0]), int(kept0[1]))
     b = doc["bytes"]
     assert b["checkpoint"] == (tmp_path / "q" / qz.PACKED_FILE).stat().st_size
-    expect = 0
+    expect = codes = kept = 0
     for lin in prunable_linears(model).values():
         rows, cols = lin.weight.shape
+        nnz = int((lin.weight != 0).sum())
         ng = 1 if group_size == -1 else -(-cols // group_size)
-        expect += rows * (-(-cols * bits // 8) + -(-cols // 8)) + rows * ng * 4 * (1 if sym else 2) + 16
-    assert b["quantized_linears_packed"] == expect
-    assert doc["ratio_vs_fp32"] < 1 and doc["format"] == qz.FORMAT
+        expect += (-(-nnz * bits // 8) + 8 * (rows + 1) + rows * -(-cols // 8)
+                   + rows * ng * 4 * (1 if sym else 2) + 16)
+        codes += -(-nnz * bits // 8)
+        kept += nnz
+    assert b["quantized_linears_packed"] == expect and b["quantized_linears_codes"] == codes
+    assert doc["params"]["quantized_kept"] == kept
+    assert doc["ratio_vs_fp32"] < 1 and doc["format"] == qz.FORMAT == "sparsedeploy-packed/2"
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])

@@ -34,14 +34,28 @@ act-order processes columns by decreasing diag(H). Groups stay contiguous in the
 order (GPTQ's "static groups"): their parameters are computed from the weights before the loop, so no
 per-column group index has to be stored.
 
-Packed checkpoint (RUN/quantized/, format "sparsedeploy-packed/1"): model.safetensors holds, per quantized
-linear `<module>`: `<module>.weight_qcodes` (uint8; the codes densely bit-packed per row, least significant
-bit first — int4 two per byte, 3-bit eight codes in three bytes: the smallest container for any width),
-`<module>.weight_mask` (uint8; the keep bitmask, 8 per byte, same packing), `<module>.weight_scales` and,
-when asymmetric, `<module>.weight_zeros` (float32 [out, groups], so the restore is bit-exact), and
-`<module>.weight_shape`. Pruned positions hold code 0. Every other tensor (embeddings, norms, biases) is
-stored unchanged; tied tensors once. quantize.json names bits, group size, symmetry, the tied tensors and
-the sizes. `load_packed` rebuilds the fake-quant float model.
+Packed checkpoint (RUN/quantized/, format "sparsedeploy-packed/2"): model.safetensors holds, per quantized
+linear `<module>` [out, in]:
+    `<module>.weight_mask`    uint8 [out, ceil(in/8)]: the keep bitmask per row, 8 per byte, least significant
+                              bit first (bit c of row r = 1: weight (r, c) is kept; 0: pruned, exactly 0);
+    `<module>.weight_qcodes`  uint8 [ceil(nnz·bits/8)]: the codes of the *kept* weights only (nnz of them),
+                              row by row, columns ascending within a row, as one bit stream: code i of the
+                              stream occupies bits i·bits … i·bits+bits-1, least significant first (pack_bits'
+                              order: int4 two per byte, the earlier code in the low nibble; 3-bit eight codes in
+                              three bytes); rows are not padded, so a row may start inside a byte;
+    `<module>.weight_rowptr`  int64 [out+1]: row r's codes are stream codes rowptr[r] … rowptr[r+1]-1, i.e.
+                              bits rowptr[r]·bits … (offsets in *codes*, not bytes; rowptr[0] = 0, rowptr[out]
+                              = nnz, rowptr[r+1] - rowptr[r] = the kept count of row r);
+    `<module>.weight_scales`  float32 [out, groups] and, when asymmetric, `<module>.weight_zeros` (float32
+                              [out, groups]; symmetric: zero = maxq/2, not stored), so the restore is bit-exact;
+    `<module>.weight_shape`   int64 [2] = (out, in).
+Pruned positions hold no code, so the codes take bits·(1 - sparsity) bits per weight and the checkpoint
+shrinks with sparsity (the mask stays 1 bit per weight). Every other tensor (embeddings, norms, biases) is
+stored unchanged; tied tensors once. quantize.json names the format, bits, group size, symmetry, the tied
+tensors and the sizes. `load_packed` rebuilds the fake-quant float model; it also reads the older format
+"sparsedeploy-packed/1" (same tensors without weight_rowptr, weight_qcodes uint8 [out, ceil(in·bits/8)]:
+every position's code densely bit-packed per row, pruned positions holding code 0). Writing is always /2.
+sparsedeploy.engine.native.gptq_codes reads both formats without torch.
 """
 from __future__ import annotations
 
@@ -62,7 +76,9 @@ from .prune import _inverse_hessian_factor
 BITS_RANGE = (2, 8)
 PACKED_FILE = "model.safetensors"
 QUANT_JSON = "quantize.json"
-FORMAT = "sparsedeploy-packed/1"
+FORMAT_V1 = "sparsedeploy-packed/1"   # dense codes per row (pruned positions hold code 0); read only
+FORMAT = "sparsedeploy-packed/2"      # kept codes only + row pointer; what write_packed writes
+FORMATS = (FORMAT_V1, FORMAT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +348,7 @@ def layer_output_error(W: Tensor, Wq: Tensor, X: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# packed checkpoint (sparsedeploy-packed/1)
+# packed checkpoint (sparsedeploy-packed/2; /1 read too)
 
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:
@@ -353,11 +369,18 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
 
 
 def pack_linear(res: QuantResult) -> dict[str, Tensor]:
-    """The packed tensors of one linear (names without the module prefix)."""
+    """The packed tensors of one linear (names without the module prefix), format /2: the kept weights'
+    codes only, one bit stream in row order, with a row pointer in codes (see the module docstring)."""
     rows, cols = res.q.shape
+    keep = res.keep.to(torch.bool).cpu()
+    kept = res.q.cpu()[keep]                                               # row-major: rows in order, columns ascending
+    counts = keep.sum(dim=1, dtype=torch.int64)
+    rowptr = torch.zeros(rows + 1, dtype=torch.int64)
+    rowptr[1:] = torch.cumsum(counts, 0)
     out = {
-        "weight_qcodes": pack_bits(res.q, res.bits),                      # uint8, bits per weight
-        "weight_mask": pack_bits(res.keep.to(torch.uint8), 1),            # uint8, 1 = kept, 0 = pruned
+        "weight_qcodes": pack_bits(kept[None, :], res.bits)[0].contiguous(),  # uint8 [ceil(nnz·bits/8)]
+        "weight_rowptr": rowptr,                                          # int64 [out+1], offsets in codes
+        "weight_mask": pack_bits(keep.to(torch.uint8), 1),                # uint8, 1 = kept, 0 = pruned
         "weight_scales": res.scale.to(torch.float32).cpu().contiguous(),  # [out, groups]
         "weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
     }
@@ -366,11 +389,39 @@ def pack_linear(res: QuantResult) -> dict[str, Tensor]:
     return out
 
 
-def unpack_linear(t: dict[str, Tensor], bits: int, group_size: int, sym: bool) -> Tensor:
+def _corrupt(what: str) -> UserError:
+    return UserError(f"corrupt packed checkpoint: {what}", "rerun `sparsedeploy quantize RUN --force`")
+
+
+def unpack_codes(t: dict[str, Tensor], bits: int, fmt: str = FORMAT) -> tuple[Tensor, Tensor]:
+    """(codes int64 [out, in] with 0 at pruned positions, keep bool [out, in]) from one linear's packed tensors
+    in format `fmt` (/1 or /2)."""
+    try:
+        rows, cols = (int(v) for v in t["weight_shape"].tolist())
+        keep = unpack_bits(t["weight_mask"], 1, cols).to(torch.bool)
+        packed = t["weight_qcodes"]
+        if fmt == FORMAT_V1:
+            q = unpack_bits(packed, bits, cols)
+        else:
+            rowptr = t["weight_rowptr"].to(torch.int64)
+            nnz = int(keep.sum())
+            counts = keep.sum(dim=1, dtype=torch.int64)
+            if (packed.dim() != 1 or packed.numel() != -(-nnz * bits // 8) or tuple(rowptr.shape) != (rows + 1,)
+                    or int(rowptr[0]) != 0 or not torch.equal(rowptr[1:] - rowptr[:-1], counts)):
+                raise _corrupt("the kept codes do not match the mask and row pointer")
+            q = torch.zeros(rows, cols, dtype=torch.int64)
+            q[keep] = unpack_bits(packed[None, :], bits, nnz)[0]
+    except KeyError as e:
+        raise _corrupt(f"a quantized linear lacks {e.args[0]}") from None
+    if tuple(q.shape) != (rows, cols) or tuple(keep.shape) != (rows, cols):
+        raise _corrupt("a quantized linear's codes do not match its shape")
+    return torch.where(keep, q, torch.zeros_like(q)), keep
+
+
+def unpack_linear(t: dict[str, Tensor], bits: int, group_size: int, sym: bool, fmt: str = FORMAT) -> Tensor:
     """Fake-quant float32 weight from one linear's packed tensors (bit-exact with the quantizer's values)."""
-    rows, cols = (int(v) for v in t["weight_shape"].tolist())
-    q = unpack_bits(t["weight_qcodes"], bits, cols)
-    keep = unpack_bits(t["weight_mask"], 1, cols).to(torch.bool)
+    q, keep = unpack_codes(t, bits, fmt)
+    cols = q.shape[1]
     scale = t["weight_scales"].to(torch.float32)
     zero = torch.full_like(scale, (2 ** bits - 1) / 2) if sym else t["weight_zeros"].to(torch.float32)
     g_idx = torch.arange(cols) // _group_len(cols, group_size)
@@ -396,14 +447,16 @@ def write_packed(model, tokenizer, results: dict[str, QuantResult], out: Path, i
     tensors: dict[str, Tensor] = {}
     seen: dict[int, str] = {}
     tied: dict[str, str] = {}
-    packed_bytes = linear_params = 0
+    packed_bytes = linear_params = code_bytes = kept = 0
     for name, t in state.items():
         mod = name[:-len(".weight")] if name.endswith(".weight") else None
         if mod in results:
             for k, v in pack_linear(results[mod]).items():
                 tensors[f"{mod}.{k}"] = v
                 packed_bytes += v.numel() * v.element_size()
+                code_bytes += v.numel() if k == "weight_qcodes" else 0
             linear_params += t.numel()
+            kept += int(results[mod].keep.sum())
             continue
         ptr = t.data_ptr()
         if ptr in seen and t.numel() > 0:
@@ -426,9 +479,10 @@ def write_packed(model, tokenizer, results: dict[str, QuantResult], out: Path, i
         doc = {"bits": bits, "group_size": gs, "sym": sym, "act_order": act, "format": FORMAT,
                "quantized_linears": sorted(results), "tied": tied, **info,
                "bytes": {"checkpoint": size, "dense_fp32": total_params * 4, "dense_fp16": total_params * 2,
-                         "quantized_linears_packed": packed_bytes, "quantized_linears_fp32": linear_params * 4,
+                         "quantized_linears_packed": packed_bytes, "quantized_linears_codes": code_bytes,
+                         "quantized_linears_fp32": linear_params * 4,
                          "quantized_linears_fp16": linear_params * 2, "other_tensors": other_bytes},
-               "params": {"total": total_params, "quantized": linear_params}}
+               "params": {"total": total_params, "quantized": linear_params, "quantized_kept": kept}}
         doc["ratio_vs_fp32"] = size / doc["bytes"]["dense_fp32"]
         doc["ratio_vs_fp16"] = size / doc["bytes"]["dense_fp16"]
         (tmp / QUANT_JSON).write_text(json.dumps(doc, indent=2) + "\n")
@@ -457,6 +511,10 @@ def load_packed_state(folder: Path) -> dict[str, Tensor]:
                         "run `sparsedeploy quantize RUN` to write RUN/quantized/")
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{folder} holds a corrupt packed checkpoint ({type(e).__name__})", "rerun `sparsedeploy quantize RUN --force`")
+    fmt = doc.get("format")
+    if fmt not in FORMATS:
+        raise UserError(f"{folder}: unknown packed checkpoint format {fmt!r} (this version reads {', '.join(FORMATS)})",
+                        "quantize again with this version: `sparsedeploy quantize RUN --force`")
     state: dict[str, Tensor] = {}
     linears: dict[str, dict[str, Tensor]] = {}
     for name, t in raw.items():
@@ -466,7 +524,7 @@ def load_packed_state(folder: Path) -> dict[str, Tensor]:
         else:
             state[name] = t
     for mod, t in linears.items():
-        state[f"{mod}.weight"] = unpack_linear(t, doc["bits"], doc["group_size"], doc["sym"])
+        state[f"{mod}.weight"] = unpack_linear(t, doc["bits"], doc["group_size"], doc["sym"], fmt)
     for alias, name in doc.get("tied", {}).items():
         state[alias] = state[name]
     return state
