@@ -85,3 +85,54 @@ def test_int4_groups_store_an_independent_rtn_of_the_source_and_the_key_holds_th
                     np.testing.assert_allclose(q[k], lo + lev * step, rtol=1e-4, atol=1e-6)
     c = ensure_native(meta, crossover=0.55)                             # compile without --weights: fp32 again
     assert c["weights"] == "fp32"
+
+
+@pytest.mark.parametrize("sym,group_size", [(False, 64), (True, -1)])
+def test_int4_from_a_gptq_run_uses_its_codes_bit_exact_and_decodes_its_tokens(tiny_llama_dir, corpus_file, tmp_path,
+                                                                              sym, group_size):
+    """`compile --weights int4` of a deployment exported from a 4-bit GPTQ RUN builds its groups from the
+    checkpoint's codes: the stored matrices equal RUN/model's fake-quant weights bit for bit (no re-quantisation),
+    and the engine's greedy tokens equal PyTorch's on those weights with the activations quantised as it does."""
+    from safetensors.numpy import load_file
+
+    from sparsedeploy.bench.bench import compile_deployment
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.export.onnx_kv import read_deployment
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline import stages
+
+    run = stages.RunDir(tmp_path / "run")
+    calib = stages.CalibConfig(str(tiny_llama_dir), f"file:{corpus_file}", 8, 48, 0, None, "cpu")
+    stages.prune(run, stages.PruneConfig(str(tiny_llama_dir), 0.6, "uniform", "wanda", calib=calib, device="cpu"))
+    stages.quantize(run, stages.QuantConfig(bits=4, group_size=group_size, sym=sym, device="cpu"))
+    dep = export(str(run.path), seqlen=64)
+    rec = compile_deployment(dep, "native", cores=2, crossover=0.55, force=True, weights="int4")
+    n = rec["native"]
+    assert "GPTQ checkpoint's codes" in n["quantization"] and "round-to-nearest" not in n["quantization"]
+    assert rec["tokens_equal_pytorch"] is True
+    meta = read_deployment(dep)
+    rt = NativeRuntime(meta["onnx"], cache_len=int(meta["seqlen"]))
+    assert {g["codes"] for layer in rt.model.index["layers"] for g in layer.values()} == {"gptq"}
+    fake = load_file(str(next((run.path / "model").glob("*.safetensors"))))
+    arch = rt.model.arch
+    for i, layer in enumerate(rt.model.layers):
+        for g, names in arch.stacks().items():
+            W = np.concatenate([fake[f"{arch.layers}.{i}.{nm}.weight"] for nm in names], 0).astype(np.float32)
+            assert np.array_equal(layer[g].dense().view(np.uint32), W.view(np.uint32)), (i, g)
+
+
+def test_int4_refuses_a_3_bit_run_in_one_line(tiny_llama_dir, corpus_file, tmp_path):
+    from sparsedeploy.errors import UserError
+    from sparsedeploy.export.native import ensure_native
+    from sparsedeploy.export.onnx_kv import read_deployment
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline import stages
+
+    run = stages.RunDir(tmp_path / "run")
+    calib = stages.CalibConfig(str(tiny_llama_dir), f"file:{corpus_file}", 8, 48, 0, None, "cpu")
+    stages.prune(run, stages.PruneConfig(str(tiny_llama_dir), 0.5, "uniform", "magnitude", calib=calib, device="cpu"))
+    stages.quantize(run, stages.QuantConfig(bits=3, group_size=64, sym=False, device="cpu"))
+    meta = read_deployment(export(str(run.path), seqlen=64))
+    with pytest.raises(UserError, match="3-bit GPTQ codes.*re-quantize the RUN with --bits 4") as e:
+        ensure_native(meta, crossover=0.55, weights="int4")
+    assert "\n" not in str(e.value)

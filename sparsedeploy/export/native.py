@@ -103,13 +103,41 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     check(Path(ref.path).is_dir(), f"{source} is not a local model folder", "export from a local RUN or model folder")
     how = ("each group's format measured on this CPU" if c is None else f"crossover {c:g}") + \
         ("" if wt == "fp32" else f", {wt} weights: round-to-nearest")
+    codes = gptq_codes_for(ref.path) if wt == "int4" else None
+    if codes is not None:
+        how = how.replace("round-to-nearest", "the GPTQ checkpoint's codes")
     with ui.progress(f"native weights for {meta['dir']} ({how})", 1) as bar:
         config = json.loads((Path(meta["dir"]) / "config.json").read_text())
         index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats,
-                      weights=wt)
+                      weights=wt, codes=codes)
         bar(1)
     check_zeros(index, meta)
     return index
+
+
+def gptq_codes_for(model_dir: str | Path):
+    """For `--weights int4`: the codes reader of the 4-bit GPTQ checkpoint beside a RUN's model folder
+    (RUN/quantized/, written by `sparsedeploy quantize RUN --bits 4`), or None when the weights come from
+    elsewhere (they are then quantised round-to-nearest at build time). codes(linear name) -> (codes, scale,
+    zero, keep, group_size), None for a linear the checkpoint does not hold."""
+    from ..engine.native.gptq_codes import read_packed
+
+    qdir = Path(model_dir).parent / "quantized"
+    if Path(model_dir).name != "model" or not (qdir / "quantize.json").is_file():
+        return None
+    qmeta, get = read_packed(qdir)
+    bits, gs = int(qmeta["bits"]), int(qmeta["group_size"])
+    check(bits == 4, f"{qdir} holds {bits}-bit GPTQ codes; --weights int4 stores 4-bit codes",
+          "re-quantize the RUN with --bits 4, or use --weights int8")
+    check(gs == -1 or gs % 64 == 0, f"{qdir} was quantised in groups of {gs} columns; the int4 kernels take groups "
+          "of whole 64-column blocks", "re-quantize the RUN with --group-size 64 or 128, or use --weights int8")
+
+    def codes(name: str):
+        try:
+            return get(name)
+        except KeyError:
+            return None
+    return codes
 
 
 def _fake_quant_act(module, args):
