@@ -249,7 +249,7 @@ def render_markdown(doc: dict) -> str:
         lines += ["", "– : not measured yet (the 8- and 3-bit columns, the 60% rows at 4 bits and the extra rows were cut "
                   "by the time limit); `nice -n 19 .venv/bin/python benchmarks/quant_ppl.py` resumes exactly those cells."]
     lines += ["", "## Checkpoint size on disk", "",
-              "Packed checkpoint = `RUN/quantized/model.safetensors` (`sparsedeploy-packed/1`: codes bit-packed into "
+              "Packed checkpoint = `RUN/quantized/model.safetensors` (`sparsedeploy-packed/2`: codes bit-packed into "
               "uint8, a 1-bit keep mask, fp32 group scales and offsets; see the README). "
               "Everything that is not a decoder linear (the tied 49152×576 embedding, norms) stays fp32 in it, so the "
               "second column isolates what quantization buys on the linears it touches.", "",
