@@ -140,3 +140,19 @@ def test_a_worker_loads_the_native_build_beside_the_graph_it_was_given_not_besid
 
     assert got == NativeModel(view / "native").weight_bytes()
     assert got != NativeModel(src / "native").weight_bytes()
+
+
+def test_bench_labels_carry_the_native_value_type(deployments, tmp_path):
+    from sparsedeploy.bench.bench import BenchConfig, time_jobs
+    from sparsedeploy.export.native import ensure_native
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    meta = read_deployment(deployments["magnitude"])
+    ensure_native(meta, crossover=0.55, force=True, weights="int8")
+    rows = time_jobs([(meta, "native")], BenchConfig(engine=["native"], cores=1, prompt_tokens=4, new_tokens=4,
+                                                     rounds=1, ort_baseline=False), list(range(4, 8)), None)
+    assert rows[0]["weights"] == "int8" and rows[0]["label"].endswith(" int8")
+    ensure_native(meta, crossover=0.55, weights="fp32")
+    rows = time_jobs([(meta, "native")], BenchConfig(engine=["native"], cores=1, prompt_tokens=4, new_tokens=4,
+                                                     rounds=1, ort_baseline=False), list(range(4, 8)), None)
+    assert rows[0]["weights"] == "fp32" and not rows[0]["label"].endswith("int8")

@@ -377,7 +377,11 @@ def time_jobs(jobs: list[tuple[dict, str]], cfg: BenchConfig, prompt: list[int],
                 workers.append(w)
                 w.decode(prompt[:8], 4)                                   # warm-up
                 native = w.engine_info if w.name == "native" else None
-                rows.append({"label": d.get("label") or label_for(d["sparsity"]), "sparsity": d["sparsity"], "deployment": d["dir"],
+                label = d.get("label") or label_for(d["sparsity"])
+                vt = (native or {}).get("weights") or "fp32"
+                if vt != "fp32" and not label.endswith(vt):       # a low-bit native build says so in every label
+                    label = f"{label} {vt}"
+                rows.append({"label": label, "sparsity": d["sparsity"], "deployment": d["dir"], "weights": vt,
                              "weight_mb": round(native["weight_bytes"]["total"] / 2**20, 1) if native else None,
                              "native_bytes": native["weight_bytes"] if native else None,
                              "engine": w.name, "requested_engine": engine, "fallback_reason": w.fallback_reason,

@@ -68,7 +68,8 @@ class NativeRuntime(Runtime):
     def info(self) -> dict:
         from .kernels import lowbit_paths
 
-        info = {"threads": self.threads, "threading_layer": self.threading_layer, "weight_bytes": self.model.weight_bytes()}
+        info = {"threads": self.threads, "threading_layer": self.threading_layer, "weight_bytes": self.model.weight_bytes(),
+                "weights": self.model.index.get("weights") or "fp32"}
         fmts = {g["format"] for layer in self.model.index["layers"] for g in layer.values()}
         if any(f.startswith(("int8", "int4")) for f in fmts):   # which low-bit kernels this CPU runs (VNNI or portable)
             info["lowbit_kernels"] = {f: p for f, p in lowbit_paths().items() if f in fmts}
