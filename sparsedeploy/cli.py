@@ -195,10 +195,11 @@ def compile_(
     crossover: Optional[float] = typer.Option(None, help="native: a fixed rule instead of measuring: dense below this sparsity, ELL/CSR above (default: each group's format is timed on this CPU)"),
     force: bool = typer.Option(False, help="native: rebuild DEPLOYMENT/native/"),
     weights: Optional[str] = typer.Option(None, help="native: value type of the decoder weights: fp32 (default) | int8 (per-row round-to-nearest at compile time) | int4 (4-bit codes over a bitmask: a 4-bit GPTQ RUN's own codes, else round-to-nearest in groups of 128)"),
+    head: Optional[str] = typer.Option(None, help="native, low-bit builds: the lm_head's storage: int8 per row (default) | q4 (4-bit, a float16 scale per 32 columns)"),
 ):
     """Compile one decode step on the engine (in its own process, on a copy) and check its tokens."""
     from .bench.bench import compile_deployment
-    rec = compile_deployment(deployment, engine, cores, crossover=crossover, force=force, weights=weights)
+    rec = compile_deployment(deployment, engine, cores, crossover=crossover, force=force, weights=weights, head=head)
     note = f" (fallback: {rec['fallback_reason']})" if rec.get("fallback_reason") else ""
     match = {True: "equal PyTorch's", False: "DIFFER from PyTorch's", None: "not checked"}[rec.get("tokens_equal_pytorch")]
     ui.out.print(f"{rec['engine']}{note}: compiled in {rec['compile_s']:.2f} s, greedy tokens {match}, "

@@ -290,3 +290,28 @@ def test_q4_reference_kernel_equals_its_dequantised_product(shape):
     out = np.full(rows, np.nan, np.float32)
     LB.q4_gemv_vnni(enc["w4"], enc["ws"], q, corr, s, E, out, False)
     np.testing.assert_array_less(np.abs(out - ref), 2e-6 * (np.abs(Wd) @ np.abs(xd)) + 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(9, 64), (33, 200), (5, 4096)])
+def test_q4_portable_kernel_equals_the_dequantised_product_and_the_vnni_one(shape):
+    """The dense 4-bit kernel a low-bit build's lm_head may use (`--head q4`): the portable twin computes the
+    same as the dequantised product (and as the VNNI kernel where the CPU has one)."""
+    rows, cols = shape
+    W = _matrix(rows, cols, 0.0, seed=12)
+    W[0] = 0                                          # an all-zero row: scale 0, codes 8
+    x = _act(cols, 12)
+    q, corr, s = LB.act_buffers(cols)
+    LB.quantize_act(x, q, corr, s)
+    enc = LB.encode_q4(W)
+    Wd = LB.dequantized_q4(enc, cols).astype(np.float64)
+    xd = LB.dequantized_act(x).astype(np.float64)
+    ref = Wd @ xd
+    bias = np.arange(rows, dtype=np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    LB.q4_gemv_portable(enc["w4"], enc["ws"], q, corr, s, bias, out, False)
+    np.testing.assert_array_less(np.abs(out - (ref + bias)), 2e-6 * (np.abs(Wd) @ np.abs(xd)) + 1e-5)
+    assert out[0] == bias[0]
+    if LB.has_vnni():
+        v = np.zeros(rows, np.float32)
+        LB.q4_gemv_vnni(enc["w4"], enc["ws"], q, corr, s, bias, v, False)
+        np.testing.assert_allclose(out, v, rtol=1e-5, atol=1e-5)

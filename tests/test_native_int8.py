@@ -156,3 +156,35 @@ def test_bench_labels_carry_the_native_value_type(deployments, tmp_path):
     rows = time_jobs([(meta, "native")], BenchConfig(engine=["native"], cores=1, prompt_tokens=4, new_tokens=4,
                                                      rounds=1, ort_baseline=False), list(range(4, 8)), None)
     assert rows[0]["weights"] == "fp32" and not rows[0]["label"].endswith("int8")
+
+
+def test_a_4_bit_lm_head_decodes_pytorchs_tokens_on_the_same_weights_and_is_kept(deployments):
+    """`compile --weights int8 --head q4`: the lm_head stored Q4_0-like (4-bit, float16 scale per 32 columns);
+    greedy tokens equal PyTorch's with that head dequantised (compile raises otherwise); bench keeps it."""
+    from sparsedeploy.bench.bench import compile_deployment
+    from sparsedeploy.engine.native.model import NativeModel
+    from sparsedeploy.export.native import ensure_native, is_current
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    dep = deployments["magnitude"]
+    rec = compile_deployment(dep, "native", cores=2, crossover=0.55, force=True, weights="int8", head="q4")
+    assert rec["tokens_equal_pytorch"] is True and "lm_head 4-bit" in rec["native"]["quantization"]
+    meta = read_deployment(dep)
+    q4 = NativeModel(Path(dep) / "native")
+    assert q4.index["head"] == "q4" and q4.lm_head.fmt == "q4" and q4.index["key"]["head"] == "q4"
+    assert ensure_native(meta, keep_fixed=True, crossover=0.55)["head"] == "q4" and is_current(meta)
+    int8 = ensure_native(meta, crossover=0.55, weights="int8")               # no --head: the int8 default again
+    assert int8["head"] == "int8" and "head" not in int8["key"]
+    i8 = NativeModel(Path(dep) / "native")
+    assert q4.lm_head.nbytes < 0.6 * i8.lm_head.nbytes
+    np.testing.assert_allclose(q4.lm_head.dense(), i8.lm_head.dense(), atol=float(np.abs(i8.lm_head.dense()).max()) / 7)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["compile", "{dep}", "--engine", "native", "--head", "q4"], "--head q4 is for low-bit builds"),
+    (["compile", "{dep}", "--engine", "native", "--weights", "int8", "--head", "q2"], "--head 'q2'"),
+])
+def test_bad_head_option_is_one_line(deployments, monkeypatch, capsys, argv, needle):
+    argv = [a.replace("{dep}", str(deployments["magnitude"])) for a in argv]
+    code, out, err = _cli(argv, monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1

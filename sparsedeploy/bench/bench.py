@@ -79,7 +79,8 @@ def _check_cores(cores: int | None) -> None:
 
 # ----------------------------------------------------------------------------------------------- compile
 def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores: int | None = None, *,
-                       crossover: float | None = None, force: bool = False, weights: str | None = None) -> dict:
+                       crossover: float | None = None, force: bool = False, weights: str | None = None,
+                       head: str | None = None) -> dict:
     """Compile the deployment for one decode step on `engine` (in a worker, on a copy of model.onnx), check
     that its greedy tokens equal PyTorch's from export time, and record compile time -> compile-<engine>.json.
     The native engine first builds DEPLOYMENT/native/ from the pruned safetensors: each group's format is the
@@ -100,9 +101,10 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     if engine == "native":
         from ..export.native import ensure_native
 
-        index = ensure_native(meta, crossover=crossover, force=force, cores=cores, weights=weights)
+        index = ensure_native(meta, crossover=crossover, force=force, cores=cores, weights=weights, head=head)
     else:
         check(weights in (None, "fp32"), f"--weights {weights} is for the native engine only", "add --engine native")
+        check(head is None, f"--head {head} is for the native engine only", "add --engine native --weights int8")
     build_s = time.perf_counter() - t0
     with WorkerRuntime(engine, onnx_path, cores=cores, seq_len=1, cache_len=int(meta["seqlen"])) as w:
         rec = {"requested_engine": engine, "engine": w.name, "fallback_reason": w.fallback_reason,

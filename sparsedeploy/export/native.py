@@ -13,12 +13,12 @@ from pathlib import Path
 from .. import ui
 from ..errors import UserError, check
 from ..engine.native.kernels import default_threads
-from ..engine.native.pack import FORMAT_VERSION, NATIVE_DIR, build, check_weights, load_tensors, read_index
+from ..engine.native.pack import FORMAT_VERSION, NATIVE_DIR, build, check_head, check_weights, load_tensors, read_index
 from ..engine.native.tune import cpu_name
 
 
 def native_key(meta: dict, crossover: float | None, threads: int | None = None,
-               formats: tuple[str, ...] | None = None, weights: str = "fp32") -> dict:
+               formats: tuple[str, ...] | None = None, weights: str = "fp32", head: str | None = None) -> dict:
     """What the native weights depend on. With measured formats (crossover None) that includes the CPU and the
     thread count they were timed with: the same deployment on another machine is re-tuned there. A value type
     other than fp32 is part of the key (an fp32 build's key is what it was before value types existed)."""
@@ -27,7 +27,8 @@ def native_key(meta: dict, crossover: float | None, threads: int | None = None,
             "crossover": None if crossover is None else float(crossover),
             "tuned_on": {"cpu": cpu_name(), "threads": default_threads(threads)} if crossover is None else None,
             **({"formats": sorted(formats)} if formats else {}),
-            **({"weights": weights} if weights != "fp32" else {})}
+            **({"weights": weights} if weights != "fp32" else {}),
+            **({"head": head} if head == "q4" else {})}            # the default heads keep the keys they had
 
 
 def wanted_crossover(old: dict | None, crossover: float | None, keep_fixed: bool):
@@ -45,10 +46,18 @@ def wanted_weights(old: dict | None, weights: str | None, keep_fixed: bool) -> s
     return (old.get("weights") or "fp32") if keep_fixed and old is not None else "fp32"
 
 
+def wanted_head(old: dict | None, head: str | None, weights: str, keep_fixed: bool) -> str:
+    """An explicit --head wins; else `keep_fixed` keeps a built q4 head of the same value type; else the default."""
+    if head is None and keep_fixed and old is not None and old.get("head") == "q4" and old.get("weights") == weights:
+        head = "q4"
+    return check_head(head, weights)
+
+
 def is_current(meta: dict, *, cores: int | None = None) -> bool:
     index = read_index(Path(meta["dir"]) / NATIVE_DIR)
     return index is not None and index.get("key") == native_key(meta, index.get("crossover"), cores,
-                                                                 weights=index.get("weights") or "fp32")
+                                                                 weights=index.get("weights") or "fp32",
+                                                                 head=index.get("head"))
 
 
 def check_zeros(index: dict, meta: dict) -> None:
@@ -62,19 +71,22 @@ def check_zeros(index: dict, meta: dict) -> None:
 
 
 def build_from_model(model, meta: dict, *, crossover: float | None = None, cores: int | None = None,
-                     share_with: Path | None = None, weights: str = "fp32") -> dict:
+                     share_with: Path | None = None, weights: str = "fp32", head: str | None = None) -> dict:
     """Native weights straight from an in-memory torch model (synthetic sweeps have no weights on disk).
     share_with: another deployment's native folder whose embedding/lm_head file may be hard-linked."""
     tensors = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     config = json.loads((Path(meta["dir"]) / "config.json").read_text())
-    index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR, key=native_key(meta, crossover, cores, weights=weights),
-                  crossover=crossover, threads=cores, share_with=share_with, weights=weights)
+    head = check_head(head, weights)
+    index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR,
+                  key=native_key(meta, crossover, cores, weights=weights, head=head),
+                  crossover=crossover, threads=cores, share_with=share_with, weights=weights, head=head)
     check_zeros(index, meta)
     return index
 
 
 def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = False, cores: int | None = None,
-                  formats: tuple[str, ...] | None = None, keep_fixed: bool = False, weights: str | None = None) -> dict:
+                  formats: tuple[str, ...] | None = None, keep_fixed: bool = False, weights: str | None = None,
+                  head: str | None = None) -> dict:
     """The deployment's native index, building it when missing, stale or asked for (`force`).
     weights: the decoder groups' value type ("fp32" | "int8"; None: fp32, or with keep_fixed what was built)."""
     from ..pipeline.models import resolve
@@ -83,7 +95,8 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     old = read_index(ndir)
     c = wanted_crossover(old, crossover, keep_fixed)
     wt = wanted_weights(old, weights, keep_fixed)
-    want = native_key(meta, c, cores, formats, wt)
+    hd = wanted_head(old, head, wt, keep_fixed)
+    want = native_key(meta, c, cores, formats, wt, hd)
     if old is not None and old.get("key") == want and not force:
         return old
     check(not meta.get("synthetic"), f"{meta['dir']} is a synthetic deployment without native weights",
@@ -109,7 +122,7 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     with ui.progress(f"native weights for {meta['dir']} ({how})", 1) as bar:
         config = json.loads((Path(meta["dir"]) / "config.json").read_text())
         index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats,
-                      weights=wt, codes=codes)
+                      weights=wt, codes=codes, head=hd)
         bar(1)
     check_zeros(index, meta)
     return index
@@ -170,7 +183,7 @@ def lowbit_reference_model(meta: dict, index: dict):
 
     from ..arch import native_arch
     from ..engine.native.int4 import rtn_int4
-    from ..engine.native.lowbit import quantize_rows
+    from ..engine.native.lowbit import dequantized_q4, encode_q4, quantize_rows
     from ..engine.native.pack import INT4_GROUP
     from ..pipeline.models import load, resolve
 
@@ -195,10 +208,15 @@ def lowbit_reference_model(meta: dict, index: dict):
                         mod.weight.copy_(torch.from_numpy(wq.astype(np.float32) * s[:, None]).to(mod.weight.dtype))
                     if info["format"] in ("int8", "int8_bitmask", "int4_bitmask"):
                         mods.append(mod)
-        if index.get("head") == "int8":          # the int8 lm_head (a tied one gets its own, quantised copy)
+        if index.get("head") in ("int8", "q4"):    # the low-bit lm_head (a tied one gets its own, quantised copy)
             head = model.get_output_embeddings()
-            wq, s = quantize_rows(head.weight.detach().float().numpy())
-            head.weight = torch.nn.Parameter(torch.from_numpy(wq.astype(np.float32) * s[:, None]).to(head.weight.dtype),
+            W = head.weight.detach().float().numpy()
+            if index["head"] == "int8":
+                wq, s = quantize_rows(W)
+                Wq = wq.astype(np.float32) * s[:, None]
+            else:
+                Wq = dequantized_q4(encode_q4(W), W.shape[1])
+            head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(Wq, dtype=np.float32)).to(head.weight.dtype),
                                              requires_grad=False)
             mods.append(head)
     return model, tok, lambda: [m.register_forward_pre_hook(_fake_quant_act) for m in mods]

@@ -88,7 +88,8 @@ def _choose() -> dict[str, str]:
     avx512 = has_avx512f() and not forced
     return {"int8": "avx512-vnni" if vnni else "portable",
             "int8_bitmask": "avx512-vnni+vbmi2" if vnni and has_vbmi2() else "portable",
-            "int8_ell": "avx512" if avx512 else "portable", "int8_csr": "avx512" if avx512 else "portable"}
+            "int8_ell": "avx512" if avx512 else "portable", "int8_csr": "avx512" if avx512 else "portable",
+            "q4": "avx512-vnni" if vnni else "portable"}
 
 
 _PATHS = _choose()
@@ -548,6 +549,49 @@ def q4_gemv_vnni(w4, ws, q, corr, scale, bias, out, acc):
             out[r] += s
         else:
             out[r] = s
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _half(bits):
+    """float16 bits (uint16) -> float32 (numba has no float16 arrays)."""
+    h = np.int64(bits)
+    sign = -1.0 if h & 0x8000 else 1.0
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        return np.float32(sign * m * 2.0 ** -24)
+    if e == 31:
+        return np.float32(sign * np.inf) if m == 0 else np.float32(np.nan)
+    return np.float32(sign * (1.0 + m / 1024.0) * 2.0 ** (e - 15))
+
+
+@njit(**_OPTS)
+def q4_gemv_portable(w4, ws, q, corr, scale, bias, out, acc):
+    """The plain-numba twin of q4_gemv_vnni: the same integer dots per 32-column half, the same scales."""
+    n, stride = w4.shape
+    nblk = stride // 32
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or ws.shape[1] != 2 * nblk:
+        raise ValueError("q4_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = np.float32(0.0)
+        for b in range(nblk):
+            lo = 0
+            hi = 0
+            for k in range(32):
+                byte = np.int32(w4[r, 32 * b + k])
+                lo += ((byte & 15) - 8) * np.int32(q[64 * b + k])
+                hi += ((byte >> 4) - 8) * np.int32(q[64 * b + 32 + k])
+            s += scale[b] * (np.float32(lo) * _half(ws[r, 2 * b]) + np.float32(hi) * _half(ws[r, 2 * b + 1]))
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+q4_gemv = q4_gemv_vnni if _PATHS["q4"] != "portable" else q4_gemv_portable
 
 
 @njit(**_OPTS)

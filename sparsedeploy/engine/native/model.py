@@ -52,6 +52,8 @@ class Linear:
             elif fmt in ("int8_csr", "int8_bitmask"):
                 self.a, self.b, self.c, self.d = (arrays["rowptr"], arrays["cols" if fmt == "int8_csr" else "masks"],
                                                   arrays["vals"], arrays["wscale"])
+            elif fmt == "q4":                                              # a low-bit build's 4-bit lm_head
+                self.a, self.b, self.c = arrays["w4"], arrays["ws"], None
             elif fmt == "int4_bitmask":
                 self.a, self.b, self.c, self.d, self.e = (arrays["rowptr"], arrays["masks"], arrays["vals"],
                                                           arrays["scale"], arrays["zero"])
@@ -61,7 +63,7 @@ class Linear:
         except KeyError:
             raise UserError(f"unknown stored format '{fmt}' (or its arrays are missing) in native weights",
                             "rebuild them: sparsedeploy compile --engine native --force") from None
-        if fmt in ("int8", "int8_bitmask", "int4_bitmask"):
+        if fmt in ("int8", "int8_bitmask", "int4_bitmask", "q4"):
             from .lowbit import act_buffers
 
             self.qbuf = act_buffers(self.cols_in)
@@ -87,6 +89,10 @@ class Linear:
             self.gemv(self.a, self.b, self.c, self.d, q, corr, s, self.bias, out, acc)
         elif f == "int8_ell":
             self.gemv(self.a, self.b, self.c, x, self.bias, out, acc)
+        elif f == "q4":
+            q, corr, s = self.qbuf
+            K.quantize_act(x, q, corr, s)
+            self.gemv(self.a, self.b, q, corr, s, self.bias, out, acc)
         elif f == "int4_bitmask":
             q, corr, s = self.qbuf
             K.quantize_act(x, q, corr, s)
@@ -124,6 +130,10 @@ class Linear:
             enc = {"rowptr": self.a, "masks": self.b, "vals": self.c, "scale": self.d, "zero": self.e,
                    "group_size": np.array([self.gs], np.int64)}
             return dequantized_int4(enc, self.cols_in)
+        if self.fmt == "q4":
+            from .lowbit import dequantized_q4
+
+            return dequantized_q4({"w4": self.a, "ws": self.b}, self.cols_in)
         W = np.zeros((self.rows, self.cols_in), dtype=np.float32)
         if self.fmt == "dense":
             W[:] = self.a
@@ -200,6 +210,9 @@ class NativeModel:
         if index.get("head") == "int8":
             self.lm_head = Linear("int8", {"wq": t["head_int8.wq"], "wscale": t["head_int8.wscale"]}, None,
                                   (t["head_int8.wscale"].shape[0], self.embed.shape[1]))
+        elif index.get("head") == "q4":
+            self.lm_head = Linear("q4", {"w4": t["head_q4.w4"], "ws": t["head_q4.ws"]}, None,
+                                  (t["head_q4.w4"].shape[0], self.embed.shape[1]))
         else:
             self.lm_head = Linear("dense", {"w": t["embed"] if index["tied_lm_head"] else t["lm_head"]}, None,
                                   (t["embed"] if index["tied_lm_head"] else t["lm_head"]).shape)
@@ -223,7 +236,7 @@ class NativeModel:
     # ------------------------------------------------------------------ sizes
     def weight_bytes(self) -> dict:
         lin = sum(l[g].nbytes for l in self.layers for g in ("qkv", "o", "up", "down"))
-        separate_head = not self.index["tied_lm_head"] or self.index.get("head") == "int8"
+        separate_head = not self.index["tied_lm_head"] or self.index.get("head") in ("int8", "q4")
         rest = int(self.embed.nbytes) + (self.lm_head.nbytes if separate_head else 0)
         rest += sum(int(a.nbytes) for l in self.layers for k in ("attn_norm", "mlp_norm") for a in l[k] if a is not None)
         if self.pos_embed is not None:

@@ -60,6 +60,7 @@ VALUE_TYPES = ("fp32", "int8", "int4")
 INT8_FORMATS = ("int8", "int8_ell", "int8_csr", "int8_bitmask")
 INT4_FORMATS = ("int4_bitmask",)
 INT4_GROUP = 128                          # columns per scale/zero of a round-to-nearest int4 build
+HEADS = ("int8", "q4")                    # a low-bit build's lm_head: int8 per row (default) or Q4_0-like
 
 
 def value_type(fmt: str) -> str:
@@ -70,6 +71,15 @@ def check_weights(weights: str) -> str:
     check(weights in VALUE_TYPES, f"--weights {weights!r} is not a value type of the native engine",
           f"use one of: {', '.join(VALUE_TYPES)}")
     return weights
+
+
+def check_head(head: str | None, weights: str) -> str:
+    """The lm_head's storage: fp32 for an fp32 build; int8 (default) or q4 for a low-bit one."""
+    if head is None:
+        return "fp32" if weights == "fp32" else "int8"
+    check(head in HEADS, f"--head {head!r} is not an lm_head type of the native engine", f"use one of: {', '.join(HEADS)}")
+    check(weights != "fp32", f"--head {head} is for low-bit builds", "add --weights int8 or --weights int4")
+    return head
 
 
 def encode(W: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
@@ -154,7 +164,7 @@ def _content_key(arrays: dict[str, np.ndarray]) -> str:
 
 def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
           crossover: float | None = None, threads: int | None = None, formats: tuple[str, ...] | None = None,
-          share_with: str | Path | None = None, weights: str = "fp32", codes=None) -> dict:
+          share_with: str | Path | None = None, weights: str = "fp32", codes=None, head: str | None = None) -> dict:
     """Compress `tensors` into out_dir (written to a temp folder, then renamed into place). Returns the index.
     crossover None: each group's format is the fastest on this CPU, measured on its real shape (tune.py);
     a number: the fixed rule of `compress`. threads: the thread count the tuner times with; formats: restrict
@@ -163,12 +173,15 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
     weights: the decoder groups' value type, "fp32" or "int8" (per-row round-to-nearest at build time); with
     int8 (or int4) the lm_head is int8 per row (index["head"]); norms and the embedding stay fp32.
     codes: for int4, a GPTQ checkpoint's reader, codes(linear name) -> (codes, scale, zero, keep, group_size)
-    or None (that linear: round-to-nearest); its groups are then built from those codes (no re-quantisation)."""
+    or None (that linear: round-to-nearest); its groups are then built from those codes (no re-quantisation).
+    head: a low-bit build's lm_head, "int8" (per row, the default) or "q4" (Q4_0-like: 4-bit, a float16 scale
+    per 32 columns, 0.5625 bytes a weight; lowbit.q4_gemv)."""
     from safetensors.numpy import save_file
 
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
           "use e.g. 0.55, or omit it to choose each group's format by measurement")
     check_weights(weights)
+    head = check_head(head, weights)
     arch = native_arch(config)
     n_layers = int(config["num_hidden_layers"])
     arrays: dict[str, np.ndarray] = {}
@@ -232,12 +245,12 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         groups_index.append(layer_groups)
     put("embed", _get(tensors, f"{arch.embed}.weight"))
     tied = f"{arch.lm_head}.weight" not in tensors or bool(config.get("tie_word_embeddings", False))
-    head = "fp32" if weights == "fp32" else "int8"
-    if head == "int8":      # a low-bit deployment's lm_head: int8 per row (the embedding lookup stays fp32)
-        from .lowbit import encode_int8
+    if head in HEADS:       # a low-bit deployment's lm_head: int8 per row or 4-bit (the embedding lookup stays fp32)
+        from .lowbit import encode_int8, encode_q4
 
-        for k, a in encode_int8(_get(tensors, f"{arch.embed if tied else arch.lm_head}.weight")).items():
-            put(f"head_int8.{k}", a)
+        enc = encode_int8 if head == "int8" else encode_q4
+        for k, a in enc(_get(tensors, f"{arch.embed if tied else arch.lm_head}.weight")).items():
+            put(f"head_{head}.{k}", a)
     elif not tied:
         put("lm_head", _get(tensors, f"{arch.lm_head}.weight"))
     if f"{arch.final_norm}.weight" in tensors:
@@ -254,7 +267,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
     dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
     stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
     index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
-             "weights": weights, "quantization": _quantization(weights, int4_sources),
+             "weights": weights, "quantization": _quantization(weights, int4_sources, head),
              "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
              "config": config, "layers": groups_index, "tied_lm_head": tied, "head": head, "zeros": zeros,
              "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
@@ -299,16 +312,19 @@ def _int4_from_codes(parts: list[tuple]) -> dict[str, np.ndarray]:
     return encode_int4_bitmask(*(np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in range(4)), gs.pop())
 
 
-def _quantization(weights: str, int4_sources: set[str]) -> str | None:
+def _quantization(weights: str, int4_sources: set[str], head: str = "int8") -> str | None:
     if weights == "fp32":
         return None
     act = "activations int8 per 64 columns in the int8 dense/bitmask and int4 products"
     if weights == "int8":
-        return f"int8 per output row, round-to-nearest at compile time (scale max|row| / 127); {act}; lm_head int8 per row"
+        return f"int8 per output row, round-to-nearest at compile time (scale max|row| / 127); {act}; {_HEAD[head]}"
     how = {"gptq": "the GPTQ checkpoint's codes (no re-quantisation)",
            "rtn": f"round-to-nearest at compile time (asymmetric, groups of {INT4_GROUP})"}
     return (f"int4 codes on the GPTQ grid over a keep bitmask: {' and '.join(how[s] for s in sorted(int4_sources))}; "
-            f"{act}; lm_head int8 per row")
+            f"{act}; {_HEAD[head]}")
+
+
+_HEAD = {"int8": "lm_head int8 per row", "q4": "lm_head 4-bit (Q4_0-like: float16 scale per 32 columns)"}
 
 
 def read_index(native_dir: str | Path) -> dict | None:
