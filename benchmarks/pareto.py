@@ -66,6 +66,12 @@ def weight_view(meta: dict, weights: str, root: Path) -> dict:
     return _read_deployment(view)
 
 
+def split_weights(w: str) -> dict:
+    """'int8' -> the value type with its default head; 'int8+q4' -> int8 groups and a 4-bit lm_head."""
+    weights, _, head = w.partition("+")
+    return {"weights": weights, "head": head or None}
+
+
 def lowbit_perplexity(meta: dict, index: dict, ecfg, cache: Path) -> float:
     """PyTorch's perplexity on a low-bit build's arithmetic (its weights dequantised incl. the int8 lm_head, int8
     activations per 64 columns where the kernels take them), on the eval stage's windows."""
@@ -178,7 +184,7 @@ def smollm2(work: Path, a) -> None:
                 for w in lowbit:
                     v = weight_view(d, w, work / "views_smollm2")
                     v.update(config=f"{d['config']} {w}", label=f"{d['config']} {w}", engines=["native"],
-                             index=ensure_native(v, cores=a.cores, weights=w))
+                             index=ensure_native(v, cores=a.cores, **split_weights(w)))
                     views.append(v)
     for v in views:
         ppl[v["config"]] = lowbit_perplexity(v, v.pop("index"), ecfg, work / "ppl" / f"{Path(v['dir']).name}.json")
@@ -224,7 +230,8 @@ def smollm2(work: Path, a) -> None:
                      "round-to-nearest at compile time; lm_head int8 too; activations int8 per 64 columns in the int8 "
                      "dense/bitmask products); '… int4' rows: 4-bit codes of the kept weights over a bitmask "
                      "(round-to-nearest on the GPTQ grid, groups of 128, lm_head int8, activations int8 per 64 "
-                     "columns). Their perplexity is PyTorch's on exactly that arithmetic.")
+                     "columns); '+q4': the lm_head 4-bit (Q4_0-like) instead of int8. Their perplexity is PyTorch's on "
+                     "exactly that arithmetic.")
     for name, rec in llama_ppl.items():
         notes.append(f"{name}: llama-perplexity {rec['llamacpp']:.2f} vs PyTorch (fp32 model) {rec['pytorch_fp32']:.2f} "
                      f"on {rec['chunks']}×{rec['n_ctx']} tokens, llama-perplexity's protocol for both")
@@ -274,9 +281,10 @@ def synthetic(work: Path, a) -> None:
             for w in lowbit:
                 v = weight_view(d, w, work / "views_synthetic")
                 idx = read_index(Path(v["dir"]) / "native")
-                if idx is None or idx.get("weights") != w:
+                sw = split_weights(w)
+                if idx is None or idx.get("weights") != sw["weights"] or idx.get("head") != (sw["head"] or "int8"):
                     with quiet():
-                        build_from_model(_synthetic_pruned(cfg, p), v, cores=a.cores, weights=w)
+                        build_from_model(_synthetic_pruned(cfg, p), v, cores=a.cores, **sw)
                 v.update(config=f"{d['config']} {w}", label=f"{d['config']} {w}", engines=["native"])
                 views.append(v)
     deps = deps + views
@@ -293,6 +301,8 @@ def synthetic(work: Path, a) -> None:
              "Q8_0; our engines keep them fp32).",
              "Decode: 16-token prompt then 64 new tokens, " f"{a.rounds} interleaved rounds; one deployment per group, each "
              "group with llama.cpp Q4_0 and Q8_0 in its rounds; '× vs' columns against those.",
+             "Native '… int8' / '… int4' rows: int8 values per row / 4-bit codes over a bitmask (round-to-nearest), "
+             "lm_head int8 ('+q4': 4-bit, Q4_0-like), activations int8 per 64 columns.",
              "llama.cpp build: " + _llamacpp_build()] + _bench_notes(doc["llama_bench"], pts)
     _publish(doc, pts, "pareto_synthetic_llama2_7b_2layers", "SYNTHETIC LLaMA2-7B shapes, 2 layers: decode latency, "
              "sparsedeploy vs llama.cpp dense GGUF", pcfg, notes)
@@ -332,7 +342,7 @@ def main() -> None:
     ap.add_argument("--synthetic-types", default="f16,q8_0,q4_0")
     ap.add_argument("--synthetic-engines", default="native,deepsparse")
     ap.add_argument("--native-weights", default="fp32,int8,int4", help="native value types to time (each beyond fp32 "
-                    "in a view of the deployment with its own native build)")
+                    "in a view of the deployment with its own native build); 'int8+q4': int8 with a 4-bit lm_head")
     a = ap.parse_args()
     work = Path(a.work)
     todo = a.only or ["smollm2", "synthetic"]
