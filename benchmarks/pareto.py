@@ -134,6 +134,42 @@ def _bench_notes(lb: dict[str, dict], pts: list[dict]) -> list[str]:
     return lines
 
 
+def gptq_views(work: Path, a, ecfg, ppl: dict) -> list[dict]:
+    """The GPTQ variants: each sweep RUN at `--gptq` sparsities copied and quantised to 4 bits (group 128,
+    asymmetric, keeping every zero), exported, and built with `--weights int4` from the checkpoint's own codes.
+    Perplexity: PyTorch on the engine's arithmetic (the RUN's fake-quant weights, int8 lm_head, int8
+    activations per 64 columns)."""
+    import shutil
+
+    from sparsedeploy.export.native import ensure_native
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline import stages
+    from sparsedeploy.pipeline.rundir import RunDir
+    from sparsedeploy.workflows.sweep import _tag
+
+    views = []
+    for p in parse_sparsities(a.gptq):
+        src, dst = work / "sweep_smollm2" / _tag(p), work / "gptq_smollm2" / _tag(p)
+        if not (dst / "quantized" / "quantize.json").is_file():
+            ui.info(f"GPTQ 4-bit: {src}")
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("deployment"))
+            stages.quantize(RunDir(dst), stages.QuantConfig(bits=4, group_size=128, sym=False, device="cpu"))
+        with quiet():
+            dep = _read_deployment(export(str(dst), seqlen=256))
+        name = f"Wanda+DLP {round(p * 100)}% GPTQ-4bit"
+        v = weight_view(dep, "int4", work / "views_smollm2_gptq")
+        with quiet():
+            index = ensure_native(v, cores=a.cores, weights="int4")
+        check = {g.get("codes") for layer in index["layers"] for g in layer.values()}
+        if check != {"gptq"}:
+            sys.exit(f"error: the int4 build of {dst} did not read the GPTQ codes ({check})")
+        v.update(config=f"{name} int4", label=f"{name} int4", engines=["native"])
+        ppl[v["config"]] = lowbit_perplexity(v, index, ecfg, work / "ppl" / f"gptq-{_tag(p)}-int4.json")
+        views.append(v)
+    return views
+
+
 def smollm2(work: Path, a) -> None:
     from sparsedeploy.engine.llamacpp import LlamaCppRuntime
     from sparsedeploy.export.gguf import export_gguf, gguf_perplexity
@@ -186,7 +222,10 @@ def smollm2(work: Path, a) -> None:
                     v.update(config=f"{d['config']} {w}", label=f"{d['config']} {w}", engines=["native"],
                              index=ensure_native(v, cores=a.cores, **split_weights(w)))
                     views.append(v)
+    views += gptq_views(work, a, ecfg, ppl) if a.gptq and "native" in engines else []
     for v in views:
+        if v["config"] in ppl:
+            continue
         ppl[v["config"]] = lowbit_perplexity(v, v.pop("index"), ecfg, work / "ppl" / f"{Path(v['dir']).name}.json")
     if views:    # the check behind those numbers: perplexity through the engine itself, on the first windows
         from sparsedeploy.bench.quality import engine_perplexity, windows_for
@@ -230,8 +269,9 @@ def smollm2(work: Path, a) -> None:
                      "round-to-nearest at compile time; lm_head int8 too; activations int8 per 64 columns in the int8 "
                      "dense/bitmask products); '… int4' rows: 4-bit codes of the kept weights over a bitmask "
                      "(round-to-nearest on the GPTQ grid, groups of 128, lm_head int8, activations int8 per 64 "
-                     "columns); '+q4': the lm_head 4-bit (Q4_0-like) instead of int8. Their perplexity is PyTorch's on "
-                     "exactly that arithmetic.")
+                     "columns); '+q4': the lm_head 4-bit (Q4_0-like) instead of int8; '… GPTQ-4bit int4': the pruned RUN "
+                     "quantised by GPTQ (4 bits, group 128, every zero kept) and built from the checkpoint's own codes. "
+                     "Their perplexity is PyTorch's on exactly that arithmetic.")
     for name, rec in llama_ppl.items():
         notes.append(f"{name}: llama-perplexity {rec['llamacpp']:.2f} vs PyTorch (fp32 model) {rec['pytorch_fp32']:.2f} "
                      f"on {rec['chunks']}×{rec['n_ctx']} tokens, llama-perplexity's protocol for both")
@@ -341,6 +381,8 @@ def main() -> None:
     ap.add_argument("--synthetic-sparsities", default="0,0.5,0.7,0.9")
     ap.add_argument("--synthetic-types", default="f16,q8_0,q4_0")
     ap.add_argument("--synthetic-engines", default="native,deepsparse")
+    ap.add_argument("--gptq", default="0.5,0.6", help="SmolLM2 sparsities also quantised with GPTQ 4-bit and run "
+                    "as native int4 from the checkpoint's codes ('' for none)")
     ap.add_argument("--native-weights", default="fp32,int8,int4", help="native value types to time (each beyond fp32 "
                     "in a view of the deployment with its own native build); 'int8+q4': int8 with a 4-bit lm_head")
     a = ap.parse_args()

@@ -75,7 +75,7 @@ def check_weights(weights: str) -> str:
 
 def check_head(head: str | None, weights: str) -> str:
     """The lm_head's storage: fp32 for an fp32 build; int8 (default) or q4 for a low-bit one."""
-    if head is None:
+    if head is None or (head == "fp32" and weights == "fp32"):
         return "fp32" if weights == "fp32" else "int8"
     check(head in HEADS, f"--head {head!r} is not an lm_head type of the native engine", f"use one of: {', '.join(HEADS)}")
     check(weights != "fp32", f"--head {head} is for low-bit builds", "add --weights int8 or --weights int4")
