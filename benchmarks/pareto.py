@@ -241,7 +241,14 @@ def smollm2(work: Path, a) -> None:
             checks.append(f"{v['config']}: perplexity through the native engine {got['perplexity']:.3f} vs PyTorch on the "
                           f"same low-bit weights and activations {ref:.3f} (first 4 windows; "
                           f"{100 * (got['perplexity'] / ref - 1):+.3f}%)")
-    deps = deps + views
+    name = "pareto_smollm2"
+    if a.gptq_only:          # only the low-bit native builds at the GPTQ sparsities, against the 4/8-bit peers
+        keep = {round(float(x) * 100) for x in a.gptq.split(",")}
+        deps = [v for v in views if round(float(v["sparsity"]) * 100) in keep]
+        ggufs = [g for g in ggufs if g["label"] in (peer_label("q4_0"), peer_label("q8_0"), peer_label("q4_1"))]
+        name = "pareto_smollm2_gptq"
+    else:
+        deps = deps + views
     with quiet():
         pcfg = pareto.ParetoConfig(bench=BenchConfig(engine=engines, cores=a.cores, prompt_tokens=64, new_tokens=128,
                                                      rounds=a.rounds, ort_baseline=False),
@@ -275,7 +282,7 @@ def smollm2(work: Path, a) -> None:
     for name, rec in llama_ppl.items():
         notes.append(f"{name}: llama-perplexity {rec['llamacpp']:.2f} vs PyTorch (fp32 model) {rec['pytorch_fp32']:.2f} "
                      f"on {rec['chunks']}×{rec['n_ctx']} tokens, llama-perplexity's protocol for both")
-    _publish(doc, pts, "pareto_smollm2", "SmolLM2-135M: WikiText-2 perplexity vs decode latency (llama.cpp dense GGUF "
+    _publish(doc, pts, name, "SmolLM2-135M: WikiText-2 perplexity vs decode latency (llama.cpp dense GGUF "
              "vs sparsedeploy Wanda+DLP)", pcfg, notes)
 
 
@@ -383,6 +390,9 @@ def main() -> None:
     ap.add_argument("--synthetic-engines", default="native,deepsparse")
     ap.add_argument("--gptq", default="0.5,0.6", help="SmolLM2 sparsities also quantised with GPTQ 4-bit and run "
                     "as native int4 from the checkpoint's codes ('' for none)")
+    ap.add_argument("--gptq-only", action="store_true", help="SmolLM2: time only the native low-bit builds at the "
+                    "--gptq sparsities (RTN int8/int4 and GPTQ int4) against llama.cpp Q4_0/Q4_1/Q8_0 "
+                    "-> pareto_smollm2_gptq_<cpu>")
     ap.add_argument("--native-weights", default="fp32,int8,int4", help="native value types to time (each beyond fp32 "
                     "in a view of the deployment with its own native build); 'int8+q4': int8 with a 4-bit lm_head")
     a = ap.parse_args()
