@@ -1,7 +1,7 @@
 """Reads the GPTQ codes of a packed checkpoint (RUN/quantized/) without torch, for the native engine.
 
-Both on-disk formats (see sparsedeploy.pipeline.quantize's docstring, the writer; nothing is imported from it so
-the engine layer stays torch-free):
+Both on-disk formats (the quantize stage's module doc describes its writer; nothing of that layer is imported
+here, so the engine layer stays free of it and of its dependencies):
     "sparsedeploy-packed/2": per linear `<m>.weight_qcodes` uint8 [ceil(nnz·bits/8)] = the kept weights' codes
         only, one bit stream in row order (columns ascending), LSB first; `<m>.weight_rowptr` int64 [out+1] =
         row r's codes are stream codes rowptr[r] … rowptr[r+1]-1 (offsets in codes);

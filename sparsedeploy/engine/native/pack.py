@@ -222,8 +222,9 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         for g, names in arch.stacks().items():
             W, mats = stacked[i][g]
             fmt, _, serial = choice[i][g].partition("/")
-            from_codes = fmt in INT4_FORMATS and codes is not None and all(codes(src + n) is not None for n in names)
-            arrs = _int4_from_codes([codes(src + n) for n in names]) if from_codes else encode(W, fmt)
+            parts = [codes(src + n) for n in names] if fmt in INT4_FORMATS and codes is not None else []
+            from_codes = bool(parts) and all(x is not None for x in parts)      # read once per linear
+            arrs = _int4_from_codes(parts) if from_codes else encode(W, fmt)
             if from_codes:
                 int4_sources.add("gptq")
             elif fmt in INT4_FORMATS:
