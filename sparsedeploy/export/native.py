@@ -176,7 +176,7 @@ def lowbit_reference_model(meta: dict, index: dict):
     int4 build round-to-nearest on the GPTQ grid (int4.rtn_int4) or, for groups built from a GPTQ checkpoint's
     codes, the RUN's fake-quant weights as they are; the lm_head int8 per row; all dequantised. Returns (model,
     tokenizer, quantise_activations): the last installs forward pre-hooks that also quantise the inputs of the
-    groups stored as int8 / int8_bitmask / int4_bitmask per 64 columns, as those kernels do (returns the hook
+    groups stored as int8 / int8_bitmask / int8_perm / int4_bitmask per 64 columns, as those kernels do (returns the hook
     handles)."""
     import numpy as np
     import torch
@@ -206,7 +206,7 @@ def lowbit_reference_model(meta: dict, index: dict):
                     else:
                         wq, s = quantize_rows(W)
                         mod.weight.copy_(torch.from_numpy(wq.astype(np.float32) * s[:, None]).to(mod.weight.dtype))
-                    if info["format"] in ("int8", "int8_bitmask", "int4_bitmask"):
+                    if info["format"] in ("int8", "int8_bitmask", "int8_perm", "int4_bitmask"):
                         mods.append(mod)
         if index.get("head") in ("int8", "q4"):    # the low-bit lm_head (a tied one gets its own, quantised copy)
             head = model.get_output_embeddings()

@@ -129,7 +129,7 @@ def _serial_build(f):
     return njit(**_SERIAL)(g)
 
 
-from .lowbit import (int8_bitmask_gemv, int8_csr_gemv, int8_ell_gemv, int8_gemv,  # noqa: E402,F401
+from .lowbit import (int8_bitmask_gemv, int8_csr_gemv, int8_ell_gemv, int8_gemv, int8_perm_gemv,  # noqa: E402,F401
                      quantize_act, kernel_paths as _int8_paths)
 from .int4 import int4_bitmask_gemv, kernel_paths as _int4_paths  # noqa: E402
 from .lowbit import q4_gemv  # noqa: E402
@@ -142,7 +142,7 @@ def lowbit_paths() -> dict[str, str]:
 
 GEMV = {"dense": dense_gemv, "csr": csr_gemv, "ell": ell_gemv, "bitmask": bitmask_gemv,
         "int8": int8_gemv, "int8_csr": int8_csr_gemv, "int8_ell": int8_ell_gemv, "int8_bitmask": int8_bitmask_gemv,
-        "int4_bitmask": int4_bitmask_gemv, "q4": q4_gemv}
+        "int8_perm": int8_perm_gemv, "int4_bitmask": int4_bitmask_gemv, "q4": q4_gemv}
 GEMV_SERIAL = {k: _serial_build(f) for k, f in GEMV.items()}
 
 

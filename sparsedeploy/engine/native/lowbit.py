@@ -9,6 +9,8 @@ values read a quarter of fp32's. Plain numba loops over int8 never use the integ
                   vals uint8 [nnz] = w + 128 (each row's kept weights, packed, columns ascending), wscale [out]
   int8_ell        cols uint16/32 [out, k], vals int8 [out, k], wscale [out]      (fp32 activations)
   int8_csr        rowptr int64 [out+1], cols uint16/32 [nnz], vals int8 [nnz], wscale [out]   (fp32 activations)
+  int8_perm       vecptr int64 [out+1], segs uint16 [nvec, S], packed uint8 [nvec, 128], wscale [out]
+                  (int8 activations; work per kept weight, not per block: see below)
 
 The two block formats multiply int8 activations (`quantize_act`: per 64-column block b, symmetric,
 s_b = max|x_b| / 127, q = rint(x / s_b)). One 64-column block of a row is one AVX-512 VNNI instruction:
@@ -26,12 +28,21 @@ The bitmask format first puts a block's kept weights back in their lanes with on
 (`llvm.masked.expandload.v64i8` with the block's 64-bit mask, lowered to vpexpandb); absent lanes get the
 pass-through value 128, i.e. w = 0. Walking set bits one by one was 3-20x slower (issue 13).
 
-ELL and CSR are for very sparse groups: int8 values and uint16 column indices (3 bytes per kept weight),
+int8_perm is for very sparse groups: its work follows the kept weights, not the 64-column blocks. A row's
+kept weights are grouped by block, each block's run padded with w = 0 to whole 4-byte lanes, and the runs fill
+64-byte vectors in order (64 byte indices col % 64, then 64 values w + 128); a vector lists its S segments
+(block << 4 | start lane). Per segment one VBMI `vpermb` picks the block's activation bytes by those indices
+into the vector's bytes from the segment's start on, and the block's scale goes into its lanes; per vector two
+vpdpbusd and one FMA (`vnni_perm_dot`). A lane holds one block's weights only, so each int32 lane is exact and
+gets its block's scale. 2 bytes per kept weight (plus padding and 2 per segment).
+
+ELL and CSR are for very sparse groups too: int8 values and uint16 column indices (3 bytes per kept weight),
 fp32 activations gathered 16 at a time (`gather_i8_dot`: 512-bit vgatherdps where the CPU has AVX-512F;
 numba's own loops stay at 256 bits there), or plain numba loops with unsigned 64-bit indices elsewhere.
 
 Portable path: vpdpbusd exists only with AVX-512 VNNI and vpexpandb only with AVX-512 VBMI2, and LLVM
-cannot compile the VNNI intrinsic for a CPU without it. So the names `int8_gemv` / `int8_bitmask_gemv` are
+cannot compile the VNNI intrinsic for a CPU without it (vpermb: AVX-512 VBMI). So the names `int8_gemv` /
+`int8_bitmask_gemv` / `int8_perm_gemv` are
 bound at import to the intrinsic kernels where LLVM's host features have them, else to plain-numba kernels
 computing the same integers (`kernel_paths()` says which one this CPU gets; SPARSEDEPLOY_LOWBIT_PORTABLE=1
 forces the portable ones). Every kernel has the kernels.py conventions: it writes out[r] (acc: adds into it),
@@ -82,6 +93,12 @@ def has_vbmi2() -> bool:
     return all(bool(f.get(k, False)) for k in ("avx512f", "avx512bw", "avx512vbmi2"))
 
 
+def has_vbmi() -> bool:
+    """AVX-512 VBMI (vpermb): Intel since Ice Lake (and Cannon Lake), AMD Zen 4."""
+    f = _features()
+    return all(bool(f.get(k, False)) for k in ("avx512f", "avx512bw", "avx512vbmi"))
+
+
 def _choose() -> dict[str, str]:
     forced = os.environ.get("SPARSEDEPLOY_LOWBIT_PORTABLE", "") not in ("", "0")
     vnni = has_vnni() and not forced
@@ -89,6 +106,7 @@ def _choose() -> dict[str, str]:
     return {"int8": "avx512-vnni" if vnni else "portable",
             "int8_bitmask": "avx512-vnni+vbmi2" if vnni and has_vbmi2() else "portable",
             "int8_ell": "avx512" if avx512 else "portable", "int8_csr": "avx512" if avx512 else "portable",
+            "int8_perm": "avx512-vnni+vbmi" if vnni and has_vbmi() else "portable",
             "q4": "avx512-vnni" if vnni else "portable"}
 
 
@@ -622,10 +640,149 @@ def int8_csr_gemv_avx512(rowptr, cols, vals, wscale, x, bias, out, acc):
             out[r] = s
 
 
+# ----------------------------------------------------------------------------- int8 + byte indices in 64-column blocks (int8_perm)
+@intrinsic
+def vnni_perm_dot(typingctx, packed, segs, v0, nvec, q, scale):
+    """int8_perm row: float32 sum over vectors v0 <= v < v0 + nvec of
+    sum_i scale[blk(v, i)] * sum_{k<4} (packed[v, 64 + 4 i + k] - 128) * q[64 blk(v, i) + packed[v, 4 i + k]],
+    where lane i's block blk(v, i) is that of the last segment s of segs[v] with start(s) <= i
+    (segs[v, s] = block << 4 | start lane; S even; an unused slot repeats the vector's last segment). Per segment: one vpermb of the
+    block's 64 activation bytes merged into the vector's bytes from 4 start on, and the block's scale broadcast
+    into its lanes from start on (later segments overwrite the lanes after theirs); per vector two vpdpbusd
+    (products, and the +128 shift's correction), one int->float conversion, one FMA."""
+    if not (_is(packed, types.uint8, 2) and _is(segs, types.uint16, 2) and _is(q, types.int8, 1)
+            and _is(scale, types.float32, 1)):
+        return None
+    sig = types.float32(packed, segs, types.int64, types.int64, q, scale)
+
+    def codegen(context, builder, signature, args):
+        i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+        i16 = ir.IntType(16)
+        m64, m16 = ir.VectorType(ir.IntType(1), 64), ir.VectorType(ir.IntType(1), LANES)
+        pa = context.make_array(signature.args[0])(context, builder, args[0])
+        sga = context.make_array(signature.args[1])(context, builder, args[1])
+        qa = context.make_array(signature.args[4])(context, builder, args[4])
+        sa = context.make_array(signature.args[5])(context, builder, args[5])
+        v0, nvec = args[2], args[3]
+        nseg = builder.extract_value(sga.shape, 1)
+        mod = builder.module
+        dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
+        perm = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [v64b, v64b]), "llvm.x86.avx512.permvar.qi.512")
+        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+        zero = ir.Constant(v16f, [0.0] * LANES)
+        zi = ir.Constant(v16i, [0] * LANES)
+        k128 = ir.Constant(v16i, [0x80808080 - (1 << 32)] * LANES)      # 64 bytes of 128
+        splat0 = ir.Constant(v16i, [0] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
+        qv_p = cgutils.alloca_once_value(builder, ir.Constant(v64b, [0] * 64))
+        sv_p = cgutils.alloca_once_value(builder, zero)
+
+        i64m1, i16m1 = ir.Constant(i64, -1), ir.Constant(i16, -1)
+        qb_p = cgutils.alloca_once_value(builder, ir.Constant(v64b, [0] * 64))
+        cm_p = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
+
+        def segment(sbase, k, into):
+            """Merge segment k: its block's 64 activation bytes permuted by the vector's indices into the bytes
+            from 4 start on (later segments overwrite theirs), its scale into the lanes from start on."""
+            sg = builder.zext(builder.load(builder.gep(sga.data, [builder.add(sbase, k)])), i64)
+            blk, st = builder.lshr(sg, ir.Constant(i64, 4)), builder.and_(sg, ir.Constant(i64, 15))
+            cum = builder.shl(i64m1, builder.shl(st, ir.Constant(i64, 2)))
+            lm = builder.shl(i16m1, builder.trunc(st, i16))
+            tp = builder.gep(qa.data, [builder.mul(blk, ir.Constant(i64, BLOCK))])
+            tbl = builder.load(builder.bitcast(tp, v64b.as_pointer()), align=1)
+            builder.store(builder.select(builder.bitcast(cum, m64), builder.call(perm, [tbl, idx_p[0]]), builder.load(into)), into)
+            sc = builder.load(builder.gep(sa.data, [blk]))
+            scv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), sc, ir.Constant(i32, 0)),
+                                         ir.Constant(v16f, ir.Undefined), splat0)
+            builder.store(builder.select(builder.bitcast(lm, m16), scv, builder.load(sv_p)), sv_p)
+            builder.store(builder.xor(builder.load(cm_p), cum), cm_p)
+
+        idx_p = [None]
+
+        def vector(v, acc):
+            row = builder.gep(pa.data, [builder.mul(v, ir.Constant(i64, 2 * BLOCK))])
+            idx_p[0] = builder.load(builder.bitcast(row, v64b.as_pointer()), align=1)
+            w = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, BLOCK)]), v16i.as_pointer()), align=1)
+            sbase = builder.mul(v, nseg)
+            builder.store(ir.Constant(v64b, [0] * 64), qv_p)
+            builder.store(ir.Constant(v64b, [0] * 64), qb_p)
+            builder.store(zero, sv_p)
+            builder.store(ir.Constant(i64, 0), cm_p)
+            # even segments merge into one register, odd ones into another: two independent chains through the
+            # permute's latency; a byte's segment is even iff an odd number of segment starts lie at or before
+            # it (cm, the XOR of the "from start on" masks), which picks its register at the end. A repeated
+            # last segment writes the same bytes into the other register: both hold them, either may be picked
+            with cgutils.for_range(builder, builder.lshr(nseg, ir.Constant(i64, 1))) as sl:
+                k = builder.shl(sl.index, ir.Constant(i64, 1))
+                segment(sbase, k, qv_p)
+                segment(sbase, builder.add(k, ir.Constant(i64, 1)), qb_p)
+            qsel = builder.select(builder.bitcast(builder.load(cm_p), m64), builder.load(qv_p), builder.load(qb_p))
+            qv = builder.bitcast(qsel, v16i)
+            dot = builder.sub(builder.call(dpbusd, [zi, w, qv]), builder.call(dpbusd, [zi, k128, qv]))
+            builder.store(builder.call(fma, [builder.sitofp(dot, v16f), builder.load(sv_p), builder.load(acc)]), acc)
+
+        with cgutils.for_range(builder, nvec) as loop:
+            vector(builder.add(v0, loop.index), accs[0])
+        total = builder.load(accs[0])
+        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
+        while len(lanes) > 1:
+            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+        return lanes[0]
+
+    return sig, codegen
+
+
+# vecptr int64 [out+1], segs uint16 [nvec, S], packed uint8 [nvec, 128] (64 byte indices, 64 values w + 128),
+# wscale f32 [out]; q / corr / scale from quantize_act of x (corr unused)
+@njit(**_OPTS)
+def int8_perm_gemv_vnni(vecptr, segs, packed, wscale, q, corr, scale, bias, out, acc):
+    n = vecptr.shape[0] - 1
+    if q.shape[0] < scale.shape[0] * 64:
+        raise ValueError("int8_perm_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        s = wscale[r] * vnni_perm_dot(packed, segs, vecptr[r], vecptr[r + 1] - vecptr[r], q, scale)
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
+@njit(**_OPTS)
+def int8_perm_gemv_portable(vecptr, segs, packed, wscale, q, corr, scale, bias, out, acc):
+    n = vecptr.shape[0] - 1
+    if q.shape[0] < scale.shape[0] * 64:
+        raise ValueError("int8_perm_gemv: activation blocks do not match the weights' width")
+    has_bias = bias.shape[0] == n
+    nseg = segs.shape[1]
+    for r in prange(n):
+        s = np.float32(0.0)
+        for v in range(vecptr[r], vecptr[r + 1]):
+            k = 0
+            for lane in range(16):
+                while k + 1 < nseg and np.int64(segs[v, k + 1] & 15) <= lane:
+                    k += 1
+                blk = np.int64(segs[v, k] >> 4)
+                t = np.int32(0)
+                for b in range(4 * lane, 4 * lane + 4):
+                    t += (np.int32(packed[v, 64 + b]) - np.int32(128)) * np.int32(q[64 * blk + np.int64(packed[v, b])])
+                s += np.float32(t) * scale[blk]
+        s *= wscale[r]
+        if has_bias:
+            s += bias[r]
+        if acc:
+            out[r] += s
+        else:
+            out[r] = s
+
+
 int8_gemv = int8_gemv_vnni if _PATHS["int8"] != "portable" else int8_gemv_portable
 int8_bitmask_gemv = int8_bitmask_gemv_vnni if _PATHS["int8_bitmask"] != "portable" else int8_bitmask_gemv_portable
 int8_ell_gemv = int8_ell_gemv_avx512 if _PATHS["int8_ell"] != "portable" else int8_ell_gemv_portable
 int8_csr_gemv = int8_csr_gemv_avx512 if _PATHS["int8_csr"] != "portable" else int8_csr_gemv_portable
+int8_perm_gemv = int8_perm_gemv_vnni if _PATHS["int8_perm"] != "portable" else int8_perm_gemv_portable
 
 
 # ----------------------------------------------------------------------------- encoding (numpy)
@@ -701,6 +858,140 @@ def encode_int8_csr(W) -> dict[str, np.ndarray]:
     wq, scale = quantize_rows(W)
     nz, _, rowptr = _rows(W)
     return {"rowptr": rowptr, "cols": np.nonzero(nz)[1].astype(index_dtype(W.shape[1])), "vals": wq[nz], "wscale": scale}
+
+
+PERM_BLOCKS = 4096             # int8_perm: a segment stores its block in 12 bits (widths up to 262,144 columns)
+
+
+def _perm_runs(W):
+    """Per row, per 64-column block holding kept weights: (row, block, lanes = ceil(kept / 4))."""
+    nz = W != 0
+    out_f, in_f = W.shape
+    nblk = -(-in_f // BLOCK)
+    P = np.zeros((out_f, nblk * BLOCK), bool)
+    P[:, :in_f] = nz
+    cnt = P.reshape(out_f, nblk, BLOCK).sum(axis=2)
+    return -(-cnt // 4)                                              # [out, nblk] lanes per block
+
+
+@njit(cache=True, nogil=True)
+def _perm_cut(lanes, nseg):
+    """Greedy: each row's blocks in order, each block's lanes appended to the row's current vector (a block
+    split at the vector's end goes on in the next); a vector closes at 16 lanes or nseg segments.
+    Returns per row its vector count, per vector its segments (block << 4 | start lane; unused slots repeat the
+    vector's last one) and each block run's (vector, lane)."""
+    out_f, nblk = lanes.shape
+    nvec_row = np.zeros(out_f, np.int64)
+    cap = 0
+    for r in range(out_f):
+        for b in range(nblk):
+            cap += lanes[r, b]
+    segs = np.zeros((cap + out_f, nseg), np.uint16)
+    run_vec = np.full((out_f, nblk), -1, np.int64)      # vector and start lane of each run's first part
+    run_lane = np.zeros((out_f, nblk), np.int64)
+    v = -1
+    for r in range(out_f):
+        u = 16
+        k = nseg
+        for b in range(nblk):
+            left = lanes[r, b]
+            while left > 0:
+                if u == 16 or k == nseg:
+                    if v >= 0:
+                        for kk in range(k, nseg):
+                            segs[v, kk] = segs[v, k - 1]
+                    v += 1
+                    nvec_row[r] += 1
+                    u = 0
+                    k = 0
+                if run_vec[r, b] < 0:
+                    run_vec[r, b] = v
+                    run_lane[r, b] = u
+                t = min(left, 16 - u)
+                segs[v, k] = np.uint16((b << 4) | u)
+                u += t
+                k += 1
+                left -= t
+        if nvec_row[r] > 0:
+            for kk in range(k, nseg):
+                segs[v, kk] = segs[v, k - 1]
+    return nvec_row, segs[:v + 1], run_vec, run_lane
+
+
+def perm_vectors(W, nseg: int) -> int:
+    """How many 64-byte vectors int8_perm needs for W with nseg segments a vector."""
+    lanes = _perm_runs(_matrix(W))
+    return int(_perm_cut(lanes, nseg)[0].sum())
+
+
+PERM_SEGS = (4, 6, 8, 12, 16)
+
+
+def _perm_nseg(lanes) -> int:
+    """Segments a vector: the candidate with the least estimated work, (vectors) x (8 + 2.5 segments) in
+    cycle-like units (per vector two dot products, a conversion and an FMA; per segment a permute and a merge)."""
+    best = None
+    for s in PERM_SEGS:
+        nv = int(_perm_cut(lanes, s)[0].sum())
+        cost = nv * (8 + 2.5 * s)
+        if best is None or cost < best[0]:
+            best = (cost, s)
+    return best[1]
+
+
+def encode_int8_perm(W, nseg: int | None = None) -> dict[str, np.ndarray]:
+    """int8 values + byte indices within 64-column blocks (see vnni_perm_dot). Each row's kept weights (the
+    nonzeros of W) are grouped by block, each block's run padded with w = 0 to whole 4-byte lanes; the runs fill
+    64-byte vectors in order, each vector listing the (block, start lane) of its nseg segments. Bytes: 2 per
+    kept weight and padding slot, 2 per segment, 8 per row."""
+    W = _matrix(W)
+    wq, scale = quantize_rows(W)
+    out_f, in_f = W.shape
+    nblk = -(-in_f // BLOCK)
+    check(nblk <= PERM_BLOCKS, f"int8_perm stores block numbers in 12 bits: a width of {in_f} columns is too wide "
+          f"(at most {PERM_BLOCKS * BLOCK})", "use int8_bitmask or int8_csr for this matrix")
+    lanes = _perm_runs(W)
+    if nseg is None:
+        nseg = _perm_nseg(lanes)
+    nvec_row, segs, run_vec, run_lane = _perm_cut(lanes, int(nseg))
+    vecptr = np.zeros(out_f + 1, np.int64)
+    np.cumsum(nvec_row, out=vecptr[1:])
+    nvec = int(vecptr[-1])
+    packed = np.zeros((nvec, 2 * BLOCK), np.uint8)
+    packed[:, BLOCK:] = 128
+    rows, cols = np.nonzero(W)
+    blk = cols // BLOCK
+    # position of each kept weight within its block's run (row-major order keeps columns ascending)
+    key = rows * nblk + blk
+    first = np.ones(key.shape[0], bool)
+    first[1:] = key[1:] != key[:-1]
+    starts = np.nonzero(first)[0]
+    pos = np.arange(key.shape[0]) - np.repeat(starts, np.diff(np.append(starts, key.shape[0])))
+    # a run's bytes are contiguous across the vectors it spans (vectors of one row are consecutive, 64 bytes each)
+    flat = (run_vec[rows, blk] * 64 + run_lane[rows, blk] * 4 + pos)
+    packed.reshape(-1)[(flat // 64) * 128 + flat % 64] = (cols % BLOCK).astype(np.uint8)
+    packed.reshape(-1)[(flat // 64) * 128 + 64 + flat % 64] = (wq[rows, cols].astype(np.int16) + 128).astype(np.uint8)
+    return {"vecptr": vecptr, "segs": segs, "packed": packed, "wscale": scale}
+
+
+def dequantized_int8_perm(enc, shape) -> np.ndarray:
+    """The dense float32 matrix an int8_perm encoding stores (padding slots hold w = 0)."""
+    out_f, in_f = int(shape[0]), int(shape[1])
+    W = np.zeros((out_f, in_f), np.float32)
+    vecptr, segs, packed, scale = enc["vecptr"], enc["segs"], enc["packed"], enc["wscale"]
+    nvec = segs.shape[0]
+    if nvec == 0:
+        return W
+    rows = np.repeat(np.arange(out_f), np.diff(vecptr))
+    start = (segs & 15).astype(np.int64)                                     # [nvec, S]
+    lane_seg = (start[:, None, :] <= np.arange(16)[None, :, None]).sum(axis=2) - 1   # last segment starting <= lane
+    blk = (segs >> 4).astype(np.int64)[np.arange(nvec)[:, None], lane_seg]  # [nvec, 16]
+    cols = np.repeat(blk, 4, axis=1) * BLOCK + packed[:, :BLOCK].astype(np.int64)
+    vals = (packed[:, BLOCK:].astype(np.float32) - 128) * scale[rows][:, None]
+    keep = packed[:, BLOCK:] != 128
+    r2 = np.broadcast_to(rows[:, None], cols.shape)
+    W[r2[keep], cols[keep]] = vals[keep]
+    return W
 
 
 def dequantized(W) -> np.ndarray:

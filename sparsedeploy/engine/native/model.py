@@ -52,6 +52,8 @@ class Linear:
             elif fmt in ("int8_csr", "int8_bitmask"):
                 self.a, self.b, self.c, self.d = (arrays["rowptr"], arrays["cols" if fmt == "int8_csr" else "masks"],
                                                   arrays["vals"], arrays["wscale"])
+            elif fmt == "int8_perm":
+                self.a, self.b, self.c, self.d = arrays["vecptr"], arrays["segs"], arrays["packed"], arrays["wscale"]
             elif fmt == "q4":                                              # a low-bit build's 4-bit lm_head
                 self.a, self.b, self.c = arrays["w4"], arrays["ws"], None
             elif fmt == "int4_bitmask":
@@ -63,7 +65,7 @@ class Linear:
         except KeyError:
             raise UserError(f"unknown stored format '{fmt}' (or its arrays are missing) in native weights",
                             "rebuild them: sparsedeploy compile --engine native --force") from None
-        if fmt in ("int8", "int8_bitmask", "int4_bitmask", "q4"):
+        if fmt in ("int8", "int8_bitmask", "int8_perm", "int4_bitmask", "q4"):
             from .lowbit import act_buffers
 
             self.qbuf = act_buffers(self.cols_in)
@@ -83,7 +85,7 @@ class Linear:
             q, corr, s = self.qbuf
             K.quantize_act(x, q, corr, s)
             self.gemv(self.a, self.b, q, corr, s, self.bias, out, acc)
-        elif f == "int8_bitmask":
+        elif f == "int8_bitmask" or f == "int8_perm":
             q, corr, s = self.qbuf
             K.quantize_act(x, q, corr, s)
             self.gemv(self.a, self.b, self.c, self.d, q, corr, s, self.bias, out, acc)
@@ -134,6 +136,11 @@ class Linear:
             from .lowbit import dequantized_q4
 
             return dequantized_q4({"w4": self.a, "ws": self.b}, self.cols_in)
+        if self.fmt == "int8_perm":
+            from .lowbit import dequantized_int8_perm
+
+            return dequantized_int8_perm({"vecptr": self.a, "segs": self.b, "packed": self.c, "wscale": self.d},
+                                         (self.rows, self.cols_in))
         W = np.zeros((self.rows, self.cols_in), dtype=np.float32)
         if self.fmt == "dense":
             W[:] = self.a

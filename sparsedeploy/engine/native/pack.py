@@ -9,8 +9,10 @@ decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) an
 with uint16 column indices when the input width fits in 16 bits, else uint32. Bytes per weight at kept
 fraction d: dense 4, ELL/CSR 6d, bitmask 4d + 1/8.
 With `weights="int8"` (per-row round-to-nearest int8, scale max|row| / 127; lowbit.py) the groups are stored
-as int8 (dense, 1 byte), int8_bitmask (d + 1/8), int8_ell / int8_csr (3d), plus 4 bytes of scale per row;
-the int8 dense and bitmask products quantise their input vector to int8 per 64 columns (VNNI dot products).
+as int8 (dense, 1 byte), int8_bitmask (d + 1/8), int8_ell / int8_csr (3d), int8_perm (about 2.6d for very
+sparse groups, tried from PERM_MIN_SPARSITY on: byte indices within 64-column blocks), plus 4 bytes of scale
+per row;
+the int8 dense, bitmask and perm products quantise their input vector to int8 per 64 columns (VNNI dot products).
 With `weights="int4"` every group is int4_bitmask (int4.py): 4-bit codes of the kept weights on the GPTQ stage's
 grid (per row and group of INT4_GROUP columns a float32 scale and zero point) over a keep bitmask, about
 d/2 + 1/8 + 8/group bytes a weight; the codes are the GPTQ checkpoint's own when the deployment comes from a
@@ -57,10 +59,12 @@ def sparse_format(W: np.ndarray) -> str:
 
 
 VALUE_TYPES = ("fp32", "int8", "int4")
-INT8_FORMATS = ("int8", "int8_ell", "int8_csr", "int8_bitmask")
+INT8_FORMATS = ("int8", "int8_ell", "int8_csr", "int8_bitmask", "int8_perm")
 INT4_FORMATS = ("int4_bitmask",)
 INT4_GROUP = 128                          # columns per scale/zero of a round-to-nearest int4 build
-HEADS = ("int8", "q4")                    # a low-bit build's lm_head: int8 per row (default) or Q4_0-like
+HEADS = ("int8", "q4")
+PERM_MIN_SPARSITY = 0.75                  # int8_perm is a tuner candidate for groups at least this sparse
+PERM_MAX_WIDTH = 4096 * 64                # (its segments store 12-bit block numbers)                    # a low-bit build's lm_head: int8 per row (default) or Q4_0-like
 
 
 def value_type(fmt: str) -> str:
@@ -92,7 +96,7 @@ def encode(W: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
         from . import lowbit as LB
 
         return {"int8": LB.encode_int8, "int8_ell": LB.encode_int8_ell, "int8_csr": LB.encode_int8_csr,
-                "int8_bitmask": LB.encode_int8_bitmask}[fmt](W)
+                "int8_bitmask": LB.encode_int8_bitmask, "int8_perm": LB.encode_int8_perm}[fmt](W)
     W = np.ascontiguousarray(W, dtype=np.float32)
     out_f, in_f = W.shape
     if fmt == "dense":
@@ -139,7 +143,10 @@ def compress(W: np.ndarray, crossover: float, weights: str = "fp32") -> tuple[st
 def candidates(W: np.ndarray, weights: str = "fp32") -> list[str]:
     """The formats the compile-time tuner times for one matrix (those of its value type)."""
     if weights == "int8":
-        return ["int8", "int8_" + sparse_format(W), "int8_bitmask"]
+        c = ["int8", "int8_" + sparse_format(W), "int8_bitmask"]
+        if W.shape[1] <= PERM_MAX_WIDTH and 1.0 - np.count_nonzero(W) / max(W.size, 1) >= PERM_MIN_SPARSITY:
+            c.append("int8_perm")
+        return c
     if weights == "int4":
         return list(INT4_FORMATS)
     return ["dense", sparse_format(W), "bitmask"]

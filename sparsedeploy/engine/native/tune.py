@@ -64,7 +64,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
     order = [g for g in GROUP_ORDER if layers and g in layers[0]] + [g for g in (layers[0] if layers else {}) if g not in GROUP_ORDER]
     xs = {g: rng.standard_normal(layers[0][g].shape[1]).astype(np.float32) for g in order} if layers else {}
     outs = {g: np.zeros(layers[0][g].shape[0], np.float32) for g in order} if layers else {}
-    kinds = ("dense", "ell", "csr", "bitmask", "int8", "int8_ell", "int8_csr", "int8_bitmask", "int4_bitmask")
+    kinds = ("dense", "ell", "csr", "bitmask", "int8", "int8_ell", "int8_csr", "int8_bitmask", "int8_perm", "int4_bitmask")
     fmts = sorted({f for c in cands for g in c for f in c[g]}, key=lambda f: (kinds.index(f.split("/")[0]), f))
     calls = {(i, g, f): partial(cands[i][g][f].vec, xs[g], outs[g], False) for i in range(len(cands)) for g in order
              for f in cands[i][g]}
