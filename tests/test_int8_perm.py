@@ -1,5 +1,5 @@
 """int8_perm (engine/native/lowbit.py): int8 values + byte indices within 64-column blocks, activation bytes
-picked with vpermb per segment. The product equals the dense product of the dequantised weights with the
+picked with vpermi2b per pair of blocks of a vector's window. The product equals the dense product of the dequantised weights with the
 engine's int8 activations (portable twin and VNNI+VBMI kernel), on random matrices with empty and full rows,
 rows whose kept weights lie in one block, runs split across vectors, widths > 65,536; a too-wide matrix is a
 one-line error; a deployment stored in int8_perm decodes PyTorch's tokens on the same quantised weights."""
@@ -33,7 +33,7 @@ def _run(k, enc, x, bias=E, out=None, acc=False):
     LB.quantize_act(x, q, corr, s)
     rows = enc["vecptr"].shape[0] - 1
     out = np.full(rows, np.nan, np.float32) if out is None else out
-    k(enc["vecptr"], enc["segs"], enc["packed"], enc["wscale"], q, corr, s, bias, out, acc)
+    k(enc["vecptr"], enc["base"], enc["packed"], enc["window"], enc["wscale"], q, corr, s, bias, out, acc)
     return out
 
 
@@ -61,10 +61,10 @@ def test_int8_perm_equals_the_dequantised_product(shape, sparsity):
     rows, cols = shape
     W = _odd_rows(_matrix(rows, cols, sparsity, seed=rows + cols + 1))
     x = _act(cols, rows)
-    for nseg in (None, 4, 16):
-        enc = LB.encode_int8_perm(W, nseg)
-        assert enc["packed"].shape[1] == 128 and enc["segs"].dtype == np.uint16 and enc["segs"].shape[1] % 2 == 0
-        assert enc["packed"].shape[0] == enc["segs"].shape[0] == enc["vecptr"][-1]
+    for window in (None, 1, 2, 5, 16):
+        enc = LB.encode_int8_perm(W, window)
+        assert enc["packed"].shape[1] == 128 and enc["base"].dtype == np.uint16 and 1 <= enc["window"][0] <= 16
+        assert enc["packed"].shape[0] == enc["base"].shape[0] == enc["vecptr"][-1]
         # the encoding stores exactly the row-quantised kept weights
         ref = LB.dequantized(W)
         ref[W == 0] = 0
@@ -86,7 +86,7 @@ def test_int8_perm_bias_accumulate_and_empty_matrix():
         np.testing.assert_allclose(acc, start + plain, rtol=1e-6, atol=1e-5)
     Z = np.zeros((5, 130), np.float32)
     enc = LB.encode_int8_perm(Z)
-    assert enc["segs"].shape[0] == 0
+    assert enc["base"].shape[0] == 0
     for k in _kernels():
         np.testing.assert_array_equal(_run(k, enc, _act(130, 1)), np.zeros(5, np.float32))
 
@@ -100,14 +100,22 @@ def test_int8_perm_bytes_follow_the_kept_weights():
     assert LB.encode_int8_perm(_matrix(256, 4096, 0.97, seed=4))["packed"].nbytes < 0.7 * enc["packed"].nbytes
 
 
-def test_int8_perm_refuses_a_matrix_too_wide_for_its_block_numbers():
-    W = np.zeros((2, LB.PERM_BLOCKS * 64 + 1), np.float32)
+def test_int8_perm_refuses_a_matrix_too_wide_for_its_block_numbers_and_a_bad_window(monkeypatch):
+    W = np.zeros((2, 64 * 40 + 1), np.float32)
     W[0, -1] = 1.0
+    monkeypatch.setattr(LB, "PERM_BLOCKS", 40)                 # (the real limit, 65,536 blocks, is 4M columns)
     with pytest.raises(UserError, match="too wide"):
         LB.encode_int8_perm(W)
-    from sparsedeploy.engine.native.pack import candidates
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="window"):
+        LB.encode_int8_perm(W, 17)
+    from sparsedeploy.engine.native import pack
 
-    assert "int8_perm" not in candidates(W, "int8")            # the tuner never tries it there
+    monkeypatch.setattr(pack, "PERM_MAX_WIDTH", 64 * 40)
+    S = _matrix(2, 64 * 40 + 1, 0.95, seed=2)
+    assert "int8_perm" not in pack.candidates(S, "int8")      # the tuner never tries it there
+    monkeypatch.undo()
+    candidates = pack.candidates
     S = _matrix(8, 256, 0.9, seed=1)
     assert "int8_perm" in candidates(S, "int8") and "int8_perm" not in candidates(_matrix(8, 256, 0.5, seed=1), "int8")
 

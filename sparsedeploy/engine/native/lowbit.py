@@ -9,8 +9,8 @@ values read a quarter of fp32's. Plain numba loops over int8 never use the integ
                   vals uint8 [nnz] = w + 128 (each row's kept weights, packed, columns ascending), wscale [out]
   int8_ell        cols uint16/32 [out, k], vals int8 [out, k], wscale [out]      (fp32 activations)
   int8_csr        rowptr int64 [out+1], cols uint16/32 [nnz], vals int8 [nnz], wscale [out]   (fp32 activations)
-  int8_perm       vecptr int64 [out+1], segs uint16 [nvec, S], packed uint8 [nvec, 128], wscale [out]
-                  (int8 activations; work per kept weight, not per block: see below)
+  int8_perm       vecptr int64 [out+1], base uint16 [nvec], packed uint8 [nvec, 128], window int64 [1],
+                  wscale [out]   (int8 activations; work per kept weight and window, not per 64 columns: below)
 
 The two block formats multiply int8 activations (`quantize_act`: per 64-column block b, symmetric,
 s_b = max|x_b| / 127, q = rint(x / s_b)). One 64-column block of a row is one AVX-512 VNNI instruction:
@@ -29,12 +29,13 @@ The bitmask format first puts a block's kept weights back in their lanes with on
 pass-through value 128, i.e. w = 0. Walking set bits one by one was 3-20x slower (issue 13).
 
 int8_perm is for very sparse groups: its work follows the kept weights, not the 64-column blocks. A row's
-kept weights are grouped by block, each block's run padded with w = 0 to whole 4-byte lanes, and the runs fill
-64-byte vectors in order (64 byte indices col % 64, then 64 values w + 128); a vector lists its S segments
-(block << 4 | start lane). Per segment one VBMI `vpermb` picks the block's activation bytes by those indices
-into the vector's bytes from the segment's start on, and the block's scale goes into its lanes; per vector two
-vpdpbusd and one FMA (`vnni_perm_dot`). A lane holds one block's weights only, so each int32 lane is exact and
-gets its block's scale. 2 bytes per kept weight (plus padding and 2 per segment).
+kept weights are grouped by block, each block's run padded with w = 0 to whole 4-byte lanes (so an int32 lane
+holds one block's products, exact, and gets its block's scale), and the runs fill 64-byte vectors in order:
+64 index bytes (col % 64; the lane's block offset from the vector's first block in the top bits of its first
+two bytes), then 64 values w + 128. A vector covers at most `window` consecutive blocks (chosen per matrix by
+estimated work). Per vector (`vnni_window_dot`): the lanes' scales by one vpermps; per pair of blocks of its
+window one VBMI `vpermi2b` of the pair's 128 activation bytes, kept in the bytes of that pair (vpcmpeqb) and
+OR-ed in; then two vpdpbusd, one conversion, one FMA. 2 bytes per kept weight, plus padding and 2 per vector.
 
 ELL and CSR are for very sparse groups too: int8 values and uint16 column indices (3 bytes per kept weight),
 fp32 activations gathered 16 at a time (`gather_i8_dot`: 512-bit vgatherdps where the CPU has AVX-512F;
@@ -642,88 +643,88 @@ def int8_csr_gemv_avx512(rowptr, cols, vals, wscale, x, bias, out, acc):
 
 # ----------------------------------------------------------------------------- int8 + byte indices in 64-column blocks (int8_perm)
 @intrinsic
-def vnni_perm_dot(typingctx, packed, segs, v0, nvec, q, scale):
-    """int8_perm row: float32 sum over vectors v0 <= v < v0 + nvec of
-    sum_i scale[blk(v, i)] * sum_{k<4} (packed[v, 64 + 4 i + k] - 128) * q[64 blk(v, i) + packed[v, 4 i + k]],
-    where lane i's block blk(v, i) is that of the last segment s of segs[v] with start(s) <= i
-    (segs[v, s] = block << 4 | start lane; S even; an unused slot repeats the vector's last segment). Per segment: one vpermb of the
-    block's 64 activation bytes merged into the vector's bytes from 4 start on, and the block's scale broadcast
-    into its lanes from start on (later segments overwrite the lanes after theirs); per vector two vpdpbusd
-    (products, and the +128 shift's correction), one int->float conversion, one FMA."""
-    if not (_is(packed, types.uint8, 2) and _is(segs, types.uint16, 2) and _is(q, types.int8, 1)
+def vnni_window_dot(typingctx, packed, base, v0, nvec, window, q, scale):
+    """int8_perm row (window layout): float32 sum over vectors v0 <= v < v0 + nvec of
+    sum_i scale[b_i] * sum_{k<4} (packed[v, 64 + 4 i + k] - 128) * q[64 b_i + (packed[v, 4 i + k] & 63)],
+    b_i = base[v] + r_i, lane i's block offset r_i (0..15) stored in the top bits of its first two index bytes.
+    Per vector: the lanes' scales with one vpermps from the 16 scales at base[v]; per pair of blocks of the
+    window one vpermi2b of the pair's 128 activation bytes (index bit 6: the lane's block parity), kept in the
+    bytes whose lane is in that pair (vpcmpeqb) and OR-ed in (no chain through the permute's latency); then two
+    vpdpbusd (products, and the +128 shift's correction), one conversion, one FMA. Measured on a Zen 4 core
+    (issue 13): the window loop, not the permute, costs most (loads, compare, merge: ~6 cycles a pair)."""
+    if not (_is(packed, types.uint8, 2) and _is(base, types.uint16, 1) and _is(q, types.int8, 1)
             and _is(scale, types.float32, 1)):
         return None
-    sig = types.float32(packed, segs, types.int64, types.int64, q, scale)
+    sig = types.float32(packed, base, types.int64, types.int64, types.int64, q, scale)
 
     def codegen(context, builder, signature, args):
         i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
-        i16 = ir.IntType(16)
         m64, m16 = ir.VectorType(ir.IntType(1), 64), ir.VectorType(ir.IntType(1), LANES)
         pa = context.make_array(signature.args[0])(context, builder, args[0])
-        sga = context.make_array(signature.args[1])(context, builder, args[1])
-        qa = context.make_array(signature.args[4])(context, builder, args[4])
-        sa = context.make_array(signature.args[5])(context, builder, args[5])
-        v0, nvec = args[2], args[3]
-        nseg = builder.extract_value(sga.shape, 1)
+        ba = context.make_array(signature.args[1])(context, builder, args[1])
+        qa = context.make_array(signature.args[5])(context, builder, args[5])
+        sa = context.make_array(signature.args[6])(context, builder, args[6])
+        v0, nvec, window = args[2], args[3], args[4]
+        nblk = builder.extract_value(sa.shape, 0)
         mod = builder.module
         dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
-        perm = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [v64b, v64b]), "llvm.x86.avx512.permvar.qi.512")
+        permps = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16i]), "llvm.x86.avx512.permvar.sf.512")
+        perm2 = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [v64b, v64b, v64b]), "llvm.x86.avx512.vpermi2var.qi.512")
+        mload = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [ir.PointerType(), i32, m16, v16f]),
+                                               "llvm.masked.load.v16f32.p0")
         fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
         zero = ir.Constant(v16f, [0.0] * LANES)
         zi = ir.Constant(v16i, [0] * LANES)
+        zb = ir.Constant(v64b, [0] * 64)
         k128 = ir.Constant(v16i, [0x80808080 - (1 << 32)] * LANES)      # 64 bytes of 128
-        splat0 = ir.Constant(v16i, [0] * LANES)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(2)]
-        qv_p = cgutils.alloca_once_value(builder, ir.Constant(v64b, [0] * 64))
-        sv_p = cgutils.alloca_once_value(builder, zero)
-
-        i64m1, i16m1 = ir.Constant(i64, -1), ir.Constant(i16, -1)
-        qb_p = cgutils.alloca_once_value(builder, ir.Constant(v64b, [0] * 64))
-        cm_p = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
-
-        def segment(sbase, k, into):
-            """Merge segment k: its block's 64 activation bytes permuted by the vector's indices into the bytes
-            from 4 start on (later segments overwrite theirs), its scale into the lanes from start on."""
-            sg = builder.zext(builder.load(builder.gep(sga.data, [builder.add(sbase, k)])), i64)
-            blk, st = builder.lshr(sg, ir.Constant(i64, 4)), builder.and_(sg, ir.Constant(i64, 15))
-            cum = builder.shl(i64m1, builder.shl(st, ir.Constant(i64, 2)))
-            lm = builder.shl(i16m1, builder.trunc(st, i16))
-            tp = builder.gep(qa.data, [builder.mul(blk, ir.Constant(i64, BLOCK))])
-            tbl = builder.load(builder.bitcast(tp, v64b.as_pointer()), align=1)
-            builder.store(builder.select(builder.bitcast(cum, m64), builder.call(perm, [tbl, idx_p[0]]), builder.load(into)), into)
-            sc = builder.load(builder.gep(sa.data, [blk]))
-            scv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), sc, ir.Constant(i32, 0)),
-                                         ir.Constant(v16f, ir.Undefined), splat0)
-            builder.store(builder.select(builder.bitcast(lm, m16), scv, builder.load(sv_p)), sv_p)
-            builder.store(builder.xor(builder.load(cm_p), cum), cm_p)
-
-        idx_p = [None]
-
-        def vector(v, acc):
-            row = builder.gep(pa.data, [builder.mul(v, ir.Constant(i64, 2 * BLOCK))])
-            idx_p[0] = builder.load(builder.bitcast(row, v64b.as_pointer()), align=1)
-            w = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, BLOCK)]), v16i.as_pointer()), align=1)
-            sbase = builder.mul(v, nseg)
-            builder.store(ir.Constant(v64b, [0] * 64), qv_p)
-            builder.store(ir.Constant(v64b, [0] * 64), qb_p)
-            builder.store(zero, sv_p)
-            builder.store(ir.Constant(i64, 0), cm_p)
-            # even segments merge into one register, odd ones into another: two independent chains through the
-            # permute's latency; a byte's segment is even iff an odd number of segment starts lie at or before
-            # it (cm, the XOR of the "from start on" masks), which picks its register at the end. A repeated
-            # last segment writes the same bytes into the other register: both hold them, either may be picked
-            with cgutils.for_range(builder, builder.lshr(nseg, ir.Constant(i64, 1))) as sl:
-                k = builder.shl(sl.index, ir.Constant(i64, 1))
-                segment(sbase, k, qv_p)
-                segment(sbase, builder.add(k, ir.Constant(i64, 1)), qb_p)
-            qsel = builder.select(builder.bitcast(builder.load(cm_p), m64), builder.load(qv_p), builder.load(qb_p))
-            qv = builder.bitcast(qsel, v16i)
-            dot = builder.sub(builder.call(dpbusd, [zi, w, qv]), builder.call(dpbusd, [zi, k128, qv]))
-            builder.store(builder.call(fma, [builder.sitofp(dot, v16f), builder.load(sv_p), builder.load(acc)]), acc)
+        rep = ir.Constant(ir.VectorType(i32, 64), [4 * (i // 4) for i in range(64)])
+        acc = cgutils.alloca_once_value(builder, zero)
+        qv_p = cgutils.alloca_once_value(builder, zb)
+        last = builder.sub(nblk, ir.Constant(i64, 1))
 
         with cgutils.for_range(builder, nvec) as loop:
-            vector(builder.add(v0, loop.index), accs[0])
-        total = builder.load(accs[0])
+            v = builder.add(v0, loop.index)
+            row = builder.gep(pa.data, [builder.mul(v, ir.Constant(i64, 2 * BLOCK))])
+            idx = builder.load(builder.bitcast(row, v64b.as_pointer()), align=1)
+            w = builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, BLOCK)]), v16i.as_pointer()), align=1)
+            d = builder.bitcast(idx, v16i)
+            r = builder.or_(builder.and_(builder.lshr(d, ir.Constant(v16i, [6] * LANES)), ir.Constant(v16i, [3] * LANES)),
+                            builder.and_(builder.lshr(d, ir.Constant(v16i, [12] * LANES)), ir.Constant(v16i, [12] * LANES)))
+            rb = builder.shuffle_vector(builder.bitcast(r, v64b), ir.Constant(v64b, ir.Undefined), rep)   # each byte: its lane's r
+            b0 = builder.zext(builder.load(builder.gep(ba.data, [v])), i64)
+            # the 16 scales from block b0 on (masked at the end of the row's blocks)
+            left = builder.sub(nblk, b0)
+            full = builder.icmp_unsigned(">=", left, ir.Constant(i64, LANES))
+            mbits = builder.select(full, ir.Constant(i64, 0xFFFF),
+                                   builder.sub(builder.shl(ir.Constant(i64, 1), builder.select(full, ir.Constant(i64, 0), left)),
+                                               ir.Constant(i64, 1)))
+            smask = builder.bitcast(builder.trunc(mbits, ir.IntType(16)), m16)
+            stbl = builder.call(mload, [builder.bitcast(builder.gep(sa.data, [b0]), ir.PointerType()), ir.Constant(i32, 4), smask, zero])
+            sv = builder.call(permps, [stbl, r])
+            builder.store(zb, qv_p)
+            # blocks in pairs: one vpermi2b picks from the pair's 128 activation bytes (index bit 6: the lane's
+            # block parity), the bytes whose lane is in that pair kept (vpcmpeqb on r >> 1)
+            idx2 = builder.or_(builder.and_(idx, ir.Constant(v64b, [63] * 64)),
+                               builder.shl(builder.and_(rb, ir.Constant(v64b, [1] * 64)), ir.Constant(v64b, [6] * 64)))
+            rp = builder.lshr(rb, ir.Constant(v64b, [1] * 64))
+            js_p = cgutils.alloca_once_value(builder, zb)
+            builder.store(zb, js_p)
+            npair = builder.lshr(builder.add(window, ir.Constant(i64, 1)), ir.Constant(i64, 1))
+            with cgutils.for_range(builder, npair) as jl:
+                bj = builder.add(b0, builder.shl(jl.index, ir.Constant(i64, 1)))
+                lo = builder.select(builder.icmp_unsigned("<", bj, nblk), bj, last)   # past the row's end: no byte asks for it
+                hi = builder.add(bj, ir.Constant(i64, 1))
+                hi = builder.select(builder.icmp_unsigned("<", hi, nblk), hi, last)
+                tlo = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(lo, ir.Constant(i64, BLOCK))]), v64b.as_pointer()), align=1)
+                thi = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(hi, ir.Constant(i64, BLOCK))]), v64b.as_pointer()), align=1)
+                js = builder.load(js_p)
+                m = builder.icmp_unsigned("==", rp, js)
+                builder.store(builder.add(js, ir.Constant(v64b, [1] * 64)), js_p)
+                builder.store(builder.or_(builder.load(qv_p), builder.select(m, builder.call(perm2, [tlo, idx2, thi]), zb)), qv_p)
+            qv = builder.bitcast(builder.load(qv_p), v16i)
+            dot = builder.sub(builder.call(dpbusd, [zi, w, qv]), builder.call(dpbusd, [zi, k128, qv]))
+            builder.store(builder.call(fma, [builder.sitofp(dot, v16f), sv, builder.load(acc)]), acc)
+        total = builder.load(acc)
         lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
         while len(lanes) > 1:
             lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
@@ -732,16 +733,15 @@ def vnni_perm_dot(typingctx, packed, segs, v0, nvec, q, scale):
     return sig, codegen
 
 
-# vecptr int64 [out+1], segs uint16 [nvec, S], packed uint8 [nvec, 128] (64 byte indices, 64 values w + 128),
-# wscale f32 [out]; q / corr / scale from quantize_act of x (corr unused)
 @njit(**_OPTS)
-def int8_perm_gemv_vnni(vecptr, segs, packed, wscale, q, corr, scale, bias, out, acc):
+def int8_perm_gemv_vnni(vecptr, base, packed, window, wscale, q, corr, scale, bias, out, acc):
     n = vecptr.shape[0] - 1
     if q.shape[0] < scale.shape[0] * 64:
         raise ValueError("int8_perm_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
+    wn = window[0]
     for r in prange(n):
-        s = wscale[r] * vnni_perm_dot(packed, segs, vecptr[r], vecptr[r + 1] - vecptr[r], q, scale)
+        s = wscale[r] * vnni_window_dot(packed, base, vecptr[r], vecptr[r + 1] - vecptr[r], wn, q, scale)
         if has_bias:
             s += bias[r]
         if acc:
@@ -751,23 +751,20 @@ def int8_perm_gemv_vnni(vecptr, segs, packed, wscale, q, corr, scale, bias, out,
 
 
 @njit(**_OPTS)
-def int8_perm_gemv_portable(vecptr, segs, packed, wscale, q, corr, scale, bias, out, acc):
+def int8_perm_gemv_portable(vecptr, base, packed, window, wscale, q, corr, scale, bias, out, acc):
     n = vecptr.shape[0] - 1
     if q.shape[0] < scale.shape[0] * 64:
         raise ValueError("int8_perm_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
-    nseg = segs.shape[1]
     for r in prange(n):
         s = np.float32(0.0)
         for v in range(vecptr[r], vecptr[r + 1]):
-            k = 0
             for lane in range(16):
-                while k + 1 < nseg and np.int64(segs[v, k + 1] & 15) <= lane:
-                    k += 1
-                blk = np.int64(segs[v, k] >> 4)
+                rl = (np.int64(packed[v, 4 * lane]) >> 6) | ((np.int64(packed[v, 4 * lane + 1]) >> 6) << 2)
+                blk = np.int64(base[v]) + rl
                 t = np.int32(0)
                 for b in range(4 * lane, 4 * lane + 4):
-                    t += (np.int32(packed[v, 64 + b]) - np.int32(128)) * np.int32(q[64 * blk + np.int64(packed[v, b])])
+                    t += (np.int32(packed[v, 64 + b]) - np.int32(128)) * np.int32(q[64 * blk + (np.int64(packed[v, b]) & 63)])
                 s += np.float32(t) * scale[blk]
         s *= wscale[r]
         if has_bias:
@@ -860,7 +857,7 @@ def encode_int8_csr(W) -> dict[str, np.ndarray]:
     return {"rowptr": rowptr, "cols": np.nonzero(nz)[1].astype(index_dtype(W.shape[1])), "vals": wq[nz], "wscale": scale}
 
 
-PERM_BLOCKS = 4096             # int8_perm: a segment stores its block in 12 bits (widths up to 262,144 columns)
+PERM_BLOCKS = 65536            # int8_perm: a vector stores its first block in 16 bits
 
 
 def _perm_runs(W):
@@ -874,86 +871,80 @@ def _perm_runs(W):
     return -(-cnt // 4)                                              # [out, nblk] lanes per block
 
 
+WINDOWS = (2, 4, 6, 8, 10, 12, 14, 16)
+
+
 @njit(cache=True, nogil=True)
-def _perm_cut(lanes, nseg):
-    """Greedy: each row's blocks in order, each block's lanes appended to the row's current vector (a block
-    split at the vector's end goes on in the next); a vector closes at 16 lanes or nseg segments.
-    Returns per row its vector count, per vector its segments (block << 4 | start lane; unused slots repeat the
-    vector's last one) and each block run's (vector, lane)."""
+def _window_cut(lanes, window):
+    """Greedy: each row's blocks in order, each block's lanes appended to the row's current vector while the
+    block lies within `window` blocks of the vector's first; a vector closes at 16 lanes (a block split there
+    goes on in the next) or at a block past its window. Returns per row its vector count, per vector its first
+    block, per (row, block) the (vector, lane) of its run's start, per vector and lane the block offset."""
     out_f, nblk = lanes.shape
-    nvec_row = np.zeros(out_f, np.int64)
-    cap = 0
+    cap = out_f
     for r in range(out_f):
         for b in range(nblk):
             cap += lanes[r, b]
-    segs = np.zeros((cap + out_f, nseg), np.uint16)
-    run_vec = np.full((out_f, nblk), -1, np.int64)      # vector and start lane of each run's first part
+    nvec_row = np.zeros(out_f, np.int64)
+    base = np.zeros(cap, np.int64)
+    lane_r = np.zeros((cap, 16), np.int64)
+    run_vec = np.full((out_f, nblk), -1, np.int64)
     run_lane = np.zeros((out_f, nblk), np.int64)
     v = -1
     for r in range(out_f):
         u = 16
-        k = nseg
         for b in range(nblk):
             left = lanes[r, b]
+            if left > 0 and u < 16 and b - base[v] >= window:
+                u = 16
             while left > 0:
-                if u == 16 or k == nseg:
-                    if v >= 0:
-                        for kk in range(k, nseg):
-                            segs[v, kk] = segs[v, k - 1]
+                if u == 16:
                     v += 1
                     nvec_row[r] += 1
+                    base[v] = b
                     u = 0
-                    k = 0
                 if run_vec[r, b] < 0:
                     run_vec[r, b] = v
                     run_lane[r, b] = u
                 t = min(left, 16 - u)
-                segs[v, k] = np.uint16((b << 4) | u)
+                for i in range(u, u + t):
+                    lane_r[v, i] = b - base[v]
                 u += t
-                k += 1
                 left -= t
-        if nvec_row[r] > 0:
-            for kk in range(k, nseg):
-                segs[v, kk] = segs[v, k - 1]
-    return nvec_row, segs[:v + 1], run_vec, run_lane
+    return nvec_row, base[:v + 1], run_vec, run_lane, lane_r[:v + 1]
 
 
-def perm_vectors(W, nseg: int) -> int:
-    """How many 64-byte vectors int8_perm needs for W with nseg segments a vector."""
-    lanes = _perm_runs(_matrix(W))
-    return int(_perm_cut(lanes, nseg)[0].sum())
-
-
-PERM_SEGS = (4, 6, 8, 12, 16)
-
-
-def _perm_nseg(lanes) -> int:
-    """Segments a vector: the candidate with the least estimated work, (vectors) x (8 + 2.5 segments) in
-    cycle-like units (per vector two dot products, a conversion and an FMA; per segment a permute and a merge)."""
+def _window_choice(lanes) -> int:
+    """Blocks a vector's window spans: the candidate with the least estimated work, vectors x (12 + 6 pairs
+    of blocks) in cycles as measured on a Zen 4 core (per vector: loads, lane scales, two dot products, a
+    conversion and an FMA; per pair of blocks of the window: two table loads, a compare, a permute, a merge)."""
     best = None
-    for s in PERM_SEGS:
-        nv = int(_perm_cut(lanes, s)[0].sum())
-        cost = nv * (8 + 2.5 * s)
+    for wn in WINDOWS:
+        nv = int(_window_cut(lanes, wn)[0].sum())
+        cost = nv * (12 + 6 * (wn // 2))
         if best is None or cost < best[0]:
-            best = (cost, s)
+            best = (cost, wn)
     return best[1]
 
 
-def encode_int8_perm(W, nseg: int | None = None) -> dict[str, np.ndarray]:
-    """int8 values + byte indices within 64-column blocks (see vnni_perm_dot). Each row's kept weights (the
+def encode_int8_perm(W, window: int | None = None) -> dict[str, np.ndarray]:
+    """int8 values + byte indices within 64-column blocks (see vnni_window_dot). Each row's kept weights (the
     nonzeros of W) are grouped by block, each block's run padded with w = 0 to whole 4-byte lanes; the runs fill
-    64-byte vectors in order, each vector listing the (block, start lane) of its nseg segments. Bytes: 2 per
-    kept weight and padding slot, 2 per segment, 8 per row."""
+    64-byte vectors in order, a vector holding blocks base .. base + window - 1 only (window: by the estimated
+    work, _window_choice, unless given). Stored: vecptr int64 [out+1], base uint16 [nvec], packed uint8
+    [nvec, 128] (64 index bytes col % 64, the lane's block offset in the top bits of its first two; 64 values
+    w + 128), window int64 [1], wscale float32 [out]: 2 bytes per kept weight or padding slot + 2 per vector."""
     W = _matrix(W)
     wq, scale = quantize_rows(W)
     out_f, in_f = W.shape
     nblk = -(-in_f // BLOCK)
-    check(nblk <= PERM_BLOCKS, f"int8_perm stores block numbers in 12 bits: a width of {in_f} columns is too wide "
+    check(nblk <= PERM_BLOCKS, f"int8_perm stores block numbers in 16 bits: a width of {in_f} columns is too wide "
           f"(at most {PERM_BLOCKS * BLOCK})", "use int8_bitmask or int8_csr for this matrix")
     lanes = _perm_runs(W)
-    if nseg is None:
-        nseg = _perm_nseg(lanes)
-    nvec_row, segs, run_vec, run_lane = _perm_cut(lanes, int(nseg))
+    if window is None:
+        window = _window_choice(lanes)
+    check(1 <= int(window) <= 16, f"int8_perm windows span 1 to 16 blocks, not {window}", "use a window of 1 to 16")
+    nvec_row, base, run_vec, run_lane, lane_r = _window_cut(lanes, int(window))
     vecptr = np.zeros(out_f + 1, np.int64)
     np.cumsum(nvec_row, out=vecptr[1:])
     nvec = int(vecptr[-1])
@@ -961,32 +952,32 @@ def encode_int8_perm(W, nseg: int | None = None) -> dict[str, np.ndarray]:
     packed[:, BLOCK:] = 128
     rows, cols = np.nonzero(W)
     blk = cols // BLOCK
-    # position of each kept weight within its block's run (row-major order keeps columns ascending)
     key = rows * nblk + blk
     first = np.ones(key.shape[0], bool)
     first[1:] = key[1:] != key[:-1]
     starts = np.nonzero(first)[0]
     pos = np.arange(key.shape[0]) - np.repeat(starts, np.diff(np.append(starts, key.shape[0])))
-    # a run's bytes are contiguous across the vectors it spans (vectors of one row are consecutive, 64 bytes each)
-    flat = (run_vec[rows, blk] * 64 + run_lane[rows, blk] * 4 + pos)
+    flat = run_vec[rows, blk] * 64 + run_lane[rows, blk] * 4 + pos
     packed.reshape(-1)[(flat // 64) * 128 + flat % 64] = (cols % BLOCK).astype(np.uint8)
     packed.reshape(-1)[(flat // 64) * 128 + 64 + flat % 64] = (wq[rows, cols].astype(np.int16) + 128).astype(np.uint8)
-    return {"vecptr": vecptr, "segs": segs, "packed": packed, "wscale": scale}
+    lr = lane_r.astype(np.uint8)
+    packed[:, 0:64:4] |= (lr & 3) << 6
+    packed[:, 1:64:4] |= ((lr >> 2) & 3) << 6
+    return {"vecptr": vecptr, "base": base.astype(np.uint16), "packed": packed,
+            "window": np.array([int(window)], np.int64), "wscale": scale}
 
 
 def dequantized_int8_perm(enc, shape) -> np.ndarray:
     """The dense float32 matrix an int8_perm encoding stores (padding slots hold w = 0)."""
     out_f, in_f = int(shape[0]), int(shape[1])
     W = np.zeros((out_f, in_f), np.float32)
-    vecptr, segs, packed, scale = enc["vecptr"], enc["segs"], enc["packed"], enc["wscale"]
-    nvec = segs.shape[0]
-    if nvec == 0:
+    vecptr, base, packed, scale = enc["vecptr"], enc["base"], enc["packed"], enc["wscale"]
+    if base.shape[0] == 0:
         return W
     rows = np.repeat(np.arange(out_f), np.diff(vecptr))
-    start = (segs & 15).astype(np.int64)                                     # [nvec, S]
-    lane_seg = (start[:, None, :] <= np.arange(16)[None, :, None]).sum(axis=2) - 1   # last segment starting <= lane
-    blk = (segs >> 4).astype(np.int64)[np.arange(nvec)[:, None], lane_seg]  # [nvec, 16]
-    cols = np.repeat(blk, 4, axis=1) * BLOCK + packed[:, :BLOCK].astype(np.int64)
+    lr = (packed[:, 0:64:4] >> 6).astype(np.int64) | ((packed[:, 1:64:4] >> 6).astype(np.int64) << 2)
+    blk = base.astype(np.int64)[:, None] + lr
+    cols = np.repeat(blk, 4, axis=1) * BLOCK + (packed[:, :BLOCK] & 63).astype(np.int64)
     vals = (packed[:, BLOCK:].astype(np.float32) - 128) * scale[rows][:, None]
     keep = packed[:, BLOCK:] != 128
     r2 = np.broadcast_to(rows[:, None], cols.shape)

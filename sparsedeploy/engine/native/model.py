@@ -53,7 +53,8 @@ class Linear:
                 self.a, self.b, self.c, self.d = (arrays["rowptr"], arrays["cols" if fmt == "int8_csr" else "masks"],
                                                   arrays["vals"], arrays["wscale"])
             elif fmt == "int8_perm":
-                self.a, self.b, self.c, self.d = arrays["vecptr"], arrays["segs"], arrays["packed"], arrays["wscale"]
+                self.a, self.b, self.c, self.d, self.e = (arrays["vecptr"], arrays["base"], arrays["packed"],
+                                                          arrays["window"], arrays["wscale"])
             elif fmt == "q4":                                              # a low-bit build's 4-bit lm_head
                 self.a, self.b, self.c = arrays["w4"], arrays["ws"], None
             elif fmt == "int4_bitmask":
@@ -85,7 +86,11 @@ class Linear:
             q, corr, s = self.qbuf
             K.quantize_act(x, q, corr, s)
             self.gemv(self.a, self.b, q, corr, s, self.bias, out, acc)
-        elif f == "int8_bitmask" or f == "int8_perm":
+        elif f == "int8_perm":
+            q, corr, s = self.qbuf
+            K.quantize_act(x, q, corr, s)
+            self.gemv(self.a, self.b, self.c, self.d, self.e, q, corr, s, self.bias, out, acc)
+        elif f == "int8_bitmask":
             q, corr, s = self.qbuf
             K.quantize_act(x, q, corr, s)
             self.gemv(self.a, self.b, self.c, self.d, q, corr, s, self.bias, out, acc)
@@ -139,8 +144,8 @@ class Linear:
         if self.fmt == "int8_perm":
             from .lowbit import dequantized_int8_perm
 
-            return dequantized_int8_perm({"vecptr": self.a, "segs": self.b, "packed": self.c, "wscale": self.d},
-                                         (self.rows, self.cols_in))
+            return dequantized_int8_perm({"vecptr": self.a, "base": self.b, "packed": self.c, "window": self.d,
+                                          "wscale": self.e}, (self.rows, self.cols_in))
         W = np.zeros((self.rows, self.cols_in), dtype=np.float32)
         if self.fmt == "dense":
             W[:] = self.a

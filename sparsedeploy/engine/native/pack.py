@@ -9,7 +9,7 @@ decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) an
 with uint16 column indices when the input width fits in 16 bits, else uint32. Bytes per weight at kept
 fraction d: dense 4, ELL/CSR 6d, bitmask 4d + 1/8.
 With `weights="int8"` (per-row round-to-nearest int8, scale max|row| / 127; lowbit.py) the groups are stored
-as int8 (dense, 1 byte), int8_bitmask (d + 1/8), int8_ell / int8_csr (3d), int8_perm (about 2.6d for very
+as int8 (dense, 1 byte), int8_bitmask (d + 1/8), int8_ell / int8_csr (3d), int8_perm (about 2.6-2.9d for very
 sparse groups, tried from PERM_MIN_SPARSITY on: byte indices within 64-column blocks), plus 4 bytes of scale
 per row;
 the int8 dense, bitmask and perm products quantise their input vector to int8 per 64 columns (VNNI dot products).
@@ -64,7 +64,7 @@ INT4_FORMATS = ("int4_bitmask",)
 INT4_GROUP = 128                          # columns per scale/zero of a round-to-nearest int4 build
 HEADS = ("int8", "q4")
 PERM_MIN_SPARSITY = 0.75                  # int8_perm is a tuner candidate for groups at least this sparse
-PERM_MAX_WIDTH = 4096 * 64                # (its segments store 12-bit block numbers)                    # a low-bit build's lm_head: int8 per row (default) or Q4_0-like
+PERM_MAX_WIDTH = 65536 * 64               # (a vector stores its first block in 16 bits)                    # a low-bit build's lm_head: int8 per row (default) or Q4_0-like
 
 
 def value_type(fmt: str) -> str:
