@@ -9,7 +9,7 @@ import pytest
 
 from .cli_helpers import run_cli as _cli
 
-INT8 = {"int8", "int8_ell", "int8_csr", "int8_bitmask"}
+INT8 = {"int8", "int8_ell", "int8_csr", "int8_bitmask", "int8_perm"}
 
 
 @pytest.fixture(scope="module")

@@ -861,7 +861,7 @@ PERM_BLOCKS = 65536            # int8_perm: a vector stores its first block in 1
 
 
 def _perm_runs(W):
-    """Per row, per 64-column block holding kept weights: (row, block, lanes = ceil(kept / 4))."""
+    """[out, nblk]: per row and 64-column block the 4-byte lanes its kept weights fill, ceil(kept / 4)."""
     nz = W != 0
     out_f, in_f = W.shape
     nblk = -(-in_f // BLOCK)
@@ -887,7 +887,7 @@ def _window_cut(lanes, window):
             cap += lanes[r, b]
     nvec_row = np.zeros(out_f, np.int64)
     base = np.zeros(cap, np.int64)
-    lane_r = np.zeros((cap, 16), np.int64)
+    lane_r = np.zeros((cap, 16), np.uint8)
     run_vec = np.full((out_f, nblk), -1, np.int64)
     run_lane = np.zeros((out_f, nblk), np.int64)
     v = -1
@@ -908,7 +908,7 @@ def _window_cut(lanes, window):
                     run_lane[r, b] = u
                 t = min(left, 16 - u)
                 for i in range(u, u + t):
-                    lane_r[v, i] = b - base[v]
+                    lane_r[v, i] = np.uint8(b - base[v])
                 u += t
                 left -= t
     return nvec_row, base[:v + 1], run_vec, run_lane, lane_r[:v + 1]
