@@ -680,7 +680,10 @@ def vnni_window_dot(typingctx, packed, base, v0, nvec, window, q, scale):
         rep = ir.Constant(ir.VectorType(i32, 64), [4 * (i // 4) for i in range(64)])
         acc = cgutils.alloca_once_value(builder, zero)
         qv_p = cgutils.alloca_once_value(builder, zb)
-        last = builder.sub(nblk, ir.Constant(i64, 1))
+        npair = builder.lshr(builder.add(window, ir.Constant(i64, 1)), ir.Constant(i64, 1))
+        tmax = builder.sub(nblk, builder.shl(npair, ir.Constant(i64, 1)))
+        js_p = cgutils.alloca_once_value(builder, zb)
+        splat0 = ir.Constant(v16i, [0] * LANES)
 
         with cgutils.for_range(builder, nvec) as loop:
             v = builder.add(v0, loop.index)
@@ -690,16 +693,22 @@ def vnni_window_dot(typingctx, packed, base, v0, nvec, window, q, scale):
             d = builder.bitcast(idx, v16i)
             r = builder.or_(builder.and_(builder.lshr(d, ir.Constant(v16i, [6] * LANES)), ir.Constant(v16i, [3] * LANES)),
                             builder.and_(builder.lshr(d, ir.Constant(v16i, [12] * LANES)), ir.Constant(v16i, [12] * LANES)))
-            rb = builder.shuffle_vector(builder.bitcast(r, v64b), ir.Constant(v64b, ir.Undefined), rep)   # each byte: its lane's r
             b0 = builder.zext(builder.load(builder.gep(ba.data, [v])), i64)
-            # the 16 scales from block b0 on (masked at the end of the row's blocks)
-            left = builder.sub(nblk, b0)
+            # the window's tables start at t0 = min(b0, nblk - 2 npair) so that every table read lies inside q
+            # (the caller guarantees nblk >= 2 npair); a lane's block is then t0 + r + (b0 - t0)
+            t0 = builder.select(builder.icmp_unsigned("<=", b0, tmax), b0, tmax)
+            sh = builder.trunc(builder.sub(b0, t0), i32)
+            r = builder.add(r, builder.shuffle_vector(builder.insert_element(ir.Constant(v16i, ir.Undefined), sh, ir.Constant(i32, 0)),
+                                                      ir.Constant(v16i, ir.Undefined), splat0))
+            rb = builder.shuffle_vector(builder.bitcast(r, v64b), ir.Constant(v64b, ir.Undefined), rep)   # each byte: its lane's r
+            # the 16 scales from block t0 on (masked past the last block)
+            left = builder.sub(nblk, t0)
             full = builder.icmp_unsigned(">=", left, ir.Constant(i64, LANES))
             mbits = builder.select(full, ir.Constant(i64, 0xFFFF),
                                    builder.sub(builder.shl(ir.Constant(i64, 1), builder.select(full, ir.Constant(i64, 0), left)),
                                                ir.Constant(i64, 1)))
             smask = builder.bitcast(builder.trunc(mbits, ir.IntType(16)), m16)
-            stbl = builder.call(mload, [builder.bitcast(builder.gep(sa.data, [b0]), ir.PointerType()), ir.Constant(i32, 4), smask, zero])
+            stbl = builder.call(mload, [builder.bitcast(builder.gep(sa.data, [t0]), ir.PointerType()), ir.Constant(i32, 4), smask, zero])
             sv = builder.call(permps, [stbl, r])
             builder.store(zb, qv_p)
             # blocks in pairs: one vpermi2b picks from the pair's 128 activation bytes (index bit 6: the lane's
@@ -707,16 +716,12 @@ def vnni_window_dot(typingctx, packed, base, v0, nvec, window, q, scale):
             idx2 = builder.or_(builder.and_(idx, ir.Constant(v64b, [63] * 64)),
                                builder.shl(builder.and_(rb, ir.Constant(v64b, [1] * 64)), ir.Constant(v64b, [6] * 64)))
             rp = builder.lshr(rb, ir.Constant(v64b, [1] * 64))
-            js_p = cgutils.alloca_once_value(builder, zb)
             builder.store(zb, js_p)
-            npair = builder.lshr(builder.add(window, ir.Constant(i64, 1)), ir.Constant(i64, 1))
+            tp = builder.gep(qa.data, [builder.mul(t0, ir.Constant(i64, BLOCK))])
             with cgutils.for_range(builder, npair) as jl:
-                bj = builder.add(b0, builder.shl(jl.index, ir.Constant(i64, 1)))
-                lo = builder.select(builder.icmp_unsigned("<", bj, nblk), bj, last)   # past the row's end: no byte asks for it
-                hi = builder.add(bj, ir.Constant(i64, 1))
-                hi = builder.select(builder.icmp_unsigned("<", hi, nblk), hi, last)
-                tlo = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(lo, ir.Constant(i64, BLOCK))]), v64b.as_pointer()), align=1)
-                thi = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(hi, ir.Constant(i64, BLOCK))]), v64b.as_pointer()), align=1)
+                lo = builder.gep(tp, [builder.mul(jl.index, ir.Constant(i64, 2 * BLOCK))])
+                tlo = builder.load(builder.bitcast(lo, v64b.as_pointer()), align=1)
+                thi = builder.load(builder.bitcast(builder.gep(lo, [ir.Constant(i64, BLOCK)]), v64b.as_pointer()), align=1)
                 js = builder.load(js_p)
                 m = builder.icmp_unsigned("==", rp, js)
                 builder.store(builder.add(js, ir.Constant(v64b, [1] * 64)), js_p)
@@ -740,6 +745,8 @@ def int8_perm_gemv_vnni(vecptr, base, packed, window, wscale, q, corr, scale, bi
         raise ValueError("int8_perm_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     wn = window[0]
+    if scale.shape[0] < 2 * ((wn + 1) // 2):
+        raise ValueError("int8_perm_gemv: the window's block pairs reach past the activation blocks")
     for r in prange(n):
         s = wscale[r] * vnni_window_dot(packed, base, vecptr[r], vecptr[r + 1] - vecptr[r], wn, q, scale)
         if has_bias:
@@ -919,7 +926,7 @@ def _window_choice(lanes) -> int:
     of blocks) in cycles as measured on a Zen 4 core (per vector: loads, lane scales, two dot products, a
     conversion and an FMA; per pair of blocks of the window: two table loads, a compare, a permute, a merge)."""
     best = None
-    for wn in WINDOWS:
+    for wn in [w for w in WINDOWS if w <= 2 * (lanes.shape[1] // 2)] or [2]:
         nv = int(_window_cut(lanes, wn)[0].sum())
         cost = nv * (12 + 6 * (wn // 2))
         if best is None or cost < best[0]:
@@ -940,10 +947,13 @@ def encode_int8_perm(W, window: int | None = None) -> dict[str, np.ndarray]:
     nblk = -(-in_f // BLOCK)
     check(nblk <= PERM_BLOCKS, f"int8_perm stores block numbers in 16 bits: a width of {in_f} columns is too wide "
           f"(at most {PERM_BLOCKS * BLOCK})", "use int8_bitmask or int8_csr for this matrix")
+    check(nblk >= 2, f"int8_perm reads activation blocks in pairs: a width of {in_f} columns (one block) is too narrow",
+          "use int8_bitmask or int8_csr for this matrix")
     lanes = _perm_runs(W)
     if window is None:
         window = _window_choice(lanes)
     check(1 <= int(window) <= 16, f"int8_perm windows span 1 to 16 blocks, not {window}", "use a window of 1 to 16")
+    window = min(int(window), 2 * (nblk // 2))              # its block pairs stay inside the row's blocks
     nvec_row, base, run_vec, run_lane, lane_r = _window_cut(lanes, int(window))
     vecptr = np.zeros(out_f + 1, np.int64)
     np.cumsum(nvec_row, out=vecptr[1:])

@@ -144,7 +144,7 @@ def candidates(W: np.ndarray, weights: str = "fp32") -> list[str]:
     """The formats the compile-time tuner times for one matrix (those of its value type)."""
     if weights == "int8":
         c = ["int8", "int8_" + sparse_format(W), "int8_bitmask"]
-        if W.shape[1] <= PERM_MAX_WIDTH and 1.0 - np.count_nonzero(W) / max(W.size, 1) >= PERM_MIN_SPARSITY:
+        if 64 < W.shape[1] <= PERM_MAX_WIDTH and 1.0 - np.count_nonzero(W) / max(W.size, 1) >= PERM_MIN_SPARSITY:
             c.append("int8_perm")
         return c
     if weights == "int4":
