@@ -65,6 +65,8 @@ def test_int8_perm_equals_the_dequantised_product(shape, sparsity):
         enc = LB.encode_int8_perm(W, window)
         assert enc["packed"].shape[1] == 128 and enc["base"].dtype == np.uint16 and 1 <= enc["window"][0] <= 16
         assert 2 * ((enc["window"][0] + 1) // 2) <= -(-cols // 64)      # block pairs inside the row
+        lanes = LB._perm_runs(W)
+        assert LB._window_count(lanes, int(enc["window"][0])) == enc["base"].shape[0]
         assert enc["packed"].shape[0] == enc["base"].shape[0] == enc["vecptr"][-1]
         # the encoding stores exactly the row-quantised kept weights
         ref = LB.dequantized(W)

@@ -874,7 +874,7 @@ def _perm_runs(W):
     nblk = -(-in_f // BLOCK)
     P = np.zeros((out_f, nblk * BLOCK), bool)
     P[:, :in_f] = nz
-    cnt = P.reshape(out_f, nblk, BLOCK).sum(axis=2)
+    cnt = P.reshape(out_f, nblk, BLOCK).sum(axis=2, dtype=np.int64)
     return -(-cnt // 4)                                              # [out, nblk] lanes per block
 
 
@@ -921,13 +921,36 @@ def _window_cut(lanes, window):
     return nvec_row, base[:v + 1], run_vec, run_lane, lane_r[:v + 1]
 
 
+@njit(cache=True, nogil=True)
+def _window_count(lanes, window):
+    """The vector count _window_cut would give (the same greedy walk, nothing stored)."""
+    out_f, nblk = lanes.shape
+    nv = 0
+    for r in range(out_f):
+        u = 16
+        b0 = 0
+        for b in range(nblk):
+            left = lanes[r, b]
+            if left > 0 and u < 16 and b - b0 >= window:
+                u = 16
+            while left > 0:
+                if u == 16:
+                    nv += 1
+                    b0 = b
+                    u = 0
+                t = min(left, 16 - u)
+                u += t
+                left -= t
+    return nv
+
+
 def _window_choice(lanes) -> int:
     """Blocks a vector's window spans: the candidate with the least estimated work, vectors x (12 + 6 pairs
     of blocks) in cycles as measured on a Zen 4 core (per vector: loads, lane scales, two dot products, a
     conversion and an FMA; per pair of blocks of the window: two table loads, a compare, a permute, a merge)."""
     best = None
     for wn in [w for w in WINDOWS if w <= 2 * (lanes.shape[1] // 2)] or [2]:
-        nv = int(_window_cut(lanes, wn)[0].sum())
+        nv = int(_window_count(lanes, wn))
         cost = nv * (12 + 6 * (wn // 2))
         if best is None or cost < best[0]:
             best = (cost, wn)
