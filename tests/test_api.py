@@ -100,3 +100,142 @@ def test_generated_tokens_logprobs_equal_pytorch(deployment, torch_model):
         assert top[0][0] == tok and top[0][1] == lp      # greedy: the chosen token is the most likely one
         assert len(top) == 2 and top[1][1] <= top[0][1]
     assert sample_decode(rt, prompt, 4, temperature=0.0).logprobs is None
+
+
+# ----------------------------------------------------------------------------------- the HTTP API
+@pytest.fixture(scope="module")
+def chat_deployment(deployment, tmp_path_factory) -> Path:
+    """The same deployment with a chat template (the tiny tokenizer has none of its own)."""
+    out = tmp_path_factory.mktemp("api-chat") / "deployment"
+    shutil.copytree(deployment, out)
+    (out / "chat_template.jinja").write_text(TEMPLATE, encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(chat_deployment):
+    app = create_app(Settings(str(chat_deployment), engine="onnxruntime", cores=1, queue_size=4, timeout_s=60))
+    with running(app) as url:
+        yield url
+
+
+def post(url, path, body):
+    return httpx.post(f"{url}{path}", json=body, timeout=60)
+
+
+def test_echo_and_logprobs_score_the_prompt_as_pytorch_does(server, chat_deployment, torch_model):
+    url = server
+    text = "The history of the city began when the river"
+    ids = token_ids(chat_deployment, text)
+    ref = torch_logprobs(torch_model, ids)
+    doc = post(url, "/v1/completions", {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 2}).json()
+    ch = doc["choices"][0]
+    assert ch["text"] == text and doc["usage"]["completion_tokens"] == 0 and doc["usage"]["prompt_tokens"] == len(ids)
+    lp = ch["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert np.allclose(lp["token_logprobs"][1:], [ref[t - 1, ids[t]] for t in range(1, len(ids))], atol=2e-4)
+    assert "".join(lp["tokens"]) == text
+    assert [text[o:o + len(s)] for o, s in zip(lp["text_offset"], lp["tokens"])] == lp["tokens"]
+    for t in range(1, len(ids)):
+        assert len(lp["top_logprobs"][t]) == 2 and max(lp["top_logprobs"][t].values()) == pytest.approx(ref[t - 1].max(), abs=2e-4)
+    # token ids as lm-eval sends them ([[ids]]), echo + 3 greedy tokens: prompt part as above, then the generated
+    # tokens' log-probabilities, and the text is the prompt's followed by the plain completion's
+    plain = post(url, "/v1/completions", {"prompt": text, "max_tokens": 3, "temperature": 0}).json()["choices"][0]["text"]
+    doc = post(url, "/v1/completions", {"prompt": [ids], "max_tokens": 3, "temperature": 0, "echo": True,
+                                        "logprobs": 1}).json()
+    ch = doc["choices"][0]
+    assert ch["text"] == text + plain
+    lp = ch["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 3
+    gen = []                                                           # PyTorch's greedy tokens
+    for _ in range(3):
+        gen.append(int(np.argmax(torch_logprobs(torch_model, ids + gen)[-1])))
+    full = torch_logprobs(torch_model, ids + gen)
+    assert np.allclose(lp["token_logprobs"][1:], [full[t - 1, (ids + gen)[t]] for t in range(1, len(ids) + 3)], atol=2e-4)
+    assert all(lp["token_logprobs"][t] == max(lp["top_logprobs"][t].values()) for t in range(len(ids), len(ids) + 3))
+    assert lp["text_offset"][len(ids)] == len(text)
+    # logprobs without echo: the generated tokens only
+    lp = post(url, "/v1/completions", {"prompt": text, "max_tokens": 3, "temperature": 0, "logprobs": 0}).json()
+    assert len(lp["choices"][0]["logprobs"]["token_logprobs"]) == 3 and lp["choices"][0]["logprobs"]["text_offset"][0] == 0
+
+
+def test_api_refuses_what_it_cannot_do_with_4xx(server, deployment):
+    url = server
+    cases = [({"prompt": "x", "max_tokens": 0}, 422, "echo"),
+             ({"prompt": "x", "logprobs": 6}, 422, "logprobs"),
+             ({"prompt": "x", "logprobs": 1, "stream": True}, 400, "stream"),
+             ({"prompt": [[1, 2], [3, 4]]}, 422, "prompt"),
+             ({"prompt": [1, 10**6]}, 400, "vocabulary"),
+             ({"prompt": [-1]}, 422, "prompt")]
+    for body, status, needle in cases:
+        r = post(url, "/v1/completions", body)
+        assert r.status_code == status and needle in r.json()["error"]["message"], (body, r.text)
+    for body, status, needle in [({"messages": []}, 422, "messages"),
+                                 ({"messages": [{"role": "user"}], "n": 2}, 422, "n"),
+                                 ({"messages": [{"role": "user", "content": 5}]}, 422, "content"),
+                                 ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+                                 ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens")]:
+        r = post(url, "/v1/chat/completions", body)
+        assert r.status_code == status and needle in r.json()["error"]["message"], (body, r.text)
+
+
+def test_chat_prompt_is_transformers_chat_template(chat_deployment):
+    from transformers import AutoTokenizer
+
+    from sparsedeploy.serve.app import ChatTemplate, Tokenizer
+
+    hf = AutoTokenizer.from_pretrained(chat_deployment)
+    ours = Tokenizer(chat_deployment, json.loads((chat_deployment / "config.json").read_text()))
+    tpl = ChatTemplate(ours.chat_template, ours.special)
+    for messages in ([{"role": "user", "content": "Hello there"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Why?"}]):
+        want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert tpl.render(messages) == want
+        assert ours.encode(want) == [int(t) for t in hf(want, add_special_tokens=False)["input_ids"]]
+
+
+def test_openai_sdk_against_the_server(server, chat_deployment, deployment):
+    import openai
+    from transformers import AutoTokenizer
+
+    url = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    prompt = "the cat sat on"
+    raw = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 10, "temperature": 0}).json()
+    c = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0)
+    assert c.choices[0].text == raw["choices"][0]["text"] and c.usage.completion_tokens == raw["usage"]["completion_tokens"]
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in stream) == c.choices[0].text
+    scored = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    assert scored.choices[0].text == prompt and scored.choices[0].logprobs.token_logprobs[0] is None
+    # chat: the reply is the greedy completion of the templated prompt
+    messages = [{"role": "user", "content": "Tell me about the river"}]
+    templated = AutoTokenizer.from_pretrained(chat_deployment).apply_chat_template(messages, add_generation_prompt=True,
+                                                                                   tokenize=False)
+    want = post(url, "/v1/completions", {"prompt": templated, "max_tokens": 12, "temperature": 0}).json()
+    r = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=12, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want["choices"][0]["text"]
+    assert r.choices[0].finish_reason == want["choices"][0]["finish_reason"] and r.object == "chat.completion"
+    assert r.usage.prompt_tokens == want["usage"]["prompt_tokens"]
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # errors surface as the SDK's exceptions
+    with pytest.raises(openai.BadRequestError, match="at most"):
+        client.completions.create(model="tiny", prompt=" ".join(["the cat sat"] * 200), max_tokens=4)
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model="tiny", prompt=prompt, n=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=10**6)
+    # a tokenizer without a chat template: a 400 naming the problem (the completions endpoint still works)
+    from .serve_helpers import FakeWorker
+
+    bare = create_app(Settings(str(deployment)), worker_factory=lambda: FakeWorker())
+    with running(bare) as bare_url:
+        other = openai.OpenAI(base_url=f"{bare_url}/v1", api_key="unused", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            other.chat.completions.create(model="tiny", messages=messages)
+        assert other.completions.create(model="tiny", prompt=prompt, max_tokens=2).choices[0].text is not None

@@ -23,6 +23,7 @@ streamed (stream + logprobs is a 400).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -137,10 +138,17 @@ class ChatRequest(BaseModel):
 def _validation_message(err) -> str:
     parts = []
     for e in err.errors(include_input=False, include_url=False)[:3]:
-        loc = list(e.get("loc", ()))     # the field, then union-member tags and list indices: keep field + indices
-        loc = ".".join([str(loc[0])] + [str(x) for x in loc[1:] if isinstance(x, int)]) if loc else ""
+        loc = list(e.get("loc", ()))     # fields, list indices and union-member tags: drop the tags
+        loc = ".".join([str(loc[0])] + [str(x) for x in loc[1:] if isinstance(x, int) or _is_field_name(x)]) if loc else ""
         parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after"}
+
+
+def _is_field_name(part) -> bool:
+    return isinstance(part, str) and part.isidentifier() and part.islower() and part not in _TYPE_TAGS
 
 
 def parse_request(body: bytes, schema=CompletionRequest) -> CompletionRequest:
@@ -222,8 +230,34 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def decode_raw(self, ids: list[int]) -> str:
-        """Special tokens included: how a prompt given as token ids is echoed, and each logprobs token."""
+        """Special tokens included: how a prompt given as token ids is echoed."""
         return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_text(self, token: int) -> str:
+        """One token as a logprobs entry: its text, or, for a piece of a UTF-8 character, "bytes:\\xNN..."
+        (OpenAI's spelling) so that distinct tokens stay distinct keys of top_logprobs."""
+        text = self.decode_raw([token])
+        if "\ufffd" not in text:
+            return text
+        piece = self.tok.id_to_token(int(token)) or text
+        table = _byte_level_inverse()
+        if all(c in table for c in piece):
+            return "bytes:" + "".join(f"\\x{table[c]:02x}" for c in piece)
+        return piece
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_inverse() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in character -> the byte it stands for."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _read_chat_template(deployment: Path, config: dict | None) -> str | None:
@@ -589,8 +623,8 @@ def create_app(settings: Settings, *, worker_factory=None):
 
     def logprobs_doc(ids, lps, tops, starts) -> dict:
         """OpenAI's legacy completions logprobs object for tokens `ids`."""
-        return {"tokens": [tok.decode_raw([t]) for t in ids], "token_logprobs": list(lps),
-                "top_logprobs": [None if top is None else {tok.decode_raw([i]): lp for i, lp in top} for top in tops],
+        return {"tokens": [tok.token_text(t) for t in ids], "token_logprobs": list(lps),
+                "top_logprobs": [None if top is None else {tok.token_text(i): lp for i, lp in top} for top in tops],
                 "text_offset": starts}
 
     def usage(n_prompt: int, completion: int) -> dict:
