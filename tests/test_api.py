@@ -26,7 +26,7 @@ from .serve_helpers import running, sse_events
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
-SEQLEN = 96
+SEQLEN = 160
 # the tiny tokenizer's own tokens in SmolLM2-Instruct's template layout (its real template names <|im_start|>)
 TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
             "{{ '<s>system\nYou are a tiny test model</s>\n' }}{% endif %}"
@@ -239,3 +239,108 @@ def test_openai_sdk_against_the_server(server, chat_deployment, deployment):
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             other.chat.completions.create(model="tiny", messages=messages)
         assert other.completions.create(model="tiny", prompt=prompt, max_tokens=2).choices[0].text is not None
+
+
+# ----------------------------------------------------------------------------------- lm-eval
+TASK = """task: sd_lastword_wiki
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def run_lm_eval(url: str, tokenizer_dir: Path, max_length: int, tmp_path: Path) -> tuple[dict, list[dict]]:
+    """`lm-eval run --model local-completions` on the last-word task against the server at `url` (offline:
+    the tokenizer is the deployment's own folder); returns (the task's results, the logged samples)."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "sd_lastword_wiki.yaml").write_text(TASK.format(data=DATA / "lastword_wiki.jsonl"), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    args = ",".join(["model=sparsedeploy", f"base_url={url}/v1/completions", f"tokenizer={tokenizer_dir}",
+                     "tokenizer_backend=huggingface", "tokenized_requests=True", f"max_length={max_length}",
+                     "num_concurrent=1", "max_retries=1"])
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args", args,
+                        "--tasks", "sd_lastword_wiki", "--include_path", str(tasks), "--batch_size", "1",
+                        "--output_path", str(tmp_path / "out"), "--log_samples"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["sd_lastword_wiki"]
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_sd_lastword_wiki_*.jsonl"))
+               .read_text().splitlines()]
+    return results, samples
+
+
+def check_against_pytorch(results, samples, model, tokenizer_dir: Path, seqlen: int) -> tuple[float, float]:
+    """Every item's log-likelihood, the perplexity and the accuracy lm-eval got equal PyTorch's on lm-eval's own
+    token split (encode(context + target), the context's tokens first). Returns PyTorch's (perplexity, acc)."""
+    from transformers import AutoTokenizer
+
+    items = [json.loads(line) for line in (DATA / "lastword_wiki.jsonl").read_text(encoding="utf-8").splitlines()]
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir)
+    lls, greedy = [], []
+    for it in items:
+        ctx = hf(it["context"], add_special_tokens=False)["input_ids"]
+        whole = hf(it["context"] + it["target"], add_special_tokens=False)["input_ids"]
+        assert len(whole) < seqlen - 1              # lm-eval truncates nothing, the server takes every item
+        lp = torch_logprobs(model, whole)
+        lls.append(float(sum(lp[t - 1, whole[t]] for t in range(len(ctx), len(whole)))))
+        greedy.append(all(int(np.argmax(lp[t - 1])) == whole[t] for t in range(len(ctx), len(whole))))
+    assert len(samples) == len(items) == 40
+    by_doc = {s["doc_id"]: s for s in samples}
+    got = [float(by_doc[i]["perplexity"]) for i in range(len(items))]      # per item: its log-likelihood
+    assert np.allclose(got, lls, atol=1e-3)
+    assert [by_doc[i]["acc"] for i in range(len(items))] == [int(g) for g in greedy]
+    ppl, acc = math.exp(-float(np.mean(lls))), float(np.mean(greedy))
+    assert results["perplexity,none"] == pytest.approx(ppl, rel=1e-3)
+    assert results["acc,none"] == pytest.approx(acc)
+    print(f"lm-eval: perplexity {results['perplexity,none']:.6g} acc {results['acc,none']:.4f}; "
+          f"PyTorch: perplexity {ppl:.6g} acc {acc:.4f}")
+    return ppl, acc
+
+
+def test_lm_eval_local_completions_scores_as_pytorch(server, chat_deployment, torch_model, tmp_path):
+    """lm-eval's `local-completions` model against the server (echo + logprobs on token ids) on last-word
+    prediction over held-out Wikipedia sentences (tests/data/lastword_wiki.jsonl): its perplexity, accuracy
+    and every item's log-likelihood equal PyTorch's (the tiny random model: a huge perplexity, accuracy 0)."""
+    results, samples = run_lm_eval(server, chat_deployment, SEQLEN, tmp_path)
+    check_against_pytorch(results, samples, torch_model, chat_deployment, SEQLEN)
+
+
+@pytest.mark.slow
+def test_smollm2_lm_eval_and_chat_against_pytorch(tmp_path):
+    """The default model (SmolLM2-135M-Instruct, fp32 on ONNX Runtime): lm-eval's last-word score equals PyTorch's
+    (a real accuracy this time), and /v1/chat/completions renders its own chat template as transformers does."""
+    from transformers import AutoTokenizer
+
+    from sparsedeploy.export.stage import export
+    from sparsedeploy.pipeline.models import load, resolve
+
+    dep = export("smollm2-135m", seqlen=64, out=tmp_path / "deployment", head=False)
+    assert (dep / "chat_template.jinja").is_file() or "chat_template" in (dep / "tokenizer_config.json").read_text()
+    model, _ = load(resolve("smollm2-135m"))
+    app = create_app(Settings(str(dep), engine="onnxruntime", cores=None, timeout_s=120))
+    with running(app) as url:
+        results, samples = run_lm_eval(url, dep, 64, tmp_path)
+        ppl, acc = check_against_pytorch(results, samples, model, dep, 64)
+        assert acc > 0.1                            # the real model gets some last words right
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        templated = AutoTokenizer.from_pretrained(dep).apply_chat_template(messages, add_generation_prompt=True,
+                                                                           tokenize=False)
+        want = post(url, "/v1/completions", {"prompt": templated, "max_tokens": 12, "temperature": 0}).json()
+        got = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 12, "temperature": 0}).json()
+        assert got["choices"][0]["message"]["content"] == want["choices"][0]["text"] and want["choices"][0]["text"]
+        assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
