@@ -209,6 +209,9 @@ def test_openai_sdk_against_the_server(server, chat_deployment, deployment):
     assert "".join(ch.choices[0].text for ch in stream) == c.choices[0].text
     scored = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
     assert scored.choices[0].text == prompt and scored.choices[0].logprobs.token_logprobs[0] is None
+    echoed = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, echo=True,
+                                            stream=True))
+    assert echoed[0].choices[0].text == prompt and "".join(ch.choices[0].text for ch in echoed) == prompt + c.choices[0].text
     # chat: the reply is the greedy completion of the templated prompt
     messages = [{"role": "user", "content": "Tell me about the river"}]
     templated = AutoTokenizer.from_pretrained(chat_deployment).apply_chat_template(messages, add_generation_prompt=True,
