@@ -347,3 +347,61 @@ def test_smollm2_lm_eval_and_chat_against_pytorch(tmp_path):
         got = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 12, "temperature": 0}).json()
         assert got["choices"][0]["message"]["content"] == want["choices"][0]["text"] and want["choices"][0]["text"]
         assert got["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"]
+
+
+def test_a_scoring_job_queues_like_a_generation_and_a_dead_worker_is_a_503():
+    """EngineService.submit_score: runs in the engine thread after the generations queued before it; a worker
+    that dies during it fails it with 503 and is replaced (as for a generation)."""
+    import threading
+    import time
+
+    from sparsedeploy.engine.decode import ScoreResult
+    from sparsedeploy.serve.engine import EngineService
+
+    from .serve_helpers import FakeWorker
+
+    order = []
+
+    class ScoringWorker(FakeWorker):
+        def generate(self, prompt_ids, n, **kw):
+            order.append("generate")
+            yield from super().generate(prompt_ids, n, **kw)
+
+        def score(self, ids, top_k):
+            order.append("score")
+            if ids == [666]:
+                self._proc.kill()
+                raise RuntimeError("the engine worker process died (exit code -9)")
+            return ScoreResult(token_logprobs=[None] + [-1.0] * (len(ids) - 1), top_logprobs=[None] + [[]] * (len(ids) - 1),
+                               engine="fake", score_ms=0.0)
+
+    workers = []
+
+    def factory():
+        workers.append(ScoringWorker(delay=0.02))
+        return workers[-1]
+
+    svc = EngineService(factory, queue_size=4)
+    try:
+        events = {"gen": [], "score": [], "dead": []}
+        done = {k: threading.Event() for k in events}
+
+        def sink(key):
+            def on_event(ev):
+                events[key].append(ev)
+                if ev[0] in ("done", "error"):
+                    done[key].set()
+            return on_event
+
+        deadline = time.monotonic() + 30
+        svc.submit([1, 2, 3], 10, {"temperature": 0.0}, deadline, sink("gen"))
+        svc.submit_score([1, 2, 3], 2, deadline, sink("score"))
+        assert done["gen"].wait(10) and done["score"].wait(10)
+        assert order == ["generate", "score"]
+        assert events["score"][-1][0] == "done" and events["score"][-1][1].token_logprobs == [None, -1.0, -1.0]
+        svc.submit_score([666], 0, deadline, sink("dead"))
+        assert done["dead"].wait(10)
+        err = events["dead"][-1]
+        assert err[0] == "error" and err[1].status == 503 and svc.restarts == 1 and len(workers) == 2
+    finally:
+        svc.close(timeout=10)
