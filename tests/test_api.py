@@ -83,6 +83,15 @@ def test_score_tokens_equal_pytorch_log_softmax_chunked_and_token_by_token(deplo
     with WorkerRuntime("onnxruntime", deployment / "model.onnx", cores=1, seq_len=1, cache_len=SEQLEN) as w:
         res = w.score(ids, 0)
     assert np.allclose(res.token_logprobs[1:], want, atol=2e-4) and res.top_logprobs[1:] == [[]] * (len(ids) - 1)
+    # the native engine (chunks of any L through its own kernels), in its worker
+    from sparsedeploy.engine.deployment import read_deployment
+    from sparsedeploy.export.native import ensure_native
+
+    ensure_native(read_deployment(deployment))
+    with WorkerRuntime("native", deployment / "model.onnx", cores=1, seq_len=1, cache_len=SEQLEN) as w:
+        res = w.score(ids, 1)
+    assert np.allclose(res.token_logprobs[1:], want, atol=5e-4)
+    assert [top[0][0] for top in res.top_logprobs[1:]] == [int(np.argmax(ref[t - 1])) for t in range(1, len(ids))]
 
 
 def test_generated_tokens_logprobs_equal_pytorch(deployment, torch_model):
