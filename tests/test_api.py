@@ -341,13 +341,21 @@ def test_smollm2_lm_eval_and_chat_against_pytorch(tmp_path):
     from sparsedeploy.export.stage import export
     from sparsedeploy.pipeline.models import load, resolve
 
-    dep = export("smollm2-135m", seqlen=64, out=tmp_path / "deployment", head=False)
+    import time
+
+    t0 = time.perf_counter()
+    model, tokenizer = load(resolve("smollm2-135m"))
+    t1 = time.perf_counter()
+    dep = export("smollm2-135m", seqlen=64, out=tmp_path / "deployment", head=False, model=model, tokenizer=tokenizer)
+    print(f"load {t1 - t0:.1f} s, export {time.perf_counter() - t1:.1f} s")
     assert (dep / "chat_template.jinja").is_file() or "chat_template" in (dep / "tokenizer_config.json").read_text()
-    model, _ = load(resolve("smollm2-135m"))
-    app = create_app(Settings(str(dep), engine="onnxruntime", cores=None, timeout_s=120))
+    app = create_app(Settings(str(dep), engine="onnxruntime", cores=None, timeout_s=120, prefill_chunk=32))
     with running(app) as url:
+        t2 = time.perf_counter()
         results, samples = run_lm_eval(url, dep, 64, tmp_path)
+        t3 = time.perf_counter()
         ppl, acc = check_against_pytorch(results, samples, model, dep, 64)
+        print(f"lm-eval {t3 - t2:.1f} s, PyTorch reference {time.perf_counter() - t3:.1f} s")
         assert acc > 0.1                            # the real model gets some last words right
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         templated = AutoTokenizer.from_pretrained(dep).apply_chat_template(messages, add_generation_prompt=True,
