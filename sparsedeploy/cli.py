@@ -440,7 +440,7 @@ def serve(
     timeout_s: float = typer.Option(60.0, help="per-request limit (queue wait included): 504 after it"),
     prefill_chunk: int = typer.Option(0, help="0: prompt token by token; L: a prefill engine for L-token chunks"),
 ):
-    """Serve the deployment over HTTP: OpenAI-style POST /v1/completions (+ streaming), /health, /metrics."""
+    """Serve the deployment over HTTP: OpenAI-style /v1/completions, /v1/chat/completions (+ streaming), /health, /metrics."""
     from .serve.app import Settings, serve as serve_app
     serve_app(Settings(str(deployment), engine=engine, cores=cores, host=host, port=port,
                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, queue_size=queue_size,

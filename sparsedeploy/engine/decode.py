@@ -240,9 +240,90 @@ class GenerateResult:
     finish_reason: str                    # "length" | "stop" (a stop token) | "cancelled" | "timeout"
     prefill_ms: float
     decode_ms: list[float] = field(default_factory=list)
+    # with sample_decode(logprobs=K): per generated token [its log-probability, [[id, logprob] x K, most likely
+    # first]] under the model's own distribution (log-softmax of the raw logits, before temperature / top_p)
+    logprobs: list | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def log_softmax_rows(logits) -> np.ndarray:
+    """[..., V] logits -> float64 log-probabilities (max-shifted, so exp never overflows)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def top_logprobs(lp_row: np.ndarray, k: int) -> list[list]:
+    """The k most likely [id, logprob] of one log-probability row, most likely first (ties: lower id first)."""
+    if k <= 0:
+        return []
+    k = min(int(k), lp_row.size)
+    idx = np.argpartition(-lp_row, k - 1)[:k]
+    idx = idx[np.lexsort((idx, -lp_row[idx]))]
+    return [[int(i), float(lp_row[i])] for i in idx]
+
+
+@dataclass
+class ScoreResult:
+    """Teacher-forced log-probabilities of a token sequence: entry t is log p(ids[t] | ids[:t]) and the
+    top-k alternatives at t; entry 0 (no context) is None in both."""
+    token_logprobs: list
+    top_logprobs: list
+    engine: str
+    score_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_tokens(runtime, ids, top_k: int = 0, *, prefill=None, cache_len: int | None = None,
+                 max_positions: int | None = None, chunk: int = 64) -> ScoreResult:
+    """log p(ids[t] | ids[:t]) for every t >= 1 through the engine, plus the top_k most likely tokens at each
+    position: one forward over ids[:-1], in chunks of up to `chunk` tokens where the engine takes several
+    tokens per call (`prefill`, or the decode runtime itself when its shapes are dynamic), else token by token.
+    Only these numbers leave the function (not the [n, V] logits)."""
+    t0 = time.perf_counter()
+    ids = [int(t) for t in ids]
+    S = int(cache_len or runtime.cache_len or 0)
+    if not ids:
+        raise UserError("the prompt is empty", "give at least one token")
+    if len(ids) > S:
+        raise UserError(f"{len(ids)} tokens do not fit the cache of {S}", "score a shorter text")
+    if max_positions is None:
+        max_positions = runtime.io.get("max_positions") if getattr(runtime, "io", None) else None
+    if max_positions is not None and len(ids) - 1 > max_positions:
+        raise UserError(f"{len(ids)} tokens exceed the model's {max_positions} positions", "score a shorter text")
+    out_lp: list = [None]
+    out_top: list = [None]
+
+    def take(rows: np.ndarray, start: int) -> None:       # rows[j] follows ids[start + j] and predicts ids[start + j + 1]
+        lp = log_softmax_rows(rows)
+        for j in range(lp.shape[0]):
+            out_lp.append(float(lp[j, ids[start + j + 1]]))
+            out_top.append(top_logprobs(lp[j], top_k))
+
+    n = len(ids) - 1                                        # tokens to feed
+    seq = new_sequence(runtime, S) if n else None
+    pos = 0
+    multi = prefill if prefill is not None else (runtime if getattr(runtime, "dynamic", False) else None)
+    if n and multi is not None and isinstance(seq, KVSlots):
+        L = min(int(chunk), n, S // 2) if getattr(multi, "dynamic", False) else int(multi.seq_len or 1)
+        if L > 1 and n >= L:
+            slots = KVSlots(multi, L, S)
+            while n - pos >= L and pos + L <= S - L:
+                logits, _ = slots.step(ids[pos:pos + L], pos)
+                take(logits[0, -L:], pos)
+                pos += L
+            if pos:
+                seq.load(slots)
+    while pos < n:
+        logits, _ = seq.step(ids[pos:pos + 1], pos)
+        take(logits[0, -1:], pos)
+        pos += 1
+    return ScoreResult(token_logprobs=out_lp, top_logprobs=out_top, engine=runtime.name,
+                       score_ms=(time.perf_counter() - t0) * 1e3)
 
 
 def sample_token(logits, temperature: float = 0.0, top_p: float = 1.0, rng=None) -> int:
@@ -271,7 +352,7 @@ def sample_token(logits, temperature: float = 0.0, top_p: float = 1.0, rng=None)
 def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
                   max_positions: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int | None = None, stop_ids=(), on_token=None, should_stop=None,
-                  time_limit_s: float | None = None) -> GenerateResult:
+                  time_limit_s: float | None = None, logprobs: int | None = None) -> GenerateResult:
     """Generate up to `n` tokens after `prompt_ids`: the same KVSlots loop as greedy_decode, with sampling
     (`sample_token`; temperature 0 = greedy, the same tokens as greedy_decode) and early ends.
 
@@ -279,6 +360,7 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
     stop_ids: tokens that end the generation (e.g. EOS; included in `tokens`): finish_reason "stop".
     should_stop(): polled after every token; True ends it with finish_reason "cancelled".
     time_limit_s: wall time from the call; past it the generation ends with finish_reason "timeout".
+    logprobs: K (>= 0) fills `result.logprobs` with each token's log-probability and the K most likely tokens.
     """
     t_begin = time.perf_counter()
     prompt, S = _check_request(runtime, prompt_ids, n, cache_len, max_positions)
@@ -289,6 +371,13 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
     token = sample_token(logits[0, -1], temperature, top_p, rng)
     result = GenerateResult(tokens=[token], prompt_len=len(prompt), engine=runtime.name, finish_reason="length",
                             prefill_ms=(time.perf_counter() - t_begin) * 1e3)
+    if logprobs is not None:
+        result.logprobs = []
+
+        def record(row, tok):
+            lp = log_softmax_rows(row)
+            result.logprobs.append([float(lp[tok]), top_logprobs(lp, logprobs)])
+        record(logits[0, -1], token)
     while True:
         if on_token is not None:
             on_token(token)
@@ -306,6 +395,8 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
         t0 = time.perf_counter()
         logits, _ = dec.step((token,), pos)
         token = sample_token(logits[0, -1], temperature, top_p, rng)
+        if logprobs is not None:
+            record(logits[0, -1], token)
         pos += 1
         result.tokens.append(token)
         result.decode_ms.append((time.perf_counter() - t0) * 1e3)

@@ -126,6 +126,8 @@ def _worker_main() -> None:
                 result = dec.greedy_decode(step, msg[1], msg[2], prefill=prefill, **msg[3])
             elif kind == "generate":    # streamed: ("token", t) per token, then the final ("ok", GenerateResult)
                 result = _generate_in_worker(dec, step, prefill, proto_out, msg)
+            elif kind == "score":       # per-token log-probabilities of a sequence (ScoreResult), not the logits
+                result = dec.score_tokens(step, msg[1], msg[2], prefill=prefill, **msg[3])
             else:
                 raise ValueError(f"unknown request {kind!r}")
             _send(proto_out, ("ok", result))
@@ -229,6 +231,11 @@ class WorkerRuntime(Runtime):
                 return
             else:
                 raise payload
+
+    def score(self, ids, top_k: int = 0, **kwargs):
+        """score_tokens inside the worker: log p(ids[t] | ids[:t]) and the top_k alternatives at every position
+        (a ScoreResult); only those numbers cross the pipe."""
+        return self._call(("score", [int(t) for t in ids], int(top_k), kwargs))
 
     def cancel(self) -> None:
         """Ask the worker to end the generation in progress after its current token (no-op when idle)."""

@@ -1,6 +1,8 @@
 """`sparsedeploy serve`: one deployment behind an OpenAI-style HTTP API (FastAPI + uvicorn).
 
-    POST /v1/completions   {"prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed"}
+    POST /v1/completions   {"prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed", "echo", "logprobs"}
+    POST /v1/chat/completions  {"messages", "max_tokens" | "max_completion_tokens", "temperature", "top_p", "stop",
+                           "stream", "seed"}: the prompt is the tokenizer's chat template applied to the messages
     GET  /health           200 {"status": "ok", ...} when the engine is ready, else 503 {"status": ...}
     GET  /metrics          Prometheus text: requests by endpoint/status, tokens, latency/TTFT histograms, queue
     GET  /v1/models        the one model served
@@ -10,10 +12,18 @@ the bench's KV-cache loop (sparsedeploy.engine.decode.sample_decode); temperatur
 sampling (temperature, top_p, seed) happens in numpy inside the worker. Protection: body size, prompt and
 generation token limits (prompt + max_tokens <= the deployment's seqlen), a bounded queue (full -> 429 at
 once), a per-request timeout (504), and every bad request gets a 4xx JSON error, never a 500.
+
+Completions also take a prompt as token ids (`[1, 2, 3]` or `[[1, 2, 3]]`, what lm-eval sends), `echo`
+(the prompt text before the completion) and `logprobs` K = 0..5 (OpenAI's legacy object: tokens,
+token_logprobs, top_logprobs, text_offset; log-probabilities of the model's own distribution, before
+temperature/top_p). With echo the prompt's tokens are scored too (a separate scoring pass through the
+engine; the first token has no logprob), and `max_tokens` 0 scores the prompt alone. Logprobs are not
+streamed (stream + logprobs is a 400).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -21,13 +31,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
 
 from ..errors import UserError, check
 from .engine import EngineService, ServeError
@@ -35,7 +45,10 @@ from .metrics import TOKEN_BUCKETS, Metrics
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
-ENDPOINTS = ("/v1/completions", "/health", "/metrics", "/v1/models")
+MAX_LOGPROBS = 5
+MAX_MESSAGES = 256
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/v1/models")
+GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 
 
 @dataclass
@@ -56,30 +69,86 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------------------- schema
+_Stop = Union[None, Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)],
+              Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                        Field(max_length=MAX_STOP)]]
+_TokenIds = Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(BaseModel):
     """What POST /v1/completions accepts (OpenAI's fields; others are ignored). Types are strict:
-    "5" is not an integer, true is not a number, NaN/Infinity are refused."""
+    "5" is not an integer, true is not a number, NaN/Infinity are refused. One prompt per request: a string,
+    token ids, or a list holding one of either."""
     model_config = ConfigDict(extra="ignore")
     model: Optional[StrictStr] = None
-    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=1)]]
-    max_tokens: Annotated[int, Field(strict=True, ge=1)] = 16
+    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=1)], _TokenIds,
+                  Annotated[list[_TokenIds], Field(min_length=1, max_length=1)]]
+    max_tokens: Annotated[int, Field(strict=True, ge=0)] = 16
     temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
-    stop: Union[None, Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)],
-                Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
-                          Field(max_length=MAX_STOP)]] = None
+    stop: _Stop = None
     stream: StrictBool = False
     seed: Optional[Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]] = None
     n: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
+    echo: StrictBool = False
+    logprobs: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)]] = None
+
+    @model_validator(mode="after")
+    def _zero_tokens_only_to_score(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only accepted with echo=true (scoring the prompt); ask for at least 1")
+        return self
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Annotated[StrictStr, Field(min_length=1, max_length=32)]
+    content: Union[StrictStr, Annotated[list[_TextPart], Field(max_length=64)], None] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(BaseModel):
+    """What POST /v1/chat/completions accepts (OpenAI's fields; others are ignored). max_tokens and
+    max_completion_tokens mean the same (the newer name wins); without either the reply may run to the
+    server's --max-new-tokens or the end of the context."""
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[StrictStr] = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
+    max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
+    temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
+    top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
+    stop: _Stop = None
+    stream: StrictBool = False
+    seed: Optional[Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]] = None
+    n: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
+    logprobs: Optional[StrictBool] = None
 
 
 def _validation_message(err) -> str:
     parts = []
     for e in err.errors(include_input=False, include_url=False)[:3]:
-        loc = list(e.get("loc", ()))     # the field, then union-member tags and list indices: keep field + indices
-        loc = ".".join([str(loc[0])] + [str(x) for x in loc[1:] if isinstance(x, int)]) if loc else ""
+        loc = list(e.get("loc", ()))     # fields, list indices and union-member tags: drop the tags
+        loc = ".".join([str(loc[0])] + [str(x) for x in loc[1:] if isinstance(x, int) or _is_field_name(x)]) if loc else ""
         parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
     return "; ".join(parts)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after"}
+
+
+def _is_field_name(part) -> bool:
+    return isinstance(part, str) and part.isidentifier() and part.islower() and part not in _TYPE_TAGS
 
 
 def parse_request(body: bytes, schema=CompletionRequest) -> CompletionRequest:
@@ -101,13 +170,17 @@ def parse_request(body: bytes, schema=CompletionRequest) -> CompletionRequest:
     except (RecursionError, ValueError, TypeError) as e:
         raise ServeError(422, "invalid_request_error", f"invalid request ({type(e).__name__})") from None
     # JSON may escape lone surrogates ("\ud800"): valid JSON, but not text any tokenizer can take
-    texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if isinstance(req, ChatRequest):
+        texts = [m.role for m in req.messages] + [m.text() for m in req.messages]
+    else:
+        texts = [req.prompt] if isinstance(req.prompt, str) else [p for p in req.prompt if isinstance(p, str)]
     texts += [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
     for t in texts:
         try:
             t.encode("utf-8")
         except UnicodeEncodeError:
-            raise ServeError(400, "invalid_request_error", "prompt/stop hold invalid Unicode (a lone surrogate)") from None
+            raise ServeError(400, "invalid_request_error",
+                             "prompt/messages/stop hold invalid Unicode (a lone surrogate)") from None
     return req
 
 
@@ -124,15 +197,26 @@ class Tokenizer:
 
         self.tok = _Tok.from_file(str(deployment / "tokenizer.json"))
         eos = set()
+        self.special: dict[str, str] = {}                 # bos_token, eos_token, ... as the chat template sees them
+        docs = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             try:
-                doc = json.loads((deployment / name).read_text(encoding="utf-8"))
+                docs[name] = doc = json.loads((deployment / name).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
+            if not isinstance(doc, dict):
+                continue
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+                v = doc.get(key)
+                v = v.get("content") if isinstance(v, dict) else v
+                if isinstance(v, str):
+                    self.special[key] = v
             t = doc.get("eos_token")
             t = t.get("content") if isinstance(t, dict) else t
             if isinstance(t, str) and self.tok.token_to_id(t) is not None:
                 eos.add(int(self.tok.token_to_id(t)))
+        self.chat_template = _read_chat_template(deployment, docs.get("tokenizer_config.json"))
+        self.vocab_size = int(config.get("vocab_size") or self.tok.get_vocab_size(with_added_tokens=True))
         cfg_eos = config.get("eos_token_id")
         for t in cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]:
             if isinstance(t, int) and 0 <= t < self.tok.get_vocab_size(with_added_tokens=True):
@@ -144,6 +228,77 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def decode_raw(self, ids: list[int]) -> str:
+        """Special tokens included: how a prompt given as token ids is echoed."""
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_text(self, token: int) -> str:
+        """One token as a logprobs entry: its text, or, for a piece of a UTF-8 character, "bytes:\\xNN..."
+        (OpenAI's spelling) so that distinct tokens stay distinct keys of top_logprobs."""
+        text = self.decode_raw([token])
+        if "\ufffd" not in text:
+            return text
+        piece = self.tok.id_to_token(int(token)) or text
+        table = _byte_level_inverse()
+        if all(c in table for c in piece):
+            return "bytes:" + "".join(f"\\x{table[c]:02x}" for c in piece)
+        return piece
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_inverse() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in character -> the byte it stands for."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _read_chat_template(deployment: Path, config: dict | None) -> str | None:
+    """The tokenizer's chat template: chat_template.jinja (transformers 5 writes it there) or the
+    "chat_template" entry of tokenizer_config.json (a string, or named templates: "default")."""
+    f = deployment / "chat_template.jinja"
+    if f.is_file():
+        return f.read_text(encoding="utf-8") or None
+    t = (config or {}).get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default")
+    return t if isinstance(t, str) and t.strip() else None
+
+
+class ChatTemplate:
+    """A Hugging Face chat template rendered as transformers' apply_chat_template does (sandboxed Jinja,
+    trim_blocks + lstrip_blocks, raise_exception / strftime_now / tojson), add_generation_prompt=True."""
+
+    def __init__(self, source: str, special: dict[str, str]):
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            return time.strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        self.template = env.from_string(source)        # TemplateSyntaxError on a broken template
+        self.special = dict(special)
+
+    def render(self, messages: list[dict]) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
 
 
 class TextStream:
@@ -210,7 +365,7 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send_wrap)
         finally:
             self.metrics.inc("requests_total", endpoint=endpoint, status=str(state["status"]))
-            if endpoint == "/v1/completions":
+            if endpoint in GENERATION_ENDPOINTS:
                 self.metrics.observe("request_duration_seconds", time.perf_counter() - t0, endpoint=endpoint)
 
 
@@ -288,11 +443,20 @@ def create_app(settings: Settings, *, worker_factory=None):
     max_positions = meta.get("max_positions")
     config = json.loads((dep / "config.json").read_text(encoding="utf-8"))
     tok = Tokenizer(dep, config)
+    chat, chat_problem = None, None
+    if tok.chat_template is None:
+        chat_problem = (f"the deployment's tokenizer has no chat template (no chat_template.jinja or tokenizer_config.json "
+                        f"\"chat_template\" in {dep}); use /v1/completions with the model's own prompt format, "
+                        f"or export an instruct model whose tokenizer carries one")
+    else:
+        try:
+            chat = ChatTemplate(tok.chat_template, tok.special)
+        except Exception as e:  # noqa: BLE001 - a broken template must not stop /v1/completions
+            chat_problem = f"the deployment's chat template does not compile ({type(e).__name__}: {e}); fix or remove it"
     model_name = Path(str(meta.get("source") or dep.resolve().name)).name
-    schema = CompletionRequest
     metrics = Metrics()
     metrics.describe("requests_total", "counter", "HTTP requests by endpoint and status code")
-    metrics.describe("request_duration_seconds", "histogram", "completion request latency, to the last byte")
+    metrics.describe("request_duration_seconds", "histogram", "(chat) completion request latency, to the last byte")
     metrics.describe("time_to_first_token_seconds", "histogram", "request arrival to the first generated token")
     metrics.describe("generated_tokens_total", "counter", "tokens generated")
     metrics.describe("prompt_tokens_total", "counter", "prompt tokens processed")
@@ -302,6 +466,7 @@ def create_app(settings: Settings, *, worker_factory=None):
     metrics.describe("worker_restarts_total", "counter", "engine worker restarts after a crash")
     for name in ("generated_tokens_total", "prompt_tokens_total", "worker_restarts_total"):
         metrics.inc(name, 0)
+    context_limit = min(seqlen, max_positions + 1) if max_positions else seqlen
     factory = worker_factory or default_worker_factory(settings, meta)
     service = EngineService(factory, queue_size=settings.queue_size, metrics=metrics, max_restarts=settings.max_restarts,
                             hang_grace_s=settings.hang_grace_s)
@@ -353,131 +518,289 @@ def create_app(settings: Settings, *, worker_factory=None):
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def admit(req) -> tuple[list[int], list[str]]:
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        ids = tok.encode(prompt)
+    def prompt_of(req) -> tuple[list[int], str]:
+        """The request's prompt as (token ids, its text)."""
+        p = req.prompt
+        if isinstance(p, list) and len(p) == 1 and not isinstance(p[0], int):
+            p = p[0]                                    # ["text"] or [[ids]]
+        if isinstance(p, str):
+            return tok.encode(p), p
+        bad = next((t for t in p if t >= tok.vocab_size), None)
+        if bad is not None:
+            raise ServeError(400, "invalid_request_error",
+                             f"prompt token id {bad} is outside the model's vocabulary (0..{tok.vocab_size - 1})")
+        return list(p), tok.decode_raw(list(p))
+
+    def admit(ids: list[int], max_tokens: int) -> None:
         if not ids:
             raise ServeError(400, "invalid_request_error", "the prompt is empty (no tokens)")
         if len(ids) > settings.max_prompt_tokens:
             raise ServeError(400, "context_length_exceeded",
                              f"the prompt has {len(ids)} tokens; this server accepts at most {settings.max_prompt_tokens}")
-        if req.max_tokens > settings.max_new_tokens:
+        if max_tokens > settings.max_new_tokens:
             raise ServeError(400, "invalid_request_error",
-                             f"max_tokens {req.max_tokens} exceeds this server's limit of {settings.max_new_tokens}")
-        limit = min(seqlen, max_positions + 1) if max_positions else seqlen
-        if len(ids) + req.max_tokens > limit:
+                             f"max_tokens {max_tokens} exceeds this server's limit of {settings.max_new_tokens}")
+        if len(ids) + max_tokens > context_limit:
             raise ServeError(400, "context_length_exceeded",
-                             f"{len(ids)} prompt tokens + max_tokens {req.max_tokens} exceed the deployment's "
-                             f"{limit}-token context; shorten the prompt or lower max_tokens")
-        stops = [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
-        return ids, stops
+                             f"{len(ids)} prompt tokens + max_tokens {max_tokens} exceed the deployment's "
+                             f"{context_limit}-token context; shorten the prompt or lower max_tokens")
+
+    def stops_of(req) -> list[str]:
+        return [] if req.stop is None else [req.stop] if isinstance(req.stop, str) else list(req.stop)
+
+    def submit(ids, max_tokens, params, deadline, kind="generate"):
+        """Queue a job; returns (job, its event queue)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(ev):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:          # the loop is gone (server stopped)
+                pass
+
+        if kind == "score":
+            return service.submit_score(ids, params["top_k"], deadline, on_event), events
+        return service.submit(ids, max_tokens, params, deadline, on_event), events
+
+    async def next_event(job, events, deadline):
+        try:
+            return await asyncio.wait_for(events.get(), timeout=max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            service.cancel_active(job)
+            raise ServeError(504, "timeout", f"the request took longer than {settings.timeout_s:g} s") from None
+
+    async def score_prompt(ids, top_k, deadline):
+        """The prompt's ScoreResult, through the engine thread (raises ServeError)."""
+        job, events = submit(ids, 0, {"top_k": top_k}, deadline, kind="score")
+        try:
+            ev = await next_event(job, events, deadline)
+        finally:
+            if not job.finished.is_set():
+                service.cancel_active(job)
+        if ev[0] == "done":
+            return ev[1]
+        raise ev[1]
+
+    async def generate(job, events, text: TextStream, deadline, arrived):
+        """Yields ("text", piece) then ("end", finish_reason, GenerateResult); raises ServeError."""
+        n, first = 0, True
+        try:
+            while True:
+                ev = await next_event(job, events, deadline)
+                if ev[0] == "token":
+                    n += 1
+                    if first:
+                        metrics.observe("time_to_first_token_seconds", time.perf_counter() - arrived)
+                        first = False
+                    piece = text.add(ev[1])
+                    if text.stopped:
+                        service.cancel_active(job)
+                    if piece:
+                        yield ("text", piece)
+                elif ev[0] == "done":
+                    res = ev[1]
+                    reason = "stop" if text.stopped else res.finish_reason
+                    if reason == "timeout":
+                        raise ServeError(504, "timeout", f"the request took longer than {settings.timeout_s:g} s")
+                    if reason == "cancelled":
+                        reason = "stop"
+                    tail = text.finish()
+                    if tail:
+                        yield ("text", tail)
+                    yield ("end", reason, res)
+                    return
+                else:
+                    raise ev[1]
+        finally:
+            metrics.inc("generated_tokens_total", n)
+            if not job.finished.is_set():
+                service.cancel_active(job)      # client gone or error: free the engine
+
+    def offsets(ids: list[int], decode, base: int) -> list[int]:
+        """Where each token's text starts in decode(ids), plus base."""
+        return [base + len(decode(ids[:i])) for i in range(len(ids))]
+
+    def logprobs_doc(ids, lps, tops, starts) -> dict:
+        """OpenAI's legacy completions logprobs object for tokens `ids`."""
+        return {"tokens": [tok.token_text(t) for t in ids], "token_logprobs": list(lps),
+                "top_logprobs": [None if top is None else {tok.token_text(i): lp for i, lp in top} for top in tops],
+                "text_offset": starts}
+
+    def usage(n_prompt: int, completion: int) -> dict:
+        return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
+
+    def sse_response(gen):
+        return StreamingResponse(gen, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def sse_error(e: ServeError) -> str:
+        metrics.inc("completion_errors_total", kind=e.kind)
+        return f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.status}})}\n\n"
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         arrived = time.perf_counter()
+        deadline = time.monotonic() + settings.timeout_s
         try:
-            req = parse_request(await read_body(request), schema)
-            ids, stops = admit(req)
-            loop = asyncio.get_running_loop()
-            events: asyncio.Queue = asyncio.Queue()
-
-            def on_event(ev):
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, ev)
-                except RuntimeError:          # the loop is gone (server stopped)
-                    pass
-
-            params = {"temperature": float(req.temperature), "top_p": float(req.top_p),
-                      "seed": req.seed, "stop_ids": tok.eos_ids}
-            deadline = time.monotonic() + settings.timeout_s
-            job = service.submit(ids, req.max_tokens, params, deadline, on_event)
+            req = parse_request(await read_body(request), CompletionRequest)
+            ids, prompt_text = prompt_of(req)
+            admit(ids, req.max_tokens)
+            stops = stops_of(req)
+            if req.stream and req.logprobs is not None:
+                raise ServeError(400, "invalid_request_error",
+                                 "logprobs are not streamed; send stream=false to get them")
+            metrics.inc("prompt_tokens_total", len(ids))
+            scored = None
+            if req.echo and req.logprobs is not None:
+                scored = await score_prompt(ids, req.logprobs, deadline)
+            job = events = None
+            if req.max_tokens > 0:
+                params = {"temperature": float(req.temperature), "top_p": float(req.top_p),
+                          "seed": req.seed, "stop_ids": tok.eos_ids}
+                if req.logprobs is not None:
+                    params["logprobs"] = int(req.logprobs)
+                job, events = submit(ids, req.max_tokens, params, deadline)
         except ServeError as e:
             metrics.inc("completion_errors_total", kind=e.kind)
             return _error(e, {"Retry-After": "1"} if e.status in (429, 503) else None)
-        metrics.inc("prompt_tokens_total", len(ids))
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         text = TextStream(tok, stops)
+        echoed = prompt_text if req.echo else ""
 
-        async def generate():
-            """Yields ("text", piece) then ("end", finish_reason, n_tokens); raises ServeError."""
-            n, first = 0, True
-            try:
-                while True:
-                    left = deadline - time.monotonic()
-                    try:
-                        ev = await asyncio.wait_for(events.get(), timeout=max(left, 0.001))
-                    except asyncio.TimeoutError:
-                        service.cancel_active(job)
-                        raise ServeError(504, "timeout", f"the request took longer than {settings.timeout_s:g} s") from None
-                    if ev[0] == "token":
-                        n += 1
-                        if first:
-                            metrics.observe("time_to_first_token_seconds", time.perf_counter() - arrived)
-                            first = False
-                        piece = text.add(ev[1])
-                        if text.stopped:
-                            service.cancel_active(job)
-                        if piece:
-                            yield ("text", piece)
-                    elif ev[0] == "done":
-                        res = ev[1]
-                        reason = "stop" if text.stopped else res.finish_reason
-                        if reason == "timeout":
-                            raise ServeError(504, "timeout", f"the request took longer than {settings.timeout_s:g} s")
-                        if reason == "cancelled":
-                            reason = "stop"
-                        tail = text.finish()
-                        if tail:
-                            yield ("text", tail)
-                        yield ("end", reason, len(res.tokens))
-                        return
-                    else:
-                        raise ev[1]
-            finally:
-                metrics.inc("generated_tokens_total", n)
-                if not job.finished.is_set():
-                    service.cancel_active(job)      # client gone or error: free the engine
+        async def run():
+            if job is None:                         # max_tokens 0 (echo): nothing to generate
+                yield ("end", "length", None)
+                return
+            async for ev in generate(job, events, text, deadline, arrived):
+                yield ev
 
-        def usage(completion: int) -> dict:
-            return {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
-
-        def chunk(piece: str, reason=None, extra=None) -> dict:
+        def chunk(piece: str, reason=None, extra=None, logprobs=None) -> dict:
             doc = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                   "choices": [{"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}]}
+                   "choices": [{"text": piece, "index": 0, "logprobs": logprobs, "finish_reason": reason}]}
             doc.update(extra or {})
+            return doc
+
+        def logprobs_of(completion: str, res) -> dict | None:
+            if req.logprobs is None:
+                return None
+            doc = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            if scored is not None:
+                doc = logprobs_doc(ids, scored.token_logprobs, scored.top_logprobs, offsets(ids, tok.decode_raw, 0))
+            if res is not None and res.logprobs is not None:
+                gen = list(res.tokens)
+                starts = offsets(gen, tok.decode, len(echoed))
+                keep = len(gen) if not text.stopped else sum(1 for o in starts if o < len(echoed) + len(completion))
+                part = logprobs_doc(gen[:keep], [lp for lp, _ in res.logprobs[:keep]],
+                                    [top for _, top in res.logprobs[:keep]], starts[:keep])
+                for k in doc:
+                    doc[k] = doc[k] + part[k]
             return doc
 
         if not req.stream:
             parts = []
             try:
-                async for ev in generate():
+                async for ev in run():
                     if ev[0] == "text":
                         parts.append(ev[1])
                     else:
-                        _, reason, count = ev
+                        _, reason, res = ev
             except ServeError as e:
                 metrics.inc("completion_errors_total", kind=e.kind)
                 return _error(e)
+            count = len(res.tokens) if res is not None else 0
             metrics.observe("completion_tokens", count, buckets=TOKEN_BUCKETS)
-            return JSONResponse({**chunk("".join(parts), reason), "usage": usage(count)})
+            completion = "".join(parts)
+            return JSONResponse({**chunk(echoed + completion, reason, logprobs=logprobs_of(completion, res)),
+                                 "usage": usage(len(ids), count)})
 
         async def sse():
             try:
-                async for ev in generate():
+                if echoed:
+                    yield f"data: {json.dumps(chunk(echoed))}\n\n"
+                async for ev in run():
                     if ev[0] == "text":
                         yield f"data: {json.dumps(chunk(ev[1]))}\n\n"
                     else:
-                        _, reason, count = ev
+                        _, reason, res = ev
+                        count = len(res.tokens) if res is not None else 0
                         metrics.observe("completion_tokens", count, buckets=TOKEN_BUCKETS)
-                        yield f"data: {json.dumps(chunk('', reason, {'usage': usage(count)}))}\n\n"
+                        yield f"data: {json.dumps(chunk('', reason, {'usage': usage(len(ids), count)}))}\n\n"
             except ServeError as e:
-                metrics.inc("completion_errors_total", kind=e.kind)
-                yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.status}})}\n\n"
+                yield sse_error(e)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse_response(sse())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrived = time.perf_counter()
+        deadline = time.monotonic() + settings.timeout_s
+        try:
+            req = parse_request(await read_body(request), ChatRequest)
+            if req.logprobs:
+                raise ServeError(400, "invalid_request_error",
+                                 "logprobs are not supported on /v1/chat/completions; use /v1/completions")
+            if chat is None:
+                raise ServeError(400, "invalid_request_error", chat_problem)
+            try:
+                prompt = chat.render([{"role": m.role, "content": m.text()} for m in req.messages])
+            except Exception as e:  # noqa: BLE001 - the template's own complaint (raise_exception) or a render error
+                raise ServeError(400, "invalid_request_error",
+                                 f"the chat template refused these messages: {str(e)[:300]}") from None
+            ids = tok.encode(prompt)
+            asked = req.max_completion_tokens or req.max_tokens
+            max_tokens = asked or max(1, min(settings.max_new_tokens, context_limit - len(ids)))
+            admit(ids, max_tokens)
+            metrics.inc("prompt_tokens_total", len(ids))
+            job, events = submit(ids, max_tokens, {"temperature": float(req.temperature), "top_p": float(req.top_p),
+                                                   "seed": req.seed, "stop_ids": tok.eos_ids}, deadline)
+        except ServeError as e:
+            metrics.inc("completion_errors_total", kind=e.kind)
+            return _error(e, {"Retry-After": "1"} if e.status in (429, 503) else None)
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        text = TextStream(tok, stops_of(req))
+
+        if not req.stream:
+            parts = []
+            try:
+                async for ev in generate(job, events, text, deadline, arrived):
+                    if ev[0] == "text":
+                        parts.append(ev[1])
+                    else:
+                        _, reason, res = ev
+            except ServeError as e:
+                metrics.inc("completion_errors_total", kind=e.kind)
+                return _error(e)
+            metrics.observe("completion_tokens", len(res.tokens), buckets=TOKEN_BUCKETS)
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                                              "logprobs": None, "finish_reason": reason}],
+                                 "usage": usage(len(ids), len(res.tokens))})
+
+        def chunk(delta: dict, reason=None, extra=None) -> str:
+            doc = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+            doc.update(extra or {})
+            return f"data: {json.dumps(doc)}\n\n"
+
+        async def sse():
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for ev in generate(job, events, text, deadline, arrived):
+                    if ev[0] == "text":
+                        yield chunk({"content": ev[1]})
+                    else:
+                        _, reason, res = ev
+                        metrics.observe("completion_tokens", len(res.tokens), buckets=TOKEN_BUCKETS)
+                        yield chunk({}, reason, {"usage": usage(len(ids), len(res.tokens))})
+            except ServeError as e:
+                yield sse_error(e)
+            yield "data: [DONE]\n\n"
+
+        return sse_response(sse())
 
     return app
 
@@ -509,7 +832,7 @@ def serve(settings: Settings) -> None:
     app = create_app(settings)
     svc = app.state.service
     ui.info(f"serving {settings.deployment} ({svc.info['engine']}, compiled in {svc.info['compile_s']:.2f} s) "
-            f"on http://{settings.host}:{settings.port}  — POST /v1/completions, GET /health, GET /metrics")
+            f"on http://{settings.host}:{settings.port}  — POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics")
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=int(settings.timeout_s) + 5,
                             limit_concurrency=2 * settings.queue_size + 64, lifespan="on")

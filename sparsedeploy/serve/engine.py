@@ -3,6 +3,7 @@
     svc = EngineService(factory, queue_size=16, metrics=m)   # factory() -> WorkerRuntime (compiles)
     job = svc.submit(prompt_ids, max_new, params, deadline, on_event)   # raises QueueFull at once
     ... on_event(("token", id)), then exactly one of on_event(("done", GenerateResult)) / on_event(("error", ServeError))
+    job = svc.submit_score(prompt_ids, top_k, deadline, on_event)   # prompt log-probs: ("done", ScoreResult) | error
     svc.close()                                              # finishes the running and queued jobs, then stops
 
 Requests run one at a time through `WorkerRuntime.generate` (the decode loop with its preallocated cache).
@@ -36,7 +37,9 @@ class QueueFull(ServeError):
 
 
 class Job:
-    def __init__(self, prompt_ids, max_new: int, params: dict, deadline: float, on_event: Callable):
+    def __init__(self, prompt_ids, max_new: int, params: dict, deadline: float, on_event: Callable,
+                 kind: str = "generate"):
+        self.kind = kind                         # "generate" | "score" (see EngineService.submit_score)
         self.prompt_ids = list(prompt_ids)
         self.max_new = int(max_new)
         self.params = dict(params)
@@ -139,7 +142,8 @@ class EngineService:
         with self._cv:
             return len(self._queue) + (self._active is not None)
 
-    def submit(self, prompt_ids, max_new: int, params: dict, deadline: float, on_event: Callable) -> Job:
+    def submit(self, prompt_ids, max_new: int, params: dict, deadline: float, on_event: Callable,
+               kind: str = "generate") -> Job:
         with self._cv:
             if self.state == "failed":
                 raise ServeError(503, "engine_unavailable", self.error or "the engine has failed")
@@ -147,7 +151,7 @@ class EngineService:
                 raise ServeError(503, "shutting_down", "the server is shutting down")
             if len(self._queue) >= self.queue_size:
                 raise QueueFull(self.queue_size)
-            job = Job(prompt_ids, max_new, params, deadline, on_event)
+            job = Job(prompt_ids, max_new, params, deadline, on_event, kind)
             self._queue.append(job)
             self._cv.notify_all()
         self._gauge()
@@ -193,7 +197,10 @@ class EngineService:
                 if self.state not in ("ready", "stopping") or self.worker is None:
                     self._finish(job, ("error", ServeError(503, "engine_unavailable", self.error or "no engine")))
                     continue
-                self._run(job, remaining)
+                if job.kind == "score":
+                    self._run_score(job)
+                else:
+                    self._run(job, remaining)
             finally:
                 with self._cv:
                     self._active = None
@@ -213,6 +220,30 @@ class EngineService:
                 else:
                     self._finish(job, ("done", payload))
                     return
+        except RuntimeError as e:
+            if "process died" not in str(e) and "closed" not in str(e):
+                self._finish(job, ("error", ServeError(500, "engine_error", f"{type(e).__name__}: {e}")))
+                return
+            self._finish(job, ("error", ServeError(503, "engine_unavailable",
+                                                   "the engine worker died during this request; it is being restarted")))
+            self._restart(str(e))
+        except Exception as e:  # noqa: BLE001 - an error raised inside the worker for this request
+            status = 400 if type(e).__name__ == "UserError" else 500
+            self._finish(job, ("error", ServeError(status, "invalid_request_error" if status == 400 else "engine_error",
+                                                   str(e))))
+        finally:
+            job.started = None
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def submit_score(self, prompt_ids, top_k: int, deadline: float, on_event: Callable) -> Job:
+        """Queue a scoring job (the prompt's token log-probabilities, for echo + logprobs): it waits in the same
+        queue as generations and runs in the engine thread; on_event gets ("done", ScoreResult) or ("error", ...)."""
+        return self.submit(prompt_ids, 0, {"top_k": int(top_k)}, deadline, on_event, kind="score")
+
+    def _run_score(self, job: Job) -> None:
+        job.started = time.monotonic()
+        try:
+            self._finish(job, ("done", self.worker.score(job.prompt_ids, job.params["top_k"])))
         except RuntimeError as e:
             if "process died" not in str(e) and "closed" not in str(e):
                 self._finish(job, ("error", ServeError(500, "engine_error", f"{type(e).__name__}: {e}")))
