@@ -320,3 +320,84 @@ class NativeModel:
                 lay["down"].mat(act, x, True)
             new.append((nk, nv))
         return self.logits(x, h), new
+
+    # ------------------------------------------------------------------ batched steps
+    def open_batch(self, max_batch: int, cache_len: int, max_rows: int) -> "BatchState":
+        """The preallocated state of batched steps: a KV cache of `max_batch` sequence slots of `cache_len`
+        positions each, and work buffers for up to `max_rows` rows per step (nothing is allocated per step
+        but numpy views and the rows' embedding gather)."""
+        return BatchState(self, max_batch, cache_len, max_rows)
+
+    def forward_rows(self, st: "BatchState", ids: np.ndarray, slots: np.ndarray, positions: np.ndarray,
+                     want: np.ndarray) -> np.ndarray:
+        """One batched step: row r is token ids[r] of the sequence in cache slot slots[r] at positions[r]
+        (decode rows: one per sequence; a prefill chunk: consecutive positions of one sequence). Every linear
+        group runs once over all R rows ([R, in] products: each weight read once per step); attention runs
+        per row over its own slot (causal within a chunk). Returns logits [len(want), V] of the rows `want`
+        (a view into a buffer the next step overwrites)."""
+        R = ids.shape[0]
+        if R > st.max_rows:
+            raise UserError(f"{R} rows in one step exceed the batch's {st.max_rows}", "feed fewer prompt tokens per step")
+        if R and int(positions.max()) >= st.S:
+            raise UserError(f"position {int(positions.max())} is beyond the batch cache's {st.S}", "generate fewer tokens")
+        x, h, qkv, attn = st.x[:R], st.h[:R], st.qkv[:R], st.attn[:R]
+        up, act = st.up[:R], st.act[:R]
+        self.embed_tokens(ids, positions, x)
+        silu = self.arch.act == "silu_mul"
+        scratch = st.scratch
+        for i, lay in enumerate(self.layers):
+            self._norm(x, lay["attn_norm"], h)
+            lay["qkv"].mat(h, qkv, False)
+            K.attention_rows(qkv, self.H, self.Hkv, self.D, slots, positions, self.cos, self.sin, self.arch.rope,
+                             self.scale, st.k[i], st.v[i], attn, scratch)
+            lay["o"].mat(attn, x, True)
+            self._norm(x, lay["mlp_norm"], h)
+            if silu:
+                lay["up"].mat(h, up, False)
+                K.silu_mul(up, self.inter, act)
+                lay["down"].mat(act, x, True)
+            else:
+                lay["up"].mat(h, act, False)
+                K.relu_(act)
+                lay["down"].mat(act, x, True)
+        n = want.shape[0]
+        xs, hs = st.xs[:n], st.hs[:n]
+        np.take(x, want, axis=0, out=xs)
+        if self.final_norm is not None:
+            self._norm(xs, self.final_norm, hs)
+        else:
+            hs[...] = xs
+        if self.project_out is not None:
+            h2 = np.zeros((n, self.project_out.rows), np.float32)
+            self.project_out.mat(hs, h2, False)
+            hs = h2
+        out = st.logits[:n]
+        self.lm_head.mat(hs, out, False)
+        return out
+
+
+class BatchState:
+    """What NativeModel.forward_rows works in: per layer a key and a value cache [max_batch, Hkv, S, D]
+    (a sequence in slot b keeps position p at [b, :, p]) and the step's row buffers, allocated once."""
+
+    def __init__(self, m: NativeModel, max_batch: int, cache_len: int, max_rows: int):
+        if max_batch < 1 or cache_len < 2 or max_rows < 1:
+            raise UserError(f"a batch of {max_batch} sequences x {cache_len} positions, {max_rows} rows per step",
+                            "use max_batch >= 1, cache_len >= 2")
+        self.B, self.S, self.max_rows = int(max_batch), min(int(cache_len), m.max_positions), int(max_rows)
+        shape = (self.B, m.Hkv, self.S, m.D)
+        self.k = [np.zeros(shape, np.float32) for _ in m.layers]
+        self.v = [np.zeros(shape, np.float32) for _ in m.layers]
+        R = self.max_rows
+        qkv_rows = m.layers[0]["qkv"].rows if m.layers else 0
+        up_rows = m.layers[0]["up"].rows if m.layers else 0
+        self.x, self.h = np.zeros((R, m.hidden), np.float32), np.zeros((R, m.hidden), np.float32)
+        self.xs, self.hs = np.zeros((R, m.hidden), np.float32), np.zeros((R, m.hidden), np.float32)
+        self.qkv, self.attn = np.zeros((R, qkv_rows), np.float32), np.zeros((R, m.H * m.D), np.float32)
+        self.up, self.act = np.zeros((R, up_rows), np.float32), np.zeros((R, m.inter), np.float32)
+        self.scratch = np.zeros((m.H * R, 2 * m.D + self.S), np.float32)
+        self.logits = np.zeros((R, m.vocab), np.float32)
+
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.k + self.v) + sum(
+            int(getattr(self, n).nbytes) for n in ("x", "h", "xs", "hs", "qkv", "attn", "up", "act", "scratch", "logits"))

@@ -1,0 +1,117 @@
+"""Continuous batching in the native engine (sparsedeploy.engine.decode.BatchSession): every request's
+tokens in a batch equal its batch-1 tokens, whatever joins or leaves around it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsedeploy.engine.decode import BatchRequest, BatchSession, greedy_decode, sample_decode
+
+PROMPT_LENS = (3, 11, 1, 20, 7, 14)
+MAX_NEW = (9, 5, 12, 6, 10, 4)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_model_dir):
+    from sparsedeploy.engine.deployment import read_deployment
+    from sparsedeploy.export.stage import export
+
+    dep = export(str(tiny_model_dir), seqlen=48, out=tmp_path_factory.mktemp("batch") / "deployment")
+    return read_deployment(dep)
+
+
+def _prompts(vocab: int):
+    rng = np.random.default_rng(7)
+    return [[int(t) for t in rng.integers(3, vocab, size=n)] for n in PROMPT_LENS]
+
+
+def _run_schedule(sess: BatchSession, reqs: list[BatchRequest], join_at: dict[int, int], cancel_at: dict[int, int]):
+    """Step until every request is done; request i joins at step join_at[i] (or later, when a slot is free)."""
+    toks = {r.id: [] for r in reqs}
+    results, waiting, step = {}, list(reqs), 0
+    while waiting or sess.running():
+        admit = []
+        for r in list(waiting):
+            if join_at[r.id] <= step and sess.running() + len(admit) < sess.max_batch:
+                admit.append(r)
+                waiting.remove(r)
+        cancel = [i for i, s in cancel_at.items() if s == step and i not in results]
+        out = sess.step(admit, cancel)
+        assert not out["errors"], out["errors"]
+        assert out["running"] <= sess.max_batch
+        for rid, tok in out["tokens"]:
+            toks[rid].append(tok)
+        for rid, res in out["finished"]:
+            results[rid] = res
+        step += 1
+        assert step < 500
+    for rid, res in results.items():
+        assert res.tokens == toks[rid]
+    return results
+
+
+@pytest.mark.parametrize("build", [{"crossover": 0.9}, {"formats": ("csr",)}, {"formats": ("bitmask",)},
+                                   {"weights": "int8"}])
+def test_batched_greedy_tokens_equal_batch1_with_joins_leaves_and_cancels(deployment, build):
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.export.native import ensure_native
+
+    ensure_native(deployment, force=True, **build)
+    S = int(deployment["seqlen"])
+    rt = NativeRuntime(deployment["onnx"], cache_len=S)
+    prompts = _prompts(rt.model.vocab)
+    ref = [greedy_decode(rt, p, n).tokens for p, n in zip(prompts, MAX_NEW)]
+    stop = ref[4][3]                                          # request 4 ends at a stop token
+    reqs = [BatchRequest(i, p, n, stop_ids=(stop,) if i == 4 else ()) for i, (p, n) in enumerate(zip(prompts, MAX_NEW))]
+    sess = BatchSession(rt, max_batch=3, cache_len=S, prefill_budget=8)
+    assert sess.batched
+    res = _run_schedule(sess, reqs, join_at={0: 0, 1: 0, 2: 1, 3: 2, 4: 3, 5: 3}, cancel_at={2: 6})
+    for i, r in res.items():
+        if i == 2:                                                          # cancelled at step 6: a prefix
+            assert r.finish_reason == "cancelled" and 0 < len(r.tokens) < MAX_NEW[2]
+            assert r.tokens == ref[2][:len(r.tokens)]
+        elif i == 4:
+            cut = ref[4].index(stop) + 1
+            assert r.tokens == ref[4][:cut] and r.finish_reason == "stop"
+        else:
+            assert r.tokens == ref[i] and r.finish_reason == "length", i
+    assert sorted(sess.free) == [0, 1, 2] and sess.running() == 0
+
+
+def test_seeded_sampling_in_a_batch_equals_batch1_and_the_emulated_session(deployment):
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.engine.onnxruntime import OrtRuntime
+    from sparsedeploy.export.native import ensure_native
+
+    ensure_native(deployment, crossover=0.9)
+    S = int(deployment["seqlen"])
+    rt = NativeRuntime(deployment["onnx"], cache_len=S)
+    prompts = _prompts(rt.model.vocab)[:4]
+    params = [dict(temperature=0.8, top_p=0.9, seed=11 + i) for i in range(4)]
+    ref = [sample_decode(rt, p, 8, **kw).tokens for p, kw in zip(prompts, params)]
+    reqs = [BatchRequest(i, p, 8, **kw) for i, (p, kw) in enumerate(zip(prompts, params))]
+    res = _run_schedule(BatchSession(rt, 4, S, prefill_budget=6), reqs, {0: 0, 1: 1, 2: 1, 3: 4}, {})
+    assert [res[i].tokens for i in range(4)] == ref
+    again = _run_schedule(BatchSession(rt, 2, S, prefill_budget=64), reqs, {0: 0, 1: 0, 2: 0, 3: 0}, {})
+    assert [again[i].tokens for i in range(4)] == ref
+    # an engine without a batched forward: the same API, sequential batch-1 steps
+    ort = OrtRuntime(deployment["onnx"], seq_len=1, cache_len=S)
+    emu = BatchSession(ort, 3, S)
+    assert not emu.batched
+    res = _run_schedule(emu, reqs, {0: 0, 1: 0, 2: 2, 3: 2}, {})
+    assert [res[i].tokens for i in range(4)] == [sample_decode(ort, p, 8, **kw).tokens for p, kw in zip(prompts, params)]
+
+
+def test_bad_requests_in_a_batch_are_errors_of_their_own(deployment):
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.export.native import ensure_native
+
+    ensure_native(deployment, crossover=0.9)
+    S = int(deployment["seqlen"])
+    rt = NativeRuntime(deployment["onnx"], cache_len=S)
+    sess = BatchSession(rt, 2, S)
+    out = sess.step([BatchRequest(0, [5, 6], 4), BatchRequest(1, [], 4), BatchRequest(2, [5] * 40, 20),
+                     BatchRequest(3, [7], 3), BatchRequest(4, [8], 3)])
+    errs = dict(out["errors"])
+    assert set(errs) == {1, 2, 4} and "empty" in str(errs[1]) and "exceed" in str(errs[2]) and "full" in str(errs[4])
+    assert [rid for rid, _ in out["tokens"]] == [0, 3] and sess.running() == 2
