@@ -329,12 +329,13 @@ class NativeModel:
         return BatchState(self, max_batch, cache_len, max_rows)
 
     def forward_rows(self, st: "BatchState", ids: np.ndarray, slots: np.ndarray, positions: np.ndarray,
-                     want: np.ndarray) -> np.ndarray:
+                     want: np.ndarray, prof: dict | None = None) -> np.ndarray:
         """One batched step: row r is token ids[r] of the sequence in cache slot slots[r] at positions[r]
         (decode rows: one per sequence; a prefill chunk: consecutive positions of one sequence). Every linear
         group runs once over all R rows ([R, in] products: each weight read once per step); attention runs
         per row over its own slot (causal within a chunk). Returns logits [len(want), V] of the rows `want`
-        (a view into a buffer the next step overwrites)."""
+        (a view into a buffer the next step overwrites). prof: a dict that receives seconds per part
+        (norms, qkv, attention, o, up, act, down, head: where a step's time goes)."""
         R = ids.shape[0]
         if R > st.max_rows:
             raise UserError(f"{R} rows in one step exceed the batch's {st.max_rows}", "feed fewer prompt tokens per step")
@@ -342,24 +343,42 @@ class NativeModel:
             raise UserError(f"position {int(positions.max())} is beyond the batch cache's {st.S}", "generate fewer tokens")
         x, h, qkv, attn = st.x[:R], st.h[:R], st.qkv[:R], st.attn[:R]
         up, act = st.up[:R], st.act[:R]
+        clock = time.perf_counter
+        t = clock() if prof is not None else 0.0
+
+        def tick(part):
+            nonlocal t
+            now = clock()
+            prof[part] = prof.get(part, 0.0) + now - t
+            t = now
+
         self.embed_tokens(ids, positions, x)
+        prof is not None and tick("embed")
         silu = self.arch.act == "silu_mul"
         scratch = st.scratch
         for i, lay in enumerate(self.layers):
             self._norm(x, lay["attn_norm"], h)
+            prof is not None and tick("norms")
             lay["qkv"].mat(h, qkv, False)
+            prof is not None and tick("qkv")
             K.attention_rows(qkv, self.H, self.Hkv, self.D, slots, positions, self.cos, self.sin, self.arch.rope,
                              self.scale, st.k[i], st.v[i], attn, scratch)
+            prof is not None and tick("attention")
             lay["o"].mat(attn, x, True)
+            prof is not None and tick("o")
             self._norm(x, lay["mlp_norm"], h)
+            prof is not None and tick("norms")
             if silu:
                 lay["up"].mat(h, up, False)
+                prof is not None and tick("up")
                 K.silu_mul(up, self.inter, act)
-                lay["down"].mat(act, x, True)
             else:
                 lay["up"].mat(h, act, False)
+                prof is not None and tick("up")
                 K.relu_(act)
-                lay["down"].mat(act, x, True)
+            prof is not None and tick("act")
+            lay["down"].mat(act, x, True)
+            prof is not None and tick("down")
         n = want.shape[0]
         xs, hs = st.xs[:n], st.hs[:n]
         np.take(x, want, axis=0, out=xs)
@@ -373,6 +392,7 @@ class NativeModel:
             hs = h2
         out = st.logits[:n]
         self.lm_head.mat(hs, out, False)
+        prof is not None and tick("head")
         return out
 
 

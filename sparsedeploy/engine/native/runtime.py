@@ -70,8 +70,8 @@ class NativeRuntime(Runtime):
         `forward_rows(state, ids, slots, positions, want)` runs a step."""
         return self.model.open_batch(max_batch, cache_len, max_rows)
 
-    def forward_rows(self, state, ids, slots, positions, want):
-        return self.model.forward_rows(state, ids, slots, positions, want)
+    def forward_rows(self, state, ids, slots, positions, want, prof=None):
+        return self.model.forward_rows(state, ids, slots, positions, want, prof)
 
     def info(self) -> dict:
         from .kernels import lowbit_paths
