@@ -115,3 +115,37 @@ def test_bad_requests_in_a_batch_are_errors_of_their_own(deployment):
     errs = dict(out["errors"])
     assert set(errs) == {1, 2, 4} and "empty" in str(errs[1]) and "exceed" in str(errs[2]) and "full" in str(errs[4])
     assert [rid for rid, _ in out["tokens"]] == [0, 3] and sess.running() == 2
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_bitmask", "q4"])
+def test_batched_lowbit_products_equal_token_by_token(fmt):
+    """The batched low-bit kernels (each weight row read once for all rows) give exactly what one `vec` per row
+    gives, on this CPU's build (VNNI or portable) and on the portable build against the portable gemv."""
+    from sparsedeploy.engine.native import lowbit as LB
+    from sparsedeploy.engine.native import lowbit_batch as LBB
+    from sparsedeploy.engine.native.model import Linear
+
+    rng = np.random.default_rng(3)
+    rows, cols, L = 70, 200, 5
+    W = rng.standard_normal((rows, cols)).astype(np.float32)
+    W[rng.random(W.shape) < 0.7] = 0
+    enc = {"int8": LB.encode_int8, "int8_bitmask": LB.encode_int8_bitmask, "q4": LB.encode_q4}[fmt](W)
+    bias = None if fmt == "q4" else rng.standard_normal(rows).astype(np.float32)
+    lin = Linear(fmt, enc, bias, (rows, cols))
+    X = rng.standard_normal((L, cols)).astype(np.float32)
+    for acc in (False, True):
+        Y0 = rng.standard_normal((L, rows)).astype(np.float32)
+        Y1, Y2, Y3, Y4 = Y0.copy(), Y0.copy(), Y0.copy(), Y0.copy()
+        for l in range(L):
+            lin.vec(X[l], Y1[l], acc)
+        lin.mat(X, Y2, acc)
+        np.testing.assert_array_equal(Y1, Y2)
+        Q, C, S = LBB.act_buffers_rows(L, cols)
+        LBB.quantize_rows(X, Q, C, S)
+        gemv = {"int8": LB.int8_gemv_portable, "int8_bitmask": LB.int8_bitmask_gemv_portable, "q4": LB.q4_gemv_portable}[fmt]
+        arrs = (lin.a, lin.b, lin.c, lin.d) if fmt == "int8_bitmask" else (lin.a, lin.b)
+        LBB.PORTABLE[fmt](*arrs, Q, C, S, lin.bias, Y3, acc)
+        for l in range(L):
+            gemv(*arrs, Q[l], C[l], S[l], lin.bias, Y4[l], acc)
+        np.testing.assert_array_equal(Y3, Y4)
+        assert np.abs(Y3 - Y1).max() < 1e-4 * max(1.0, np.abs(Y1).max())

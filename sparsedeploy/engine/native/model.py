@@ -29,13 +29,13 @@ class Linear:
     added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 per 64 columns once per call (lowbit.quantize_act,
     into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
-    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf")
+    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
         self.fmt = fmt
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
         self.bias = _EMPTY if bias is None else bias
-        self.d, self.e, self.gs, self.qbuf = None, None, 0, None
+        self.d, self.e, self.gs, self.qbuf, self.qrows = None, None, 0, None, None
         try:
             if fmt == "dense":
                 self.a, self.b, self.c = arrays["w"], None, None
@@ -118,9 +118,26 @@ class Linear:
                 Y += r
             else:
                 Y[...] = r
-        else:                            # low-bit groups: token by token (prefill is not what they are for, yet)
+        elif self.fmt in ("int8", "int8_bitmask", "q4"):
+            self.mat_lowbit(X, Y, acc)
+        else:                            # other low-bit groups: token by token (prefill is not what they are for, yet)
             for l in range(X.shape[0]):
                 self.vec(X[l], Y[l], acc)
+
+    def mat_lowbit(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
+        """int8 / int8_bitmask / q4: X [L, in] -> Y [L, rows] reading each weight row once for all L rows, the
+        same values as L `vec` calls (lowbit_batch). Row buffers grow to the largest L seen, then stay."""
+        from .lowbit_batch import GEMM, act_buffers_rows, quantize_rows
+
+        L = X.shape[0]
+        if self.qrows is None or self.qrows[0].shape[0] < L:
+            self.qrows = act_buffers_rows(max(L, 8), self.cols_in)
+        Q, C, S = (b[:L] for b in self.qrows)
+        quantize_rows(X, Q, C, S)
+        if self.fmt == "int8_bitmask":
+            GEMM["int8_bitmask"](self.a, self.b, self.c, self.d, Q, C, S, self.bias, Y, acc)
+        else:
+            GEMM[self.fmt](self.a, self.b, Q, C, S, self.bias, Y, acc)
 
     def dense(self) -> np.ndarray:
         """The matrix this group stores, dense (for tests; int8 / int4 groups: dequantised)."""
