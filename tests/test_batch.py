@@ -149,3 +149,29 @@ def test_batched_lowbit_products_equal_token_by_token(fmt):
             gemv(*arrs, Q[l], C[l], S[l], lin.bias, Y4[l], acc)
         np.testing.assert_array_equal(Y3, Y4)
         assert np.abs(Y3 - Y1).max() < 1e-4 * max(1.0, np.abs(Y1).max())
+
+
+@pytest.mark.parametrize("fmt", ["csr", "ell", "bitmask", "dense"])
+@pytest.mark.parametrize("L", [2, 3, 8, 13])
+def test_row_tiled_products_equal_the_dense_product(fmt, L):
+    """Linear.mat_rows (a batched step's [R, in] products: simd_rows' 8-row tiles for the sparse formats)
+    against numpy's product of the same matrix, with bias and accumulation, for R not a multiple of 8."""
+    from sparsedeploy.engine.native.model import Linear
+    from sparsedeploy.engine.native.pack import encode
+
+    rng = np.random.default_rng(L)
+    rows, cols = 67, 150
+    W = rng.standard_normal((rows, cols)).astype(np.float32)
+    if fmt == "ell":                                       # the same count kept in every row
+        for r in range(rows):
+            W[r, rng.permutation(cols)[:105]] = 0
+    elif fmt != "dense":
+        W[rng.random(W.shape) < 0.7] = 0
+    bias = rng.standard_normal(rows).astype(np.float32)
+    lin = Linear(fmt, encode(W, fmt) if fmt != "dense" else {"w": W}, bias, W.shape)
+    X = rng.standard_normal((L, cols)).astype(np.float32)
+    for acc in (False, True):
+        Y = rng.standard_normal((L, rows)).astype(np.float32)
+        ref = (Y if acc else 0) + X.astype(np.float64) @ W.T.astype(np.float64) + bias
+        lin.mat_rows(X, Y, acc)
+        np.testing.assert_allclose(Y, ref, rtol=1e-4, atol=1e-4)

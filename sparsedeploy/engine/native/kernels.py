@@ -405,3 +405,4 @@ def attention_rows(QKV, H, Hkv, D, slots, positions, cos, sin, rope, scale, cach
                         o[i] += w * cache_v[b, g, t, i]
         for i in range(D):
             out[r, h * D + i] = o[i]
+

@@ -18,6 +18,7 @@ import numpy as np
 
 from ...errors import UserError
 from . import kernels as K
+from .simd_rows import TILE, csr_gemm_t, ell_gemm_t
 from ...arch import native_arch, rope_theta
 from .pack import INDEX, SHARED, WEIGHTS, read_index
 
@@ -29,13 +30,13 @@ class Linear:
     added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 per 64 columns once per call (lowbit.quantize_act,
     into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
-    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows")
+    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows", "twin")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
         self.fmt = fmt
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
         self.bias = _EMPTY if bias is None else bias
-        self.d, self.e, self.gs, self.qbuf, self.qrows = None, None, 0, None, None
+        self.d, self.e, self.gs, self.qbuf, self.qrows, self.twin = None, None, 0, None, None, None
         try:
             if fmt == "dense":
                 self.a, self.b, self.c = arrays["w"], None, None
@@ -139,6 +140,36 @@ class Linear:
         else:
             GEMM[self.fmt](self.a, self.b, Q, C, S, self.bias, Y, acc)
 
+    def prepare_rows(self) -> None:
+        """Before batched steps: a bitmask group gets a CSR twin of its values (rowptr, cols, vals), which the
+        row-tiled product walks (decoding bits per row and step would cost more than the products save)."""
+        if self.fmt == "bitmask" and self.twin is None:
+            W = self.dense()
+            nz = W != 0
+            rowptr = np.zeros(self.rows + 1, np.int64)
+            np.cumsum(nz.sum(axis=1), out=rowptr[1:])
+            cols = np.nonzero(nz)[1].astype(np.uint16 if self.cols_in <= 65536 else np.uint32)
+            self.twin = (rowptr, cols, np.ascontiguousarray(W[nz]))
+
+    def mat_rows(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
+        """X [R, in] -> Y [R, rows] for a batched step's rows (NativeModel.forward_rows): fp32 sparse groups
+        run the row-tiled products (simd_rows: each stored weight loaded once for 8 rows at a time); dense ones
+        numpy's matmul and the low-bit ones lowbit_batch (both through `mat`); one row `vec`."""
+        R = X.shape[0]
+        f = self.fmt
+        if R == 1 or f not in ("csr", "ell", "bitmask"):
+            self.mat(X, Y, acc)
+            return
+        Xt = _xt_buffer(self.cols_in, R)
+        Xt[:, :R] = X.T
+        if f == "ell":
+            ell_gemm_t(self.a, self.b, Xt, self.bias, Y, acc)
+            return
+        if f == "bitmask" and self.twin is None:
+            self.prepare_rows()
+        rowptr, cols, vals = self.twin if f == "bitmask" else (self.a, self.b, self.c)
+        csr_gemm_t(rowptr, cols, vals, Xt, self.bias, Y, acc)
+
     def dense(self) -> np.ndarray:
         """The matrix this group stores, dense (for tests; int8 / int4 groups: dequantised)."""
         if self.fmt == "int4_bitmask":
@@ -178,6 +209,21 @@ class Linear:
             r = np.nonzero(keep)[0]
             W[keep] = (self.c.astype(np.float32) - 128) * self.d[r]
         return W
+
+
+_XT: dict[tuple, np.ndarray] = {}
+
+
+def _xt_buffer(width: int, rows: int) -> np.ndarray:
+    """A C-contiguous [width, Lp] buffer (Lp: rows rounded up to simd_rows.TILE), shared by every group of that
+    input width (one Python thread runs a model's products one after another); the padding columns are zero."""
+    Lp = -(-rows // TILE) * TILE
+    buf = _XT.get((width, Lp))
+    if buf is None:
+        buf = _XT[(width, Lp)] = np.zeros((width, Lp), np.float32)
+    elif Lp > rows:
+        buf[:, rows:] = 0
+    return buf
 
 
 def _resident(a: np.ndarray) -> np.ndarray:
@@ -343,6 +389,9 @@ class NativeModel:
         """The preallocated state of batched steps: a KV cache of `max_batch` sequence slots of `cache_len`
         positions each, and work buffers for up to `max_rows` rows per step (nothing is allocated per step
         but numpy views and the rows' embedding gather)."""
+        for lay in self.layers:
+            for g in ("qkv", "o", "up", "down"):
+                lay[g].prepare_rows()
         return BatchState(self, max_batch, cache_len, max_rows)
 
     def forward_rows(self, st: "BatchState", ids: np.ndarray, slots: np.ndarray, positions: np.ndarray,
@@ -376,25 +425,25 @@ class NativeModel:
         for i, lay in enumerate(self.layers):
             self._norm(x, lay["attn_norm"], h)
             prof is not None and tick("norms")
-            lay["qkv"].mat(h, qkv, False)
+            lay["qkv"].mat_rows(h, qkv, False)
             prof is not None and tick("qkv")
             K.attention_rows(qkv, self.H, self.Hkv, self.D, slots, positions, self.cos, self.sin, self.arch.rope,
                              self.scale, st.k[i], st.v[i], attn, scratch)
             prof is not None and tick("attention")
-            lay["o"].mat(attn, x, True)
+            lay["o"].mat_rows(attn, x, True)
             prof is not None and tick("o")
             self._norm(x, lay["mlp_norm"], h)
             prof is not None and tick("norms")
             if silu:
-                lay["up"].mat(h, up, False)
+                lay["up"].mat_rows(h, up, False)
                 prof is not None and tick("up")
                 K.silu_mul(up, self.inter, act)
             else:
-                lay["up"].mat(h, act, False)
+                lay["up"].mat_rows(h, act, False)
                 prof is not None and tick("up")
                 K.relu_(act)
             prof is not None and tick("act")
-            lay["down"].mat(act, x, True)
+            lay["down"].mat_rows(act, x, True)
             prof is not None and tick("down")
         n = want.shape[0]
         xs, hs = st.xs[:n], st.hs[:n]
@@ -408,7 +457,7 @@ class NativeModel:
             self.project_out.mat(hs, h2, False)
             hs = h2
         out = st.logits[:n]
-        self.lm_head.mat(hs, out, False)
+        self.lm_head.mat_rows(hs, out, False)
         prof is not None and tick("head")
         return out
 
