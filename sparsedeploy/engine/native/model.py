@@ -18,7 +18,7 @@ import numpy as np
 
 from ...errors import UserError
 from . import kernels as K
-from .simd_rows import TILE, csr_gemm_t, ell_gemm_t
+from .simd_rows import TILE, csr_gemm_t, dense_gemm_rows, ell_gemm_t
 from ...arch import native_arch, rope_theta
 from .pack import INDEX, SHARED, WEIGHTS, read_index
 
@@ -153,10 +153,13 @@ class Linear:
 
     def mat_rows(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [R, in] -> Y [R, rows] for a batched step's rows (NativeModel.forward_rows): fp32 sparse groups
-        run the row-tiled products (simd_rows: each stored weight loaded once for 8 rows at a time); dense ones
-        numpy's matmul and the low-bit ones lowbit_batch (both through `mat`); one row `vec`."""
+        run the row-tiled products (simd_rows: each stored weight loaded once for 8 rows at a time), dense ones
+        simd_rows.dense_gemm_rows, the low-bit ones lowbit_batch (through `mat`); one row `vec`."""
         R = X.shape[0]
         f = self.fmt
+        if f == "dense" and R > 1:
+            dense_gemm_rows(self.a, X, self.bias, Y, acc)
+            return
         if R == 1 or f not in ("csr", "ell", "bitmask"):
             self.mat(X, Y, acc)
             return

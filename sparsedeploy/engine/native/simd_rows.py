@@ -112,3 +112,45 @@ def ell_gemm_t(cols, vals, Xt, bias, Y, acc):
         for t in range(np.uint64(0), Lp, np.uint64(TILE)):
             _put8(Y, t, r, csr_dot8(vf, cf, Xt, lo, lo + np.uint64(k), Lp, t), b, acc)
 
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put1(Y, l, r, s, b, has_bias, acc):
+    if has_bias:
+        s += b
+    if acc:
+        Y[l, r] += s
+    else:
+        Y[l, r] = s
+
+
+@njit(**_OPTS)
+def dense_gemm_rows(W, X, bias, Y, acc):
+    """X [L, in] -> Y [L, out] with W dense [out, in]: each weight row, loaded once, is multiplied into the rows of
+    X four at a time (four reductions over the same weight vector: one weight load per four FMAs) while it sits
+    in L1. numpy's matmul would be faster alone, but its BLAS threads compete with numba's for the same cores."""
+    n, m = W.shape
+    L = X.shape[0]
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        b = bias[r] if has_bias else np.float32(0.0)
+        l = 0
+        while l + 4 <= L:
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for j in range(m):
+                w = W[r, j]
+                s0 += w * X[l, j]
+                s1 += w * X[l + 1, j]
+                s2 += w * X[l + 2, j]
+                s3 += w * X[l + 3, j]
+            _put1(Y, l, r, s0, b, has_bias, acc)
+            _put1(Y, l + 1, r, s1, b, has_bias, acc)
+            _put1(Y, l + 2, r, s2, b, has_bias, acc)
+            _put1(Y, l + 3, r, s3, b, has_bias, acc)
+            l += 4
+        while l < L:
+            s0 = np.float32(0.0)
+            for j in range(m):
+                s0 += W[r, j] * X[l, j]
+            _put1(Y, l, r, s0, b, has_bias, acc)
+            l += 1
