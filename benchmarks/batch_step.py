@@ -3,7 +3,8 @@
 For each B (default 1, 2, 4, 8) it opens a BatchSession on the deployment's native weights, admits B requests
 with --context-token prompts, runs until every one is decoding, then times --steps steady decode steps
 (BatchSession.step: one forward over B rows + sampling), and times the same forward again with its per-part
-profile (embed, norms, qkv, attention, o, up, act, down, head). The batch-1 decode loop (greedy_decode's
+profile (embed, norms, qkv, attention, o, up, act, down, head), and a new request's whole prompt as one prefill
+chunk (one step of --context rows) against the batch-1 loop's token-by-token prompt. The batch-1 decode loop (greedy_decode's
 KVSlots step, what `serve --max-batch 1` runs) is timed on the same prompt as the reference. Writes
 benchmarks/results/batch_step_<cpu>.{json,md}, naming the CPU. On an idle machine, about a minute:
 
@@ -97,10 +98,26 @@ def main() -> None:
                      "tokens_per_s": round(1e3 * B / step, 1), "x_batch1_loop": round(b1_ms * B / step, 2),
                      "parts_ms": parts, "forward_ms": round(sum(parts.values()), 3)})
         print(json.dumps(rows[-1]), flush=True)
+    # one prefill chunk: a new request's whole --context-token prompt in one step (what a joining request costs)
+    sess = BatchSession(rt, 1, S, prefill_budget=a.context)
+    ids = np.array(prompts[0], np.int64)
+    slots = np.zeros(a.context, np.int64)
+    pos = np.arange(a.context, dtype=np.int64)
+    want = np.array([a.context - 1], np.int64)
+    rt.forward_rows(sess.state, ids, slots, pos, want)
+    prof, times = {}, []
+    for _ in range(max(5, a.steps // 4)):
+        t0 = time.perf_counter()
+        rt.forward_rows(sess.state, ids, slots, pos, want, prof)
+        times.append((time.perf_counter() - t0) * 1e3)
+    chunk = {"rows": a.context, "step_ms": round(float(np.median(times)), 3),
+             "parts_ms": {k: round(1e3 * v / len(times), 3) for k, v in prof.items()},
+             "batch1_prefill_ms": round(ref.prefill_ms, 3)}
+    print(json.dumps(chunk), flush=True)
     doc = {"cpu": cpu_name(), "cpu_tag": cpu_tag(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
            "deployment": str(a.deployment), "threads": rt.threads, "weights": rt.info().get("weights"),
            "formats": sorted({g["format"] for layer in rt.model.index["layers"] for g in layer.values()}),
-           "context": a.context, "steps": a.steps, "batch1_loop_step_ms": round(b1_ms, 3), "rows": rows,
+           "context": a.context, "steps": a.steps, "batch1_loop_step_ms": round(b1_ms, 3), "rows": rows, "prefill_chunk": chunk,
            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     stem = a.out or ROOT / "benchmarks" / "results" / f"batch_step_{cpu_tag()}"
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +131,8 @@ def main() -> None:
     for r in rows:
         md.append(f"| {r['batch']} | {r['step_ms']} | {r['ms_per_token']} | {r['tokens_per_s']} | {r['x_batch1_loop']} | "
                   + " | ".join(str(r["parts_ms"].get(n, "")) for n in names) + " |")
+    md.append(f"| prefill {a.context} rows | {chunk['step_ms']} | | | batch-1 loop: {chunk['batch1_prefill_ms']} ms "
+              f"(token by token) | " + " | ".join(str(chunk["parts_ms"].get(n, "")) for n in names) + " |")
     md.append("")
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
     stem.with_suffix(".md").write_text("\n".join(md))
