@@ -206,3 +206,18 @@ def test_concurrent_requests_on_native_equal_batch1_tokens(native_deployment):
         m = httpx.get(f"{url}/metrics").text
         assert svc.batch_peak >= 2                      # they did run together
         assert "sparsedeploy_batch_size" in m and "sparsedeploy_batch_step_seconds_count" in m
+
+
+def test_the_workers_own_batch_limit_is_respected():
+    """An engine with one KV cache (llama.cpp) opens its batch with max_batch 1: requests then run one at a time."""
+    class OneAtATime(FakeBatchWorker):
+        def batch_open(self, max_batch, cache_len=None, prefill_budget=64, max_positions=None):
+            return super().batch_open(1, cache_len, prefill_budget, max_positions)
+
+    w = OneAtATime(delay=0.005)
+    svc = _service(w, max_batch=4)
+    recs = [_submit(svc, [i], 3)[1] for i in range(3)]
+    for i, r in enumerate(recs):
+        assert r.done.wait(5) and r.tokens == fake_tokens([i], 3)
+    assert svc.info["max_batch"] == 1 and max(s["running"] for s in w.steps) == 1
+    svc.close()

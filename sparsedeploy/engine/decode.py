@@ -350,7 +350,8 @@ class BatchSession:
     reads its weights once per step for every row. The KV cache of `max_batch` sequences x `cache_len` positions
     is allocated once, when the session opens; a request must fit: prompt + max_new <= cache_len.
     Emulated (every other engine): the same API as sequential batch-1 steps, each sequence with its own
-    KVSlots cache; a request's whole prompt is fed in the step that admits it.
+    KVSlots cache; a request's whole prompt is fed in the step that admits it. An engine that keeps its one KV
+    cache itself (`stateful`: llama.cpp) runs one sequence at a time (max_batch becomes 1).
     Sampling happens here with each request's own RNG, so seeded sampling gives the tokens batch 1 gives.
     """
 
@@ -358,6 +359,8 @@ class BatchSession:
                  prefill_budget: int = 64, max_positions: int | None = None):
         self.runtime, self.prefill = runtime, prefill
         self.max_batch = int(max_batch)
+        if getattr(runtime, "stateful", False):      # llama.cpp: one KV cache in the engine, one sequence at a time
+            self.max_batch = min(self.max_batch, 1)
         self.S = int(cache_len or runtime.cache_len or 0)
         if self.max_batch < 1:
             raise UserError(f"max_batch={max_batch}", "use at least 1")

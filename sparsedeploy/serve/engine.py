@@ -82,7 +82,8 @@ class EngineService:
         self.worker = self._start_worker()       # in the caller's thread: a bad deployment fails here, loudly
         self.info = {"engine": self.worker.name, "fallback_reason": getattr(self.worker, "fallback_reason", None),
                      "compile_s": round(getattr(self.worker, "compile_seconds", 0.0), 3),
-                     "max_batch": self.max_batch if self.batched else 1, "batch": self.batch_info}
+                     "max_batch": int(self.batch_info.get("max_batch", self.max_batch)) if self.batched else 1,
+                     "batch": self.batch_info}
         if metrics is not None:
             metrics.describe("batch_size", "gauge", "sequences in the engine's last step")
             metrics.describe("batch_step_seconds", "histogram", "one engine step (every running sequence one token)")
@@ -278,7 +279,8 @@ class EngineService:
         admit, ended = [], []
         now = time.monotonic()
         with self._cv:
-            while self._queue and len(self._running) + len(admit) < self.max_batch:
+            limit = int((self.batch_info or {}).get("max_batch") or self.max_batch)   # the worker's own limit
+            while self._queue and len(self._running) + len(admit) < limit:
                 job = self._queue.popleft()
                 if job.cancelled.is_set():
                     ended.append((job, ServeError(499, "cancelled", "the request was cancelled")))
