@@ -2,7 +2,7 @@
 stored weight loaded once and multiplied into 8 rows of X at a time.
 
 X comes transposed, Xt [in, Lp] (Lp = L rounded up to 8, the padding zero), so the 8 rows' inputs at one
-column are 8 contiguous floats: per stored weight the inner loop is one broadcast, one 8-wide load and one
+column are 8 contiguous floats (16 rows at a time while 16 are left: one AVX-512 vector): per stored weight the inner loop is one broadcast, one 8-wide load and one
 FMA, written as LLVM IR through `@intrinsic` (`csr_dot8`) because plain numba loops keep it scalar (8 separate
 loads and FMAs: measured as slow per row as the batch-1 gather loop). Four accumulators take turns (one chain
 of dependent FMAs would bound the loop), summed in a fixed order at the end. A weight's index and value bytes
@@ -22,16 +22,16 @@ UNROLL = 4
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
 
-def _dot8_codegen():
+def _dot_codegen(width: int):
     def codegen(context, builder, signature, args):
         f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
-        v8 = ir.VectorType(f32, TILE)
+        v8 = ir.VectorType(f32, width)
         va = context.make_array(signature.args[0])(context, builder, args[0])
         ca = context.make_array(signature.args[1])(context, builder, args[1])
         xa = context.make_array(signature.args[2])(context, builder, args[2])
         lo, hi, lp, t = args[3], args[4], args[5], args[6]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]), "llvm.fma.v8f32")
-        zero = ir.Constant(v8, [0.0] * TILE)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]), f"llvm.fma.v{width}f32")
+        zero = ir.Constant(v8, [0.0] * width)
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
         vptr = v8.as_pointer()
 
@@ -41,7 +41,7 @@ def _dot8_codegen():
             p = builder.gep(xa.data, [builder.add(builder.mul(c, lp), t)])
             xv = builder.load(builder.bitcast(p, vptr), align=4)
             vv = builder.insert_element(ir.Constant(v8, ir.Undefined), v, ir.Constant(i32, 0))
-            vv = builder.shuffle_vector(vv, vv, ir.Constant(ir.VectorType(i32, TILE), [0] * TILE))
+            vv = builder.shuffle_vector(vv, vv, ir.Constant(ir.VectorType(i32, width), [0] * width))
             builder.store(builder.call(fma, [vv, xv, builder.load(acc)]), acc)
 
         n = builder.sub(hi, lo)
@@ -55,7 +55,7 @@ def _dot8_codegen():
             one(builder.add(rest, loop.index), accs[0])
         total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
                              builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
-        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(TILE)]
+        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(width)]
         return context.make_tuple(builder, signature.return_type, lanes)
 
     return codegen
@@ -69,13 +69,24 @@ def csr_dot8(typingctx, vals, cols, xt, lo, hi, lp, t):
             and xt.dtype == types.float32):
         return None
     sig = types.UniTuple(types.float32, TILE)(vals, cols, xt, types.uint64, types.uint64, types.uint64, types.uint64)
-    return sig, _dot8_codegen()
+    return sig, _dot_codegen(TILE)
+
+
+@intrinsic
+def csr_dot16(typingctx, vals, cols, xt, lo, hi, lp, t):
+    """As csr_dot8 for 16 rows (one AVX-512 vector; two AVX2 ones elsewhere): prefill chunks and big batches."""
+    if not (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(cols, types.Array)
+            and cols.dtype in (types.uint16, types.uint32) and isinstance(xt, types.Array)
+            and xt.dtype == types.float32):
+        return None
+    sig = types.UniTuple(types.float32, 2 * TILE)(vals, cols, xt, types.uint64, types.uint64, types.uint64, types.uint64)
+    return sig, _dot_codegen(2 * TILE)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _put8(Y, t, r, s, b, acc):
     L = np.uint64(Y.shape[0])
-    for i in range(TILE):
+    for i in range(len(s)):
         l = t + np.uint64(i)
         if l < L:
             if acc:
@@ -94,7 +105,11 @@ def csr_gemm_t(rowptr, cols, vals, Xt, bias, Y, acc):
         b = bias[r] if has_bias else np.float32(0.0)
         lo = np.uint64(rowptr[r])
         hi = np.uint64(rowptr[r + 1])
-        for t in range(np.uint64(0), Lp, np.uint64(TILE)):
+        t = np.uint64(0)
+        while t + np.uint64(2 * TILE) <= Lp:
+            _put8(Y, t, r, csr_dot16(vals, cols, Xt, lo, hi, Lp, t), b, acc)
+            t += np.uint64(2 * TILE)
+        if t < Lp:
             _put8(Y, t, r, csr_dot8(vals, cols, Xt, lo, hi, Lp, t), b, acc)
 
 
@@ -109,8 +124,13 @@ def ell_gemm_t(cols, vals, Xt, bias, Y, acc):
     for r in prange(n):
         b = bias[r] if has_bias else np.float32(0.0)
         lo = np.uint64(r) * np.uint64(k)
-        for t in range(np.uint64(0), Lp, np.uint64(TILE)):
-            _put8(Y, t, r, csr_dot8(vf, cf, Xt, lo, lo + np.uint64(k), Lp, t), b, acc)
+        hi = lo + np.uint64(k)
+        t = np.uint64(0)
+        while t + np.uint64(2 * TILE) <= Lp:
+            _put8(Y, t, r, csr_dot16(vf, cf, Xt, lo, hi, Lp, t), b, acc)
+            t += np.uint64(2 * TILE)
+        if t < Lp:
+            _put8(Y, t, r, csr_dot8(vf, cf, Xt, lo, hi, Lp, t), b, acc)
 
 
 
