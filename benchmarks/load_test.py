@@ -325,8 +325,9 @@ def main() -> None:
     for mb in batches:
         server, url, health = start_server(dep, a, mb)
         try:
-            for p in prompts[:2]:                               # warm-up, not measured
-                httpx.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}, timeout=120)
+            # warm-up, not measured: one request from each of max(2, max-batch) clients at once, so the batched
+            # server has met full batches (buffers, compiled shapes) before its memory is read
+            asyncio.run(run_clients(url, max(2, mb), 0.01, 8, 0.0, a.timeout_s + 30, prompts))
             rss_before = rss_mb(server.pid)
             rows = []
             for n in levels:
