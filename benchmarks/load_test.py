@@ -1,16 +1,19 @@
-"""Load test of `sparsedeploy serve` on loopback: N concurrent streaming clients for T seconds.
+"""Load test of `sparsedeploy serve` on loopback: a concurrency sweep, batch-1 server against the batched one.
 
-Starts the server on a deployment (default: dense SmolLM2-135M exported with seqlen 256, made on first use
-with `sparsedeploy export smollm2-135m --seqlen 256 --out runs/serve_smollm2/deployment`), warms it up, then
-runs N clients that each send one streaming completion after another until T seconds have passed, and
-reports requests/s, generated tokens/s, latency p50/p99, time to first token p50/p99, errors by kind, and the
-server's resident memory (HTTP process and engine worker) before and after. Writes
-benchmarks/results/load_test.{json,md} (or --out STEM). Run it on an otherwise idle machine:
+For each --max-batch value (default 1 and 8: the batch-1 server and continuous batching) it starts a server on
+the deployment (default: dense SmolLM2-135M exported with seqlen 256, made on first use with
+`sparsedeploy export smollm2-135m --seqlen 256 --out runs/serve_smollm2/deployment`), warms it up, then for each
+concurrency level (default 1, 2, 4, 8, 16 clients) runs N clients that each send one streaming completion
+(a --prompt-tokens long prompt, default 64) after another for --duration seconds, and reports generated
+tokens/s (and the ratio to the batch-1 server at the same level), time to first token p50/p99, latency p50/p99,
+errors by kind (429s included), the batched server's mean step time (from /metrics), and each server's resident
+memory (HTTP process and engine worker) before and after its sweep. Writes
+benchmarks/results/load_test_<engine>_sweep.{json,md} (or --out STEM), naming the CPU. On an idle machine:
 
-    .venv/bin/python benchmarks/load_test.py [--clients 8] [--duration 60] [--engine deepsparse] [--label NAME]
+    .venv/bin/python benchmarks/load_test.py --deployment DEP --engine native [--duration 30] [--label NAME]
 
-The clients run in this process (asyncio + httpx) on the same cores as the server; with batch-1 decoding
-the server handles one request at a time, so N clients mostly measure queueing: latency ≈ N × one request.
+Time: (levels x duration + about a minute of start-up and warm-up) per server: about 6 minutes with the defaults.
+The clients run in this process (asyncio + httpx) on the same cores as the server.
 """
 from __future__ import annotations
 
@@ -120,7 +123,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
 
 
 async def run_clients(url: str, clients: int, duration: float, max_tokens: int, temperature: float,
-                      timeout: float) -> tuple[list[dict], float]:
+                      timeout: float, prompts: list[str] = PROMPTS) -> tuple[list[dict], float]:
     results: list[dict] = []
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
@@ -130,7 +133,7 @@ async def run_clients(url: str, clients: int, duration: float, max_tokens: int, 
         async def worker(i: int) -> None:
             k = 0
             while time.perf_counter() < stop_at:
-                prompt = PROMPTS[(i + k) % len(PROMPTS)]
+                prompt = prompts[(i + k) % len(prompts)]
                 res = await one_request(client, url, prompt, max_tokens, temperature, seed=1000 * i + k)
                 res["client"] = i
                 results.append(res)
@@ -168,8 +171,9 @@ def server_metrics(url: str) -> dict:
         return {}
     keep = {}
     for line in text.splitlines():
-        if line.startswith("sparsedeploy_requests_total") or line.startswith("sparsedeploy_generated_tokens_total") \
-                or line.startswith("sparsedeploy_worker_restarts_total") or line.startswith("sparsedeploy_completion_errors_total"):
+        if line.startswith(("sparsedeploy_requests_total", "sparsedeploy_generated_tokens_total",
+                            "sparsedeploy_worker_restarts_total", "sparsedeploy_completion_errors_total",
+                            "sparsedeploy_batch_step_seconds_sum", "sparsedeploy_batch_step_seconds_count")):
             name, value = line.rsplit(" ", 1)
             keep[name] = float(value)
     return keep
@@ -188,28 +192,93 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def prompts_of(dep: Path, n_tokens: int) -> list[str]:
+    """PROMPTS made n_tokens long with the deployment's tokenizer (each sentence, then the others, cut there)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(dep / "tokenizer.json"))
+    out = []
+    for i in range(len(PROMPTS)):
+        text = " ".join(PROMPTS[i:] + PROMPTS[:i])
+        ids = tok.encode(text, add_special_tokens=False).ids
+        while len(ids) < n_tokens:
+            ids = ids + ids
+        out.append(tok.decode(ids[:n_tokens]))
+    return out
+
+
+def start_server(dep: Path, a, max_batch: int) -> tuple[subprocess.Popen, str, dict]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = _cli("serve", str(dep), "--engine", a.engine, "--port", str(port), "--queue-size", str(a.queue_size),
+               "--timeout-s", str(a.timeout_s), "--prefill-chunk", str(a.prefill_chunk), "--max-batch", str(max_batch),
+               "--batch-prefill", str(a.batch_prefill), *(["--cores", str(a.cores)] if a.cores else []))
+    server = subprocess.Popen(cmd, env={**os.environ, "NM_DISABLE_ANALYTICS": "1"})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"serve exited with {server.returncode}")
+        try:
+            r = httpx.get(f"{url}/health", timeout=2)
+            if r.status_code == 200:
+                return server, url, r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    server.kill()
+    raise SystemExit("serve did not become healthy in 600 s")
+
+
+def stop_server(server: subprocess.Popen) -> int:
+    server.send_signal(signal.SIGTERM)
+    try:
+        return server.wait(120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        return server.wait()
+
+
+def step_stats(before: dict, after: dict) -> dict:
+    """Mean batched step time and batch size over a level, from the server's /metrics (batched servers only)."""
+    n = after.get("sparsedeploy_batch_step_seconds_count", 0) - before.get("sparsedeploy_batch_step_seconds_count", 0)
+    if n <= 0:
+        return {}
+    t = after.get("sparsedeploy_batch_step_seconds_sum", 0) - before.get("sparsedeploy_batch_step_seconds_sum", 0)
+    return {"steps": int(n), "step_ms_mean": round(1e3 * t / n, 3)}
+
+
 def write_reports(doc: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    s, c = doc["summary"], doc["config"]
-    md = [f"# Load test: `sparsedeploy serve` on loopback — {doc['label']}", ""]
+    c = doc["config"]
+    md = [f"# Load test: `sparsedeploy serve` on loopback, concurrency sweep — {doc['label']}", ""]
     if doc.get("note"):
         md += [f"**{doc['note']}**", ""]
-    md += [f"{c['clients']} concurrent streaming clients for {c['duration_s']} s, max_tokens {c['max_tokens']}, "
-           f"temperature {c['temperature']}; deployment `{c['deployment']}`, engine {doc['server']['engine']} "
-           f"({c['cores'] or 'all'} cores), queue {c['queue_size']}, timeout {c['timeout_s']} s.", "",
+    md += [f"Streaming clients, each sending one completion after another for {c['duration_s']} s per level: "
+           f"{c['prompt_tokens']}-token prompts, max_tokens {c['max_tokens']}, temperature {c['temperature']}; "
+           f"deployment `{c['deployment']}`, engine {c['engine']} ({c['cores'] or 'all'} cores), queue {c['queue_size']}, "
+           f"timeout {c['timeout_s']} s; batched servers feed {c['batch_prefill']} prompt tokens per step.", "",
            f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, load average at start "
            f"{doc['machine']['loadavg_at_start']}; {doc['finished']}.", "",
-           "| metric | value |", "| --- | --- |",
-           f"| requests (ok / total) | {s['ok']} / {s['requests']} |",
-           f"| requests/s | {s['requests_per_s']} |",
-           f"| generated tokens/s | {s['tokens_per_s']} |",
-           f"| latency p50 / p99 (s) | {s['latency_p50_s']} / {s['latency_p99_s']} |",
-           f"| time to first token p50 / p99 (s) | {s['ttft_p50_s']} / {s['ttft_p99_s']} |",
-           f"| errors by kind | {json.dumps(s['errors']) if s['errors'] else 'none'} |",
-           f"| server RSS before → after (MB, HTTP + worker) | {doc['rss_before'].get('total_mb')} → "
-           f"{doc['rss_after'].get('total_mb')} ({doc['rss_before'].get('server_mb')} + {doc['rss_before'].get('worker_mb')}"
-           f" → {doc['rss_after'].get('server_mb')} + {doc['rss_after'].get('worker_mb')}) |",
-           f"| worker restarts | {doc['server_metrics'].get('sparsedeploy_worker_restarts_total', 0):.0f} |", ""]
+           "| server | clients | ok / total | tokens/s | × batch-1 | TTFT p50 / p99 (s) | latency p50 / p99 (s) | "
+           "errors | mean step (ms) |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    base = {lv["clients"]: lv["summary"]["tokens_per_s"] for srv in doc["servers"] if srv["max_batch"] == 1
+            for lv in srv["levels"]}
+    for srv in doc["servers"]:
+        for lv in srv["levels"]:
+            s = lv["summary"]
+            ratio = (f"{s['tokens_per_s'] / base[lv['clients']]:.2f}" if base.get(lv["clients"]) else "")
+            md.append(f"| max-batch {srv['max_batch']} | {lv['clients']} | {s['ok']} / {s['requests']} | "
+                      f"{s['tokens_per_s']} | {ratio} | {s['ttft_p50_s']} / {s['ttft_p99_s']} | "
+                      f"{s['latency_p50_s']} / {s['latency_p99_s']} | "
+                      f"{json.dumps(s['errors']) if s['errors'] else 'none'} | {lv['steps'].get('step_ms_mean', '')} |")
+    md += ["", "| server | RSS before → after the sweep (MB, HTTP + worker) | worker restarts | exit code |",
+           "|---|---|---:|---:|"]
+    for srv in doc["servers"]:
+        b, e = srv["rss_before"], srv["rss_after"]
+        md.append(f"| max-batch {srv['max_batch']} ({srv['engine']}) | {b.get('total_mb')} → {e.get('total_mb')} "
+                  f"({b.get('server_mb')} + {b.get('worker_mb')} → {e.get('server_mb')} + {e.get('worker_mb')}) | "
+                  f"{srv['server_metrics'].get('sparsedeploy_worker_restarts_total', 0):.0f} | {srv['exit_code']} |")
+    md.append("")
     for suffix, text in ((".json", json.dumps(doc, indent=2) + "\n"), (".md", "\n".join(md))):
         path = stem.with_suffix(suffix)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -218,73 +287,73 @@ def write_reports(doc: dict, stem: Path) -> None:
     print(f"wrote {stem}.{{json,md}}", flush=True)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"not a comma-separated list of integers: {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"need positive integers: {text!r}")
+    return vals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--deployment", type=Path, default=DEFAULT_DEPLOYMENT)
-    ap.add_argument("--engine", default="deepsparse")
+    ap.add_argument("--engine", default="native")
     ap.add_argument("--cores", type=int, default=None)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--clients", default="1,2,4,8,16", help="the concurrency levels, comma-separated")
+    ap.add_argument("--max-batch", default="1,8", help="the servers to run, one per --max-batch value")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
+    ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--queue-size", type=int, default=16)
     ap.add_argument("--timeout-s", type=float, default=120.0)
     ap.add_argument("--prefill-chunk", type=int, default=0)
+    ap.add_argument("--batch-prefill", type=int, default=64)
     ap.add_argument("--label", default="full run")
     ap.add_argument("--note", default=None, help="a line printed in bold at the top of the report")
-    ap.add_argument("--out", type=Path, default=RESULTS / "load_test")
+    ap.add_argument("--out", type=Path, default=None, help="report stem (default benchmarks/results/load_test_<engine>_sweep)")
     a = ap.parse_args()
+    levels, batches = _ints(a.clients), _ints(a.max_batch)
 
     dep = ensure_deployment(a.deployment)
-    host = machine()                                            # load average before the server starts
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = _cli("serve", str(dep), "--engine", a.engine, "--port", str(port), "--queue-size", str(a.queue_size),
-               "--timeout-s", str(a.timeout_s), "--prefill-chunk", str(a.prefill_chunk),
-               *(["--cores", str(a.cores)] if a.cores else []))
-    server = subprocess.Popen(cmd, env={**os.environ, "NM_DISABLE_ANALYTICS": "1"})
-    try:
-        deadline = time.monotonic() + 600
-        health = None
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise SystemExit(f"serve exited with {server.returncode}")
-            try:
-                r = httpx.get(f"{url}/health", timeout=2)
-                if r.status_code == 200:
-                    health = r.json()
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        if health is None:
-            raise SystemExit("serve did not become healthy in 600 s")
-        for p in PROMPTS[:2]:                                   # warm-up, not measured
-            httpx.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}, timeout=120)
-        before = rss_mb(server.pid)
-        print(f"server ready ({health['engine']}); {a.clients} clients × {a.duration:g} s ...", flush=True)
-        results, elapsed = asyncio.run(run_clients(url, a.clients, a.duration, a.max_tokens, a.temperature,
-                                                   a.timeout_s + 30))
-        after = rss_mb(server.pid)
-        metrics = server_metrics(url)
-    finally:
-        server.send_signal(signal.SIGTERM)
+    prompts = prompts_of(dep, a.prompt_tokens)
+    host = machine()                                            # load average before the servers start
+    servers = []
+    for mb in batches:
+        server, url, health = start_server(dep, a, mb)
         try:
-            code = server.wait(120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            code = server.wait()
-    summary = summarize(results, elapsed)
+            # warm-up, not measured: one request from each of max(2, max-batch) clients at once, so the batched
+            # server has met full batches (buffers, compiled shapes) before its memory is read
+            asyncio.run(run_clients(url, max(2, mb), 0.01, 8, 0.0, a.timeout_s + 30, prompts))
+            rss_before = rss_mb(server.pid)
+            rows = []
+            for n in levels:
+                print(f"max-batch {mb} ({health['engine']}): {n} clients × {a.duration:g} s ...", flush=True)
+                m0 = server_metrics(url)
+                results, elapsed = asyncio.run(run_clients(url, n, a.duration, a.max_tokens, a.temperature,
+                                                           a.timeout_s + 30, prompts))
+                m1 = server_metrics(url)
+                rows.append({"clients": n, "summary": summarize(results, elapsed), "steps": step_stats(m0, m1),
+                             "rss_after": rss_mb(server.pid)})
+                print(f"  {json.dumps(rows[-1]['summary'])}", flush=True)
+            rss_after = rss_mb(server.pid)
+            metrics = server_metrics(url)
+        finally:
+            code = stop_server(server)
+        servers.append({"max_batch": mb, "engine": health["engine"], "seqlen": health["seqlen"], "levels": rows,
+                        "rss_before": rss_before, "rss_after": rss_after, "server_metrics": metrics, "exit_code": code})
+    out = a.out or RESULTS / f"load_test_{a.engine}_sweep"
     doc = {"label": a.label, "note": a.note, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "config": {"deployment": str(dep.resolve().relative_to(ROOT)) if dep.resolve().is_relative_to(ROOT) else str(dep),
-                      "engine": a.engine, "cores": a.cores, "clients": a.clients, "duration_s": a.duration,
-                      "max_tokens": a.max_tokens, "temperature": a.temperature, "queue_size": a.queue_size,
-                      "timeout_s": a.timeout_s, "prefill_chunk": a.prefill_chunk},
-           "server": {"engine": health["engine"], "seqlen": health["seqlen"], "exit_code": code},
-           "machine": host, "summary": summary, "rss_before": before, "rss_after": after,
-           "server_metrics": metrics}
-    write_reports(doc, a.out)
-    print(json.dumps(summary, indent=2))
+                      "engine": a.engine, "cores": a.cores, "clients": levels, "max_batch": batches,
+                      "duration_s": a.duration, "prompt_tokens": a.prompt_tokens, "max_tokens": a.max_tokens,
+                      "temperature": a.temperature, "queue_size": a.queue_size, "timeout_s": a.timeout_s,
+                      "prefill_chunk": a.prefill_chunk, "batch_prefill": a.batch_prefill},
+           "machine": host, "servers": servers}
+    write_reports(doc, out)
 
 
 if __name__ == "__main__":

@@ -436,15 +436,22 @@ def serve(
     port: int = typer.Option(8000),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="longest prompt accepted (default: seqlen - 1)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="largest max_tokens accepted (default: seqlen - 1)"),
-    queue_size: int = typer.Option(16, help="requests waiting behind the running one; beyond: 429 at once"),
+    queue_size: int = typer.Option(16, help="requests waiting for the engine (behind the running batch); beyond: 429 at once"),
     timeout_s: float = typer.Option(60.0, help="per-request limit (queue wait included): 504 after it"),
     prefill_chunk: int = typer.Option(0, help="0: prompt token by token; L: a prefill engine for L-token chunks"),
+    max_batch: int = typer.Option(8, help="continuous batching: up to N requests decoded together, new ones join at "
+                                          "the next step (native: one batched forward per step, each weight read once "
+                                          "for all; onnxruntime, deepsparse: the same scheduler over sequential "
+                                          "batch-1 steps; llamacpp: one sequence at a time); 1: one request at a "
+                                          "time"),
+    batch_prefill: int = typer.Option(64, help="with --max-batch > 1: prompt tokens fed per step (chunked prefill)"),
 ):
     """Serve the deployment over HTTP: OpenAI-style /v1/completions, /v1/chat/completions (+ streaming), /health, /metrics."""
     from .serve.app import Settings, serve as serve_app
     serve_app(Settings(str(deployment), engine=engine, cores=cores, host=host, port=port,
                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, queue_size=queue_size,
-                       timeout_s=timeout_s, prefill_chunk=prefill_chunk))
+                       timeout_s=timeout_s, prefill_chunk=prefill_chunk, max_batch=max_batch,
+                       batch_prefill=batch_prefill))
 
 
 def _print_export(dep: Path) -> None:

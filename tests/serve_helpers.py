@@ -79,6 +79,63 @@ class FakeWorker:
         self.closed = True
 
 
+class FakeBatchWorker(FakeWorker):
+    """FakeWorker plus WorkerRuntime's batch API (batch_open / batch_step): each step, after `delay` s, gives every
+    running request its next token, (sum(prompt) + i) % vocab as FakeWorker does. Records every step's
+    admitted ids, cancels and batch size (`steps`) so tests can check who joined and left when."""
+
+    def __init__(self, delay: float = 0.0, vocab: int = 300, hang: bool = False):
+        super().__init__(delay=delay, vocab=vocab, hang=hang)
+        self.max_batch = None
+        self.seqs: dict = {}
+        self.steps: list[dict] = []
+
+    def batch_open(self, max_batch, cache_len=None, prefill_budget=64, max_positions=None):
+        self.max_batch, self.seqs = int(max_batch), {}
+        return {"batched": True, "max_batch": self.max_batch, "cache_len": cache_len, "prefill_budget": prefill_budget}
+
+    def batch_step(self, admit=(), cancel=()):
+        from sparsedeploy.errors import UserError
+
+        if self._proc.dead:
+            raise RuntimeError("the engine worker process died (exit code -9)")
+        self.calls += 1
+        out = {"tokens": [], "finished": [], "errors": []}
+        for c in cancel:
+            rid, reason = c if isinstance(c, (tuple, list)) else (c, "cancelled")
+            s = self.seqs.pop(rid, None)
+            if s is not None:
+                self.cancels += 1
+                out["finished"].append((rid, self._result(s, reason)))
+        for r in admit:
+            if not r["prompt_ids"]:
+                out["errors"].append((r["id"], UserError("the prompt is empty", "give at least one token")))
+                continue
+            assert r["id"] not in self.seqs and len(self.seqs) < self.max_batch, "admitted beyond the batch"
+            self.seqs[r["id"]] = {"req": r, "tokens": []}
+        while self.hang and not self._proc.dead:
+            time.sleep(0.02)
+        if self._proc.dead:
+            raise RuntimeError("the engine worker process died (exit code -9)")
+        time.sleep(self.delay)
+        self.steps.append({"admit": [r["id"] for r in admit], "cancel": list(cancel), "running": len(self.seqs)})
+        for rid, s in list(self.seqs.items()):
+            r = s["req"]
+            tok = (sum(r["prompt_ids"]) + len(s["tokens"])) % self.vocab
+            s["tokens"].append(tok)
+            out["tokens"].append((rid, tok))
+            if tok in r["stop_ids"] or len(s["tokens"]) >= r["max_new"]:
+                del self.seqs[rid]
+                out["finished"].append((rid, self._result(s, "stop" if tok in r["stop_ids"] else "length")))
+        out.update(rows=len(self.seqs), running=len(self.seqs), step_ms=self.delay * 1e3)
+        return out
+
+    @staticmethod
+    def _result(s, reason):
+        return GenerateResult(tokens=list(s["tokens"]), prompt_len=len(s["req"]["prompt_ids"]), engine="fake",
+                              finish_reason=reason, prefill_ms=0.0)
+
+
 def free_socket(host: str = "127.0.0.1") -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

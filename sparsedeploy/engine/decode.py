@@ -401,3 +401,183 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
         result.tokens.append(token)
         result.decode_ms.append((time.perf_counter() - t0) * 1e3)
     return result
+
+
+# --------------------------------------------------------------------------------- batched steps (serving)
+@dataclass
+class BatchRequest:
+    """One request admitted into a BatchSession (sampling as sample_decode: temperature 0 = greedy; the
+    per-request RNG is numpy's default_rng(seed), drawn once per token as in batch 1)."""
+    id: int
+    prompt_ids: list
+    max_new: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple = ()
+
+
+class _Seq:
+    __slots__ = ("req", "prompt", "rng", "stops", "slot", "dec", "fed", "tokens", "t_begin", "prefill_ms",
+                 "decode_ms", "t_last")
+
+    def __init__(self, req: BatchRequest, prompt: list[int]):
+        self.req, self.prompt = req, prompt
+        self.rng = np.random.default_rng(req.seed)
+        self.stops = {int(t) for t in req.stop_ids}
+        self.slot, self.dec, self.fed = -1, None, 0
+        self.tokens: list[int] = []
+        self.t_begin = time.perf_counter()
+        self.prefill_ms, self.decode_ms, self.t_last = 0.0, [], 0.0
+
+
+class BatchSession:
+    """Continuous batching over one runtime: `step(admit, cancel)` admits new requests, drops cancelled ones,
+    advances every running sequence by one token and returns what each produced.
+
+    Batched (a runtime with `open_batch`/`forward_rows`: the native engine): one forward per step over all
+    rows — one decode row per running sequence plus up to `prefill_budget` prompt tokens of admitted requests
+    (chunked prefill, in admission order, so a long prompt does not stall the running batch); each linear group
+    reads its weights once per step for every row. The KV cache of `max_batch` sequences x `cache_len` positions
+    is allocated once, when the session opens; a request must fit: prompt + max_new <= cache_len.
+    Emulated (every other engine): the same API as sequential batch-1 steps, each sequence with its own
+    KVSlots cache; a request's whole prompt is fed in the step that admits it. An engine that keeps its one KV
+    cache itself (`stateful`: llama.cpp) runs one sequence at a time (max_batch becomes 1).
+    Sampling happens here with each request's own RNG, so seeded sampling gives the tokens batch 1 gives.
+    """
+
+    def __init__(self, runtime, max_batch: int, cache_len: int | None = None, *, prefill=None,
+                 prefill_budget: int = 64, max_positions: int | None = None):
+        self.runtime, self.prefill = runtime, prefill
+        self.max_batch = int(max_batch)
+        if getattr(runtime, "stateful", False):      # llama.cpp: one KV cache in the engine, one sequence at a time
+            self.max_batch = min(self.max_batch, 1)
+        self.S = int(cache_len or runtime.cache_len or 0)
+        if self.max_batch < 1:
+            raise UserError(f"max_batch={max_batch}", "use at least 1")
+        if self.S < 2:
+            raise UserError("no cache length (S) for decoding", "pass cache_len or build the runtime with cache_len")
+        self.prefill_budget = max(1, int(prefill_budget))
+        self.max_positions = max_positions if max_positions is not None else runtime.io.get("max_positions")
+        self.batched = hasattr(runtime, "open_batch")
+        self.state = runtime.open_batch(self.max_batch, self.S, self.max_batch + self.prefill_budget) if self.batched else None
+        self.seqs: dict[int, _Seq] = {}                     # admission order (dicts keep it)
+        self.free = list(range(self.max_batch))[::-1]
+        R = self.max_batch + self.prefill_budget
+        self._ids, self._slots, self._pos = (np.zeros(R, np.int64) for _ in range(3))
+        self._want = np.zeros(R, np.int64)
+
+    def running(self) -> int:
+        return len(self.seqs)
+
+    def _finish(self, seq: _Seq, reason: str) -> GenerateResult:
+        self.seqs.pop(seq.req.id, None)
+        if seq.slot >= 0:
+            self.free.append(seq.slot)
+        seq.dec = None
+        return GenerateResult(tokens=list(seq.tokens), prompt_len=len(seq.prompt), engine=self.runtime.name,
+                              finish_reason=reason, prefill_ms=seq.prefill_ms, decode_ms=list(seq.decode_ms))
+
+    def _admit(self, req: BatchRequest) -> _Seq:
+        if req.id in self.seqs:
+            raise UserError(f"request id {req.id} is already running", "use a new id")
+        if len(self.seqs) >= self.max_batch:
+            raise UserError(f"the batch is full ({self.max_batch} sequences)", "admit it after one finishes")
+        prompt, _ = _check_request(self.runtime, req.prompt_ids, int(req.max_new), self.S, self.max_positions)
+        if len(prompt) + int(req.max_new) > self.S:
+            raise UserError(f"{len(prompt)} prompt + {req.max_new} new tokens exceed the {self.S}-token cache",
+                            "shorten the prompt or generate fewer tokens")
+        if req.temperature > 0 and not 0.0 < req.top_p <= 1.0:
+            raise UserError(f"top_p={req.top_p} is outside (0, 1]", "pass a probability mass such as 0.9")
+        seq = _Seq(req, prompt)
+        if self.batched:
+            seq.slot = self.free.pop()
+        else:
+            seq.dec = new_sequence(self.runtime, self.S)
+        self.seqs[req.id] = seq
+        return seq
+
+    def _emit(self, seq: _Seq, logits_row, now: float, out: dict) -> None:
+        """Sample seq's next token from its logits row; record it and whether that ends the sequence."""
+        tok = sample_token(logits_row, seq.req.temperature, seq.req.top_p, seq.rng)
+        if not seq.tokens:
+            seq.prefill_ms = (now - seq.t_begin) * 1e3
+        else:
+            seq.decode_ms.append((now - seq.t_last) * 1e3)
+        seq.t_last = now
+        seq.tokens.append(tok)
+        out["tokens"].append((seq.req.id, tok))
+        if tok in seq.stops:
+            out["finished"].append((seq.req.id, self._finish(seq, "stop")))
+        elif len(seq.tokens) >= seq.req.max_new:
+            out["finished"].append((seq.req.id, self._finish(seq, "length")))
+
+    def step(self, admit=(), cancel=()) -> dict:
+        """admit: BatchRequest (or dicts of its fields); cancel: ids, or (id, reason) pairs (default reason
+        "cancelled"). Returns {"tokens": [(id, token)], "finished": [(id, GenerateResult)], "errors": [(id, exc)],
+        "rows", "running", "step_ms"}: a finished sequence's last token is in "tokens" of the same step."""
+        t0 = time.perf_counter()
+        out: dict = {"tokens": [], "finished": [], "errors": []}
+        for c in cancel:
+            rid, reason = (c if isinstance(c, (tuple, list)) else (c, "cancelled"))
+            seq = self.seqs.get(rid)
+            if seq is not None:
+                out["finished"].append((rid, self._finish(seq, reason)))
+        for req in admit:
+            req = req if isinstance(req, BatchRequest) else BatchRequest(**req)
+            try:
+                self._admit(req)
+            except Exception as e:  # noqa: BLE001 - this request's error, not the batch's
+                out["errors"].append((req.id, e))
+        rows = self._step_batched(out) if self.batched else self._step_emulated(out)
+        out.update(rows=rows, running=len(self.seqs), step_ms=(time.perf_counter() - t0) * 1e3)
+        return out
+
+    def _step_batched(self, out: dict) -> int:
+        ids, slots, pos, want = self._ids, self._slots, self._pos, self._want
+        R, n, owners = 0, 0, []
+        for seq in self.seqs.values():                       # decode rows: one per sequence past its prompt
+            if seq.fed == len(seq.prompt):
+                ids[R], slots[R], pos[R] = seq.tokens[-1], seq.slot, len(seq.prompt) + len(seq.tokens) - 1
+                want[n] = R
+                owners.append(seq)
+                R += 1
+                n += 1
+        budget = self.prefill_budget
+        for seq in self.seqs.values():                       # prompt chunks, in admission order
+            if budget == 0:
+                break
+            left = len(seq.prompt) - seq.fed
+            if left == 0:
+                continue
+            k = min(left, budget)
+            ids[R:R + k] = seq.prompt[seq.fed:seq.fed + k]
+            slots[R:R + k] = seq.slot
+            pos[R:R + k] = np.arange(seq.fed, seq.fed + k)
+            seq.fed += k
+            budget -= k
+            R += k
+            if seq.fed == len(seq.prompt):                   # its last prompt token gives the first new token
+                want[n] = R - 1
+                owners.append(seq)
+                n += 1
+        if R == 0:
+            return 0
+        logits = self.runtime.forward_rows(self.state, ids[:R], slots[:R], pos[:R], want[:n])
+        now = time.perf_counter()
+        for j, seq in enumerate(owners):
+            self._emit(seq, logits[j], now, out)
+        return R
+
+    def _step_emulated(self, out: dict) -> int:
+        R = 0
+        for seq in list(self.seqs.values()):
+            if seq.fed < len(seq.prompt):
+                _, logits, _ = _prefill(seq.dec, self.prefill, seq.prompt, self.S)
+                seq.fed = len(seq.prompt)
+                R += len(seq.prompt)
+            else:
+                logits, _ = seq.dec.step((seq.tokens[-1],), len(seq.prompt) + len(seq.tokens) - 1)
+                R += 1
+            self._emit(seq, logits[0, -1], time.perf_counter(), out)
+        return R

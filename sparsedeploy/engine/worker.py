@@ -87,6 +87,7 @@ def _worker_main() -> None:
 
     cfg = _recv(proto_in)
     runtimes: list[Runtime] = []
+    batch = None
     try:
         step = make_runtime(cfg["engine"], cfg["onnx_path"], cores=cfg["cores"], seq_len=cfg["seq_len"],
                             cache_len=cfg["cache_len"])
@@ -128,6 +129,17 @@ def _worker_main() -> None:
                 result = _generate_in_worker(dec, step, prefill, proto_out, msg)
             elif kind == "score":       # per-token log-probabilities of a sequence (ScoreResult), not the logits
                 result = dec.score_tokens(step, msg[1], msg[2], prefill=prefill, **msg[3])
+            elif kind == "batch_open":  # a new BatchSession replaces the previous one (and its sequences)
+                batch = None
+                batch = dec.BatchSession(step, prefill=prefill, **msg[1])
+                result = {"batched": batch.batched, "max_batch": batch.max_batch, "cache_len": batch.S,
+                          "prefill_budget": batch.prefill_budget,
+                          "cache_bytes": batch.state.nbytes() if batch.batched else None}
+            elif kind == "batch_step":
+                if batch is None:
+                    raise ValueError("batch_step before batch_open")
+                result = batch.step(msg[1], msg[2])
+                result["errors"] = [(rid, _portable_error(e)) for rid, e in result["errors"]]
             else:
                 raise ValueError(f"unknown request {kind!r}")
             _send(proto_out, ("ok", result))
@@ -236,6 +248,20 @@ class WorkerRuntime(Runtime):
         """score_tokens inside the worker: log p(ids[t] | ids[:t]) and the top_k alternatives at every position
         (a ScoreResult); only those numbers cross the pipe."""
         return self._call(("score", [int(t) for t in ids], int(top_k), kwargs))
+    def batch_open(self, max_batch: int, cache_len: int | None = None, prefill_budget: int = 64,
+                   max_positions: int | None = None) -> dict:
+        """Start continuous batching in the worker (sparsedeploy.engine.decode.BatchSession; its KV cache is
+        allocated here, once). Engines without a batched forward get the same API as sequential batch-1 steps
+        (the reply's "batched" says which). Returns the session's sizes."""
+        kw = {"max_batch": int(max_batch), "cache_len": cache_len or self.cache_len,
+              "prefill_budget": int(prefill_budget), "max_positions": max_positions}
+        return self._call(("batch_open", kw))
+
+    def batch_step(self, admit=(), cancel=()) -> dict:
+        """One step of the open batch: admit requests (dicts of BatchRequest's fields: id, prompt_ids, max_new,
+        temperature, top_p, seed, stop_ids), drop `cancel` ids (or (id, reason) pairs); returns the new token of
+        every running sequence, those that finished (GenerateResult) and per-request errors (BatchSession.step)."""
+        return self._call(("batch_step", [dict(r) for r in admit], list(cancel)))
 
     def cancel(self) -> None:
         """Ask the worker to end the generation in progress after its current token (no-op when idle)."""

@@ -7,9 +7,12 @@
     GET  /metrics          Prometheus text: requests by endpoint/status, tokens, latency/TTFT histograms, queue
     GET  /v1/models        the one model served
 
-Requests are decoded one at a time (batch 1) by one engine worker process (sparsedeploy.serve.engine) with
-the bench's KV-cache loop (sparsedeploy.engine.decode.sample_decode); temperature 0 is greedy, otherwise
-sampling (temperature, top_p, seed) happens in numpy inside the worker. Protection: body size, prompt and
+Requests are decoded by one engine worker process (sparsedeploy.serve.engine): with --max-batch N > 1 by
+continuous batching (sparsedeploy.engine.decode.BatchSession: up to N sequences step together, new ones join
+at the next step with their prompt fed in chunks; the native engine runs each step as one batched forward,
+other engines as sequential batch-1 steps), with --max-batch 1 one at a time through the bench's KV-cache loop
+(sparsedeploy.engine.decode.sample_decode); temperature 0 is greedy, otherwise sampling (temperature, top_p,
+seed) happens in numpy inside the worker. Protection: body size, prompt and
 generation token limits (prompt + max_tokens <= the deployment's seqlen), a bounded queue (full -> 429 at
 once), a per-request timeout (504), and every bad request gets a 4xx JSON error, never a 500.
 
@@ -66,6 +69,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_restarts: int = 3
     hang_grace_s: float = 10.0                  # a request still running this long past its deadline: kill the worker
+    max_batch: int = 8                          # sequences decoded together (continuous batching); 1: one at a time
+    batch_prefill: int = 64                     # prompt tokens fed per batched step (chunked prefill)
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -418,6 +423,8 @@ def validate_settings(s: Settings) -> dict:
     check(s.queue_size >= 0 and s.queue_size <= 100_000, f"--queue-size {s.queue_size} is out of range", "use e.g. 16")
     check(s.timeout_s > 0 and s.timeout_s <= 86_400, f"--timeout-s {s.timeout_s} is out of range", "use e.g. 60")
     check(s.prefill_chunk >= 0, f"--prefill-chunk {s.prefill_chunk} is negative", "use 0 (token by token) or e.g. 16")
+    check(1 <= s.max_batch <= 256, f"--max-batch {s.max_batch} is out of range", "use 1 (one at a time) to e.g. 8")
+    check(1 <= s.batch_prefill <= 4096, f"--batch-prefill {s.batch_prefill} is out of range", "use e.g. 64")
     n = os.cpu_count() or 1
     check(s.cores is None or 1 <= s.cores <= n, f"--cores {s.cores} is not between 1 and this machine's {n}",
           "omit --cores to use every core")
@@ -469,7 +476,8 @@ def create_app(settings: Settings, *, worker_factory=None):
     context_limit = min(seqlen, max_positions + 1) if max_positions else seqlen
     factory = worker_factory or default_worker_factory(settings, meta)
     service = EngineService(factory, queue_size=settings.queue_size, metrics=metrics, max_restarts=settings.max_restarts,
-                            hang_grace_s=settings.hang_grace_s)
+                            hang_grace_s=settings.hang_grace_s, max_batch=settings.max_batch,
+                            prefill_budget=settings.batch_prefill, cache_len=seqlen)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -499,7 +507,7 @@ def create_app(settings: Settings, *, worker_factory=None):
 
     @app.get("/metrics")
     async def metrics_endpoint():
-        metrics.set("queue_depth", float(max(0, service.pending() - 1)))
+        metrics.set("queue_depth", float(service.queued()))
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")

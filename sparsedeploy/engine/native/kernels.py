@@ -328,3 +328,81 @@ def attention(QKV, H, Hkv, D, positions, cos, sin, rope, scale, past_k, past_v, 
                             o[i] += w * new_v[g, t - P, i]
         for i in range(D):
             out[l, h * D + i] = o[i]
+
+
+@njit(**_OPTS)
+def attention_rows(QKV, H, Hkv, D, slots, positions, cos, sin, rope, scale, cache_k, cache_v, out, scratch):
+    """One layer's attention for R rows of a batched step, each row a token of its own sequence.
+
+    Row r belongs to the sequence in cache slot slots[r], at position positions[r]; cache_k/cache_v
+    [B, Hkv, S, D] hold each sequence's keys (rotated) and values at index = position. Every row's key and
+    value are stored first, then row r attends over its slot's positions 0..positions[r] (a prefill chunk's
+    rows of one sequence: causal among themselves). Scores and the weighted sum run over the positions in
+    order, as `attention` does over a batch-1 cache filled token by token: the same arithmetic per row.
+    QKV [R, (H + 2 Hkv) D]; out [R, H D]; scratch [>= H R, 2 D + S].
+    """
+    R = QKV.shape[0]
+    half = D // 2
+    rep = H // Hkv
+    koff = H * D
+    voff = koff + Hkv * D
+    for r in range(R):
+        b = slots[r]
+        p = positions[r]
+        for g in range(Hkv):
+            for i in range(D):
+                cache_v[b, g, p, i] = QKV[r, voff + g * D + i]
+            if rope:
+                for i in range(half):
+                    a = QKV[r, koff + g * D + i]
+                    c = QKV[r, koff + g * D + half + i]
+                    cache_k[b, g, p, i] = a * cos[p, i] - c * sin[p, i]
+                    cache_k[b, g, p, half + i] = c * cos[p, i] + a * sin[p, i]
+            else:
+                for i in range(D):
+                    cache_k[b, g, p, i] = QKV[r, koff + g * D + i]
+    for hr in prange(H * R):
+        h = hr // R
+        r = hr % R
+        g = h // rep
+        b = slots[r]
+        p = positions[r]
+        q = scratch[hr, :D]
+        o = scratch[hr, D:2 * D]
+        scores = scratch[hr, 2 * D:2 * D + p + 1]
+        if rope:
+            for i in range(half):
+                a = QKV[r, h * D + i]
+                c = QKV[r, h * D + half + i]
+                q[i] = a * cos[p, i] - c * sin[p, i]
+                q[half + i] = c * cos[p, i] + a * sin[p, i]
+        else:
+            for i in range(D):
+                q[i] = QKV[r, h * D + i]
+        m = np.float32(-np.inf)
+        for t in range(p + 1):
+            s = np.float32(0.0)
+            for i in range(D):
+                s += q[i] * cache_k[b, g, t, i]
+            s *= scale
+            scores[t] = s
+            if s > m:
+                m = s
+        total = np.float32(0.0)
+        for t in range(p + 1):
+            e = np.exp(scores[t] - m)
+            scores[t] = e
+            total += e
+        for i in range(D):
+            o[i] = 0
+        if total > 0:
+            inv = np.float32(1.0) / total
+            for t in range(p + 1):
+                w = scores[t]
+                if w != 0:
+                    w *= inv
+                    for i in range(D):
+                        o[i] += w * cache_v[b, g, t, i]
+        for i in range(D):
+            out[r, h * D + i] = o[i]
+

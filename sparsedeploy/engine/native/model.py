@@ -18,6 +18,7 @@ import numpy as np
 
 from ...errors import UserError
 from . import kernels as K
+from .simd_rows import TILE, csr_gemm_t, dense_gemm_rows, ell_gemm_t
 from ...arch import native_arch, rope_theta
 from .pack import INDEX, SHARED, WEIGHTS, read_index
 
@@ -29,13 +30,13 @@ class Linear:
     added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 per 64 columns once per call (lowbit.quantize_act,
     into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
-    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf")
+    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows", "twin")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
         self.fmt = fmt
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
         self.bias = _EMPTY if bias is None else bias
-        self.d, self.e, self.gs, self.qbuf = None, None, 0, None
+        self.d, self.e, self.gs, self.qbuf, self.qrows, self.twin = None, None, 0, None, None, None
         try:
             if fmt == "dense":
                 self.a, self.b, self.c = arrays["w"], None, None
@@ -125,9 +126,59 @@ class Linear:
                 Y += r
             else:
                 Y[...] = r
-        else:                            # low-bit groups: token by token (prefill is not what they are for, yet)
+        elif self.fmt in ("int8", "int8_bitmask", "q4"):
+            self.mat_lowbit(X, Y, acc)
+        else:                            # other low-bit groups: token by token (prefill is not what they are for, yet)
             for l in range(X.shape[0]):
                 self.vec(X[l], Y[l], acc)
+
+    def mat_lowbit(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
+        """int8 / int8_bitmask / q4: X [L, in] -> Y [L, rows] reading each weight row once for all L rows, the
+        same values as L `vec` calls (lowbit_batch). Row buffers grow to the largest L seen, then stay."""
+        from .lowbit_batch import GEMM, act_buffers_rows, quantize_rows
+
+        L = X.shape[0]
+        if self.qrows is None or self.qrows[0].shape[0] < L:
+            self.qrows = act_buffers_rows(max(L, 8), self.cols_in)
+        Q, C, S = (b[:L] for b in self.qrows)
+        quantize_rows(X, Q, C, S)
+        if self.fmt == "int8_bitmask":
+            GEMM["int8_bitmask"](self.a, self.b, self.c, self.d, Q, C, S, self.bias, Y, acc)
+        else:
+            GEMM[self.fmt](self.a, self.b, Q, C, S, self.bias, Y, acc)
+
+    def prepare_rows(self) -> None:
+        """Before batched steps: a bitmask group gets a CSR twin of its values (rowptr, cols, vals), which the
+        row-tiled product walks (decoding bits per row and step would cost more than the products save)."""
+        if self.fmt == "bitmask" and self.twin is None:
+            W = self.dense()
+            nz = W != 0
+            rowptr = np.zeros(self.rows + 1, np.int64)
+            np.cumsum(nz.sum(axis=1), out=rowptr[1:])
+            cols = np.nonzero(nz)[1].astype(np.uint16 if self.cols_in <= 65536 else np.uint32)
+            self.twin = (rowptr, cols, np.ascontiguousarray(W[nz]))
+
+    def mat_rows(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
+        """X [R, in] -> Y [R, rows] for a batched step's rows (NativeModel.forward_rows): fp32 sparse groups
+        run the row-tiled products (simd_rows: each stored weight loaded once for 8 rows at a time), dense ones
+        simd_rows.dense_gemm_rows, the low-bit ones lowbit_batch (through `mat`); one row `vec`."""
+        R = X.shape[0]
+        f = self.fmt
+        if f == "dense" and R > 1:
+            dense_gemm_rows(self.a, X, self.bias, Y, acc)
+            return
+        if R == 1 or f not in ("csr", "ell", "bitmask"):
+            self.mat(X, Y, acc)
+            return
+        Xt = _xt_buffer(self.cols_in, R)
+        Xt[:, :R] = X.T
+        if f == "ell":
+            ell_gemm_t(self.a, self.b, Xt, self.bias, Y, acc)
+            return
+        if f == "bitmask" and self.twin is None:
+            self.prepare_rows()
+        rowptr, cols, vals = self.twin if f == "bitmask" else (self.a, self.b, self.c)
+        csr_gemm_t(rowptr, cols, vals, Xt, self.bias, Y, acc)
 
     def dense(self) -> np.ndarray:
         """The matrix this group stores, dense (for tests; int8 / int4 groups: dequantised)."""
@@ -173,6 +224,21 @@ class Linear:
             r = np.nonzero(keep)[0]
             W[keep] = (self.c.astype(np.float32) - 128) * self.d[r]
         return W
+
+
+_XT: dict[tuple, np.ndarray] = {}
+
+
+def _xt_buffer(width: int, rows: int) -> np.ndarray:
+    """A C-contiguous [width, Lp] buffer (Lp: rows rounded up to simd_rows.TILE), shared by every group of that
+    input width (one Python thread runs a model's products one after another); the padding columns are zero."""
+    Lp = -(-rows // TILE) * TILE
+    buf = _XT.get((width, Lp))
+    if buf is None:
+        buf = _XT[(width, Lp)] = np.zeros((width, Lp), np.float32)
+    elif Lp > rows:
+        buf[:, rows:] = 0
+    return buf
 
 
 def _resident(a: np.ndarray) -> np.ndarray:
@@ -332,3 +398,107 @@ class NativeModel:
                 lay["down"].mat(act, x, True)
             new.append((nk, nv))
         return self.logits(x, h), new
+
+    # ------------------------------------------------------------------ batched steps
+    def open_batch(self, max_batch: int, cache_len: int, max_rows: int) -> "BatchState":
+        """The preallocated state of batched steps: a KV cache of `max_batch` sequence slots of `cache_len`
+        positions each, and work buffers for up to `max_rows` rows per step (nothing is allocated per step
+        but numpy views and the rows' embedding gather)."""
+        for lay in self.layers:
+            for g in ("qkv", "o", "up", "down"):
+                lay[g].prepare_rows()
+        return BatchState(self, max_batch, cache_len, max_rows)
+
+    def forward_rows(self, st: "BatchState", ids: np.ndarray, slots: np.ndarray, positions: np.ndarray,
+                     want: np.ndarray, prof: dict | None = None) -> np.ndarray:
+        """One batched step: row r is token ids[r] of the sequence in cache slot slots[r] at positions[r]
+        (decode rows: one per sequence; a prefill chunk: consecutive positions of one sequence). Every linear
+        group runs once over all R rows ([R, in] products: each weight read once per step); attention runs
+        per row over its own slot (causal within a chunk). Returns logits [len(want), V] of the rows `want`
+        (a view into a buffer the next step overwrites). prof: a dict that receives seconds per part
+        (norms, qkv, attention, o, up, act, down, head: where a step's time goes)."""
+        R = ids.shape[0]
+        if R > st.max_rows:
+            raise UserError(f"{R} rows in one step exceed the batch's {st.max_rows}", "feed fewer prompt tokens per step")
+        if R and int(positions.max()) >= st.S:
+            raise UserError(f"position {int(positions.max())} is beyond the batch cache's {st.S}", "generate fewer tokens")
+        x, h, qkv, attn = st.x[:R], st.h[:R], st.qkv[:R], st.attn[:R]
+        up, act = st.up[:R], st.act[:R]
+        clock = time.perf_counter
+        t = clock() if prof is not None else 0.0
+
+        def tick(part):
+            nonlocal t
+            now = clock()
+            prof[part] = prof.get(part, 0.0) + now - t
+            t = now
+
+        self.embed_tokens(ids, positions, x)
+        prof is not None and tick("embed")
+        silu = self.arch.act == "silu_mul"
+        scratch = st.scratch
+        for i, lay in enumerate(self.layers):
+            self._norm(x, lay["attn_norm"], h)
+            prof is not None and tick("norms")
+            lay["qkv"].mat_rows(h, qkv, False)
+            prof is not None and tick("qkv")
+            K.attention_rows(qkv, self.H, self.Hkv, self.D, slots, positions, self.cos, self.sin, self.arch.rope,
+                             self.scale, st.k[i], st.v[i], attn, scratch)
+            prof is not None and tick("attention")
+            lay["o"].mat_rows(attn, x, True)
+            prof is not None and tick("o")
+            self._norm(x, lay["mlp_norm"], h)
+            prof is not None and tick("norms")
+            if silu:
+                lay["up"].mat_rows(h, up, False)
+                prof is not None and tick("up")
+                K.silu_mul(up, self.inter, act)
+            else:
+                lay["up"].mat_rows(h, act, False)
+                prof is not None and tick("up")
+                K.relu_(act)
+            prof is not None and tick("act")
+            lay["down"].mat_rows(act, x, True)
+            prof is not None and tick("down")
+        n = want.shape[0]
+        xs, hs = st.xs[:n], st.hs[:n]
+        np.take(x, want, axis=0, out=xs)
+        if self.final_norm is not None:
+            self._norm(xs, self.final_norm, hs)
+        else:
+            hs[...] = xs
+        if self.project_out is not None:
+            h2 = np.zeros((n, self.project_out.rows), np.float32)
+            self.project_out.mat(hs, h2, False)
+            hs = h2
+        out = st.logits[:n]
+        self.lm_head.mat_rows(hs, out, False)
+        prof is not None and tick("head")
+        return out
+
+
+class BatchState:
+    """What NativeModel.forward_rows works in: per layer a key and a value cache [max_batch, Hkv, S, D]
+    (a sequence in slot b keeps position p at [b, :, p]) and the step's row buffers, allocated once."""
+
+    def __init__(self, m: NativeModel, max_batch: int, cache_len: int, max_rows: int):
+        if max_batch < 1 or cache_len < 2 or max_rows < 1:
+            raise UserError(f"a batch of {max_batch} sequences x {cache_len} positions, {max_rows} rows per step",
+                            "use max_batch >= 1, cache_len >= 2")
+        self.B, self.S, self.max_rows = int(max_batch), min(int(cache_len), m.max_positions), int(max_rows)
+        shape = (self.B, m.Hkv, self.S, m.D)
+        self.k = [np.zeros(shape, np.float32) for _ in m.layers]
+        self.v = [np.zeros(shape, np.float32) for _ in m.layers]
+        R = self.max_rows
+        qkv_rows = m.layers[0]["qkv"].rows if m.layers else 0
+        up_rows = m.layers[0]["up"].rows if m.layers else 0
+        self.x, self.h = np.zeros((R, m.hidden), np.float32), np.zeros((R, m.hidden), np.float32)
+        self.xs, self.hs = np.zeros((R, m.hidden), np.float32), np.zeros((R, m.hidden), np.float32)
+        self.qkv, self.attn = np.zeros((R, qkv_rows), np.float32), np.zeros((R, m.H * m.D), np.float32)
+        self.up, self.act = np.zeros((R, up_rows), np.float32), np.zeros((R, m.inter), np.float32)
+        self.scratch = np.zeros((m.H * R, 2 * m.D + self.S), np.float32)
+        self.logits = np.zeros((R, m.vocab), np.float32)
+
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.k + self.v) + sum(
+            int(getattr(self, n).nbytes) for n in ("x", "h", "xs", "hs", "qkv", "attn", "up", "act", "scratch", "logits"))

@@ -65,6 +65,14 @@ class NativeRuntime(Runtime):
             out[va] = nv[None]
         return out
 
+    def open_batch(self, max_batch: int, cache_len: int, max_rows: int):
+        """Batched steps (sparsedeploy.engine.decode.BatchSession): the model's preallocated batch state;
+        `forward_rows(state, ids, slots, positions, want)` runs a step."""
+        return self.model.open_batch(max_batch, cache_len, max_rows)
+
+    def forward_rows(self, state, ids, slots, positions, want, prof=None):
+        return self.model.forward_rows(state, ids, slots, positions, want, prof)
+
     def info(self) -> dict:
         from .kernels import lowbit_paths
 
