@@ -364,9 +364,12 @@ def cpu_tag() -> str:
     return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
 
 
+_SUFFIX = ""        # --suffix: a run that must not replace an earlier result of the same kind
+
+
 def _publish(doc: dict, pts: list[dict], name: str, title: str, pcfg, notes: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"{name}_{cpu_tag()}"
+    name = f"{name}{_SUFFIX}_{cpu_tag()}"
     doc = dict(doc, points=pts, frontier=[(p["label"], p["engine"]) for p in pareto.frontier(pts)], notes=notes,
                title=title)
     write_json(RESULTS / f"{name}.json", json.loads(json.dumps(doc, default=str)))
@@ -395,7 +398,11 @@ def main() -> None:
                     "-> pareto_smollm2_gptq_<cpu>")
     ap.add_argument("--native-weights", default="fp32,int8,int4", help="native value types to time (each beyond fp32 "
                     "in a view of the deployment with its own native build); 'int8+q4': int8 with a 4-bit lm_head")
+    ap.add_argument("--suffix", default="", help="added to the result names (e.g. _int8perm), so that a partial "
+                    "run does not replace the committed full one")
     a = ap.parse_args()
+    global _SUFFIX
+    _SUFFIX = a.suffix
     work = Path(a.work)
     todo = a.only or ["smollm2", "synthetic"]
     if "smollm2" in todo:
