@@ -254,19 +254,25 @@ class EngineService:
                 else:
                     self._finish(job, ("done", payload))
                     return
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001
+            self._job_failed(job, e)
+        finally:
+            job.started = None
+
+    def _job_failed(self, job: Job, e: Exception) -> None:
+        """A batch-1 job's worker call raised: the worker died (503, restart), or the request failed inside it
+        (400 for a UserError, else 500)."""
+        if isinstance(e, RuntimeError):
             if "process died" not in str(e) and "closed" not in str(e):
                 self._finish(job, ("error", ServeError(500, "engine_error", f"{type(e).__name__}: {e}")))
                 return
             self._finish(job, ("error", ServeError(503, "engine_unavailable",
                                                    "the engine worker died during this request; it is being restarted")))
             self._restart(str(e))
-        except Exception as e:  # noqa: BLE001 - an error raised inside the worker for this request
-            status = 400 if type(e).__name__ == "UserError" else 500
-            self._finish(job, ("error", ServeError(status, "invalid_request_error" if status == 400 else "engine_error",
-                                                   str(e))))
-        finally:
-            job.started = None
+            return
+        status = 400 if type(e).__name__ == "UserError" else 500
+        self._finish(job, ("error", ServeError(status, "invalid_request_error" if status == 400 else "engine_error",
+                                               str(e))))
 
     # ------------------------------------------------------------------------------------------ scoring
     def submit_score(self, prompt_ids, top_k: int, deadline: float, on_event: Callable) -> Job:
@@ -278,17 +284,8 @@ class EngineService:
         job.started = time.monotonic()
         try:
             self._finish(job, ("done", self.worker.score(job.prompt_ids, job.params["top_k"])))
-        except RuntimeError as e:
-            if "process died" not in str(e) and "closed" not in str(e):
-                self._finish(job, ("error", ServeError(500, "engine_error", f"{type(e).__name__}: {e}")))
-                return
-            self._finish(job, ("error", ServeError(503, "engine_unavailable",
-                                                   "the engine worker died during this request; it is being restarted")))
-            self._restart(str(e))
-        except Exception as e:  # noqa: BLE001 - an error raised inside the worker for this request
-            status = 400 if type(e).__name__ == "UserError" else 500
-            self._finish(job, ("error", ServeError(status, "invalid_request_error" if status == 400 else "engine_error",
-                                                   str(e))))
+        except Exception as e:  # noqa: BLE001
+            self._job_failed(job, e)
         finally:
             job.started = None
 
