@@ -102,3 +102,66 @@ def test_shard_writer_splits_and_indexes(tmp_path):
     assert len(set(index["weight_map"].values())) == 3
     back = _tensors(tmp_path / "m")
     assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) for k in ts)
+
+
+def _synth(tmp_path, tokenizer_dir, name="syn", **kw):
+    from sparsedeploy.workflows.synth import SynthConfig, synth
+
+    cfg = SynthConfig("llama-tiny", kw.pop("layers", 3), kw.pop("dtype", "bf16"), str(tokenizer_dir),
+                      max_shard_bytes=kw.pop("max_shard_bytes", 100_000))
+    return synth(cfg, tmp_path / name)
+
+
+def test_synth_writes_a_labelled_sharded_model_with_outlier_channels(tiny_llama_dir, corpus_file, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    doc = _synth(tmp_path, tiny_llama_dir)
+    out = Path(doc["out"])
+    assert doc["shards"] > 1 and (out / INDEX).is_file()
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["sparsedeploy_synthetic"]["preset"] == "llama-tiny" and conf["num_hidden_layers"] == 3
+    assert conf["vocab_size"] == len(AutoTokenizer.from_pretrained(out)) == doc["synthetic"]["vocab_size"]
+    assert "SYNTHETIC" in (out / "README.md").read_text()
+    for f in out.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            assert "sparsedeploy_synthetic" in h.metadata()
+    model = AutoModelForCausalLM.from_pretrained(out)            # real shapes, loadable as a plain HF model
+    assert model.config.hidden_size == 64 and AutoConfig.from_pretrained(out).sparsedeploy_synthetic
+    assert all(t.dtype == torch.bfloat16 for t in _tensors(out).values())
+    # the same arguments give the same bytes
+    again = _synth(tmp_path, tiny_llama_dir, name="again")
+    a, b = _tensors(out), _tensors(Path(again["out"]))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # calibration sees the outlier channels: a few input columns of q_proj with much larger norms
+    run = RunDir(tmp_path / "cal")
+    stages.calibrate(run, stages.CalibConfig(str(out), f"file:{corpus_file}", 4, 32, device="cpu", stream=True))
+    norms = load_file(str(run.path / stages.CALIB_STATS))
+    col = norms["2.self_attn.q_proj"]
+    assert sorted(torch.topk(col, len(doc["outlier_channels"])).indices.tolist()) == doc["outlier_channels"]
+    assert float(col.max() / col.median()) > 3
+
+
+def test_streamed_prune_of_a_synthetic_bf16_model(tiny_llama_dir, corpus_file, tmp_path):
+    out = Path(_synth(tmp_path, tiny_llama_dir)["out"])
+    mem, st = RunDir(tmp_path / "mem"), RunDir(tmp_path / "st")
+    stages.prune(mem, _cfg(out, corpus_file, False))
+    stages.prune(st, _cfg(out, corpus_file, True))
+    assert assert_same_prune(mem.path, st.path, dtype=torch.bfloat16) > 0
+    conf = json.loads((st.path / "model" / "config.json").read_text())
+    assert conf["sparsedeploy_synthetic"]["preset"] == "llama-tiny"     # the label travels with the model
+
+
+@pytest.mark.slow
+def test_streamed_prune_equals_in_memory_on_smollm2(tmp_path):
+    """The real default model (30 layers, tied embeddings), Wanda + DLP 60%, a small calibration."""
+    def cfg(stream):
+        calib = stages.CalibConfig("smollm2-135m", "wikipedia-summaries", 2, 32, 0, None, "cpu")
+        return stages.PruneConfig("smollm2-135m", 0.6, "dlp", "wanda", calib=calib, device="cpu", stream=stream)
+
+    mem, st = RunDir(tmp_path / "mem"), RunDir(tmp_path / "st")
+    stages.prune(mem, cfg(False))
+    stages.prune(st, cfg(True))
+    assert assert_same_prune(mem.path, st.path) > 0
+    man = json.loads((st.path / "manifest.json").read_text())["stages"]
+    assert man["prune"]["streamed"] and man["calibrate"]["streamed"] and man["allocate"]["streamed"]
