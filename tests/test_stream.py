@@ -165,3 +165,34 @@ def test_streamed_prune_equals_in_memory_on_smollm2(tmp_path):
     assert assert_same_prune(mem.path, st.path) > 0
     man = json.loads((st.path / "manifest.json").read_text())["stages"]
     assert man["prune"]["streamed"] and man["calibrate"]["streamed"] and man["allocate"]["streamed"]
+
+
+BAD = [
+    ("unknown preset", ["synth", "gpt5", "--out", "{new}"], "preset"),
+    ("bad dtype", ["synth", "llama-tiny", "--out", "{new}", "--dtype", "int3"], "dtype"),
+    ("bad layers", ["synth", "llama-tiny", "--out", "{new}", "--layers", "0"], "layers"),
+    ("out not empty", ["synth", "llama-tiny", "--out", "{full}"], "not empty"),
+    ("stream with --bits", ["prune", "{model}", "--out", "{new}", "--sparsity", "0.5", "--method", "sparsegpt",
+                            "--bits", "4", "--stream"], "stream"),
+    ("stream without safetensors", ["calibrate", "{pickle}", "--out", "{new}", "--stream", "--allow-pickle"], "safetensors"),
+]
+
+
+@pytest.mark.parametrize("name,argv,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2(name, argv, needle, tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from .cli_helpers import run_cli
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    pickle = tmp_path / "pickle"
+    pickle.mkdir()
+    (pickle / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (pickle / "pytorch_model.bin").write_bytes(b"not really")
+    new = tmp_path / "new"
+    subs = {"new": str(new), "full": str(full), "model": str(tiny_llama_dir), "pickle": str(pickle)}
+    code, out, err = run_cli([a.format(**subs) for a in argv], monkeypatch, capsys)
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0].lower(), err
+    assert not new.exists() or not any(new.iterdir())

@@ -104,6 +104,14 @@ def should_stream(path: str | Path, stream: bool | None) -> bool:
     return SafetensorsFolder(p).fp32_bytes() > AUTO_STREAM_BYTES
 
 
+def use_stream(ref, stream: bool | None) -> bool:
+    """Whether a stage streams the model `ref` (a models.ModelRef): asked for (True/False), or auto by size."""
+    if stream and not ref.local:
+        raise UserError(f"--stream needs a local safetensors model folder, not {ref.spec}",
+                        "download the model to a folder first, or drop --stream")
+    return bool(ref.local and should_stream(ref.path, stream))
+
+
 def layer_prefix(spec: ArchSpec, i: int) -> str:
     return f"{spec.layers}.{i}."
 

@@ -12,7 +12,7 @@ from .. import allocate as alloc
 from ..arch import spec_for
 from ..models import load, resolve
 from ..rundir import RunDir, read_json, write_json
-from ..stream import StreamedWeights, iter_layer_weights, should_stream
+from ..stream import StreamedWeights, iter_layer_weights, use_stream
 from .common import ALLOCATORS, CALIB_STATS, RATIOS, RATIOS_PNG, _load_tensors, _run_model, peak_rss_mb, reset_peak_rss
 
 
@@ -76,7 +76,7 @@ def allocate(run: RunDir, cfg: AllocConfig, *, force: bool = False, model=None, 
     reset_peak_rss()
     if model is None:
         ref = resolve(_run_model(run))
-        model = StreamedWeights(ref.path) if ref.local and should_stream(ref.path, stream) else load(ref)[0]
+        model = StreamedWeights(ref.path) if use_stream(ref, stream) else load(ref)[0]
     norms = _load_tensors(run.path / CALIB_STATS) if calib and calib.get("done") else None
     stats, sizes = layer_stats(model, norms, cfg.owl_m)
     result = alloc.allocate(cfg.allocator, stats, sizes, cfg.sparsity, alpha=cfg.alpha, stat=cfg.stat,

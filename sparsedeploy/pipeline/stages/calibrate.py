@@ -16,7 +16,7 @@ from ..arch import decoder_layers, spec_for
 from ..data import calibration_windows, load_text
 from ..models import load, load_tokenizer, resolve
 from ..rundir import RunDir
-from ..stream import StreamedModel, should_stream
+from ..stream import StreamedModel, use_stream
 from ..walker import walk
 from .common import (CALIB_STATS, CALIB_TOKENS, _model_inputs, _save_tensors, _set_model, peak_rss_mb, reset_peak_rss,
                      resolve_device)
@@ -54,7 +54,7 @@ def calibrate(run: RunDir, cfg: CalibConfig, *, force: bool = False) -> Path:
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     reset_peak_rss()
-    streamed = ref.local and should_stream(ref.path, cfg.stream)
+    streamed = use_stream(ref, cfg.stream)
     sm = None
     if streamed:
         sm = StreamedModel(ref.path)

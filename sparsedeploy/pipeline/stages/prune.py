@@ -22,7 +22,7 @@ from ..arch import decoder_layers, get_module, spec_for
 from ..models import load, replace_dir, resolve, save_model
 from ..prune import NEEDS, PRUNERS, parse_pattern, prune_sparsegpt
 from ..rundir import RunDir
-from ..stream import DTYPES, ShardWriter, StreamedModel, copy_side_files, should_stream
+from ..stream import DTYPES, ShardWriter, StreamedModel, copy_side_files, use_stream
 from ..walker import walk
 from .allocate import AllocConfig, allocate, check_sparsity, check_spread
 from .calibrate import CalibConfig, calibrate
@@ -88,7 +88,7 @@ def prune(run: RunDir, cfg: PruneConfig, *, force: bool = False) -> Path:
     nm = validate_prune(cfg)
     device = resolve_device(cfg.device)
     ref = resolve(cfg.model, allow_pickle=cfg.allow_pickle)
-    streamed = ref.local and should_stream(ref.path, cfg.stream)
+    streamed = use_stream(ref, cfg.stream)
     if streamed:
         check(cfg.bits is None, "--bits (joint SparseGPT quantization) is not available on the streamed path",
               "prune with --no-stream, or prune streamed and then run `sparsedeploy quantize`")
