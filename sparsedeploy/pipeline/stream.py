@@ -34,6 +34,14 @@ MAX_SHARD_BYTES = 1 << 30
 AUTO_STREAM_BYTES = 4 << 30
 
 
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt")
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file surfaces as several exception types
+        raise UserError(f"{f} is corrupt or not a safetensors file ({type(e).__name__})",
+                        "re-save the model with save_pretrained(safe_serialization=True)")
+
+
 class SafetensorsFolder:
     """Read-only view of a Hugging Face folder's safetensors: tensor names → file, one tensor at a time."""
 
@@ -52,7 +60,7 @@ class SafetensorsFolder:
                 raise UserError(f"{self.path} holds no safetensors weights", "streaming needs a safetensors model folder")
             self.files = {}
             for f in shards:
-                with safe_open(str(f), framework="pt") as h:
+                with _open(f) as h:
                     for name in h.keys():
                         self.files[name] = f
         missing = {f for f in self.files.values() if not f.is_file()}
@@ -77,7 +85,7 @@ class SafetensorsFolder:
         if self._meta is None:
             out = {}
             for f in sorted(set(self.files.values())):
-                with safe_open(str(f), framework="pt") as h:
+                with _open(f) as h:
                     for name in h.keys():
                         sl = h.get_slice(name)
                         out[name] = (sl.get_dtype(), tuple(sl.get_shape()))
@@ -101,7 +109,10 @@ def should_stream(path: str | Path, stream: bool | None) -> bool:
     p = Path(path)
     if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
         return False
-    return SafetensorsFolder(p).fp32_bytes() > AUTO_STREAM_BYTES
+    try:
+        return SafetensorsFolder(p).fp32_bytes() > AUTO_STREAM_BYTES
+    except UserError:   # unreadable: the in-memory loader reports it in its own words
+        return False
 
 
 def use_stream(ref, stream: bool | None) -> bool:
