@@ -196,3 +196,15 @@ def test_bad_input_is_one_line_exit_2(name, argv, needle, tiny_llama_dir, tmp_pa
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0].lower(), err
     assert not new.exists() or not any(new.iterdir())
+
+
+def test_auto_streams_above_the_size_threshold(tiny_llama_dir, corpus_file, tmp_path, monkeypatch):
+    from sparsedeploy.pipeline import stream
+
+    assert not stream.should_stream(tiny_llama_dir, None)            # small: in memory
+    assert stream.should_stream(tiny_llama_dir, True) and not stream.should_stream(tiny_llama_dir, False)
+    monkeypatch.setattr(stream, "AUTO_STREAM_BYTES", 1000)
+    assert stream.should_stream(tiny_llama_dir, None)
+    run = RunDir(tmp_path / "auto")
+    stages.prune(run, _cfg(tiny_llama_dir, corpus_file, None, method="magnitude", allocator="uniform"))
+    assert json.loads((run.path / "manifest.json").read_text())["stages"]["prune"]["streamed"]
