@@ -201,7 +201,8 @@ class StreamedModel:
         want = set(layer.state_dict())
         if want - set(state):
             raise UserError(f"{self.src.path} lacks {prefix}{sorted(want - set(state))[0]}", "pass a complete model folder")
-        layer.load_state_dict({k: v for k, v in state.items() if k in want}, strict=True)
+        # assign: the layer takes the fp32 tensors just read (no second copy; to_empty's pages are never touched)
+        layer.load_state_dict({k: v for k, v in state.items() if k in want}, strict=True, assign=True)
         return layer
 
     @staticmethod
