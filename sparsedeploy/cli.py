@@ -47,6 +47,7 @@ def calibrate(
     st = _stages()
     cfg = st.CalibConfig(model, calib, nsamples, seqlen, seed, data_file, device, allow_pickle, stream)
     path = st.calibrate(st.RunDir(out), cfg, force=force)
+    _print_synthetic(out)
     ui.out.print(f"calibration statistics: {path}")
 
 
@@ -103,6 +104,7 @@ def prune(
     runp = st.RunDir(out)
     path = st.prune(runp, cfg, force=force)
     _print_ratios(st.read_json(out / st.RATIOS))
+    _print_synthetic(out)
     ui.out.print(f"pruned model: {path}")
 
 
@@ -517,6 +519,15 @@ def _print_bench(doc: dict, details: bool = False) -> None:
                  + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""), width=None if details else 100)
     if doc.get("dense_tokens_agree_across_engines") is not None:
         ui.out.print(f"dense greedy tokens equal across engines: {doc['dense_tokens_agree_across_engines']}")
+
+
+def _print_synthetic(run: Path) -> None:
+    """A RUN of a `sparsedeploy synth` model says so in everything it prints."""
+    recs = _stages().RunDir(run).manifest()["stages"].values()
+    label = next((r["synthetic"] for r in recs if r.get("synthetic")), None)
+    if label:
+        ui.out.print(f"SYNTHETIC model ({label.get('preset')} shapes, {label.get('layers')} layers, random weights): "
+                     "speed and memory are real, quality figures are meaningless")
 
 
 def _print_ratios(doc: dict) -> None:

@@ -208,3 +208,16 @@ def test_auto_streams_above_the_size_threshold(tiny_llama_dir, corpus_file, tmp_
     run = RunDir(tmp_path / "auto")
     stages.prune(run, _cfg(tiny_llama_dir, corpus_file, None, method="magnitude", allocator="uniform"))
     assert json.loads((run.path / "manifest.json").read_text())["stages"]["prune"]["streamed"]
+
+
+def test_cli_labels_a_synthetic_run(tiny_llama_dir, corpus_file, tmp_path, monkeypatch, capsys):
+    from .cli_helpers import run_cli
+
+    out = Path(_synth(tmp_path, tiny_llama_dir)["out"])
+    run = tmp_path / "run"
+    code, stdout, err = run_cli(["prune", out, "--out", run, "--sparsity", "0.5", "--calib", f"file:{corpus_file}",
+                                 "--nsamples", "2", "--seqlen", "16", "--device", "cpu", "--stream"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "SYNTHETIC model (llama-tiny shapes" in stdout
+    man = json.loads((run / "manifest.json").read_text())["stages"]
+    assert man["prune"]["synthetic"]["preset"] == "llama-tiny" and man["calibrate"]["synthetic"]["layers"] == 3

@@ -145,6 +145,17 @@ def load(ref: ModelRef, *, dtype=torch.float32, allow_pickle: bool = False):
     return model, tok
 
 
+def synthetic_label(ref: ModelRef) -> dict | None:
+    """The `sparsedeploy_synthetic` label of a model made by `sparsedeploy synth` (None for a real model)."""
+    if not ref.local:
+        return None
+    try:
+        label = json.loads((Path(ref.path) / "config.json").read_text()).get("sparsedeploy_synthetic")
+    except (OSError, ValueError):
+        return None
+    return label if isinstance(label, dict) else None
+
+
 def load_tokenizer(ref: ModelRef):
     """The model's tokenizer alone (a streamed stage never loads the whole model)."""
     t = _transformers()

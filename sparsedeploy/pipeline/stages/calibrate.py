@@ -14,7 +14,7 @@ from ... import ui
 from ...errors import check
 from ..arch import decoder_layers, spec_for
 from ..data import calibration_windows, load_text
-from ..models import load, load_tokenizer, resolve
+from ..models import load, load_tokenizer, resolve, synthetic_label
 from ..rundir import RunDir
 from ..stream import StreamedModel, use_stream
 from ..walker import walk
@@ -82,5 +82,5 @@ def calibrate(run: RunDir, cfg: CalibConfig, *, force: bool = False) -> Path:
     for later in ("allocate", "prune"):
         run.invalidate(later)
     run.mark_done("calibrate", cfg.key(), inputs, time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(),
-                  streamed=bool(streamed))
+                  streamed=bool(streamed), **({"synthetic": lab} if (lab := synthetic_label(ref)) else {}))
     return run.path / CALIB_STATS

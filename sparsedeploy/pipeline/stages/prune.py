@@ -19,7 +19,7 @@ from ... import ui
 from ...errors import check
 from .. import quantize as qz
 from ..arch import decoder_layers, get_module, spec_for
-from ..models import load, replace_dir, resolve, save_model
+from ..models import load, replace_dir, resolve, save_model, synthetic_label
 from ..prune import NEEDS, PRUNERS, parse_pattern, prune_sparsegpt
 from ..rundir import RunDir
 from ..stream import DTYPES, ShardWriter, StreamedModel, copy_side_files, use_stream
@@ -193,7 +193,8 @@ def prune(run: RunDir, cfg: PruneConfig, *, force: bool = False) -> Path:
         save_model(model, tok, run.path / "model")
         plan = record_realized(run, model, plan)
     run.mark_done("prune", key, inputs, seconds, peak_rss_mb=peak_rss_mb(), device=str(device),
-                  realized_sparsity=plan["realized_sparsity"], streamed=bool(streamed), **extra)
+                  realized_sparsity=plan["realized_sparsity"], streamed=bool(streamed), **extra,
+                  **({"synthetic": lab} if (lab := synthetic_label(ref)) else {}))
     return run.path / "model"
 
 
