@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Prune a causal LM with layerwise sparsity (uniform / OWL / DLP) and deploy it for sparse CPU inference.")
 
 DEFAULT_RUN = Path("runs/default")
+STREAM_HELP = ("read decoder layers one at a time from the safetensors and write the output shard by shard, in the "
+               "input's dtype (default: only for models above 4 GiB in fp32)")
 DETAILS_HELP = "print every column per model (memory, overhead, layer time, bandwidth bound) and the engines side by side"
 
 
@@ -38,12 +40,14 @@ def calibrate(
     data_file: Optional[str] = typer.Option(None, help="local copy of the text source (e.g. wiki.test.raw)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     allow_pickle: bool = typer.Option(False, help="allow loading pickle (.bin) weights — only for trusted models"),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help=STREAM_HELP),
     force: bool = typer.Option(False, help="recompute even if up to date"),
 ):
     """Run calibration text through the dense model, layer by layer; save windows and column norms."""
     st = _stages()
-    cfg = st.CalibConfig(model, calib, nsamples, seqlen, seed, data_file, device, allow_pickle)
+    cfg = st.CalibConfig(model, calib, nsamples, seqlen, seed, data_file, device, allow_pickle, stream)
     path = st.calibrate(st.RunDir(out), cfg, force=force)
+    _print_synthetic(out)
     ui.out.print(f"calibration statistics: {path}")
 
 
@@ -89,16 +93,18 @@ def prune(
     group_size: int = typer.Option(128, help="with --bits: input columns per scale/zero point (-1: one per row)"),
     act_order: bool = typer.Option(False, help="with --bits: not supported on the joint path (use `quantize`)"),
     sym: bool = typer.Option(False, help="with --bits: symmetric grid (no zero points stored)"),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help=STREAM_HELP),
     force: bool = typer.Option(False),
 ):
     """Calibrate (if needed), allocate and prune; save the pruned model to RUN/model/."""
     st = _stages()
     cfg = st.PruneConfig(model, sparsity, allocator, method, pattern, alpha, dlp_stat, owl_m, owl_lambda,
-                         st.CalibConfig(model, calib, nsamples, seqlen, seed, data_file, device, allow_pickle),
-                         sequential, device, allow_pickle, bits, group_size, act_order, sym)
+                         st.CalibConfig(model, calib, nsamples, seqlen, seed, data_file, device, allow_pickle, stream),
+                         sequential, device, allow_pickle, bits, group_size, act_order, sym, stream)
     runp = st.RunDir(out)
     path = st.prune(runp, cfg, force=force)
     _print_ratios(st.read_json(out / st.RATIOS))
+    _print_synthetic(out)
     ui.out.print(f"pruned model: {path}")
 
 
@@ -258,6 +264,23 @@ def bench(
     if out is not None:
         report.write_reports(doc, out)
     _print_bench(doc, details)
+
+
+@app.command()
+def synth(
+    preset: str = typer.Argument("llama2-7b", help="llama2-7b | smollm2-135m | llama-tiny (real layer shapes)"),
+    out: Path = typer.Option(..., "--out", help="new folder for the Hugging Face model"),
+    layers: Optional[int] = typer.Option(None, help="decoder layers (default: the preset's depth, 32 for llama2-7b)"),
+    dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32"),
+    tokenizer: str = typer.Option("smollm2-135m", help="model whose tokenizer to ship (sets the vocabulary size)"),
+    seed: int = typer.Option(0),
+    shard_gb: float = typer.Option(2.0, help="largest safetensors shard, in GB"),
+):
+    """Write a SYNTHETIC model (random weights, real layer shapes, outlier channels) layer by layer, sharded."""
+    from .workflows.synth import SynthConfig, synth as synth_wf
+    doc = synth_wf(SynthConfig(preset, layers, dtype, tokenizer, seed, int(shard_gb * 1e9)), out)
+    ui.out.print(f"SYNTHETIC {preset} ({doc['synthetic']['layers']} layers, {dtype}): {doc['parameters'] / 1e9:.2f}B "
+                 f"parameters, {doc['bytes'] / 1e9:.2f} GB in {doc['shards']} shard(s) → {doc['out']}")
 
 
 @app.command()
@@ -503,6 +526,15 @@ def _print_bench(doc: dict, details: bool = False) -> None:
                  + ("; SYNTHETIC WEIGHTS" if doc.get("synthetic") else ""), width=None if details else 100)
     if doc.get("dense_tokens_agree_across_engines") is not None:
         ui.out.print(f"dense greedy tokens equal across engines: {doc['dense_tokens_agree_across_engines']}")
+
+
+def _print_synthetic(run: Path) -> None:
+    """A RUN of a `sparsedeploy synth` model says so in everything it prints."""
+    recs = _stages().RunDir(run).manifest()["stages"].values()
+    label = next((r["synthetic"] for r in recs if r.get("synthetic")), None)
+    if label:
+        ui.out.print(f"SYNTHETIC model ({label.get('preset')} shapes, {label.get('layers')} layers, random weights): "
+                     "speed and memory are real, quality figures are meaningless")
 
 
 def _print_ratios(doc: dict) -> None:

@@ -145,6 +145,27 @@ def load(ref: ModelRef, *, dtype=torch.float32, allow_pickle: bool = False):
     return model, tok
 
 
+def synthetic_label(ref: ModelRef) -> dict | None:
+    """The `sparsedeploy_synthetic` label of a model made by `sparsedeploy synth` (None for a real model)."""
+    if not ref.local:
+        return None
+    try:
+        label = json.loads((Path(ref.path) / "config.json").read_text()).get("sparsedeploy_synthetic")
+    except (OSError, ValueError):
+        return None
+    return label if isinstance(label, dict) else None
+
+
+def load_tokenizer(ref: ModelRef):
+    """The model's tokenizer alone (a streamed stage never loads the whole model)."""
+    t = _transformers()
+    try:
+        return t.AutoTokenizer.from_pretrained(ref.path, trust_remote_code=False, local_files_only=ref.local)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot load the tokenizer of {ref.spec} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})",
+                        "check the tokenizer files in the model folder")
+
+
 def save_model(model, tokenizer, out: Path) -> Path:
     """Save as a plain HF folder (safetensors + tokenizer), atomically: temp folder, then rename."""
     out = Path(out)

@@ -7,6 +7,10 @@
    (which may change the weights), and run the layer again if it did, so that layer i+1 sees the
    outputs of the already-pruned layers < i+1.
 The walker knows nothing about which method runs; `on_layer` knows nothing about hooks or data.
+
+Streaming (`stream=`, a pipeline.stream.StreamedModel): the model is a skeleton on the meta device; the walker
+asks the stream for layer i in fp32 just before it runs it, hands the finished layer to `on_done` (e.g. a shard
+writer), and returns it to meta. Everything else is the same loop, so a streamed walk equals an in-memory one.
 """
 from __future__ import annotations
 
@@ -95,21 +99,33 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args, kwargs, device, chun
 @torch.no_grad()
 def walk(model: nn.Module, input_ids: torch.Tensor | None, on_layer: OnLayer, *,
          needs: Iterable[str] = ("col_norm",), device: str | torch.device = "cpu", chunk: int = 8,
-         sequential: bool = False, progress: Callable[[int, int], None] | None = None) -> None:
+         sequential: bool = False, progress: Callable[[int, int], None] | None = None,
+         stream=None, on_done: Callable[[int, nn.Module], None] | None = None) -> None:
     """Walk the decoder layers in order, calling `on_layer(index, layer, stats)` per (group of) linears.
 
     needs: which statistics to accumulate ("col_norm", "hessian"); empty means the method needs no
     data (magnitude), and the walk then runs no forward pass at all.
     sequential: prune the layer's linear groups one after another (each group calibrated on the
     outputs of the already-pruned groups), instead of all of a layer's linears from one pass.
+    stream / on_done: see the module docstring; on_done(i, layer) runs once layer i is final (also in memory).
     """
     spec = spec_for(model)
     layers = decoder_layers(model, spec)
     needs = set(needs)
     n = len(layers)
+
+    def finish(i, layer):
+        if on_done is not None:
+            on_done(i, layer)
+        if stream is not None:
+            stream.release_layer(layer)
+
     if not needs:
         for i, layer in enumerate(layers):
+            if stream is not None:
+                stream.load_layer(i, layer)
             on_layer(i, layer, {})
+            finish(i, layer)
             if progress:
                 progress(i + 1, n)
         return
@@ -120,6 +136,8 @@ def walk(model: nn.Module, input_ids: torch.Tensor | None, on_layer: OnLayer, *,
     args, kwargs = _to(args, device), _to(kwargs, device)
     groups = spec.groups if sequential else (spec.linears,)
     for i, layer in enumerate(layers):
+        if stream is not None:
+            stream.load_layer(i, layer)
         layer.to(device)
         changed = False
         for group in groups:
@@ -140,5 +158,6 @@ def walk(model: nn.Module, input_ids: torch.Tensor | None, on_layer: OnLayer, *,
         hidden = outs
         if device.type != "cpu":
             layer.to("cpu")
+        finish(i, layer)
         if progress:
             progress(i + 1, n)

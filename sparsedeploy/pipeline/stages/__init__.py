@@ -13,7 +13,7 @@ from ..models import resolve
 from ..prune import NEEDS, PRUNERS
 from ..rundir import RunDir, read_json, write_json
 from .common import (ALLOCATORS, CALIB_STATS, CALIB_TOKENS, EVAL, METHODS, PREQUANT, QUANTIZED, RATIOS, RATIOS_PNG,
-                     layer_zero_counts, peak_rss_mb, record_realized, resolve_device)
+                     layer_zero_counts, peak_rss_mb, record_realized, reset_peak_rss, resolve_device)
 from .calibrate import CalibConfig, calibrate
 from .allocate import AllocConfig, allocate, check_sparsity, check_spread, layer_stats
 from .prune import PruneConfig, drop_quantized, prune, validate_prune
@@ -24,6 +24,6 @@ __all__ = [
     "ALLOCATORS", "CALIB_STATS", "CALIB_TOKENS", "EVAL", "METHODS", "NEEDS", "PREQUANT", "PRUNERS", "QUANTIZED",
     "RATIOS", "RATIOS_PNG", "AllocConfig", "CalibConfig", "EvalConfig", "PruneConfig", "QuantConfig", "RunDir",
     "allocate", "calibrate", "check_sparsity", "check_spread", "drop_quantized", "evaluate", "layer_stats",
-    "layer_zero_counts", "peak_rss_mb", "prune", "quantize", "read_json", "record_realized", "resolve",
+    "layer_zero_counts", "peak_rss_mb", "reset_peak_rss", "prune", "quantize", "read_json", "record_realized", "resolve",
     "resolve_device", "validate_prune", "write_json",
 ]

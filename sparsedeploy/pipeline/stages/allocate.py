@@ -9,10 +9,11 @@ import torch
 from ... import ui
 from ...errors import UserError, check
 from .. import allocate as alloc
-from ..arch import decoder_layers, layer_linears, spec_for
+from ..arch import spec_for
 from ..models import load, resolve
 from ..rundir import RunDir, read_json, write_json
-from .common import ALLOCATORS, CALIB_STATS, RATIOS, RATIOS_PNG, _load_tensors, _run_model
+from ..stream import StreamedWeights, iter_layer_weights, use_stream
+from .common import ALLOCATORS, CALIB_STATS, RATIOS, RATIOS_PNG, _load_tensors, _run_model, peak_rss_mb, reset_peak_rss
 
 
 @dataclass
@@ -39,22 +40,25 @@ def check_spread(cfg: AllocConfig) -> None:
 
 
 def layer_stats(model, norms: dict[str, torch.Tensor] | None, owl_m: float) -> tuple[list[dict], list[int]]:
-    """Per decoder layer: Wanda-score statistics (when norms are given) and the prunable parameter count."""
-    spec = spec_for(model)
+    """Per decoder layer: Wanda-score statistics (when norms are given) and the prunable parameter count.
+    `model`: an in-memory model, or a pipeline.stream.StreamedWeights (one layer's weights read at a time)."""
+    spec = model.spec if isinstance(model, StreamedWeights) else spec_for(model)
     stats, sizes = [], []
-    for i, layer in enumerate(decoder_layers(model, spec)):
-        lins = layer_linears(layer, spec)
-        sizes.append(sum(lin.weight.numel() for lin in lins.values()))
+    for i, weights in enumerate(iter_layer_weights(model)):
+        sizes.append(sum(w.numel() for w in weights))
         if norms is not None:
             try:
-                cols = [norms[f"{i}.{name}"] for name in lins]
+                cols = [norms[f"{i}.{name}"] for name in spec.linears]
             except KeyError as e:
                 raise UserError(f"calibration statistics lack {e.args[0]}", "rerun `sparsedeploy calibrate --force`")
-            stats.append(alloc.layer_statistics([lin.weight.detach() for lin in lins.values()], cols, owl_m=owl_m))
+            stats.append(alloc.layer_statistics(weights, cols, owl_m=owl_m))
+        del weights
     return stats, sizes
 
 
-def allocate(run: RunDir, cfg: AllocConfig, *, force: bool = False, model=None) -> dict:
+def allocate(run: RunDir, cfg: AllocConfig, *, force: bool = False, model=None, stream: bool | None = None) -> dict:
+    """Per-layer ratios. `stream` (None: auto by size) reads each layer's weights from the model's safetensors
+    instead of loading the whole model; the ratios are the same."""
     check_sparsity(cfg.sparsity)
     check_spread(cfg)
     check(cfg.allocator in ALLOCATORS, f"unknown allocator '{cfg.allocator}'", f"use one of {', '.join(ALLOCATORS)}")
@@ -69,8 +73,10 @@ def allocate(run: RunDir, cfg: AllocConfig, *, force: bool = False, model=None) 
         ui.info(f"allocate: up to date in {run.path}")
         return read_json(run.path / RATIOS)
     t0 = time.perf_counter()
+    reset_peak_rss()
     if model is None:
-        model, _ = load(resolve(_run_model(run)))
+        ref = resolve(_run_model(run))
+        model = StreamedWeights(ref.path) if use_stream(ref, stream) else load(ref)[0]
     norms = _load_tensors(run.path / CALIB_STATS) if calib and calib.get("done") else None
     stats, sizes = layer_stats(model, norms, cfg.owl_m)
     result = alloc.allocate(cfg.allocator, stats, sizes, cfg.sparsity, alpha=cfg.alpha, stat=cfg.stat,
@@ -91,7 +97,9 @@ def allocate(run: RunDir, cfg: AllocConfig, *, force: bool = False, model=None) 
                 pass
         overlay[cfg.allocator] = doc["layers"]
         from ..plots import plot_allocation
-        plot_allocation(run.path / RATIOS_PNG, overlay, f"{model.config.model_type} · target sparsity {cfg.sparsity:.0%}")
+        model_type = model.config["model_type"] if isinstance(model, StreamedWeights) else model.config.model_type
+        plot_allocation(run.path / RATIOS_PNG, overlay, f"{model_type} · target sparsity {cfg.sparsity:.0%}")
     run.invalidate("prune")
-    run.mark_done("allocate", asdict(cfg), inputs, time.perf_counter() - t0)
+    run.mark_done("allocate", asdict(cfg), inputs, time.perf_counter() - t0, peak_rss_mb=peak_rss_mb(),
+                  streamed=isinstance(model, StreamedWeights))
     return doc

@@ -35,7 +35,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM) since it started or since the last `reset_peak_rss()`, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> None:
+    """Start a stage's peak-RSS count afresh (Linux: /proc/self/clear_refs 5), so each stage reports its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def _model_inputs(ref: ModelRef) -> dict:
@@ -89,9 +104,10 @@ def layer_zero_counts(model) -> dict[str, tuple[int, int]]:
     return out
 
 
-def record_realized(run: RunDir, model, plan: dict) -> dict:
-    """Measure each decoder layer's sparsity from the weights and store it beside the plan."""
-    counts = list(layer_zero_counts(model).values())
+def record_realized(run: RunDir, model, plan: dict, counts: list[tuple[int, int]] | None = None) -> dict:
+    """Measure each decoder layer's sparsity from the weights (or the (zeros, size) counts per layer a streamed
+    prune took while writing) and store it beside the plan."""
+    counts = list(layer_zero_counts(model).values()) if counts is None else counts
     for entry, (z, n) in zip(plan["layers"], counts):
         entry["realized"] = z / n
     plan["realized_sparsity"] = sum(z for z, _ in counts) / sum(n for _, n in counts)

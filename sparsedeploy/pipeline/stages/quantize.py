@@ -18,7 +18,7 @@ from ..rundir import RunDir, read_json
 from ..walker import walk
 from .calibrate import CalibConfig
 from .common import (CALIB_TOKENS, PREQUANT, QUANTIZED, RATIOS, _load_tensors, _quant_summary, _run_model,
-                     layer_zero_counts, peak_rss_mb, resolve_device)
+                     layer_zero_counts, peak_rss_mb, reset_peak_rss, resolve_device)
 
 
 @dataclass
@@ -72,6 +72,7 @@ def quantize(run: RunDir, cfg: QuantConfig, *, force: bool = False) -> Path:
         return run.path / QUANTIZED
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
+    reset_peak_rss()
     model, tok = load(src)
     spec = spec_for(model)
     if (run.path / CALIB_TOKENS).is_file():

@@ -1,0 +1,139 @@
+"""Full depth at 7B scale on one machine: synth a SYNTHETIC 32-layer LLaMA2-7B-shaped bf16 model, then streamed
+calibrate and Wanda + DLP prune, each stage in its own process; reports each stage's wall time and peak RSS
+(the stage's own VmHWM from the RUN manifest, and the process's from wait4), and the disk use.
+
+Usage (about 1 hour on 2 busy cores; needs ~28 GB free under --work; deletes it afterwards unless --keep):
+    nice -n 19 .venv/bin/python benchmarks/stream_7b.py [--layers 32 --nsamples 16 --seqlen 128 --sparsity 0.7]
+Writes benchmarks/results/stream_7b_<cpu>.md and .json (or stream_7b_<N>layers_<cpu> for other depths).
+Only what this run measured is printed; times are rough on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+GiB = 1 << 30
+
+
+def cpu_tag() -> str:
+    """The CPU kind in result names (as benchmarks/pareto.py)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return "cpu"
+    return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_stage(argv: list[str]) -> dict:
+    """One CLI command in its own process: wall seconds and the process's peak RSS (wait4's ru_maxrss)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "sparsedeploy.cli", *argv],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"failed ({status}): sparsedeploy {' '.join(argv)}")
+    return {"wall_s": round(wall, 1), "process_peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/stream/7b"))
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic and pruned models")
+    args = ap.parse_args()
+
+    free = shutil.disk_usage(args.work.parent if args.work.parent.exists() else "/").free
+    need = 2 * 13.6e9 * args.layers / 32 + 1e9
+    if free < need:
+        raise SystemExit(f"{free / 1e9:.0f} GB free under {args.work.parent}, this needs ~{need / 1e9:.0f} GB")
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    model, run = args.work / "model", args.work / "run"
+    calib = ["--calib", "wikipedia-summaries", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+             "--device", "cpu", "--stream"]
+    rows = {}
+    try:
+        rows["synth"] = run_stage(["synth", "llama2-7b", "--layers", str(args.layers), "--dtype", "bf16",
+                                   "--out", str(model)])
+        model_bytes = du(model)
+        rows["calibrate"] = run_stage(["calibrate", str(model), "--out", str(run), *calib])
+        rows["allocate + prune"] = run_stage(["prune", str(model), "--out", str(run), "--sparsity", str(args.sparsity),
+                                              "--allocator", "dlp", "--method", "wanda", *calib])
+        man = json.loads((run / "manifest.json").read_text())["stages"]
+        ratios = json.loads((run / "ratios.json").read_text())
+        pruned_bytes = du(run / "model")
+        conf = json.loads((run / "model" / "config.json").read_text())
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.work, ignore_errors=True)
+    stage_rows = []
+    for name in ("calibrate", "allocate", "prune"):
+        rec = man[name]
+        stage_rows.append({"stage": name, "seconds": rec["seconds"], "peak_rss_mb": round(rec["peak_rss_mb"]),
+                           "streamed": rec.get("streamed")})
+    doc = {
+        "title": f"SYNTHETIC llama2-7b shapes, {args.layers} decoder layers, bf16: streamed calibrate + Wanda/DLP "
+                 f"{args.sparsity:.0%} prune",
+        "cpu": cpu_model(), "cpu_tag": cpu_tag(), "cores": os.cpu_count(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
+        "calibration": f"{args.nsamples}×{args.seqlen} tokens (wikipedia-summaries, seed 0)",
+        "synthetic": conf.get("sparsedeploy_synthetic"),
+        "processes": rows, "stages": stage_rows,
+        "disk": {"synthetic_model_bytes": model_bytes, "pruned_model_bytes": pruned_bytes},
+        "realized_sparsity": ratios["realized_sparsity"],
+        "ratios": [round(layer["sparsity"], 4) for layer in ratios["layers"]],
+        "alpha": ratios.get("alpha"),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"stream_7b_{cpu_tag()}" if args.layers == 32 else f"stream_7b_{args.layers}layers_{cpu_tag()}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    lines = [f"# {doc['title']}", "",
+             f"SYNTHETIC weights (random, real LLaMA2-7B layer shapes, vocabulary {conf.get('vocab_size')} from the "
+             f"SmolLM2 tokenizer): speed and memory are real, model quality is meaningless.",
+             f"CPU: {doc['cpu']} ({doc['cores']} cores, {doc['ram_gib']} GiB RAM); calibration {doc['calibration']}; "
+             f"finished {doc['finished']}. Run niced on a possibly shared machine: times are rough.", "",
+             "| process | wall s | peak RSS MiB (process) |", "|---|---|---|"]
+    for k, r in rows.items():
+        lines.append(f"| {k} | {r['wall_s']} | {r['process_peak_rss_mb']} |")
+    lines += ["", "| stage (manifest) | seconds | peak RSS MiB (stage's own VmHWM) | streamed |", "|---|---|---|---|"]
+    for r in stage_rows:
+        lines.append(f"| {r['stage']} | {r['seconds']:.1f} | {r['peak_rss_mb']} | {r['streamed']} |")
+    lines += ["", f"Disk: synthetic model {model_bytes / 1e9:.2f} GB, pruned model {pruned_bytes / 1e9:.2f} GB "
+              f"(bf16, zeros stored dense).",
+              f"Realized sparsity {doc['realized_sparsity']:.4f}; DLP α {doc['alpha']}; per-layer ratios "
+              f"{doc['ratios'][0]:.3f} (first) … {doc['ratios'][-1]:.3f} (last).", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
