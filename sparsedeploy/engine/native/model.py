@@ -112,12 +112,10 @@ class Linear:
         """X [L, in] -> Y [L, rows]."""
         if X.shape[0] == 1:
             self.vec(X[0], Y[0], acc)
-        elif self.fmt == "csr":
-            K.csr_gemm(self.a, self.b, self.c, X, self.bias, Y, acc)
-        elif self.fmt == "bitmask":
-            K.bitmask_gemm(self.a, self.b, self.c, X, self.bias, Y, acc)
-        elif self.fmt == "ell":
-            K.ell_gemm(self.a, self.b, X, self.bias, Y, acc)
+        elif self.fmt in ("csr", "bitmask", "ell"):
+            # the row-tiled products of batched steps (a bitmask group gets its CSR twin on first use): measured
+            # on SmolLM2 Wanda+DLP 70%, AMD EPYC, a 64-token prompt in 176 ms against 515 with csr/bitmask/ell_gemm
+            self.mat_rows(X, Y, acc)
         elif self.fmt == "dense":
             r = X @ self.a.T
             if self.bias.shape[0]:
