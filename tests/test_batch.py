@@ -152,10 +152,11 @@ def test_batched_lowbit_products_equal_token_by_token(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["csr", "ell", "bitmask", "dense"])
-@pytest.mark.parametrize("L", [2, 3, 8, 13, 16, 21, 40])
+@pytest.mark.parametrize("L", [2, 3, 8, 13, 16, 21, 40, 64, 83, 130])
 def test_row_tiled_products_equal_the_dense_product(fmt, L):
     """Linear.mat_rows (a batched step's [R, in] products: simd_rows' 8-row tiles for the sparse formats)
-    against numpy's product of the same matrix, with bias and accumulation, for R not a multiple of 8."""
+    against numpy's product of the same matrix, with bias and accumulation, for R not a multiple of 8 (and
+    past 64: the 64-row path of prompt chunks)."""
     from sparsedeploy.engine.native.model import Linear
     from sparsedeploy.engine.native.pack import encode
 

@@ -2,7 +2,7 @@
 stored weight loaded once and multiplied into 8 rows of X at a time.
 
 X comes transposed, Xt [in, Lp] (Lp = L rounded up to 8, the padding zero), so the 8 rows' inputs at one
-column are 8 contiguous floats (16 rows at a time while 16 are left: one AVX-512 vector): per stored weight the inner loop is one broadcast, one 8-wide load and one
+column are 8 contiguous floats (64 rows at a time while 64 are left: four 16-float vectors per stored weight, then 16, then 8): per stored weight the inner loop is one broadcast, one 8-wide load and one
 FMA, written as LLVM IR through `@intrinsic` (`csr_dot8`) because plain numba loops keep it scalar (8 separate
 loads and FMAs: measured as slow per row as the batch-1 gather loop). Four accumulators take turns (one chain
 of dependent FMAs would bound the loop), summed in a fixed order at the end. A weight's index and value bytes
@@ -61,6 +61,64 @@ def _dot_codegen(width: int):
     return codegen
 
 
+def _dot_wide_codegen(width: int, tiles: int):
+    """`tiles` consecutive vectors of `width` rows per stored weight: the weight's index and value are loaded and
+    broadcast once for tiles x width rows (a 64-row prompt chunk: one index/value load per 4 FMAs, 8 chains)."""
+    def codegen(context, builder, signature, args):
+        f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
+        vt = ir.VectorType(f32, width)
+        va = context.make_array(signature.args[0])(context, builder, args[0])
+        ca = context.make_array(signature.args[1])(context, builder, args[1])
+        xa = context.make_array(signature.args[2])(context, builder, args[2])
+        lo, hi, lp, t = args[3], args[4], args[5], args[6]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{width}f32")
+        zero = ir.Constant(vt, [0.0] * width)
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(tiles)] for _ in range(2)]
+        vptr = vt.as_pointer()
+
+        def one(j, accrow):
+            v = builder.load(builder.gep(va.data, [j]))
+            c = builder.zext(builder.load(builder.gep(ca.data, [j])), i64)
+            base = builder.add(builder.mul(c, lp), t)
+            vv = builder.insert_element(ir.Constant(vt, ir.Undefined), v, ir.Constant(i32, 0))
+            vv = builder.shuffle_vector(vv, vv, ir.Constant(ir.VectorType(i32, width), [0] * width))
+            for k in range(tiles):
+                p = builder.gep(xa.data, [builder.add(base, ir.Constant(i64, k * width))])
+                xv = builder.load(builder.bitcast(p, vptr), align=4)
+                builder.store(builder.call(fma, [vv, xv, builder.load(accrow[k])]), accrow[k])
+
+        n = builder.sub(hi, lo)
+        pairs = builder.udiv(n, ir.Constant(i64, 2))
+        with cgutils.for_range(builder, pairs) as loop:
+            b0 = builder.add(lo, builder.mul(loop.index, ir.Constant(i64, 2)))
+            one(b0, accs[0])
+            one(builder.add(b0, ir.Constant(i64, 1)), accs[1])
+        rest = builder.add(lo, builder.mul(pairs, ir.Constant(i64, 2)))
+        with cgutils.for_range(builder, builder.sub(hi, rest)) as loop:
+            one(builder.add(rest, loop.index), accs[0])
+        lanes = []
+        for k in range(tiles):
+            total = builder.fadd(builder.load(accs[0][k]), builder.load(accs[1][k]))
+            lanes += [builder.extract_element(total, ir.Constant(i32, i)) for i in range(width)]
+        return context.make_tuple(builder, signature.return_type, lanes)
+
+    return codegen
+
+
+WIDE = 4 * 2 * TILE          # rows per csr_dot64 call
+
+
+@intrinsic
+def csr_dot64(typingctx, vals, cols, xt, lo, hi, lp, t):
+    """As csr_dot16 for 64 rows (four 16-row vectors per stored weight): prompt chunks."""
+    if not (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(cols, types.Array)
+            and cols.dtype in (types.uint16, types.uint32) and isinstance(xt, types.Array)
+            and xt.dtype == types.float32):
+        return None
+    sig = types.UniTuple(types.float32, WIDE)(vals, cols, xt, types.uint64, types.uint64, types.uint64, types.uint64)
+    return sig, _dot_wide_codegen(2 * TILE, 4)
+
+
 @intrinsic
 def csr_dot8(typingctx, vals, cols, xt, lo, hi, lp, t):
     """(sum_j vals[j] * xt.flat[cols[j] * lp + t + i] for j in [lo, hi)) for i < 8, as a tuple of 8 float32."""
@@ -106,6 +164,9 @@ def csr_gemm_t(rowptr, cols, vals, Xt, bias, Y, acc):
         lo = np.uint64(rowptr[r])
         hi = np.uint64(rowptr[r + 1])
         t = np.uint64(0)
+        while t + np.uint64(WIDE) <= Lp:
+            _put8(Y, t, r, csr_dot64(vals, cols, Xt, lo, hi, Lp, t), b, acc)
+            t += np.uint64(WIDE)
         while t + np.uint64(2 * TILE) <= Lp:
             _put8(Y, t, r, csr_dot16(vals, cols, Xt, lo, hi, Lp, t), b, acc)
             t += np.uint64(2 * TILE)
@@ -126,6 +187,9 @@ def ell_gemm_t(cols, vals, Xt, bias, Y, acc):
         lo = np.uint64(r) * np.uint64(k)
         hi = lo + np.uint64(k)
         t = np.uint64(0)
+        while t + np.uint64(WIDE) <= Lp:
+            _put8(Y, t, r, csr_dot64(vf, cf, Xt, lo, hi, Lp, t), b, acc)
+            t += np.uint64(WIDE)
         while t + np.uint64(2 * TILE) <= Lp:
             _put8(Y, t, r, csr_dot16(vf, cf, Xt, lo, hi, Lp, t), b, acc)
             t += np.uint64(2 * TILE)
