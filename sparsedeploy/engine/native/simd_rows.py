@@ -22,48 +22,10 @@ UNROLL = 4
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
 
-def _dot_codegen(width: int):
-    def codegen(context, builder, signature, args):
-        f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
-        v8 = ir.VectorType(f32, width)
-        va = context.make_array(signature.args[0])(context, builder, args[0])
-        ca = context.make_array(signature.args[1])(context, builder, args[1])
-        xa = context.make_array(signature.args[2])(context, builder, args[2])
-        lo, hi, lp, t = args[3], args[4], args[5], args[6]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]), f"llvm.fma.v{width}f32")
-        zero = ir.Constant(v8, [0.0] * width)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
-        vptr = v8.as_pointer()
-
-        def one(j, acc):
-            v = builder.load(builder.gep(va.data, [j]))
-            c = builder.zext(builder.load(builder.gep(ca.data, [j])), i64)
-            p = builder.gep(xa.data, [builder.add(builder.mul(c, lp), t)])
-            xv = builder.load(builder.bitcast(p, vptr), align=4)
-            vv = builder.insert_element(ir.Constant(v8, ir.Undefined), v, ir.Constant(i32, 0))
-            vv = builder.shuffle_vector(vv, vv, ir.Constant(ir.VectorType(i32, width), [0] * width))
-            builder.store(builder.call(fma, [vv, xv, builder.load(acc)]), acc)
-
-        n = builder.sub(hi, lo)
-        groups = builder.udiv(n, ir.Constant(i64, UNROLL))
-        with cgutils.for_range(builder, groups) as loop:
-            base = builder.add(lo, builder.mul(loop.index, ir.Constant(i64, UNROLL)))
-            for u in range(UNROLL):
-                one(builder.add(base, ir.Constant(i64, u)), accs[u])
-        rest = builder.add(lo, builder.mul(groups, ir.Constant(i64, UNROLL)))
-        with cgutils.for_range(builder, builder.sub(hi, rest)) as loop:
-            one(builder.add(rest, loop.index), accs[0])
-        total = builder.fadd(builder.fadd(builder.load(accs[0]), builder.load(accs[1])),
-                             builder.fadd(builder.load(accs[2]), builder.load(accs[3])))
-        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(width)]
-        return context.make_tuple(builder, signature.return_type, lanes)
-
-    return codegen
-
-
-def _dot_wide_codegen(width: int, tiles: int):
-    """`tiles` consecutive vectors of `width` rows per stored weight: the weight's index and value are loaded and
-    broadcast once for tiles x width rows (a 64-row prompt chunk: one index/value load per 4 FMAs, 8 chains)."""
+def _dot_codegen(width: int, tiles: int = 1, chains: int = UNROLL):
+    """Per stored weight j in [lo, hi): its value broadcast once into `tiles` consecutive vectors of `width`
+    rows (an FMA each, against xt's `width` floats at column cols[j]); `chains` consecutive weights take turns on
+    separate accumulators (one chain of dependent FMAs would bound the loop), summed in a fixed order."""
     def codegen(context, builder, signature, args):
         f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
         vt = ir.VectorType(f32, width)
@@ -73,7 +35,7 @@ def _dot_wide_codegen(width: int, tiles: int):
         lo, hi, lp, t = args[3], args[4], args[5], args[6]
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), f"llvm.fma.v{width}f32")
         zero = ir.Constant(vt, [0.0] * width)
-        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(tiles)] for _ in range(2)]
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(tiles)] for _ in range(chains)]
         vptr = vt.as_pointer()
 
         def one(j, accrow):
@@ -88,21 +50,30 @@ def _dot_wide_codegen(width: int, tiles: int):
                 builder.store(builder.call(fma, [vv, xv, builder.load(accrow[k])]), accrow[k])
 
         n = builder.sub(hi, lo)
-        pairs = builder.udiv(n, ir.Constant(i64, 2))
-        with cgutils.for_range(builder, pairs) as loop:
-            b0 = builder.add(lo, builder.mul(loop.index, ir.Constant(i64, 2)))
-            one(b0, accs[0])
-            one(builder.add(b0, ir.Constant(i64, 1)), accs[1])
-        rest = builder.add(lo, builder.mul(pairs, ir.Constant(i64, 2)))
+        groups = builder.udiv(n, ir.Constant(i64, chains))
+        with cgutils.for_range(builder, groups) as loop:
+            first = builder.add(lo, builder.mul(loop.index, ir.Constant(i64, chains)))
+            for u in range(chains):
+                one(builder.add(first, ir.Constant(i64, u)), accs[u])
+        rest = builder.add(lo, builder.mul(groups, ir.Constant(i64, chains)))
         with cgutils.for_range(builder, builder.sub(hi, rest)) as loop:
             one(builder.add(rest, loop.index), accs[0])
         lanes = []
-        for k in range(tiles):
-            total = builder.fadd(builder.load(accs[0][k]), builder.load(accs[1][k]))
+        for k in range(tiles):                  # pairwise: ((a0 + a1) + (a2 + a3)) for 4 chains
+            part = [builder.load(accs[u][k]) for u in range(chains)]
+            while len(part) > 1:
+                part = [builder.fadd(part[i], part[i + 1]) for i in range(0, len(part), 2)]
+            total = part[0]
             lanes += [builder.extract_element(total, ir.Constant(i32, i)) for i in range(width)]
         return context.make_tuple(builder, signature.return_type, lanes)
 
     return codegen
+
+
+def _typed(vals, cols, xt) -> bool:
+    return (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(cols, types.Array)
+            and cols.dtype in (types.uint16, types.uint32) and isinstance(xt, types.Array)
+            and xt.dtype == types.float32)
 
 
 WIDE = 4 * 2 * TILE          # rows per csr_dot64 call
@@ -110,21 +81,18 @@ WIDE = 4 * 2 * TILE          # rows per csr_dot64 call
 
 @intrinsic
 def csr_dot64(typingctx, vals, cols, xt, lo, hi, lp, t):
-    """As csr_dot16 for 64 rows (four 16-row vectors per stored weight): prompt chunks."""
-    if not (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(cols, types.Array)
-            and cols.dtype in (types.uint16, types.uint32) and isinstance(xt, types.Array)
-            and xt.dtype == types.float32):
+    """As csr_dot16 for 64 rows (four 16-row vectors per stored weight, two weights in turn: 8 FMA chains):
+    prompt chunks."""
+    if not _typed(vals, cols, xt):
         return None
     sig = types.UniTuple(types.float32, WIDE)(vals, cols, xt, types.uint64, types.uint64, types.uint64, types.uint64)
-    return sig, _dot_wide_codegen(2 * TILE, 4)
+    return sig, _dot_codegen(2 * TILE, tiles=4, chains=2)
 
 
 @intrinsic
 def csr_dot8(typingctx, vals, cols, xt, lo, hi, lp, t):
     """(sum_j vals[j] * xt.flat[cols[j] * lp + t + i] for j in [lo, hi)) for i < 8, as a tuple of 8 float32."""
-    if not (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(cols, types.Array)
-            and cols.dtype in (types.uint16, types.uint32) and isinstance(xt, types.Array)
-            and xt.dtype == types.float32):
+    if not _typed(vals, cols, xt):
         return None
     sig = types.UniTuple(types.float32, TILE)(vals, cols, xt, types.uint64, types.uint64, types.uint64, types.uint64)
     return sig, _dot_codegen(TILE)
@@ -133,9 +101,7 @@ def csr_dot8(typingctx, vals, cols, xt, lo, hi, lp, t):
 @intrinsic
 def csr_dot16(typingctx, vals, cols, xt, lo, hi, lp, t):
     """As csr_dot8 for 16 rows (one AVX-512 vector; two AVX2 ones elsewhere): prefill chunks and big batches."""
-    if not (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(cols, types.Array)
-            and cols.dtype in (types.uint16, types.uint32) and isinstance(xt, types.Array)
-            and xt.dtype == types.float32):
+    if not _typed(vals, cols, xt):
         return None
     sig = types.UniTuple(types.float32, 2 * TILE)(vals, cols, xt, types.uint64, types.uint64, types.uint64, types.uint64)
     return sig, _dot_codegen(2 * TILE)
