@@ -263,3 +263,20 @@ def test_a_pruned_model_folder_exports_with_its_own_zeros(deployed, tmp_path):
     run_meta = json.loads((deployed["pruned"] / "sparsedeploy.json").read_text())
     assert meta["verified"]["plan_from"].startswith("the model's own zeros")
     assert meta["weights"] == run_meta["weights"] and meta["sparsity"] == pytest.approx(run_meta["sparsity"])
+
+
+def test_token_agreement_leaves_out_a_quantised_gguf_peer():
+    """bench's "dense greedy tokens equal across engines": the llama.cpp peer on a Q4_0 GGUF decodes other weights,
+    so its tokens are not compared; an f32 GGUF's are, and a real disagreement still shows."""
+    from sparsedeploy.bench.bench import BenchConfig, assemble
+
+    def row(engine, tokens, gguf=None):
+        return {"engine": engine, "sparsity": 0.0, "group": 0, "tokens": tokens, "latency_ms": 1.0, "gguf": gguf,
+                "step_bytes": {"total": 1000, "kv": 0}}
+
+    machine = {"bandwidth": {"gbs": 10.0}}
+    same, other = [1, 2, 3], [4, 5, 6]
+    rows = [row("native", same), row("onnxruntime", same), row("llamacpp", other, "d/model-q4_0.gguf")]
+    assert assemble(rows, BenchConfig(), machine, title=None, synthetic=False)["dense_tokens_agree_across_engines"] is True
+    rows[2] = row("llamacpp", other, "d/model-f32.gguf")
+    assert assemble(rows, BenchConfig(), machine, title=None, synthetic=False)["dense_tokens_agree_across_engines"] is False

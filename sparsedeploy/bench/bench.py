@@ -538,7 +538,9 @@ def assemble(rows: list[dict], cfg: BenchConfig, machine: dict, *, title: str | 
     tokens = {}
     for name, erows in engines.items():
         for r in erows:
-            if r["sparsity"] < DENSE_BELOW:
+            # a quantised GGUF (the llama.cpp peer's Q4_0) decodes other weights: its tokens are not compared
+            gguf = str(r.get("gguf") or "")
+            if r["sparsity"] < DENSE_BELOW and (not gguf or gguf.endswith("-f32.gguf")):
                 tokens[name] = r["tokens"]
     agree = None
     if len(tokens) > 1:
