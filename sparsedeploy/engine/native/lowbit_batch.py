@@ -17,6 +17,17 @@ from .lowbit import (BLOCK, LANES, _PATHS, _half, quantize_act, vnni_bitmask_dot
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _store(Y, l, r, s, bias, has_bias, acc):
+    """Y[l, r] = (or +=) s + bias[r]: the gemv kernels' output convention, per (token, weight row)."""
+    if has_bias:
+        s += bias[r]
+    if acc:
+        Y[l, r] += s
+    else:
+        Y[l, r] = s
+
+
 def act_buffers_rows(rows: int, in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """quantize_rows' buffers for up to `rows` rows of width in_features."""
     nblk = -(-int(in_features) // BLOCK)
@@ -40,12 +51,7 @@ def int8_gemm_vnni(wq, wscale, Q, C, S, bias, Y, acc):
     for r in prange(n):
         for l in range(L):
             s = wscale[r] * vnni_dense_dot(wq, r * stride, Q[l], C[l], S[l], nblk)
-            if has_bias:
-                s += bias[r]
-            if acc:
-                Y[l, r] += s
-            else:
-                Y[l, r] = s
+            _store(Y, l, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -63,12 +69,7 @@ def int8_gemm_portable(wq, wscale, Q, C, S, bias, Y, acc):
                     t += (np.int32(wq[r, j]) - np.int32(128)) * np.int32(Q[l, j])
                 s += np.float32(t) * S[l, b]
             s *= wscale[r]
-            if has_bias:
-                s += bias[r]
-            if acc:
-                Y[l, r] += s
-            else:
-                Y[l, r] = s
+            _store(Y, l, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -80,12 +81,7 @@ def int8_bitmask_gemm_vnni(rowptr, masks, vals, wscale, Q, C, S, bias, Y, acc):
     for r in prange(n):
         for l in range(L):
             s = wscale[r] * vnni_bitmask_dot(vals, masks, rowptr[r], r * nblk, Q[l], C[l], S[l], nblk)
-            if has_bias:
-                s += bias[r]
-            if acc:
-                Y[l, r] += s
-            else:
-                Y[l, r] = s
+            _store(Y, l, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -108,12 +104,7 @@ def int8_bitmask_gemm_portable(rowptr, masks, vals, wscale, Q, C, S, bias, Y, ac
                         off += 1
                 s += np.float32(t) * S[l, b]
             s *= wscale[r]
-            if has_bias:
-                s += bias[r]
-            if acc:
-                Y[l, r] += s
-            else:
-                Y[l, r] = s
+            _store(Y, l, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -125,12 +116,7 @@ def q4_gemm_vnni(w4, ws, Q, C, S, bias, Y, acc):
     for r in prange(n):
         for l in range(L):
             s = vnni_q4_dot(w4, r * stride, ws, r * 2 * nblk, Q[l], C[l], S[l], nblk)
-            if has_bias:
-                s += bias[r]
-            if acc:
-                Y[l, r] += s
-            else:
-                Y[l, r] = s
+            _store(Y, l, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -150,12 +136,7 @@ def q4_gemm_portable(w4, ws, Q, C, S, bias, Y, acc):
                     lo += ((byte & 15) - 8) * np.int32(Q[l, 64 * b + k])
                     hi += ((byte >> 4) - 8) * np.int32(Q[l, 64 * b + 32 + k])
                 s += S[l, b] * (np.float32(lo) * _half(ws[r, 2 * b]) + np.float32(hi) * _half(ws[r, 2 * b + 1]))
-            if has_bias:
-                s += bias[r]
-            if acc:
-                Y[l, r] += s
-            else:
-                Y[l, r] = s
+            _store(Y, l, r, s, bias, has_bias, acc)
 
 
 GEMM = {"int8": int8_gemm_vnni if _PATHS["int8"] != "portable" else int8_gemm_portable,

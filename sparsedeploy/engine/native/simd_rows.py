@@ -119,6 +119,20 @@ def _put8(Y, t, r, s, b, acc):
                 Y[l, r] = s[i] + b
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _tiles(vals, cols, Xt, lo, hi, Lp, Y, r, b, acc):
+    """Weight row r (stored weights [lo, hi)) into every row of Y: 64 rows at a time, then 16, then 8."""
+    t = np.uint64(0)
+    while t + np.uint64(WIDE) <= Lp:
+        _put8(Y, t, r, csr_dot64(vals, cols, Xt, lo, hi, Lp, t), b, acc)
+        t += np.uint64(WIDE)
+    while t + np.uint64(2 * TILE) <= Lp:
+        _put8(Y, t, r, csr_dot16(vals, cols, Xt, lo, hi, Lp, t), b, acc)
+        t += np.uint64(2 * TILE)
+    if t < Lp:
+        _put8(Y, t, r, csr_dot8(vals, cols, Xt, lo, hi, Lp, t), b, acc)
+
+
 @njit(**_OPTS)
 def csr_gemm_t(rowptr, cols, vals, Xt, bias, Y, acc):
     """Xt [in, Lp] (X transposed, Lp a multiple of 8, padding zero) -> Y [L, out]; W as CSR."""
@@ -127,17 +141,7 @@ def csr_gemm_t(rowptr, cols, vals, Xt, bias, Y, acc):
     has_bias = bias.shape[0] == n
     for r in prange(n):
         b = bias[r] if has_bias else np.float32(0.0)
-        lo = np.uint64(rowptr[r])
-        hi = np.uint64(rowptr[r + 1])
-        t = np.uint64(0)
-        while t + np.uint64(WIDE) <= Lp:
-            _put8(Y, t, r, csr_dot64(vals, cols, Xt, lo, hi, Lp, t), b, acc)
-            t += np.uint64(WIDE)
-        while t + np.uint64(2 * TILE) <= Lp:
-            _put8(Y, t, r, csr_dot16(vals, cols, Xt, lo, hi, Lp, t), b, acc)
-            t += np.uint64(2 * TILE)
-        if t < Lp:
-            _put8(Y, t, r, csr_dot8(vals, cols, Xt, lo, hi, Lp, t), b, acc)
+        _tiles(vals, cols, Xt, np.uint64(rowptr[r]), np.uint64(rowptr[r + 1]), Lp, Y, r, b, acc)
 
 
 @njit(**_OPTS)
@@ -151,17 +155,7 @@ def ell_gemm_t(cols, vals, Xt, bias, Y, acc):
     for r in prange(n):
         b = bias[r] if has_bias else np.float32(0.0)
         lo = np.uint64(r) * np.uint64(k)
-        hi = lo + np.uint64(k)
-        t = np.uint64(0)
-        while t + np.uint64(WIDE) <= Lp:
-            _put8(Y, t, r, csr_dot64(vf, cf, Xt, lo, hi, Lp, t), b, acc)
-            t += np.uint64(WIDE)
-        while t + np.uint64(2 * TILE) <= Lp:
-            _put8(Y, t, r, csr_dot16(vf, cf, Xt, lo, hi, Lp, t), b, acc)
-            t += np.uint64(2 * TILE)
-        if t < Lp:
-            _put8(Y, t, r, csr_dot8(vf, cf, Xt, lo, hi, Lp, t), b, acc)
-
+        _tiles(vf, cf, Xt, lo, lo + np.uint64(k), Lp, Y, r, b, acc)
 
 
 @njit(cache=True, nogil=True, inline="always")
