@@ -23,6 +23,9 @@ from ...arch import native_arch, rope_theta
 from .pack import INDEX, SHARED, WEIGHTS, read_index
 
 _EMPTY = np.zeros(0, dtype=np.float32)
+# how many of a Linear's (a, b, c, d, e, gs) its format's kernels take, in that order
+_NARGS = {"dense": 1, "ell": 2, "csr": 3, "bitmask": 3, "int8": 2, "int8_ell": 3, "int8_csr": 4, "int8_bitmask": 4,
+          "int8_perm": 5, "q4": 2, "int4_bitmask": 6}
 
 
 class Linear:
@@ -30,7 +33,8 @@ class Linear:
     added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 per 64 columns once per call (lowbit.quantize_act,
     into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
-    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows", "twin")
+    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows", "twin",
+                 "args")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
         self.fmt = fmt
@@ -73,40 +77,16 @@ class Linear:
             self.qbuf = act_buffers(self.cols_in)
         self.nbytes = sum(int(x.nbytes) for x in arrays.values()) + int(self.bias.nbytes)
         self.gemv = (K.GEMV_SERIAL if serial else K.GEMV)[fmt]          # the build the tuner measured fastest
+        self.args = (self.a, self.b, self.c, self.d, self.e, self.gs)[:_NARGS[fmt]]     # the kernel's weight arguments
 
     def vec(self, x: np.ndarray, out: np.ndarray, acc: bool) -> None:
-        """x [in] -> out [rows]."""
-        f = self.fmt
-        if f == "csr" or f == "bitmask":
-            self.gemv(self.a, self.b, self.c, x, self.bias, out, acc)
-        elif f == "ell":
-            self.gemv(self.a, self.b, x, self.bias, out, acc)
-        elif f == "dense":
-            self.gemv(self.a, x, self.bias, out, acc)
-        elif f == "int8":
+        """x [in] -> out [rows]. Groups with activation buffers quantise x to int8 first (lowbit.quantize_act)."""
+        if self.qbuf is None:
+            self.gemv(*self.args, x, self.bias, out, acc)
+        else:
             q, corr, s = self.qbuf
             K.quantize_act(x, q, corr, s)
-            self.gemv(self.a, self.b, q, corr, s, self.bias, out, acc)
-        elif f == "int8_perm":
-            q, corr, s = self.qbuf
-            K.quantize_act(x, q, corr, s)
-            self.gemv(self.a, self.b, self.c, self.d, self.e, q, corr, s, self.bias, out, acc)
-        elif f == "int8_bitmask":
-            q, corr, s = self.qbuf
-            K.quantize_act(x, q, corr, s)
-            self.gemv(self.a, self.b, self.c, self.d, q, corr, s, self.bias, out, acc)
-        elif f == "int8_ell":
-            self.gemv(self.a, self.b, self.c, x, self.bias, out, acc)
-        elif f == "q4":
-            q, corr, s = self.qbuf
-            K.quantize_act(x, q, corr, s)
-            self.gemv(self.a, self.b, q, corr, s, self.bias, out, acc)
-        elif f == "int4_bitmask":
-            q, corr, s = self.qbuf
-            K.quantize_act(x, q, corr, s)
-            self.gemv(self.a, self.b, self.c, self.d, self.e, self.gs, q, corr, s, self.bias, out, acc)
-        else:                                                              # int8_csr
-            self.gemv(self.a, self.b, self.c, self.d, x, self.bias, out, acc)
+            self.gemv(*self.args, q, corr, s, self.bias, out, acc)
 
     def mat(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [L, in] -> Y [L, rows]."""
@@ -140,10 +120,7 @@ class Linear:
             self.qrows = act_buffers_rows(max(L, 8), self.cols_in)
         Q, C, S = (b[:L] for b in self.qrows)
         quantize_rows(X, Q, C, S)
-        if self.fmt == "int8_bitmask":
-            GEMM["int8_bitmask"](self.a, self.b, self.c, self.d, Q, C, S, self.bias, Y, acc)
-        else:
-            GEMM[self.fmt](self.a, self.b, Q, C, S, self.bias, Y, acc)
+        GEMM[self.fmt](*self.args, Q, C, S, self.bias, Y, acc)
 
     def prepare_rows(self) -> None:
         """Before batched steps: a bitmask group gets a CSR twin of its values (rowptr, cols, vals), which the
