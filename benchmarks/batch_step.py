@@ -24,24 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+from sparsedeploy.engine.native.tune import cpu_name, cpu_tag  # noqa: E402
 
 
-def cpu_tag() -> str:
-    """The CPU kind in result names (as benchmarks/pareto.py)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return "cpu"
-    return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
 
 
 def main() -> None:

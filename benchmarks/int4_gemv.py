@@ -29,18 +29,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
+from sparsedeploy.engine.native.tune import cpu_tag  # noqa: E402
+
 from lowbit_gemv import lscpu_model, machine_state, pruned, time_cell  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
-
-def cpu_tag() -> str:
-    """The CPU kind in result names (as benchmarks/pareto.py)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return "cpu"
-    return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
 
 
 def kernels(portable: bool):

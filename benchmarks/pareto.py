@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from sparsedeploy import ui  # noqa: E402
 from sparsedeploy.bench import pareto  # noqa: E402
+from sparsedeploy.engine.native.tune import cpu_tag  # noqa: E402
 from sparsedeploy.bench.bench import BenchConfig, _read_deployment  # noqa: E402
 from sparsedeploy.pipeline.rundir import read_json, write_json  # noqa: E402
 from sparsedeploy.workflows.sweep import SweepConfig, parse_sparsities, sweep  # noqa: E402
@@ -354,14 +355,6 @@ def synthetic(work: Path, a) -> None:
     _publish(doc, pts, "pareto_synthetic_llama2_7b_2layers", "SYNTHETIC LLaMA2-7B shapes, 2 layers: decode latency, "
              "sparsedeploy vs llama.cpp dense GGUF", pcfg, notes)
 
-
-def cpu_tag() -> str:
-    """The CPU kind in result names (a result on one kind is not a result on the other)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return "cpu"
-    return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
 
 
 _SUFFIX = ""        # --suffix: a run that must not replace an earlier result of the same kind

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -20,27 +19,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparsedeploy.engine.native.tune import cpu_name, cpu_tag  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1 << 30
 
 
-def cpu_tag() -> str:
-    """The CPU kind in result names (as benchmarks/pareto.py)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return "cpu"
-    return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_stage(argv: list[str]) -> dict:
@@ -102,7 +87,7 @@ def main() -> None:
     doc = {
         "title": f"SYNTHETIC llama2-7b shapes, {args.layers} decoder layers, bf16: streamed calibrate + Wanda/DLP "
                  f"{args.sparsity:.0%} prune",
-        "cpu": cpu_model(), "cpu_tag": cpu_tag(), "cores": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_tag": cpu_tag(), "cores": os.cpu_count(),
         "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
         "calibration": f"{args.nsamples}×{args.seqlen} tokens (wikipedia-summaries, seed 0)",
         "synthetic": conf.get("sparsedeploy_synthetic"),

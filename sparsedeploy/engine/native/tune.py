@@ -38,6 +38,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_tag() -> str:
+    """The CPU kind in result names: intel_xeon / amd_epyc (a result on one kind is not a result on the other)."""
+    try:
+        info = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return "cpu"
+    return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
+
+
 def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None = None, rounds: int = 7,
                    tie: float = 0.03, formats: tuple[str, ...] | None = None,
                    serial: bool = True, weights: str = "fp32") -> tuple[list[dict[str, str]], dict]:
