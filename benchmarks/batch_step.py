@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from sparsedeploy.engine.native.tune import cpu_name, cpu_tag  # noqa: E402
+from sparsedeploy.engine.cpuinfo import cpu_name, cpu_tag  # noqa: E402
 
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from sparsedeploy.engine.native.tune import cpu_tag  # noqa: E402
+from sparsedeploy.engine.cpuinfo import cpu_tag  # noqa: E402
 
 from lowbit_gemv import lscpu_model, machine_state, pruned, time_cell  # noqa: E402
 

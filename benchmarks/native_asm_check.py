@@ -71,7 +71,7 @@ def main() -> None:
     from sparsedeploy.engine.native import kernels as K
     from sparsedeploy.engine.native.pack import encode
     from sparsedeploy.engine.native.simd import has_avx512
-    from sparsedeploy.engine.native.tune import cpu_name
+    from sparsedeploy.engine.cpuinfo import cpu_name
 
     rng = np.random.default_rng(0)
     e = np.zeros(0, np.float32)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from sparsedeploy import ui  # noqa: E402
 from sparsedeploy.bench import pareto  # noqa: E402
-from sparsedeploy.engine.native.tune import cpu_tag  # noqa: E402
+from sparsedeploy.engine.cpuinfo import cpu_tag  # noqa: E402
 from sparsedeploy.bench.bench import BenchConfig, _read_deployment  # noqa: E402
 from sparsedeploy.pipeline.rundir import read_json, write_json  # noqa: E402
 from sparsedeploy.workflows.sweep import SweepConfig, parse_sparsities, sweep  # noqa: E402

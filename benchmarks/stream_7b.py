@@ -5,6 +5,8 @@ calibrate and Wanda + DLP prune, each stage in its own process; reports each sta
 Usage (about 1 hour on 2 busy cores; needs ~28 GB free under --work; deletes it afterwards unless --keep):
     nice -n 19 .venv/bin/python benchmarks/stream_7b.py [--layers 32 --nsamples 16 --seqlen 128 --sparsity 0.7]
 Writes benchmarks/results/stream_7b_<cpu>.md and .json (or stream_7b_<N>layers_<cpu> for other depths).
+On a GPU machine: `--device cuda` calibrates and prunes there (stream_7b_cuda_<gpu>); `--tokenizer DIR` and
+`--calib file:PATH` let it run where the default model and ../shared data are absent.
 Only what this run measured is printed; times are rough on a shared machine.
 """
 from __future__ import annotations
@@ -21,9 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsedeploy.engine.native.tune import cpu_name, cpu_tag  # noqa: E402
+from sparsedeploy.engine.cpuinfo import cpu_name, cpu_tag  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 GiB = 1 << 30
+
+
+def gpu_name() -> str:
+    import torch
+    return torch.cuda.get_device_name(0)
+
+
+def slug(text: str) -> str:
+    return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split())
 
 
 
@@ -52,6 +63,10 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--work", type=Path, default=Path("/tmp/stream/7b"))
     ap.add_argument("--keep", action="store_true", help="keep the synthetic and pruned models")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where calibrate and prune compute")
+    ap.add_argument("--tokenizer", default="smollm2-135m", help="model whose tokenizer the synthetic model ships")
+    ap.add_argument("--calib", default="wikipedia-summaries", help="calibration text (a name or file:PATH)")
+    ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
 
     free = shutil.disk_usage(args.work.parent if args.work.parent.exists() else "/").free
@@ -62,12 +77,12 @@ def main() -> None:
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
     model, run = args.work / "model", args.work / "run"
-    calib = ["--calib", "wikipedia-summaries", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-             "--device", "cpu", "--stream"]
+    calib = ["--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+             "--device", args.device, "--stream"]
     rows = {}
     try:
         rows["synth"] = run_stage(["synth", "llama2-7b", "--layers", str(args.layers), "--dtype", "bf16",
-                                   "--out", str(model)])
+                                   "--tokenizer", args.tokenizer, "--out", str(model)])
         model_bytes = du(model)
         rows["calibrate"] = run_stage(["calibrate", str(model), "--out", str(run), *calib])
         rows["allocate + prune"] = run_stage(["prune", str(model), "--out", str(run), "--sparsity", str(args.sparsity),
@@ -87,9 +102,10 @@ def main() -> None:
     doc = {
         "title": f"SYNTHETIC llama2-7b shapes, {args.layers} decoder layers, bf16: streamed calibrate + Wanda/DLP "
                  f"{args.sparsity:.0%} prune",
-        "cpu": cpu_name(), "cpu_tag": cpu_tag(), "cores": os.cpu_count(),
+        "cpu": cpu_name(), "cpu_tag": cpu_tag(), "cores": os.cpu_count(), "device": args.device,
+        "gpu": gpu_name() if args.device == "cuda" else None,
         "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
-        "calibration": f"{args.nsamples}×{args.seqlen} tokens (wikipedia-summaries, seed 0)",
+        "calibration": f"{args.nsamples}×{args.seqlen} tokens ({args.calib}, seed 0)",
         "synthetic": conf.get("sparsedeploy_synthetic"),
         "processes": rows, "stages": stage_rows,
         "disk": {"synthetic_model_bytes": model_bytes, "pruned_model_bytes": pruned_bytes},
@@ -98,14 +114,17 @@ def main() -> None:
         "alpha": ratios.get("alpha"),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"stream_7b_{cpu_tag()}" if args.layers == 32 else f"stream_7b_{args.layers}layers_{cpu_tag()}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    args.results.mkdir(parents=True, exist_ok=True)
+    where = f"cuda_{slug(doc['gpu'])}" if args.device == "cuda" else cpu_tag()
+    name = f"stream_7b_{where}" if args.layers == 32 else f"stream_7b_{args.layers}layers_{where}"
+    (args.results / f"{name}.json").write_text(json.dumps(doc, indent=2))
     lines = [f"# {doc['title']}", "",
              f"SYNTHETIC weights (random, real LLaMA2-7B layer shapes, vocabulary {conf.get('vocab_size')} from the "
              f"SmolLM2 tokenizer): speed and memory are real, model quality is meaningless.",
-             f"CPU: {doc['cpu']} ({doc['cores']} cores, {doc['ram_gib']} GiB RAM); calibration {doc['calibration']}; "
-             f"finished {doc['finished']}. Run niced on a possibly shared machine: times are rough.", "",
+             f"CPU: {doc['cpu']} ({doc['cores']} cores, {doc['ram_gib']} GiB RAM)"
+             + (f"; calibrate and prune on the GPU: {doc['gpu']}" if doc["gpu"] else "")
+             + f"; calibration {doc['calibration']}; finished {doc['finished']}."
+             + (" Run niced on a possibly shared machine: times are rough." if not doc["gpu"] else ""), "",
              "| process | wall s | peak RSS MiB (process) |", "|---|---|---|"]
     for k, r in rows.items():
         lines.append(f"| {k} | {r['wall_s']} | {r['process_peak_rss_mb']} |")
@@ -116,7 +135,7 @@ def main() -> None:
               f"(bf16, zeros stored dense).",
               f"Realized sparsity {doc['realized_sparsity']:.4f}; DLP α {doc['alpha']}; per-layer ratios "
               f"{doc['ratios'][0]:.3f} (first) … {doc['ratios'][-1]:.3f} (last).", ""]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines))
+    (args.results / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -394,6 +394,7 @@ def test_low_precision_inputs(dtype):
     assert torch.equal(Wm == 0, prune_magnitude(W.float(), None, 0.5) == 0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: CPU/CUDA agreement not checked")
 @pytest.mark.parametrize("name", sorted(PRUNERS))
 @pytest.mark.parametrize("nm", [None, (2, 4)])

@@ -153,31 +153,45 @@ def _check_request(runtime, prompt_ids, n: int, cache_len: int | None, max_posit
     return prompt, S
 
 
+def _feed(seq, multi, ids: list[int], S: int, L: int):
+    """Feed `ids` from position 0: chunks of L tokens through the runtime `multi` while whole chunks fit (a
+    shape of L tokens has S - L cache slots, so a chunk goes that way only if its tokens all fit there: more
+    would push the oldest tokens out), then the rest one token per call through `seq`, which takes over the
+    chunks' cache. Yields (logits, start, count) per call; the caller must exhaust it."""
+    pos = 0
+    if multi is not None and L > 1 and len(ids) >= L and isinstance(seq, KVSlots):
+        slots = KVSlots(multi, L, S)
+        while len(ids) - pos >= L and pos + L <= S - L:
+            logits, _ = slots.step(ids[pos:pos + L], pos)
+            yield logits, pos, L
+            pos += L
+        if pos:
+            seq.load(slots)
+    while pos < len(ids):
+        logits, _ = seq.step(ids[pos:pos + 1], pos)
+        yield logits, pos, 1
+        pos += 1
+
+
 def _prefill(dec: KVSlots, prefill, prompt: list[int], S: int) -> tuple[int, np.ndarray, str]:
-    """Feed the prompt: chunks through `prefill` while they fit, the rest token by token through `dec`.
-    A prefill shape of L tokens has S - L cache slots, so only chunks whose tokens all fit there go that way
-    (more would push the oldest prompt tokens out). Returns (next position, last logits, how it was fed)."""
-    pos, logits, mode = 0, None, "token by token"
+    """Feed the prompt: chunks through `prefill` while they fit, the rest token by token through `dec`
+    (see _feed). Returns (next position, last logits, how it was fed)."""
     if prefill is not None and not isinstance(dec, KVSlots):       # a stateful engine: the prompt in one call
         logits, _ = dec.step(prompt, 0)
         return len(prompt), logits, f"1 chunk of {len(prompt)}"
+    L = 1
     if prefill is not None:
         if getattr(prefill, "dynamic", False):
-            chunk = min(len(prompt), S - len(prompt)) if len(prompt) < S else 0
+            L = min(len(prompt), S - len(prompt)) if len(prompt) < S else 0
         else:
-            chunk = int(prefill.seq_len or 1)
-        if chunk > 1 and len(prompt) >= chunk:
-            pre = KVSlots(prefill, chunk, S)
-            while len(prompt) - pos >= chunk and pos + chunk <= S - chunk:
-                logits, _ = pre.step(prompt[pos:pos + chunk], pos)
-                pos += chunk
-            if pos:
-                dec.load(pre)
-                mode = f"{pos // chunk} chunk(s) of {chunk}" + (f" + {len(prompt) - pos} single" if pos < len(prompt) else "")
-    while pos < len(prompt):
-        logits, _ = dec.step(prompt[pos:pos + 1], pos)
-        pos += 1
-    return pos, logits, mode
+            L = int(prefill.seq_len or 1)
+    logits, chunked = None, 0
+    for logits, start, count in _feed(dec, prefill, prompt, S, L):
+        chunked += count if count > 1 else 0
+    mode = "token by token"
+    if chunked:
+        mode = f"{chunked // L} chunk(s) of {L}" + (f" + {len(prompt) - chunked} single" if chunked < len(prompt) else "")
+    return len(prompt), logits, mode
 
 
 def window_nll(runtime, ids, cache_len: int | None = None) -> tuple[float, int]:
@@ -305,23 +319,13 @@ def score_tokens(runtime, ids, top_k: int = 0, *, prefill=None, cache_len: int |
             out_top.append(top_logprobs(lp[j], top_k))
 
     n = len(ids) - 1                                        # tokens to feed
-    seq = new_sequence(runtime, S) if n else None
-    pos = 0
-    multi = prefill if prefill is not None else (runtime if getattr(runtime, "dynamic", False) else None)
-    if n and multi is not None and isinstance(seq, KVSlots):
-        L = min(int(chunk), n, S // 2) if getattr(multi, "dynamic", False) else int(multi.seq_len or 1)
-        if L > 1 and n >= L:
-            slots = KVSlots(multi, L, S)
-            while n - pos >= L and pos + L <= S - L:
-                logits, _ = slots.step(ids[pos:pos + L], pos)
-                take(logits[0, -L:], pos)
-                pos += L
-            if pos:
-                seq.load(slots)
-    while pos < n:
-        logits, _ = seq.step(ids[pos:pos + 1], pos)
-        take(logits[0, -1:], pos)
-        pos += 1
+    if n:
+        multi = prefill if prefill is not None else (runtime if getattr(runtime, "dynamic", False) else None)
+        L = 1
+        if multi is not None:
+            L = min(int(chunk), n, S // 2) if getattr(multi, "dynamic", False) else int(multi.seq_len or 1)
+        for logits, start, count in _feed(new_sequence(runtime, S), multi, ids[:n], S, L):
+            take(logits[0, -count:], start)
     return ScoreResult(token_logprobs=out_lp, top_logprobs=out_top, engine=runtime.name,
                        score_ms=(time.perf_counter() - t0) * 1e3)
 

@@ -14,7 +14,7 @@ from .. import ui
 from ..errors import UserError, check
 from ..engine.native.kernels import default_threads
 from ..engine.native.pack import FORMAT_VERSION, NATIVE_DIR, build, check_head, check_weights, load_tensors, read_index
-from ..engine.native.tune import cpu_name
+from ..engine.cpuinfo import cpu_name
 
 
 def native_key(meta: dict, crossover: float | None, threads: int | None = None,

@@ -80,21 +80,25 @@ _Stop = Union[None, Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP
 _TokenIds = Annotated[list[Annotated[int, Field(strict=True, ge=0)]], Field(min_length=1)]
 
 
-class CompletionRequest(BaseModel):
-    """What POST /v1/completions accepts (OpenAI's fields; others are ignored). Types are strict:
-    "5" is not an integer, true is not a number, NaN/Infinity are refused. One prompt per request: a string,
-    token ids, or a list holding one of either."""
+class _Sampling(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share (OpenAI's; others are ignored). Types are
+    strict: "5" is not an integer, true is not a number, NaN/Infinity are refused."""
     model_config = ConfigDict(extra="ignore")
     model: Optional[StrictStr] = None
-    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=1)], _TokenIds,
-                  Annotated[list[_TokenIds], Field(min_length=1, max_length=1)]]
-    max_tokens: Annotated[int, Field(strict=True, ge=0)] = 16
     temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
     stop: _Stop = None
     stream: StrictBool = False
     seed: Optional[Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]] = None
     n: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
+
+
+class CompletionRequest(_Sampling):
+    """What POST /v1/completions accepts. One prompt per request: a string, token ids, or a list holding one
+    of either."""
+    prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=1)], _TokenIds,
+                  Annotated[list[_TokenIds], Field(min_length=1, max_length=1)]]
+    max_tokens: Annotated[int, Field(strict=True, ge=0)] = 16
     echo: StrictBool = False
     logprobs: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)]] = None
 
@@ -122,21 +126,12 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatRequest(BaseModel):
-    """What POST /v1/chat/completions accepts (OpenAI's fields; others are ignored). max_tokens and
-    max_completion_tokens mean the same (the newer name wins); without either the reply may run to the
-    server's --max-new-tokens or the end of the context."""
-    model_config = ConfigDict(extra="ignore")
-    model: Optional[StrictStr] = None
+class ChatRequest(_Sampling):
+    """What POST /v1/chat/completions accepts. max_tokens and max_completion_tokens mean the same (the newer
+    name wins); without either the reply may run to the server's --max-new-tokens or the end of the context."""
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
-    temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0, allow_inf_nan=False)] = 1.0
-    top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0, allow_inf_nan=False)] = 1.0
-    stop: _Stop = None
-    stream: StrictBool = False
-    seed: Optional[Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]] = None
-    n: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
     logprobs: Optional[StrictBool] = None
 
 

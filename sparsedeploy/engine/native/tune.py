@@ -14,37 +14,18 @@ Returns the choice and what was measured, which the index records next to every 
 """
 from __future__ import annotations
 
-import platform
 import time
 from functools import partial
 
 import numpy as np
 
+from ..cpuinfo import cpu_name, cpu_tag  # noqa: F401  (re-exported: benchmarks import them from here)
 from ..cpuload import OtherLoad
 from . import kernels as K
 from .model import Linear
 from .pack import candidates, encode
 
 GROUP_ORDER = ("qkv", "o", "up", "down")
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_tag() -> str:
-    """The CPU kind in result names: intel_xeon / amd_epyc (a result on one kind is not a result on the other)."""
-    try:
-        info = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
-    except OSError:
-        return "cpu"
-    return "intel_xeon" if "GenuineIntel" in info else "amd_epyc" if "AuthenticAMD" in info else "cpu"
 
 
 def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None = None, rounds: int = 7,
