@@ -168,11 +168,77 @@ def test_echo_and_logprobs_score_the_prompt_as_pytorch_does(server, chat_deploym
     assert len(lp["choices"][0]["logprobs"]["token_logprobs"]) == 3 and lp["choices"][0]["logprobs"]["text_offset"][0] == 0
 
 
+def sse_docs(url, path, body) -> list[dict]:
+    """The JSON documents of a streamed response, [DONE] left out."""
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_equal_the_unstreamed_ones(server, echo):
+    """Each streamed chunk carries the logprobs of the tokens whose text it releases; together they are the
+    unstreamed object, token for token (also when a stop string cuts the text)."""
+    url = server
+    body = {"prompt": "The history of the city began when the river", "max_tokens": 12, "temperature": 0,
+            "logprobs": 2, "echo": echo}
+    full = post(url, "/v1/completions", {**body, "echo": False}).json()["choices"][0]["text"]
+    assert len(full) >= 4
+    for extra in ({}, {"stop": full[len(full) // 2:][:2]}):       # the second cuts the text about half way
+        whole = post(url, "/v1/completions", {**body, **extra}).json()["choices"][0]
+        docs = sse_docs(url, "/v1/completions", {**body, **extra, "stream": True})
+        joined = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for d in docs:
+            lp = d["choices"][0]["logprobs"]
+            assert lp is not None
+            for k in joined:
+                joined[k] += lp[k]
+        assert "".join(d["choices"][0]["text"] for d in docs) == whole["text"]
+        assert joined == whole["logprobs"], extra
+        generated = sum(1 for o in joined["text_offset"] if o >= (len(body["prompt"]) if echo else 0))
+        assert generated >= (12 if not extra else 1)
+        if not echo:                     # a chunk's tokens start inside the text released up to it
+            released = 0
+            for d in docs:
+                released += len(d["choices"][0]["text"])
+                if not d["choices"][0]["finish_reason"]:
+                    assert all(o < released for o in d["choices"][0]["logprobs"]["text_offset"])
+
+
+def test_chat_logprobs_streamed_and_not(server, chat_deployment, torch_model):
+    url = server
+    messages = [{"role": "user", "content": "Tell me about the river"}]
+    body = {"messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    doc = post(url, "/v1/chat/completions", body).json()
+    content = doc["choices"][0]["logprobs"]["content"]
+    assert len(content) == doc["usage"]["completion_tokens"] >= 1
+    special = {"<s>", "</s>", "<unk>"}          # in the token list, not in the reply's text
+    # token strings of partial UTF-8 characters do not join up; their bytes do
+    assert bytes(b for c in content if c["token"] not in special for b in c["bytes"]).decode("utf-8", "replace") == \
+        doc["choices"][0]["message"]["content"]
+    for c in content:      # greedy: the chosen token is the most likely, and two alternatives are listed
+        assert len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["token"] == c["token"]
+        assert c["top_logprobs"][0]["logprob"] == c["logprob"] >= c["top_logprobs"][1]["logprob"]
+    # the same log-probabilities as the completions endpoint gives for the templated prompt
+    from transformers import AutoTokenizer
+    templated = AutoTokenizer.from_pretrained(chat_deployment).apply_chat_template(messages, add_generation_prompt=True,
+                                                                                   tokenize=False)
+    plain = post(url, "/v1/completions", {"prompt": templated, "max_tokens": 8, "temperature": 0, "logprobs": 0}).json()
+    assert [c["logprob"] for c in content] == plain["choices"][0]["logprobs"]["token_logprobs"]
+    streamed = []
+    for d in sse_docs(url, "/v1/chat/completions", {**body, "stream": True}):
+        lp = d["choices"][0]["logprobs"]
+        streamed += lp["content"] if lp else []
+    assert streamed == content
+    assert post(url, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None}).json()["choices"][0]["logprobs"] is None
+
+
 def test_api_refuses_what_it_cannot_do_with_4xx(server, deployment):
     url = server
     cases = [({"prompt": "x", "max_tokens": 0}, 422, "echo"),
              ({"prompt": "x", "logprobs": 6}, 422, "logprobs"),
-             ({"prompt": "x", "logprobs": 1, "stream": True}, 400, "stream"),
              ({"prompt": [[1, 2], [3, 4]]}, 422, "prompt"),
              ({"prompt": [1, 10**6]}, 400, "vocabulary"),
              ({"prompt": [-1]}, 422, "prompt")]
@@ -182,7 +248,10 @@ def test_api_refuses_what_it_cannot_do_with_4xx(server, deployment):
     for body, status, needle in [({"messages": []}, 422, "messages"),
                                  ({"messages": [{"role": "user"}], "n": 2}, 422, "n"),
                                  ({"messages": [{"role": "user", "content": 5}]}, 422, "content"),
-                                 ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+                                 ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 422,
+                                  "top_logprobs"),
+                                 ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                   "top_logprobs": 6}, 422, "top_logprobs"),
                                  ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens")]:
         r = post(url, "/v1/chat/completions", body)
         assert r.status_code == status and needle in r.json()["error"]["message"], (body, r.text)
@@ -235,6 +304,14 @@ def test_openai_sdk_against_the_server(server, chat_deployment, deployment):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # logprobs, streamed and not, as the SDK parses them
+    lp_chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=1,
+                                               stream=True))
+    assert sum(len(ch.choices[0].logprobs.tokens) for ch in lp_chunks) == c.usage.completion_tokens
+    rl = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                        top_logprobs=2)
+    assert len(rl.choices[0].logprobs.content) == rl.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == t.logprob for t in rl.choices[0].logprobs.content)
     # errors surface as the SDK's exceptions
     with pytest.raises(openai.BadRequestError, match="at most"):
         client.completions.create(model="tiny", prompt=" ".join(["the cat sat"] * 200), max_tokens=4)

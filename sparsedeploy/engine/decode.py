@@ -356,7 +356,7 @@ def sample_token(logits, temperature: float = 0.0, top_p: float = 1.0, rng=None)
 def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int | None = None,
                   max_positions: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
                   seed: int | None = None, stop_ids=(), on_token=None, should_stop=None,
-                  time_limit_s: float | None = None, logprobs: int | None = None) -> GenerateResult:
+                  time_limit_s: float | None = None, logprobs: int | None = None, on_logprob=None) -> GenerateResult:
     """Generate up to `n` tokens after `prompt_ids`: the same KVSlots loop as greedy_decode, with sampling
     (`sample_token`; temperature 0 = greedy, the same tokens as greedy_decode) and early ends.
 
@@ -365,6 +365,7 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
     should_stop(): polled after every token; True ends it with finish_reason "cancelled".
     time_limit_s: wall time from the call; past it the generation ends with finish_reason "timeout".
     logprobs: K (>= 0) fills `result.logprobs` with each token's log-probability and the K most likely tokens.
+    on_logprob(entry): with logprobs, called with each token's entry just before on_token(token) (streaming).
     """
     t_begin = time.perf_counter()
     prompt, S = _check_request(runtime, prompt_ids, n, cache_len, max_positions)
@@ -383,6 +384,8 @@ def sample_decode(runtime, prompt_ids, n: int, *, prefill=None, cache_len: int |
             result.logprobs.append([float(lp[tok]), top_logprobs(lp, logprobs)])
         record(logits[0, -1], token)
     while True:
+        if on_logprob is not None and result.logprobs is not None:
+            on_logprob(result.logprobs[-1])
         if on_token is not None:
             on_token(token)
         if token in stops:

@@ -72,6 +72,7 @@ def _generate_in_worker(dec, step, prefill, proto_out, msg):
     _CANCEL["flag"] = False
     return dec.sample_decode(step, msg[1], msg[2], prefill=prefill,
                              on_token=lambda t: _send(proto_out, ("token", int(t))),
+                             on_logprob=lambda e: _send(proto_out, ("logprob", e)),
                              should_stop=lambda: _CANCEL["flag"], **msg[3])
 
 
@@ -125,7 +126,8 @@ def _worker_main() -> None:
                 result = step.time_head(msg[1], repeats=msg[2])
             elif kind == "decode":
                 result = dec.greedy_decode(step, msg[1], msg[2], prefill=prefill, **msg[3])
-            elif kind == "generate":    # streamed: ("token", t) per token, then the final ("ok", GenerateResult)
+            elif kind == "generate":    # streamed: ("token", t) per token (after its ("logprob", [lp, top]) when
+                                        # logprobs were asked for), then the final ("ok", GenerateResult)
                 result = _generate_in_worker(dec, step, prefill, proto_out, msg)
             elif kind == "score":       # per-token log-probabilities of a sequence (ScoreResult), not the logits
                 result = dec.score_tokens(step, msg[1], msg[2], prefill=prefill, **msg[3])
@@ -219,8 +221,8 @@ class WorkerRuntime(Runtime):
         return self._call(("decode", [int(t) for t in prompt_ids], int(n), kwargs))
 
     def generate(self, prompt_ids, n: int, **kwargs):
-        """sample_decode inside the worker, streamed: yields ("token", id) as each token is made, then
-        ("done", GenerateResult). kwargs go to sparsedeploy.engine.decode.sample_decode (temperature, top_p,
+        """sample_decode inside the worker, streamed: yields ("token", id) as each token is made (preceded by
+        ("logprob", [logprob, top]) when kwargs ask for logprobs), then ("done", GenerateResult). kwargs go to sparsedeploy.engine.decode.sample_decode (temperature, top_p,
         seed, stop_ids, time_limit_s, ...). Iterate it to the end (the pipe carries one exchange at a time);
         `cancel()` makes the worker stop early. A dead worker raises RuntimeError."""
         if self._proc is None:
@@ -236,8 +238,8 @@ class WorkerRuntime(Runtime):
             except EOFError:
                 code = self._proc.wait()
                 raise RuntimeError(f"the engine worker process died (exit code {code})") from None
-            if status == "token":
-                yield "token", payload
+            if status in ("token", "logprob"):
+                yield status, payload
             elif status == "ok":
                 yield "done", payload
                 return

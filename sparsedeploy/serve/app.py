@@ -2,7 +2,8 @@
 
     POST /v1/completions   {"prompt", "max_tokens", "temperature", "top_p", "stop", "stream", "seed", "echo", "logprobs"}
     POST /v1/chat/completions  {"messages", "max_tokens" | "max_completion_tokens", "temperature", "top_p", "stop",
-                           "stream", "seed"}: the prompt is the tokenizer's chat template applied to the messages
+                           "stream", "seed", "logprobs", "top_logprobs"}: the prompt is the tokenizer's chat
+                           template applied to the messages
     GET  /health           200 {"status": "ok", ...} when the engine is ready, else 503 {"status": ...}
     GET  /metrics          Prometheus text: requests by endpoint/status, tokens, latency/TTFT histograms, queue
     GET  /v1/models        the one model served
@@ -20,8 +21,10 @@ Completions also take a prompt as token ids (`[1, 2, 3]` or `[[1, 2, 3]]`, what 
 (the prompt text before the completion) and `logprobs` K = 0..5 (OpenAI's legacy object: tokens,
 token_logprobs, top_logprobs, text_offset; log-probabilities of the model's own distribution, before
 temperature/top_p). With echo the prompt's tokens are scored too (a separate scoring pass through the
-engine; the first token has no logprob), and `max_tokens` 0 scores the prompt alone. Logprobs are not
-streamed (stream + logprobs is a 400).
+engine; the first token has no logprob), and `max_tokens` 0 scores the prompt alone. Streamed, each chunk
+carries the logprobs of the tokens whose text it releases (the echoed prompt's with the echo chunk).
+Chat completions take `logprobs: true` and `top_logprobs` K = 0..5 (OpenAI's `logprobs.content` list, per
+chunk when streamed).
 """
 from __future__ import annotations
 
@@ -133,6 +136,13 @@ class ChatRequest(_Sampling):
     max_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     max_completion_tokens: Optional[Annotated[int, Field(strict=True, ge=1)]] = None
     logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)]] = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 def _validation_message(err) -> str:
@@ -245,6 +255,14 @@ class Tokenizer:
             return "bytes:" + "".join(f"\\x{table[c]:02x}" for c in piece)
         return piece
 
+    def token_bytes(self, token: int) -> list[int]:
+        """The token's own UTF-8 bytes (byte-level BPE pieces map back to bytes; else its text's encoding)."""
+        piece = self.tok.id_to_token(int(token))
+        table = _byte_level_inverse()
+        if piece and all(c in table for c in piece):
+            return [table[c] for c in piece]
+        return list(self.decode_raw([token]).encode("utf-8"))
+
 
 @functools.lru_cache(maxsize=1)
 def _byte_level_inverse() -> dict[str, int]:
@@ -303,7 +321,7 @@ class ChatTemplate:
 
 class TextStream:
     """Generated ids -> text pieces safe to send: no half UTF-8 character, nothing that may turn out to be
-    the start of a stop string, nothing after a stop string."""
+    the start of a stop string, nothing after a stop string. `sent`: the characters released so far."""
 
     def __init__(self, tok: Tokenizer, stops: list[str]):
         self.tok, self.stops = tok, stops
@@ -334,6 +352,33 @@ class TextStream:
         text = self.tok.decode(self.ids)
         piece, self.sent = text[self.sent:], len(text)
         return piece
+
+
+class TokenLogprobs:
+    """The generated tokens' [logprob, top] entries (from the engine's "logprob" events), handed out with the
+    text they belong to: a token goes out once its text starts inside what `text` has released (at the end,
+    every token unless a stop string cut the text: then only those starting before the cut, as unstreamed)."""
+
+    def __init__(self, tok: Tokenizer, text: TextStream):
+        self.tok, self.text = tok, text
+        self.entries: list = []       # appended by generate() as the events arrive
+        self.starts: list[int] = []   # where token i's text starts in the completion
+        self.given = 0
+
+    def take(self, final: bool = False) -> list[tuple[int, int, list]]:
+        """[(token id, its start in the completion, [logprob, top])] not handed out yet and due now."""
+        ids = self.text.ids
+        n = min(len(self.entries), len(ids))
+        while len(self.starts) < n:
+            self.starts.append(len(self.tok.decode(ids[:len(self.starts)])))
+        end = n
+        if not (final and not self.text.stopped):
+            end = self.given
+            while end < n and self.starts[end] < self.text.sent:
+                end += 1
+        out = [(ids[i], self.starts[i], self.entries[i]) for i in range(self.given, end)]
+        self.given = max(self.given, end)
+        return out
 
 
 # ------------------------------------------------------------------------------------------- app
@@ -585,13 +630,17 @@ def create_app(settings: Settings, *, worker_factory=None):
             return ev[1]
         raise ev[1]
 
-    async def generate(job, events, text: TextStream, deadline, arrived):
-        """Yields ("text", piece) then ("end", finish_reason, GenerateResult); raises ServeError."""
+    async def generate(job, events, text: TextStream, deadline, arrived, lps: TokenLogprobs | None = None):
+        """Yields ("text", piece) then ("end", finish_reason, GenerateResult); raises ServeError. With `lps`,
+        the tokens' logprob entries are collected there as they arrive."""
         n, first = 0, True
         try:
             while True:
                 ev = await next_event(job, events, deadline)
-                if ev[0] == "token":
+                if ev[0] == "logprob":
+                    if lps is not None:
+                        lps.entries.append(ev[1])
+                elif ev[0] == "token":
                     n += 1
                     if first:
                         metrics.observe("time_to_first_token_seconds", time.perf_counter() - arrived)
@@ -630,6 +679,17 @@ def create_app(settings: Settings, *, worker_factory=None):
                 "top_logprobs": [None if top is None else {tok.token_text(i): lp for i, lp in top} for top in tops],
                 "text_offset": starts}
 
+    def generated_doc(taken, base: int) -> dict:
+        """logprobs_doc of TokenLogprobs.take()'s tokens, offsets after `base` characters (the echo)."""
+        return logprobs_doc([t for t, _, _ in taken], [e[0] for _, _, e in taken], [e[1] for _, _, e in taken],
+                            [base + s for _, s, _ in taken])
+
+    def chat_logprobs(taken) -> dict:
+        """OpenAI's chat `logprobs` object ({"content": [...]}) for TokenLogprobs.take()'s tokens."""
+        def item(t, lp):
+            return {"token": tok.decode_raw([t]), "logprob": lp, "bytes": tok.token_bytes(t)}
+        return {"content": [{**item(t, e[0]), "top_logprobs": [item(i, lp) for i, lp in e[1]]} for t, _, e in taken]}
+
     def usage(n_prompt: int, completion: int) -> dict:
         return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
 
@@ -650,9 +710,6 @@ def create_app(settings: Settings, *, worker_factory=None):
             ids, prompt_text = prompt_of(req)
             admit(ids, req.max_tokens)
             stops = stops_of(req)
-            if req.stream and req.logprobs is not None:
-                raise ServeError(400, "invalid_request_error",
-                                 "logprobs are not streamed; send stream=false to get them")
             metrics.inc("prompt_tokens_total", len(ids))
             scored = None
             if req.echo and req.logprobs is not None:
@@ -671,12 +728,13 @@ def create_app(settings: Settings, *, worker_factory=None):
         created = int(time.time())
         text = TextStream(tok, stops)
         echoed = prompt_text if req.echo else ""
+        lps = TokenLogprobs(tok, text) if req.logprobs is not None else None
 
         async def run():
             if job is None:                         # max_tokens 0 (echo): nothing to generate
                 yield ("end", "length", None)
                 return
-            async for ev in generate(job, events, text, deadline, arrived):
+            async for ev in generate(job, events, text, deadline, arrived, lps):
                 yield ev
 
         def chunk(piece: str, reason=None, extra=None, logprobs=None) -> dict:
@@ -685,20 +743,15 @@ def create_app(settings: Settings, *, worker_factory=None):
             doc.update(extra or {})
             return doc
 
-        def logprobs_of(completion: str, res) -> dict | None:
-            if req.logprobs is None:
+        def logprobs_of(prompt: bool, final: bool = False) -> dict | None:
+            """The logprobs due now: the echoed prompt's (when `prompt`), then the generated tokens whose text
+            has been released (all that are kept when `final`)."""
+            if lps is None:
                 return None
-            doc = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            if scored is not None:
-                doc = logprobs_doc(ids, scored.token_logprobs, scored.top_logprobs, offsets(ids, tok.decode_raw, 0))
-            if res is not None and res.logprobs is not None:
-                gen = list(res.tokens)
-                starts = offsets(gen, tok.decode, len(echoed))
-                keep = len(gen) if not text.stopped else sum(1 for o in starts if o < len(echoed) + len(completion))
-                part = logprobs_doc(gen[:keep], [lp for lp, _ in res.logprobs[:keep]],
-                                    [top for _, top in res.logprobs[:keep]], starts[:keep])
-                for k in doc:
-                    doc[k] = doc[k] + part[k]
+            doc = generated_doc(lps.take(final), len(echoed))
+            if prompt and scored is not None:
+                head = logprobs_doc(ids, scored.token_logprobs, scored.top_logprobs, offsets(ids, tok.decode_raw, 0))
+                doc = {k: head[k] + doc[k] for k in doc}
             return doc
 
         if not req.stream:
@@ -715,21 +768,22 @@ def create_app(settings: Settings, *, worker_factory=None):
             count = len(res.tokens) if res is not None else 0
             metrics.observe("completion_tokens", count, buckets=TOKEN_BUCKETS)
             completion = "".join(parts)
-            return JSONResponse({**chunk(echoed + completion, reason, logprobs=logprobs_of(completion, res)),
+            return JSONResponse({**chunk(echoed + completion, reason, logprobs=logprobs_of(True, final=True)),
                                  "usage": usage(len(ids), count)})
 
         async def sse():
             try:
                 if echoed:
-                    yield f"data: {json.dumps(chunk(echoed))}\n\n"
+                    yield f"data: {json.dumps(chunk(echoed, logprobs=logprobs_of(True)))}\n\n"
                 async for ev in run():
                     if ev[0] == "text":
-                        yield f"data: {json.dumps(chunk(ev[1]))}\n\n"
+                        yield f"data: {json.dumps(chunk(ev[1], logprobs=logprobs_of(False)))}\n\n"
                     else:
                         _, reason, res = ev
                         count = len(res.tokens) if res is not None else 0
                         metrics.observe("completion_tokens", count, buckets=TOKEN_BUCKETS)
-                        yield f"data: {json.dumps(chunk('', reason, {'usage': usage(len(ids), count)}))}\n\n"
+                        last = chunk('', reason, {'usage': usage(len(ids), count)}, logprobs=logprobs_of(False, final=True))
+                        yield f"data: {json.dumps(last)}\n\n"
             except ServeError as e:
                 yield sse_error(e)
             yield "data: [DONE]\n\n"
@@ -742,9 +796,6 @@ def create_app(settings: Settings, *, worker_factory=None):
         deadline = time.monotonic() + settings.timeout_s
         try:
             req = parse_request(await read_body(request), ChatRequest)
-            if req.logprobs:
-                raise ServeError(400, "invalid_request_error",
-                                 "logprobs are not supported on /v1/chat/completions; use /v1/completions")
             if chat is None:
                 raise ServeError(400, "invalid_request_error", chat_problem)
             try:
@@ -757,19 +808,26 @@ def create_app(settings: Settings, *, worker_factory=None):
             max_tokens = asked or max(1, min(settings.max_new_tokens, context_limit - len(ids)))
             admit(ids, max_tokens)
             metrics.inc("prompt_tokens_total", len(ids))
-            job, events = submit(ids, max_tokens, {"temperature": float(req.temperature), "top_p": float(req.top_p),
-                                                   "seed": req.seed, "stop_ids": tok.eos_ids}, deadline)
+            params = {"temperature": float(req.temperature), "top_p": float(req.top_p), "seed": req.seed,
+                      "stop_ids": tok.eos_ids}
+            if req.logprobs:
+                params["logprobs"] = int(req.top_logprobs or 0)
+            job, events = submit(ids, max_tokens, params, deadline)
         except ServeError as e:
             metrics.inc("completion_errors_total", kind=e.kind)
             return _error(e, {"Retry-After": "1"} if e.status in (429, 503) else None)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         text = TextStream(tok, stops_of(req))
+        lps = TokenLogprobs(tok, text) if req.logprobs else None
+
+        def chat_lp(final: bool = False):
+            return chat_logprobs(lps.take(final)) if lps is not None else None
 
         if not req.stream:
             parts = []
             try:
-                async for ev in generate(job, events, text, deadline, arrived):
+                async for ev in generate(job, events, text, deadline, arrived, lps):
                     if ev[0] == "text":
                         parts.append(ev[1])
                     else:
@@ -780,25 +838,25 @@ def create_app(settings: Settings, *, worker_factory=None):
             metrics.observe("completion_tokens", len(res.tokens), buckets=TOKEN_BUCKETS)
             return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                                              "logprobs": None, "finish_reason": reason}],
+                                              "logprobs": chat_lp(final=True), "finish_reason": reason}],
                                  "usage": usage(len(ids), len(res.tokens))})
 
-        def chunk(delta: dict, reason=None, extra=None) -> str:
+        def chunk(delta: dict, reason=None, extra=None, logprobs=None) -> str:
             doc = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                   "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
             doc.update(extra or {})
             return f"data: {json.dumps(doc)}\n\n"
 
         async def sse():
             yield chunk({"role": "assistant", "content": ""})
             try:
-                async for ev in generate(job, events, text, deadline, arrived):
+                async for ev in generate(job, events, text, deadline, arrived, lps):
                     if ev[0] == "text":
-                        yield chunk({"content": ev[1]})
+                        yield chunk({"content": ev[1]}, logprobs=chat_lp())
                     else:
                         _, reason, res = ev
                         metrics.observe("completion_tokens", len(res.tokens), buckets=TOKEN_BUCKETS)
-                        yield chunk({}, reason, {"usage": usage(len(ids), len(res.tokens))})
+                        yield chunk({}, reason, {"usage": usage(len(ids), len(res.tokens))}, logprobs=chat_lp(final=True))
             except ServeError as e:
                 yield sse_error(e)
             yield "data: [DONE]\n\n"

@@ -3,6 +3,7 @@
     svc = EngineService(factory, queue_size=16, metrics=m)   # factory() -> WorkerRuntime (compiles)
     job = svc.submit(prompt_ids, max_new, params, deadline, on_event)   # raises QueueFull at once
     ... on_event(("token", id)), then exactly one of on_event(("done", GenerateResult)) / on_event(("error", ServeError))
+    (with params["logprobs"], each token's on_event(("logprob", [logprob, top])) comes just before its ("token", id))
     job = svc.submit_score(prompt_ids, top_k, deadline, on_event)   # prompt log-probs: ("done", ScoreResult) | error
     svc.close()                                              # finishes the running and queued jobs, then stops
 
@@ -251,6 +252,8 @@ class EngineService:
                     if job.cancelled.is_set() and not signalled:
                         worker.cancel()
                         signalled = True
+                elif kind == "logprob":
+                    job.on_event(("logprob", payload))
                 else:
                     self._finish(job, ("done", payload))
                     return
