@@ -58,7 +58,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lowbit import BLOCK, LANES, UNROLL, _features, _is, _matrix, _vec_types, has_vbmi2, has_vnni
+from .lowbit import BLOCK, LANES, _features, _is, _matrix, _unrolled, _vec_types, has_vbmi2, has_vnni
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 BITS = 4
@@ -117,7 +117,6 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
         expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [v64b, v64b, m64]),
                                                 "llvm.x86.avx512.mask.expand.v64i8")
         ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
-        zero = ir.Constant(v16f, [0.0] * LANES)
         zi = ir.Constant(v16i, [0] * LANES)
         zb = ir.Constant(v64b, [0] * 64)
         ones = ir.Constant(v64b, [1] * 64)
@@ -125,7 +124,6 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
         splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
         dup = ir.Constant(ir.VectorType(i32, 64), [4 * (k // 8) + k % 8 for k in range(64)])
         ctrl = ir.Constant(v64b, [4 * (k % 8) for k in range(64)])
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
         off = cgutils.alloca_once_value(builder, boff)
         kin = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))      # block index within its group
         gi = cgutils.alloca_once_value(builder, goff)                       # flat group index
@@ -161,21 +159,7 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
             builder.store(builder.select(wrap, ir.Constant(i64, 0), k1), kin)
             builder.store(builder.add(g, builder.zext(wrap, i64)), gi)
 
-        groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
-        with cgutils.for_range(builder, groups) as loop:
-            base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
-            for u in range(UNROLL):
-                block(builder.add(base, ir.Constant(i64, u)), accs[u])
-        done = builder.mul(groups, ir.Constant(i64, UNROLL))
-        with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
-            block(builder.add(done, loop.index), accs[0])
-        total = builder.load(accs[0])
-        for a in accs[1:]:
-            total = builder.fadd(total, builder.load(a))
-        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
-        while len(lanes) > 1:
-            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
-        return lanes[0]
+        return _unrolled(builder, nblk, block)
 
     return sig, codegen
 
@@ -184,20 +168,27 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
 # (rowptr, masks, vals, gscale, gzero, group_size) from encode_int4_bitmask; q, corr, scale from quantize_act of x
 # (corr is not read: the codes are unsigned, so there is no +128 shift to take out; it is taken so that every
 # int8-activation kernel has the same (q, corr, scale, bias, out, acc) tail).
-@njit(**_OPTS)
-def int4_bitmask_gemv_vnni(rowptr, masks, vals, gscale, gzero, group_size, q, corr, scale, bias, out, acc):
+@njit(cache=True, nogil=True)
+def _int4_bitmask_shape(rowptr, masks, vals, gscale, gzero, group_size, q, scale):
+    """The checks both int4 + bitmask GEMVs make; returns (rows, 64-column blocks, blocks per group, groups)."""
     n = rowptr.shape[0] - 1
     nblk = masks.shape[0] // n if n else 0
     if scale.shape[0] != nblk or q.shape[0] < nblk * 64:
         raise ValueError("int4_bitmask_gemv: activation blocks do not match the weights' width")
-    bpg = group_size // 64
     if group_size <= 0 or group_size % 64 != 0:
         raise ValueError("int4_bitmask_gemv: group_size must be a positive multiple of 64")
+    bpg = group_size // 64
     ng = gscale.shape[1]
     if ng != (nblk + bpg - 1) // bpg or gzero.shape[0] != n or gzero.shape[1] != ng or gscale.shape[0] != n:
         raise ValueError("int4_bitmask_gemv: scales / zeros do not match the groups of the weights")
     if n and vals.shape[0] < rowptr[n] + 64:
         raise ValueError("int4_bitmask_gemv: vals lacks its 64 bytes of padding (use encode_int4_bitmask)")
+    return n, nblk, bpg, ng
+
+
+@njit(**_OPTS)
+def int4_bitmask_gemv_vnni(rowptr, masks, vals, gscale, gzero, group_size, q, corr, scale, bias, out, acc):
+    n, nblk, bpg, ng = _int4_bitmask_shape(rowptr, masks, vals, gscale, gzero, group_size, q, scale)
     has_bias = bias.shape[0] == n
     for r in prange(n):
         s = vnni_int4_bitmask_dot(vals, masks, rowptr[r], r * nblk, gscale, gzero, r * ng, bpg, q, scale, nblk)
@@ -211,18 +202,7 @@ def int4_bitmask_gemv_vnni(rowptr, masks, vals, gscale, gzero, group_size, q, co
 
 @njit(**_OPTS)
 def int4_bitmask_gemv_portable(rowptr, masks, vals, gscale, gzero, group_size, q, corr, scale, bias, out, acc):
-    n = rowptr.shape[0] - 1
-    nblk = masks.shape[0] // n if n else 0
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64:
-        raise ValueError("int4_bitmask_gemv: activation blocks do not match the weights' width")
-    bpg = group_size // 64
-    if group_size <= 0 or group_size % 64 != 0:
-        raise ValueError("int4_bitmask_gemv: group_size must be a positive multiple of 64")
-    ng = gscale.shape[1]
-    if ng != (nblk + bpg - 1) // bpg or gzero.shape[0] != n or gzero.shape[1] != ng or gscale.shape[0] != n:
-        raise ValueError("int4_bitmask_gemv: scales / zeros do not match the groups of the weights")
-    if n and vals.shape[0] < rowptr[n] + 64:
-        raise ValueError("int4_bitmask_gemv: vals lacks its 64 bytes of padding (use encode_int4_bitmask)")
+    n, nblk, bpg, ng = _int4_bitmask_shape(rowptr, masks, vals, gscale, gzero, group_size, q, scale)
     has_bias = bias.shape[0] == n
     one = np.uint64(1)
     for r in prange(n):

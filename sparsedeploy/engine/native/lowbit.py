@@ -172,29 +172,11 @@ def _vec_types():
     return i8, i32, i64, f32, ir.VectorType(i32, LANES), ir.VectorType(f32, LANES), ir.VectorType(i8, 64)
 
 
-def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights):
-    """The shared loop: for each block b < nblk, int32 lanes = vpdpbusd(corr_b, weights(b), q_b), then
-    float lanes += float(lanes) * scale[b]; UNROLL accumulators; returns their fixed-order horizontal sum.
-    weights(b) emits the block's 64 weight bytes as <16 x i32>."""
+def _unrolled(builder, nblk, block):
+    """block(b, acc) for every b < nblk over UNROLL <16 x float> accumulators (b % UNROLL in the main loop,
+    the first in the remainder); returns the accumulators' sum, reduced across lanes in a fixed order."""
     i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
-    mod = builder.module
-    dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
-    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
-    zero = ir.Constant(v16f, [0.0] * LANES)
-    splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
-    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
-
-    def block(b, acc):
-        c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.mul(b, ir.Constant(i64, LANES))]),
-                                         v16i.as_pointer()), align=4)
-        qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
-                                          v16i.as_pointer()), align=1)
-        dot = builder.call(dpbusd, [c, weights(b), qv])
-        s = builder.load(builder.gep(sa.data, [b]))
-        sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
-                                    ir.Constant(v16f, ir.Undefined), splat0)
-        builder.store(builder.call(fma, [builder.sitofp(dot, v16f), sv, builder.load(acc)]), acc)
-
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * LANES)) for _ in range(UNROLL)]
     groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
     with cgutils.for_range(builder, groups) as loop:
         base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
@@ -210,6 +192,37 @@ def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights):
     while len(lanes) > 1:
         lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
     return lanes[0]
+
+
+def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights, corr=None, weight_scale=None):
+    """The shared loop: for each block b < nblk, int32 lanes = vpdpbusd(corr_b, weights(b), q_b), then
+    float lanes += float(lanes) [* weight_scale(b)] * scale[b]; UNROLL accumulators; returns their fixed-order
+    horizontal sum. weights(b) emits the block's 64 weight bytes as <16 x i32>; corr(c), when given, rewrites
+    the loaded correction lanes (q4: -8·Σq instead of -128·Σq); weight_scale(b), when given, is a <16 x float>
+    factor per lane (q4's per-half fp16 scales)."""
+    i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+    mod = builder.module
+    dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+    splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+
+    def block(b, acc):
+        w = weights(b)
+        c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.mul(b, ir.Constant(i64, LANES))]),
+                                         v16i.as_pointer()), align=4)
+        if corr is not None:
+            c = corr(c)
+        qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
+                                          v16i.as_pointer()), align=1)
+        dot = builder.sitofp(builder.call(dpbusd, [c, w, qv]), v16f)
+        if weight_scale is not None:
+            dot = builder.fmul(dot, weight_scale(b))
+        s = builder.load(builder.gep(sa.data, [b]))
+        sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
+                                    ir.Constant(v16f, ir.Undefined), splat0)
+        builder.store(builder.call(fma, [dot, sv, builder.load(acc)]), acc)
+
+    return _unrolled(builder, nblk, block)
 
 
 def _is(a, dtype, ndim=None):
@@ -298,51 +311,25 @@ def vnni_q4_dot(typingctx, w4, woff, ws, soff, q, corr, scale, nblk):
         qa = context.make_array(signature.args[4])(context, builder, args[4])
         ca = context.make_array(signature.args[5])(context, builder, args[5])
         sa = context.make_array(signature.args[6])(context, builder, args[6])
-        woff, soff, nblk = args[1], args[3], args[7]
-        mod = builder.module
-        dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
-        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
-        zero = ir.Constant(v16f, [0.0] * LANES)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+        woff, soff = args[1], args[3]
         low = ir.Constant(v32b, [15] * 32)
         four8 = ir.Constant(v32b, [4] * 32)
         four32 = ir.Constant(v16i, [4] * LANES)
         cat = ir.Constant(ir.VectorType(i32, 64), list(range(64)))
         halves = ir.Constant(ir.VectorType(i32, LANES), [0] * 8 + [1] * 8)
-        splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
 
-        def block(b, acc):
+        def weights(b):
             p = builder.gep(wa.data, [builder.add(woff, builder.mul(b, ir.Constant(i64, 32)))])
             raw = builder.load(builder.bitcast(p, v32b.as_pointer()), align=1)
-            w64 = builder.shuffle_vector(builder.and_(raw, low), builder.lshr(raw, four8), cat)
-            c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.mul(b, ir.Constant(i64, LANES))]),
-                                             v16i.as_pointer()), align=4)
-            qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
-                                              v16i.as_pointer()), align=1)
-            dot = builder.call(dpbusd, [builder.ashr(c, four32), builder.bitcast(w64, v16i), qv])
+            return builder.bitcast(builder.shuffle_vector(builder.and_(raw, low), builder.lshr(raw, four8), cat), v16i)
+
+        def weight_scale(b):
             hp = builder.gep(wsa.data, [builder.add(soff, builder.mul(b, ir.Constant(i64, 2)))])
             wsv = builder.fpext(builder.load(builder.bitcast(hp, h2.as_pointer()), align=2), f2)
-            wsv = builder.shuffle_vector(wsv, ir.Constant(f2, ir.Undefined), halves)
-            s = builder.load(builder.gep(sa.data, [b]))
-            sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
-                                        ir.Constant(v16f, ir.Undefined), splat0)
-            builder.store(builder.call(fma, [builder.fmul(builder.sitofp(dot, v16f), wsv), sv, builder.load(acc)]), acc)
+            return builder.shuffle_vector(wsv, ir.Constant(f2, ir.Undefined), halves)
 
-        groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
-        with cgutils.for_range(builder, groups) as loop:
-            base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
-            for u in range(UNROLL):
-                block(builder.add(base, ir.Constant(i64, u)), accs[u])
-        done = builder.mul(groups, ir.Constant(i64, UNROLL))
-        with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
-            block(builder.add(done, loop.index), accs[0])
-        total = builder.load(accs[0])
-        for a in accs[1:]:
-            total = builder.fadd(total, builder.load(a))
-        lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
-        while len(lanes) > 1:
-            lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
-        return lanes[0]
+        return _vnni_blocks(context, builder, args[7], qa, ca, sa, weights,
+                            corr=lambda c: builder.ashr(c, four32), weight_scale=weight_scale)
 
     return sig, codegen
 
