@@ -58,7 +58,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lowbit import BLOCK, LANES, _features, _is, _matrix, _unrolled, _vec_types, has_vbmi2, has_vnni
+from .lowbit import BLOCK, LANES, _features, _is, _matrix, _put, _unrolled, _vec_types, has_vbmi2, has_vnni
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 BITS = 4
@@ -192,12 +192,7 @@ def int4_bitmask_gemv_vnni(rowptr, masks, vals, gscale, gzero, group_size, q, co
     has_bias = bias.shape[0] == n
     for r in prange(n):
         s = vnni_int4_bitmask_dot(vals, masks, rowptr[r], r * nblk, gscale, gzero, r * ng, bpg, q, scale, nblk)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -226,12 +221,7 @@ def int4_bitmask_gemv_portable(rowptr, masks, vals, gscale, gzero, group_size, q
             off += (k + 1) >> 1
             e = np.float32(dot) - gzero[r, g] * np.float32(msum)
             s += e * (scale[b] * gscale[r, g])
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 int4_bitmask_gemv = int4_bitmask_gemv_vnni if _PATHS["int4_bitmask"] != "portable" else int4_bitmask_gemv_portable

@@ -166,6 +166,17 @@ def quantize_act(x, q, corr, scale):
     return nblk
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _put(out, r, s, bias, has_bias, acc):
+    """out[r] = (or +=) s + bias[r]: every GEMV's output convention (kernels.py)."""
+    if has_bias:
+        s += bias[r]
+    if acc:
+        out[r] += s
+    else:
+        out[r] = s
+
+
 # ----------------------------------------------------------------------------- intrinsics
 def _vec_types():
     i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -422,12 +433,7 @@ def int8_gemv_vnni(wq, wscale, q, corr, scale, bias, out, acc):
     has_bias = bias.shape[0] == n
     for r in prange(n):
         s = wscale[r] * vnni_dense_dot(wq, r * stride, q, corr, scale, nblk)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -445,12 +451,7 @@ def int8_gemv_portable(wq, wscale, q, corr, scale, bias, out, acc):
                 t += (np.int32(wq[r, j]) - np.int32(128)) * np.int32(q[j])
             s += np.float32(t) * scale[b]
         s *= wscale[r]
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 # ----------------------------------------------------------------------------- int8 + bitmask
@@ -463,12 +464,7 @@ def int8_bitmask_gemv_vnni(rowptr, masks, vals, wscale, q, corr, scale, bias, ou
     has_bias = bias.shape[0] == n
     for r in prange(n):
         s = wscale[r] * vnni_bitmask_dot(vals, masks, rowptr[r], r * nblk, q, corr, scale, nblk)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -491,12 +487,7 @@ def int8_bitmask_gemv_portable(rowptr, masks, vals, wscale, q, corr, scale, bias
                     off += 1
             s += np.float32(t) * scale[b]
         s *= wscale[r]
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 # ----------------------------------------------------------------------------- int8 ELL / CSR, fp32 activations
@@ -509,12 +500,7 @@ def int8_ell_gemv_portable(cols, vals, wscale, x, bias, out, acc):
         for j in range(np.uint64(k)):
             s += np.float32(vals[r, j]) * x[np.uint64(cols[r, j])]
         s *= wscale[r]
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -528,12 +514,7 @@ def int8_csr_gemv_portable(rowptr, cols, vals, wscale, x, bias, out, acc):
         for j in range(lo, hi):
             s += np.float32(vals[j]) * x[np.uint64(cols[j])]
         s *= wscale[r]
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 # ----------------------------------------------------------------------------- dense 4-bit reference (Q4_0-like)
@@ -549,12 +530,7 @@ def q4_gemv_vnni(w4, ws, q, corr, scale, bias, out, acc):
     has_bias = bias.shape[0] == n
     for r in prange(n):
         s = vnni_q4_dot(w4, r * stride, ws, r * 2 * nblk, q, corr, scale, nblk)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -589,12 +565,7 @@ def q4_gemv_portable(w4, ws, q, corr, scale, bias, out, acc):
                 lo += ((byte & 15) - 8) * np.int32(q[64 * b + k])
                 hi += ((byte >> 4) - 8) * np.int32(q[64 * b + 32 + k])
             s += scale[b] * (np.float32(lo) * _half(ws[r, 2 * b]) + np.float32(hi) * _half(ws[r, 2 * b + 1]))
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 q4_gemv = q4_gemv_vnni if _PATHS["q4"] != "portable" else q4_gemv_portable
@@ -606,12 +577,7 @@ def int8_ell_gemv_avx512(cols, vals, wscale, x, bias, out, acc):
     has_bias = bias.shape[0] == n
     for r in prange(n):
         s = wscale[r] * gather_i8_dot(cols, vals, r * k, k, x)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -620,12 +586,7 @@ def int8_csr_gemv_avx512(rowptr, cols, vals, wscale, x, bias, out, acc):
     has_bias = bias.shape[0] == n
     for r in prange(n):
         s = wscale[r] * gather_i8_dot(cols, vals, rowptr[r], rowptr[r + 1] - rowptr[r], x)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 # ----------------------------------------------------------------------------- int8 + byte indices in 64-column blocks (int8_perm)
@@ -736,12 +697,7 @@ def int8_perm_gemv_vnni(vecptr, base, packed, window, wscale, q, corr, scale, bi
         raise ValueError("int8_perm_gemv: the window's block pairs reach past the activation blocks")
     for r in prange(n):
         s = wscale[r] * vnni_window_dot(packed, base, vecptr[r], vecptr[r + 1] - vecptr[r], wn, q, scale)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -761,12 +717,7 @@ def int8_perm_gemv_portable(vecptr, base, packed, window, wscale, q, corr, scale
                     t += (np.int32(packed[v, 64 + b]) - np.int32(128)) * np.int32(q[64 * blk + (np.int64(packed[v, b]) & 63)])
                 s += np.float32(t) * scale[blk]
         s *= wscale[r]
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 int8_gemv = int8_gemv_vnni if _PATHS["int8"] != "portable" else int8_gemv_portable
