@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from sparsedeploy.engine.cpuinfo import cpu_tag  # noqa: E402
 
-from lowbit_gemv import lscpu_model, machine_state, pruned, time_cell  # noqa: E402
+from lowbit_gemv import asm_in_fresh_process, idle_text, lscpu_model, machine_state, pruned, time_cell  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
@@ -109,11 +106,7 @@ def asm_worker():
 
 
 def run_asm_check():
-    env = dict(os.environ, NUMBA_CACHE_DIR=tempfile.mkdtemp(prefix="numba-int4-asm-"))
-    p = subprocess.run([sys.executable, __file__, "--asm-worker"], capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return asm_in_fresh_process(__file__, "int4")
 
 
 def main():
@@ -200,10 +193,7 @@ def report(res) -> str:
     rows = res["rows"]
     bw = res["bandwidth"]
     mb, ma = res["machine_before"], res["machine_after"]
-
-    def idle(m):
-        return ("idle" if not m["busy_processes"] else "busy: " + "; ".join(m["busy_processes"])) + \
-               f" (load average {m['load_average']})"
+    idle = idle_text
 
     L = ["# int4 + bitmask (GPTQ grid) against int8 + bitmask and dense Q4_0-like (issue 13)", "",
          f"CPU: **{res['cpu']}** ({res['cpu_tag']}, lscpu), {res['threads']} threads; kernel paths: "

@@ -152,12 +152,25 @@ def asm_worker():
     print(json.dumps(res))
 
 
-def run_asm_check():
-    env = dict(os.environ, NUMBA_CACHE_DIR=tempfile.mkdtemp(prefix="numba-lowbit-asm-"))
-    p = subprocess.run([sys.executable, __file__, "--asm-worker"], capture_output=True, text=True, env=env)
+def asm_in_fresh_process(script: str, tag: str) -> dict:
+    """Run `script --asm-worker` with an empty numba cache (so the kernels compile and their assembly can be
+    read) and return the JSON it prints last, or {"error": its last stderr line}."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=tempfile.mkdtemp(prefix=f"numba-{tag}-asm-"))
+    p = subprocess.run([sys.executable, script, "--asm-worker"], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run_asm_check():
+    return asm_in_fresh_process(__file__, "lowbit")
+
+
+def idle_text(m: dict) -> str:
+    """machine_state() in a report line: idle, or the busy processes, and the load average."""
+    quiet = f"; quiet file {'present' if m['quiet_file'] else 'absent'}" if "quiet_file" in m else ""
+    return ("idle" if not m["busy_processes"] else "busy: " + "; ".join(m["busy_processes"])) + \
+        f" (load average {m['load_average']}{quiet})"
 
 
 def machine_state() -> dict:
@@ -279,10 +292,7 @@ def report(res) -> str:
     rows = res["rows"]
     bw = res["bandwidth"]
     mb, ma = res["machine_before"], res["machine_after"]
-
-    def idle(m):
-        return ("idle" if not m["busy_processes"] else "busy: " + "; ".join(m["busy_processes"])) + \
-               f" (load average {m['load_average']}; quiet file {'present' if m['quiet_file'] else 'absent'})"
+    idle = idle_text
 
     L = ["# int8 low-bit GEMV kernels (issue 13, first steps)", "",
          f"CPU: **{res['cpu']}** (lscpu), {res['threads']} threads; kernel paths on this CPU: "

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 
 from sparsedeploy.engine.cpuinfo import cpu_tag  # noqa: E402
-from lowbit_gemv import lscpu_model, machine_state, pruned  # noqa: E402
+from lowbit_gemv import asm_in_fresh_process, idle_text, lscpu_model, machine_state, pruned  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
@@ -87,11 +84,7 @@ def asm_worker():
 
 
 def run_asm():
-    env = dict(os.environ, NUMBA_CACHE_DIR=tempfile.mkdtemp(prefix="numba-sparse90-asm-"))
-    p = subprocess.run([sys.executable, __file__, "--asm-worker"], capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return asm_in_fresh_process(__file__, "sparse90")
 
 
 def main():
@@ -184,9 +177,7 @@ def main():
 
 
 def report(res) -> str:
-    def state(m):
-        return ("idle" if not m["busy_processes"] else "busy: " + "; ".join(m["busy_processes"])) + \
-               f" (load average {m['load_average']})"
+    state = idle_text
 
     L = ["# int8_perm against int8 + bitmask and dense Q4_0-like (issue 13, very sparse groups)", "",
          f"CPU: **{res['cpu']}** ({res['cpu_tag']}), {res['threads']} threads; kernel paths: "
