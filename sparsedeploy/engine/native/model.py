@@ -23,6 +23,9 @@ from ...arch import native_arch, rope_theta
 from .pack import INDEX, SHARED, WEIGHTS, read_index
 
 _EMPTY = np.zeros(0, dtype=np.float32)
+# a batched step of up to this many rows runs a bitmask group on its own format (simd.bitmask_gemm_rows: 4.125
+# bytes per kept weight, one expand per 16 columns for all rows); more rows (prompt chunks) walk its CSR twin
+BITMASK_ROWS = 8
 # how many of a Linear's (a, b, c, d, e, gs) its format's kernels take, in that order
 _NARGS = {"dense": 1, "ell": 2, "csr": 3, "bitmask": 3, "int8": 2, "int8_ell": 3, "int8_csr": 4, "int8_bitmask": 4,
           "int8_perm": 5, "q4": 2, "int4_bitmask": 6}
@@ -144,6 +147,9 @@ class Linear:
             return
         if R == 1 or f not in ("csr", "ell", "bitmask"):
             self.mat(X, Y, acc)
+            return
+        if f == "bitmask" and R <= BITMASK_ROWS:
+            K.bitmask_gemm_rows(self.a, self.b, self.c, np.ascontiguousarray(X), self.bias, Y, acc)
             return
         Xt = _xt_buffer(self.cols_in, R)
         Xt[:, :R] = X.T
@@ -411,14 +417,13 @@ class NativeModel:
         self.embed_tokens(ids, positions, x)
         prof is not None and tick("embed")
         silu = self.arch.act == "silu_mul"
-        scratch = st.scratch
         for i, lay in enumerate(self.layers):
             self._norm(x, lay["attn_norm"], h)
             prof is not None and tick("norms")
             lay["qkv"].mat_rows(h, qkv, False)
             prof is not None and tick("qkv")
             K.attention_rows(qkv, self.H, self.Hkv, self.D, slots, positions, self.cos, self.sin, self.arch.rope,
-                             self.scale, st.k[i], st.v[i], attn, scratch)
+                             self.scale, st.k[i], st.v[i], attn, st.qbuf, st.scores, st.obuf)
             prof is not None and tick("attention")
             lay["o"].mat_rows(attn, x, True)
             prof is not None and tick("o")
@@ -471,9 +476,12 @@ class BatchState:
         self.xs, self.hs = np.zeros((R, m.hidden), np.float32), np.zeros((R, m.hidden), np.float32)
         self.qkv, self.attn = np.zeros((R, qkv_rows), np.float32), np.zeros((R, m.H * m.D), np.float32)
         self.up, self.act = np.zeros((R, up_rows), np.float32), np.zeros((R, m.inter), np.float32)
-        self.scratch = np.zeros((m.H * R, 2 * m.D + self.S), np.float32)
+        nq = R * (m.H // max(m.Hkv, 1))                  # attention_rows' queries per kv head
+        self.qbuf, self.obuf = np.zeros((m.Hkv, nq, m.D), np.float32), np.zeros((m.Hkv, nq, m.D), np.float32)
+        self.scores = np.zeros((m.Hkv, nq, self.S), np.float32)
         self.logits = np.zeros((R, m.vocab), np.float32)
 
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.k + self.v) + sum(
-            int(getattr(self, n).nbytes) for n in ("x", "h", "xs", "hs", "qkv", "attn", "up", "act", "scratch", "logits"))
+            int(getattr(self, n).nbytes) for n in ("x", "h", "xs", "hs", "qkv", "attn", "up", "act", "qbuf", "scores",
+                                                    "obuf", "logits"))
