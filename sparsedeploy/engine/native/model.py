@@ -155,8 +155,10 @@ class Linear:
 
     def mat_rows(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [R, in] -> Y [R, rows] for a batched step's rows (NativeModel.forward_rows): fp32 sparse groups
-        run the row-tiled products (simd_rows: each stored weight loaded once for 8 rows at a time), dense ones
-        simd_rows.dense_gemm_rows, the low-bit ones lowbit_batch (through `mat`); one row `vec`."""
+        run the row-tiled products (up to BITMASK_ROWS rows of a bitmask group: simd.bitmask_gemm_rows on the
+        format itself; up to 8 rows: simd_rows' 8-row tiles; more: mat_panels, or the 64-row tiles for groups
+        wider than PANEL_IN_MAX), dense ones simd_rows.dense_gemm_rows, the low-bit ones lowbit_batch (through
+        `mat`); one row `vec`."""
         R = X.shape[0]
         f = self.fmt
         if f == "dense" and R > 1:

@@ -16,6 +16,11 @@ instructions where the CPU has AVX-512F (Intel Xeon since Skylake-SP, AMD Zen 4)
 sequence elsewhere, so the kernel runs on every x86-64 CPU; `has_avx512()` says which one this CPU gets
 (benchmarks/native_asm_check.py checks the emitted instructions). The horizontal sum at the end is a
 fixed-order tree, so results do not depend on the thread count.
+
+`bitmask_gemm_rows` is the same format for a batched step of a few rows (model.BITMASK_ROWS): per block one
+expand, then one masked load and FMA per row, one accumulator per row, and the rows' horizontal sums as one
+transposed tree (simd_rows.lane_sums); its float sums are ordered differently from bitmask_gemv's, so rows
+agree with single-row calls to rounding.
 """
 from __future__ import annotations
 

@@ -8,6 +8,13 @@ loads and FMAs: measured as slow per row as the batch-1 gather loop). Four accum
 of dependent FMAs would bound the loop), summed in a fixed order at the end. A weight's index and value bytes
 are thus read once per 8 rows instead of once per row, which is where a batched decode step saves over B
 batch-1 steps on the sparse formats. Same output conventions as kernels.py (bias, acc).
+
+Prompt chunks of groups at most model.PANEL_IN_MAX wide run `csr_gemm_panels` instead: the input columns in
+panels of 128 (a panel of X transposed, 128 x 64 rows, is 32 KiB: an L1 data cache), each thread walking its
+weight rows panel by panel (`panel_pointers`: where each row's weights of each panel start). `dense_dot_rows*`
+(a dense row against up to 8 rows, one transposed lane tree `lane_sums` for the 8 sums) scores cached keys in
+kernels.attention_rows. (Every @intrinsic a kernel here inlines stays in this file: numba's on-disk cache of a
+kernel is stamped by its own source file only.)
 """
 from __future__ import annotations
 
