@@ -10,7 +10,7 @@ reorder the float sums of each build its own way).
 
 Token tiles (VNNI builds of int8 and int8_bitmask): a weight row's block is loaded (or expanded) once and
 multiplied into 8 (int8) or 4 (int8_bitmask) tokens' blocks in turn, and the tile's horizontal sums are one
-transposed tree (`_lane_sums`: adjacent lanes of two tokens' vectors summed by one even/odd shuffle pair, so a
+transposed tree (simd_rows.lane_sums: adjacent lanes of two tokens' vectors summed by one even/odd shuffle pair, so a
 16-lane reduction costs about 3 vector operations per token instead of 31 scalar ones). Per token the blocks
 go to the gemv's 4 float accumulators (the dense int8 tile fills one accumulator at a time, so that 8 tokens
 need 16 vector registers, not 32). Where a step's time goes: benchmarks/batch_step.py ('head').
@@ -25,6 +25,7 @@ from numba.extending import intrinsic
 
 from .lowbit import (BLOCK, LANES, UNROLL, _PATHS, _half, _is, _vec_types, quantize_act,  # noqa: F401
                      vnni_bitmask_dot, vnni_dense_dot, vnni_q4_dot)
+from .simd_rows import lane_sums
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
@@ -38,26 +39,6 @@ def _store(Y, l, r, s, bias, has_bias, acc):
         Y[l, r] += s
     else:
         Y[l, r] = s
-
-
-def _lane_sums(builder, vecs: list) -> list:
-    """The horizontal sums of len(vecs) (a power of two, <= 16) <16 x float> vectors, each by the gemv's
-    pairwise tree (lanes (0+1), (2+3), ... then pairs of those), two vectors at a time: the even lanes of x || y
-    plus their odd lanes hold x's and y's next level side by side; when one vector is left, itself."""
-    i32 = ir.IntType(32)
-    V = list(vecs)
-    while len(V) > 1:
-        ev = ir.Constant(ir.VectorType(i32, LANES), list(range(0, 2 * LANES, 2)))
-        od = ir.Constant(ir.VectorType(i32, LANES), list(range(1, 2 * LANES, 2)))
-        V = [builder.fadd(builder.shuffle_vector(V[i], V[i + 1], ev), builder.shuffle_vector(V[i], V[i + 1], od))
-             for i in range(0, len(V), 2)]
-    v, n = V[0], LANES
-    while n > len(vecs):
-        ev = ir.Constant(ir.VectorType(i32, n // 2), list(range(0, n, 2)))
-        od = ir.Constant(ir.VectorType(i32, n // 2), list(range(1, n, 2)))
-        v = builder.fadd(builder.shuffle_vector(v, v, ev), builder.shuffle_vector(v, v, od))
-        n //= 2
-    return [builder.extract_element(v, ir.Constant(i32, t)) for t in range(len(vecs))]
 
 
 def _vnni_rows(context, builder, nblk, l0, qa, ca, sa, T, weights, one_chain_at_a_time):
@@ -123,7 +104,7 @@ def _vnni_rows(context, builder, nblk, l0, qa, ca, sa, T, weights, one_chain_at_
             for u in range(1, UNROLL):
                 total = builder.fadd(total, builder.load(accs[u][t]))
             sums.append(total)
-    return _lane_sums(builder, sums)
+    return lane_sums(builder, sums)
 
 
 def _rows_typed(q, corr, scale) -> bool:
