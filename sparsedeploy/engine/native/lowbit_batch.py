@@ -2,17 +2,30 @@
 reading each weight row once for all L rows of a batched step.
 
 Each row of X is quantised exactly as `lowbit.quantize_act` quantises a single token (per 64 columns), and
-each (weight row, token) product is the same dot the gemv kernels compute (the same VNNI intrinsic, or the same
-portable loop), so a batched step gives bit for bit the values of L single-token calls; only the loop order
-changes: weight rows outside (in parallel), tokens inside, so a row's bytes stay in L1 while the L tokens use it.
+each (weight row, token) product is the same dot the gemv kernels compute (the same integer VNNI blocks and
+scales, or the same portable loop); only the loop order changes: weight rows outside (in parallel), tokens
+inside, so a row's bytes stay in L1 while the L tokens use it. The portable build gives bit for bit the values
+of L single-token calls; the VNNI token tiles (below) give them to float rounding (numba's fastmath lets LLVM
+reorder the float sums of each build its own way).
+
+Token tiles (VNNI builds of int8 and int8_bitmask): a weight row's block is loaded (or expanded) once and
+multiplied into 8 (int8) or 4 (int8_bitmask) tokens' blocks in turn, and the tile's horizontal sums are one
+transposed tree (simd_rows.lane_sums: adjacent lanes of two tokens' vectors summed by one even/odd shuffle pair, so a
+16-lane reduction costs about 3 vector operations per token instead of 31 scalar ones). Per token the blocks
+go to the gemv's 4 float accumulators (the dense int8 tile fills one accumulator at a time, so that 8 tokens
+need 16 vector registers, not 32). Where a step's time goes: benchmarks/batch_step.py ('head').
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from .lowbit import (BLOCK, LANES, _PATHS, _half, quantize_act, vnni_bitmask_dot, vnni_dense_dot,  # noqa: F401
-                     vnni_q4_dot)
+from .lowbit import (BLOCK, LANES, UNROLL, _PATHS, _half, _is, _vec_types, quantize_act,  # noqa: F401
+                     vnni_bitmask_dot, vnni_dense_dot, vnni_q4_dot)
+from .simd_rows import lane_sums
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
@@ -26,6 +39,154 @@ def _store(Y, l, r, s, bias, has_bias, acc):
         Y[l, r] += s
     else:
         Y[l, r] = s
+
+
+def _vnni_rows(context, builder, nblk, l0, qa, ca, sa, T, weights, one_chain_at_a_time):
+    """_vnni_blocks (lowbit.py) for the T tokens l0 .. l0 + T - 1 of Q/C/S [L, ...] (C-contiguous) at once,
+    each token with the gemv's accumulators and order; returns the T sums. weights(b) emits block b's 64
+    weight bytes (once per block, used by all T tokens). one_chain_at_a_time: accumulator u = 0..3 is
+    completed over its blocks before u + 1 starts (T + T live vectors instead of 4 T), which needs weights(b)
+    callable in any block order."""
+    i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+    mod = builder.module
+    dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
+    zero = ir.Constant(v16f, [0.0] * LANES)
+    splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+    rows = [builder.add(l0, ir.Constant(i64, t)) for t in range(T)]
+    qs, cs, ss = (cgutils.unpack_tuple(builder, a.shape, 2)[1] for a in (qa, ca, sa))
+
+    def block(b, wv, t, acc):
+        c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.add(builder.mul(rows[t], cs),
+                                                                            builder.mul(b, ir.Constant(i64, LANES)))]),
+                                         v16i.as_pointer()), align=4)
+        qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.add(builder.mul(rows[t], qs),
+                                                                             builder.mul(b, ir.Constant(i64, BLOCK)))]),
+                                          v16i.as_pointer()), align=1)
+        dot = builder.call(dpbusd, [c, wv, qv])
+        s = builder.load(builder.gep(sa.data, [builder.add(builder.mul(rows[t], ss), b)]))
+        sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
+                                    ir.Constant(v16f, ir.Undefined), splat0)
+        builder.store(builder.call(fma, [builder.sitofp(dot, v16f), sv, builder.load(acc)]), acc)
+
+    def blocks(b, accs_t):
+        wv = weights(b)
+        for t in range(T):
+            block(b, wv, t, accs_t[t])
+
+    groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
+    done = builder.mul(groups, ir.Constant(i64, UNROLL))
+    if one_chain_at_a_time:
+        totals = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
+        for u in range(UNROLL):
+            for a in accs:
+                builder.store(zero, a)
+            with cgutils.for_range(builder, groups) as loop:
+                blocks(builder.add(builder.mul(loop.index, ir.Constant(i64, UNROLL)), ir.Constant(i64, u)), accs)
+            if u == 0:
+                with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+                    blocks(builder.add(done, loop.index), accs)
+            for tot, a in zip(totals, accs):
+                builder.store(builder.load(a) if u == 0 else builder.fadd(builder.load(tot), builder.load(a)), tot)
+        sums = [builder.load(tot) for tot in totals]
+    else:
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(T)] for _ in range(UNROLL)]
+        with cgutils.for_range(builder, groups) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
+            for u in range(UNROLL):
+                blocks(builder.add(base, ir.Constant(i64, u)), accs[u])
+        with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+            blocks(builder.add(done, loop.index), accs[0])
+        sums = []
+        for t in range(T):
+            total = builder.load(accs[0][t])
+            for u in range(1, UNROLL):
+                total = builder.fadd(total, builder.load(accs[u][t]))
+            sums.append(total)
+    return lane_sums(builder, sums)
+
+
+def _rows_typed(q, corr, scale) -> bool:
+    return (_is(q, types.int8, 2) and _is(corr, types.int32, 2) and _is(scale, types.float32, 2)
+            and q.layout == corr.layout == scale.layout == "C")
+
+
+def _dense_rows(T: int):
+    def typer(typingctx, wq, woff, q, corr, scale, nblk, l0):
+        """(vnni_dense_dot(wq, woff, q[l], corr[l], scale[l], nblk) for l in l0 .. l0 + T - 1), the weight row's
+        blocks loaded once for the T tokens."""
+        if not (_is(wq, types.uint8) and _rows_typed(q, corr, scale)):
+            return None
+        sig = types.UniTuple(types.float32, T)(wq, types.int64, q, corr, scale, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+            wa = context.make_array(signature.args[0])(context, builder, args[0])
+            qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (2, 3, 4))
+            woff = args[1]
+
+            def weights(b):
+                p = builder.gep(wa.data, [builder.add(woff, builder.mul(b, ir.Constant(i64, BLOCK)))])
+                return builder.load(builder.bitcast(p, v16i.as_pointer()), align=1)
+
+            lanes = _vnni_rows(context, builder, args[5], args[6], qa, ca, sa, T, weights, T > 4)
+            return context.make_tuple(builder, signature.return_type, lanes)
+
+        return sig, codegen
+
+    typer.__name__ = f"vnni_dense_rows{T}"
+    return intrinsic(typer)
+
+
+def _bitmask_rows(T: int):
+    def typer(typingctx, vals, masks, voff, mstart, q, corr, scale, nblk, l0):
+        """(vnni_bitmask_dot(vals, masks, voff, mstart, q[l], corr[l], scale[l], nblk) for l in l0 .. l0 + T - 1),
+        each block expanded once for the T tokens (T <= 4: the blocks are walked in order)."""
+        if not (_is(vals, types.uint8, 1) and _is(masks, types.uint64, 1) and _rows_typed(q, corr, scale)):
+            return None
+        sig = types.UniTuple(types.float32, T)(vals, masks, types.int64, types.int64, q, corr, scale, types.int64,
+                                               types.int64)
+
+        def codegen(context, builder, signature, args):
+            i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+            m64 = ir.VectorType(ir.IntType(1), 64)
+            va = context.make_array(signature.args[0])(context, builder, args[0])
+            ma = context.make_array(signature.args[1])(context, builder, args[1])
+            qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (4, 5, 6))
+            mstart = args[3]
+            mod = builder.module
+            expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [va.data.type, m64, v64b]),
+                                                    "llvm.masked.expandload.v64i8")
+            ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+            absent = ir.Constant(v64b, [-128] * 64)
+            off = cgutils.alloca_once_value(builder, args[2])
+
+            def weights(b):
+                mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
+                o = builder.load(off)
+                v = builder.call(expand, [builder.gep(va.data, [o]), builder.bitcast(mk, m64), absent])
+                builder.store(builder.add(o, builder.call(ctpop, [mk])), off)
+                return builder.bitcast(v, v16i)
+
+            lanes = _vnni_rows(context, builder, args[7], args[8], qa, ca, sa, T, weights, False)
+            return context.make_tuple(builder, signature.return_type, lanes)
+
+        return sig, codegen
+
+    typer.__name__ = f"vnni_bitmask_rows{T}"
+    return intrinsic(typer)
+
+
+vnni_dense_rows8, vnni_dense_rows4, vnni_dense_rows2 = _dense_rows(8), _dense_rows(4), _dense_rows(2)
+vnni_bitmask_rows4, vnni_bitmask_rows2 = _bitmask_rows(4), _bitmask_rows(2)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _store_tile(Y, l, r, s, w, bias, has_bias, acc):
+    """Y[l + i, r] = w * s[i] (+ bias[r]; acc: added) for the tile's sums s."""
+    for i in range(len(s)):
+        _store(Y, l + i, r, w * s[i], bias, has_bias, acc)
 
 
 def act_buffers_rows(rows: int, in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -44,14 +205,26 @@ def quantize_rows(X, Q, C, S):
 
 @njit(**_OPTS)
 def int8_gemm_vnni(wq, wscale, Q, C, S, bias, Y, acc):
+    """Tiles of 8, 4, 2 tokens (vnni_dense_rows*), a last token alone (the gemv's dot)."""
     n, stride = wq.shape
     nblk = stride // 64
     L = Y.shape[0]
     has_bias = bias.shape[0] == n
     for r in prange(n):
-        for l in range(L):
-            s = wscale[r] * vnni_dense_dot(wq, r * stride, Q[l], C[l], S[l], nblk)
-            _store(Y, l, r, s, bias, has_bias, acc)
+        w = wscale[r]
+        off = r * stride
+        l = 0
+        while l + 8 <= L:
+            _store_tile(Y, l, r, vnni_dense_rows8(wq, off, Q, C, S, nblk, l), w, bias, has_bias, acc)
+            l += 8
+        if l + 4 <= L:
+            _store_tile(Y, l, r, vnni_dense_rows4(wq, off, Q, C, S, nblk, l), w, bias, has_bias, acc)
+            l += 4
+        if l + 2 <= L:
+            _store_tile(Y, l, r, vnni_dense_rows2(wq, off, Q, C, S, nblk, l), w, bias, has_bias, acc)
+            l += 2
+        if l < L:
+            _store(Y, l, r, w * vnni_dense_dot(wq, off, Q[l], C[l], S[l], nblk), bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -79,9 +252,19 @@ def int8_bitmask_gemm_vnni(rowptr, masks, vals, wscale, Q, C, S, bias, Y, acc):
     L = Y.shape[0]
     has_bias = bias.shape[0] == n
     for r in prange(n):
-        for l in range(L):
-            s = wscale[r] * vnni_bitmask_dot(vals, masks, rowptr[r], r * nblk, Q[l], C[l], S[l], nblk)
-            _store(Y, l, r, s, bias, has_bias, acc)
+        w = wscale[r]
+        l = 0
+        while l + 4 <= L:
+            _store_tile(Y, l, r, vnni_bitmask_rows4(vals, masks, rowptr[r], r * nblk, Q, C, S, nblk, l), w, bias,
+                        has_bias, acc)
+            l += 4
+        if l + 2 <= L:
+            _store_tile(Y, l, r, vnni_bitmask_rows2(vals, masks, rowptr[r], r * nblk, Q, C, S, nblk, l), w, bias,
+                        has_bias, acc)
+            l += 2
+        if l < L:
+            _store(Y, l, r, w * vnni_bitmask_dot(vals, masks, rowptr[r], r * nblk, Q[l], C[l], S[l], nblk), bias,
+                   has_bias, acc)
 
 
 @njit(**_OPTS)

@@ -15,14 +15,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+from numba import get_num_threads
 
 from ...errors import UserError
 from . import kernels as K
-from .simd_rows import TILE, csr_gemm_t, dense_gemm_rows, ell_gemm_t
+from .simd_rows import PANEL_ROWS, TILE, csr_gemm_panels, csr_gemm_t, dense_gemm_rows, ell_gemm_t, panel_pointers
 from ...arch import native_arch, rope_theta
 from .pack import INDEX, SHARED, WEIGHTS, read_index
 
 _EMPTY = np.zeros(0, dtype=np.float32)
+# a batched step of up to this many rows runs a bitmask group on its own format (simd.bitmask_gemm_rows: 4.125
+# bytes per kept weight, one expand per 16 columns for all rows); more rows walk its CSR twin (simd_rows). On
+# SmolLM2 Wanda+DLP 70%, AMD EPYC, one thread (busy machine): B = 2 / 4 steps 23 / 27 ms against 29 / 33 with
+# the twin, B = 8 47 against 43 (8 masked loads and FMAs per 16 columns cost more than the twin's bytes save)
+BITMASK_ROWS = 4
+# prompt chunks (more than 8 rows) of groups at most this wide run simd_rows.csr_gemm_panels; wider ones (down,
+# 1536 columns: its whole transposed input, 393 KiB at 64 rows, sits in L2) the 64-row tiles (csr_gemm_t). On
+# SmolLM2 Wanda+DLP 70%, AMD EPYC, one thread, 64 rows, per matrix: up 2.2 ms against 2.6, qkv / o equal,
+# down 1.16 against 0.90 (busy machine)
+PANEL_IN_MAX = 1024
 # how many of a Linear's (a, b, c, d, e, gs) its format's kernels take, in that order
 _NARGS = {"dense": 1, "ell": 2, "csr": 3, "bitmask": 3, "int8": 2, "int8_ell": 3, "int8_csr": 4, "int8_bitmask": 4,
           "int8_perm": 5, "q4": 2, "int4_bitmask": 6}
@@ -34,13 +45,13 @@ class Linear:
     into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
     __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows", "twin",
-                 "args")
+                 "args", "panels")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
         self.fmt = fmt
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
         self.bias = _EMPTY if bias is None else bias
-        self.d, self.e, self.gs, self.qbuf, self.qrows, self.twin = None, None, 0, None, None, None
+        self.d, self.e, self.gs, self.qbuf, self.qrows, self.twin, self.panels = None, None, 0, None, None, None, None
         try:
             if fmt == "dense":
                 self.a, self.b, self.c = arrays["w"], None, None
@@ -124,7 +135,9 @@ class Linear:
 
     def prepare_rows(self) -> None:
         """Before batched steps: a bitmask group gets a CSR twin of its values (rowptr, cols, vals), which the
-        row-tiled product walks (decoding bits per row and step would cost more than the products save)."""
+        row-tiled products of more than BITMASK_ROWS rows walk; every fp32 sparse group at most PANEL_IN_MAX wide
+        gets its panel pointers (simd_rows.panel_pointers, for prompt chunks: csr_gemm_panels), an ELL group as
+        the CSR of its flattened arrays."""
         if self.fmt == "bitmask" and self.twin is None:
             W = self.dense()
             nz = W != 0
@@ -132,11 +145,20 @@ class Linear:
             np.cumsum(nz.sum(axis=1), out=rowptr[1:])
             cols = np.nonzero(nz)[1].astype(np.uint16 if self.cols_in <= 65536 else np.uint32)
             self.twin = (rowptr, cols, np.ascontiguousarray(W[nz]))
+        if self.fmt in ("csr", "bitmask", "ell") and self.panels is None and self.cols_in <= PANEL_IN_MAX:
+            if self.fmt == "ell":
+                k = self.a.shape[1]
+                rowptr, cols, vals = np.arange(self.rows + 1, dtype=np.int64) * k, self.a.reshape(-1), self.b.reshape(-1)
+            else:
+                rowptr, cols, vals = self.twin if self.fmt == "bitmask" else (self.a, self.b, self.c)
+            self.panels = (panel_pointers(rowptr, cols, self.cols_in), cols, vals)
 
     def mat_rows(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [R, in] -> Y [R, rows] for a batched step's rows (NativeModel.forward_rows): fp32 sparse groups
-        run the row-tiled products (simd_rows: each stored weight loaded once for 8 rows at a time), dense ones
-        simd_rows.dense_gemm_rows, the low-bit ones lowbit_batch (through `mat`); one row `vec`."""
+        run the row-tiled products (up to BITMASK_ROWS rows of a bitmask group: simd.bitmask_gemm_rows on the
+        format itself; up to 8 rows: simd_rows' 8-row tiles; more: mat_panels, or the 64-row tiles for groups
+        wider than PANEL_IN_MAX), dense ones simd_rows.dense_gemm_rows, the low-bit ones lowbit_batch (through
+        `mat`); one row `vec`."""
         R = X.shape[0]
         f = self.fmt
         if f == "dense" and R > 1:
@@ -144,6 +166,12 @@ class Linear:
             return
         if R == 1 or f not in ("csr", "ell", "bitmask"):
             self.mat(X, Y, acc)
+            return
+        if f == "bitmask" and R <= BITMASK_ROWS:
+            K.bitmask_gemm_rows(self.a, self.b, self.c, np.ascontiguousarray(X), self.bias, Y, acc)
+            return
+        if R > TILE and self.cols_in <= PANEL_IN_MAX:
+            self.mat_panels(X, Y, acc)
             return
         Xt = _xt_buffer(self.cols_in, R)
         Xt[:, :R] = X.T
@@ -154,6 +182,22 @@ class Linear:
             self.prepare_rows()
         rowptr, cols, vals = self.twin if f == "bitmask" else (self.a, self.b, self.c)
         csr_gemm_t(rowptr, cols, vals, Xt, self.bias, Y, acc)
+
+    def mat_panels(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
+        """X [R, in] -> Y [R, rows] for R > 8 rows (prompt chunks) of an fp32 sparse group at most PANEL_IN_MAX
+        wide: simd_rows.csr_gemm_panels over up to PANEL_ROWS rows per call (64 at a time while more are left)."""
+        if self.panels is None:
+            self.prepare_rows()
+        pptr, cols, vals = self.panels
+        R = X.shape[0]
+        g = 0
+        while g < R:
+            n = R - g if R - g <= PANEL_ROWS else 64
+            Xt = _xt_buffer(self.cols_in, n, 16)
+            Xt[:, :n] = X[g:g + n].T
+            Yt = _xt_buffer(self.rows, n, 16, "y")
+            csr_gemm_panels(pptr, cols, vals, Xt, Yt, self.bias, Y[g:g + n], acc, get_num_threads())
+            g += n
 
     def dense(self) -> np.ndarray:
         """The matrix this group stores, dense (for tests; int8 / int4 groups: dequantised)."""
@@ -204,13 +248,14 @@ class Linear:
 _XT: dict[tuple, np.ndarray] = {}
 
 
-def _xt_buffer(width: int, rows: int) -> np.ndarray:
-    """A C-contiguous [width, Lp] buffer (Lp: rows rounded up to simd_rows.TILE), shared by every group of that
-    input width (one Python thread runs a model's products one after another); the padding columns are zero."""
-    Lp = -(-rows // TILE) * TILE
-    buf = _XT.get((width, Lp))
+def _xt_buffer(width: int, rows: int, tile: int = TILE, kind: str = "x") -> np.ndarray:
+    """A C-contiguous [width, Lp] buffer (Lp: rows rounded up to `tile`), shared by every group of that
+    width and kind ("x": a transposed input; "y": csr_gemm_panels' partial sums) (one Python thread runs a
+    model's products one after another); the padding columns are zero."""
+    Lp = -(-rows // tile) * tile
+    buf = _XT.get((kind, width, Lp))
     if buf is None:
-        buf = _XT[(width, Lp)] = np.zeros((width, Lp), np.float32)
+        buf = _XT[(kind, width, Lp)] = np.zeros((width, Lp), np.float32)
     elif Lp > rows:
         buf[:, rows:] = 0
     return buf
@@ -411,14 +456,13 @@ class NativeModel:
         self.embed_tokens(ids, positions, x)
         prof is not None and tick("embed")
         silu = self.arch.act == "silu_mul"
-        scratch = st.scratch
         for i, lay in enumerate(self.layers):
             self._norm(x, lay["attn_norm"], h)
             prof is not None and tick("norms")
             lay["qkv"].mat_rows(h, qkv, False)
             prof is not None and tick("qkv")
             K.attention_rows(qkv, self.H, self.Hkv, self.D, slots, positions, self.cos, self.sin, self.arch.rope,
-                             self.scale, st.k[i], st.v[i], attn, scratch)
+                             self.scale, st.k[i], st.v[i], attn, st.qbuf, st.scores, st.obuf)
             prof is not None and tick("attention")
             lay["o"].mat_rows(attn, x, True)
             prof is not None and tick("o")
@@ -471,9 +515,12 @@ class BatchState:
         self.xs, self.hs = np.zeros((R, m.hidden), np.float32), np.zeros((R, m.hidden), np.float32)
         self.qkv, self.attn = np.zeros((R, qkv_rows), np.float32), np.zeros((R, m.H * m.D), np.float32)
         self.up, self.act = np.zeros((R, up_rows), np.float32), np.zeros((R, m.inter), np.float32)
-        self.scratch = np.zeros((m.H * R, 2 * m.D + self.S), np.float32)
+        nq = R * (m.H // max(m.Hkv, 1))                  # attention_rows' queries per kv head
+        self.qbuf, self.obuf = np.zeros((m.Hkv, nq, m.D), np.float32), np.zeros((m.Hkv, nq, m.D), np.float32)
+        self.scores = np.zeros((m.Hkv, nq, self.S), np.float32)
         self.logits = np.zeros((R, m.vocab), np.float32)
 
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.k + self.v) + sum(
-            int(getattr(self, n).nbytes) for n in ("x", "h", "xs", "hs", "qkv", "attn", "up", "act", "scratch", "logits"))
+            int(getattr(self, n).nbytes) for n in ("x", "h", "xs", "hs", "qkv", "attn", "up", "act", "qbuf", "scores",
+                                                    "obuf", "logits"))

@@ -16,13 +16,21 @@ instructions where the CPU has AVX-512F (Intel Xeon since Skylake-SP, AMD Zen 4)
 sequence elsewhere, so the kernel runs on every x86-64 CPU; `has_avx512()` says which one this CPU gets
 (benchmarks/native_asm_check.py checks the emitted instructions). The horizontal sum at the end is a
 fixed-order tree, so results do not depend on the thread count.
+
+`bitmask_gemm_rows` is the same format for a batched step of a few rows (model.BITMASK_ROWS): per block one
+expand, then one masked load and FMA per row, one accumulator per row, and the rows' horizontal sums as one
+transposed tree (simd_rows.lane_sums); its float sums are ordered differently from bitmask_gemv's, so rows
+agree with single-row calls to rounding.
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .simd_rows import lane_sums
 
 LANES = 16
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)   # as kernels.py; kept here so that
@@ -133,3 +141,95 @@ def bitmask_gemm(rowptr, masks, vals, X, bias, Y, acc):
 
 
 # X [L, in] -> Y [L, out]; same acc/bias convention.
+
+
+def _bitmask_rows(T: int):
+    def typer(typingctx, vals, masks, x, voff, mstart, nblk, l0):
+        """(bitmask_dot(vals, masks, x[l], voff, mstart, nblk) for l in l0 .. l0 + T - 1): each block's values
+        expanded once (one vexpandps) and FMA'd into the T rows' masked loads, one accumulator per row, then one
+        transposed lane tree (simd_rows.lane_sums)."""
+        if not (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(masks, types.Array)
+                and masks.dtype == types.uint16 and isinstance(x, types.Array) and x.dtype == types.float32
+                and x.ndim == 2 and x.layout == "C"):
+            return None
+        sig = types.UniTuple(types.float32, T)(vals, masks, x, types.int64, types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            f32, i64, i16, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(16), ir.IntType(32)
+            v16 = ir.VectorType(f32, LANES)
+            m16 = ir.VectorType(ir.IntType(1), LANES)
+            va = context.make_array(signature.args[0])(context, builder, args[0])
+            ma = context.make_array(signature.args[1])(context, builder, args[1])
+            xa = context.make_array(signature.args[2])(context, builder, args[2])
+            voff, mstart, nblk, l0 = args[3], args[4], args[5], args[6]
+            xs = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
+            mod = builder.module
+            ptr = va.data.type
+            expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, m16, v16]), "llvm.masked.expandload.v16f32")
+            mload = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, i32, m16, v16]), "llvm.masked.load.v16f32.p0")
+            ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+            zero = ir.Constant(v16, [0.0] * LANES)
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
+            off = cgutils.alloca_once_value(builder, voff)
+            rows = [builder.gep(xa.data, [builder.mul(builder.add(l0, ir.Constant(i64, t)), xs)]) for t in range(T)]
+            with cgutils.for_range(builder, nblk) as loop:
+                b = loop.index
+                mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
+                mvec = builder.bitcast(mk, m16)
+                o = builder.load(off)
+                v = builder.call(expand, [builder.gep(va.data, [o]), mvec, zero])
+                col = builder.mul(b, ir.Constant(i64, LANES))
+                for t in range(T):
+                    xv = builder.call(mload, [builder.gep(rows[t], [col]), ir.Constant(i32, 4), mvec, zero])
+                    builder.store(builder.call(fma, [v, xv, builder.load(accs[t])]), accs[t])
+                builder.store(builder.add(o, builder.zext(builder.call(ctpop, [mk]), i64)), off)
+            sums = lane_sums(builder, [builder.load(a) for a in accs])
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return sig, codegen
+
+    typer.__name__ = f"bitmask_dot_rows{T}"
+    return intrinsic(typer)
+
+
+bitmask_dot_rows8, bitmask_dot_rows4, bitmask_dot_rows2 = _bitmask_rows(8), _bitmask_rows(4), _bitmask_rows(2)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_rows(Y, l, r, s, b, has_bias, acc):
+    for i in range(len(s)):
+        t = s[i] + b if has_bias else s[i]
+        if acc:
+            Y[l + i, r] += t
+        else:
+            Y[l + i, r] = t
+
+
+@njit(**_OPTS)
+def bitmask_gemm_rows(rowptr, masks, vals, X, bias, Y, acc):
+    """X [L, in] (C-contiguous) -> Y [L, out] for a batched step's few rows, on the bitmask format itself: per
+    weight row, tiles of 8, 4, 2 rows (bitmask_dot_rows*: a block's values expanded once for the tile's rows),
+    a last row alone (bitmask_dot). Reads a stored weight's 4 value bytes + 1/8 mask byte once per step, where
+    the row-tiled CSR product (simd_rows) reads its CSR twin's 6."""
+    n = rowptr.shape[0] - 1
+    L = X.shape[0]
+    nblk = masks.shape[0] // n if n else 0
+    has_bias = bias.shape[0] == n
+    for r in prange(n):
+        b = bias[r] if has_bias else np.float32(0.0)
+        lo = rowptr[r]
+        ms = r * nblk
+        l = 0
+        while l + 8 <= L:
+            _put_rows(Y, l, r, bitmask_dot_rows8(vals, masks, X, lo, ms, nblk, l), b, has_bias, acc)
+            l += 8
+        if l + 4 <= L:
+            _put_rows(Y, l, r, bitmask_dot_rows4(vals, masks, X, lo, ms, nblk, l), b, has_bias, acc)
+            l += 4
+        if l + 2 <= L:
+            _put_rows(Y, l, r, bitmask_dot_rows2(vals, masks, X, lo, ms, nblk, l), b, has_bias, acc)
+            l += 2
+        if l < L:
+            t = bitmask_dot(vals, masks, X[l], lo, ms, nblk)
+            _put_rows(Y, l, r, (t,), b, has_bias, acc)
