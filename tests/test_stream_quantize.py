@@ -272,44 +272,49 @@ def test_native_int4_takes_a_streamed_sharded_checkpoint(tiny_llama_dir, corpus_
     assert rm["tokens"] == rs["tokens"] and rs["tokens"]              # the native int4 engine's tokens
 
 
-@pytest.mark.slow
-def test_streamed_quantize_equals_in_memory_on_smollm2(tmp_path):
-    """The real default model (30 layers, tied embeddings): Wanda+DLP 60% on a small calibration, then 4-bit GPTQ
-    streamed and in memory."""
-    calib = stages.CalibConfig("smollm2-135m", "wikipedia-summaries", 2, 32, 0, None, "cpu")
-    run = tmp_path / "pruned"
-    stages.prune(RunDir(run), stages.PruneConfig("smollm2-135m", 0.6, "dlp", "wanda", calib=calib, device="cpu"))
-    mem, st = _copy(run, tmp_path / "mem"), _copy(run, tmp_path / "st")
-    _quantize(mem, False, group_size=64)
-    assert _quantize(st, True, group_size=64)["streamed"]
-    assert assert_same_quantize(mem.path, st.path) > 0
-    doc = json.loads((st.path / stages.QUANTIZED / qz.QUANT_JSON).read_text())
-    assert doc["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
-
-
-def _agree(cpu: Path, gpu: Path) -> None:
-    """GPU and CPU quantizations agree: same zeros exactly, codes equal but for a tiny fraction (GPTQ's rounding
-    flips a few across devices, and the flips propagate), dequantized weights within float tolerance."""
+def _agree(cpu: Path, gpu: Path, max_flips: float = 0.05) -> dict:
+    """GPU and CPU quantizations agree: the same zeros exactly; codes equal but for a small fraction (GPTQ's rounding
+    flips a few across devices, and each flip changes the error compensation of the row's later columns and the
+    inputs of every later layer, so differences spread a little); the dequantized weights equal within float
+    tolerance in aggregate: per linear, the difference is at most a tenth of the weights' norm, and the
+    weights whose codes agree differ by under half a step (99th percentile; a group whose extreme weight moved
+    shifts its whole grid). Returns what it measured."""
     a, b = _codes(cpu), _codes(gpu)
     assert a.keys() == b.keys() and a
     flips = total = 0
+    worst_norm = worst_p99 = 0.0
     for m in a:
         qa, sa, za, ka, gs = a[m]
         qb, sb, zb, kb, _ = b[m]
         assert np.array_equal(ka, kb), m                                   # the pruned zeros, exactly
         wa, wb = gc.dequantize(qa, sa, za, ka, gs), gc.dequantize(qb, sb, zb, kb, gs)
         assert np.array_equal(wa == 0, ~ka) and np.array_equal(wb == 0, ~kb), m
+        step = sa[:, gc.group_index(qa.shape[1], gs)]
         same = (qa == qb) & ka
         flips += int(((qa != qb) & ka).sum())
         total += int(ka.sum())
-        np.testing.assert_allclose(wb[same], wa[same], rtol=1e-3, atol=1e-5, err_msg=m)
-        step = sa[:, gc.group_index(qa.shape[1], gs)]
-        assert np.all(np.abs(wb - wa)[ka & ~same] <= 2.5 * step[ka & ~same]), m   # a flip moves a level or two
-        assert np.linalg.norm(wb - wa) <= 0.05 * np.linalg.norm(wa), m
-    assert flips <= 0.02 * total, (flips, total)
+        worst_norm = max(worst_norm, float(np.linalg.norm(wb - wa) / np.linalg.norm(wa)))
+        worst_p99 = max(worst_p99, float(np.percentile(np.abs(wb - wa)[same] / step[same], 99)))
+    got = {"flips": flips / total, "worst_rel_norm": worst_norm, "worst_p99_steps_where_codes_equal": worst_p99}
+    assert got["flips"] <= max_flips and worst_norm <= 0.1 and worst_p99 <= 0.5, got
     mc, mg = _tensors(cpu / "model"), _tensors(gpu / "model")
     for k in mc:
         assert torch.equal(mc[k] == 0, mg[k] == 0), k
+    return got
+
+
+def test_the_agreement_check_takes_rounding_noise_and_rejects_another_quantization(tiny_llama_dir, corpus_file,
+                                                                                    tmp_path):
+    """The CUDA test's check, on the CPU: a 1% change of the damping (H moves by ~1e-4 of its diagonal, far more than
+    a device's float rounding) passes it; another quantization of the same weights (act-order) does not."""
+    run = _prune(tiny_llama_dir, corpus_file, tmp_path / "run", allocator="uniform")
+    a, b, c = (_copy(run, tmp_path / n) for n in "abc")
+    _quantize(a, True)
+    _quantize(b, True, percdamp=0.0101)
+    _quantize(c, True, act_order=True)
+    assert _agree(a.path, b.path)["flips"] > 0          # some codes flipped, within the tolerance
+    with pytest.raises(AssertionError):
+        _agree(a.path, c.path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
