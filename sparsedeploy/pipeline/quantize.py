@@ -34,7 +34,7 @@ act-order processes columns by decreasing diag(H). Groups stay contiguous in the
 order (GPTQ's "static groups"): their parameters are computed from the weights before the loop, so no
 per-column group index has to be stored.
 
-Packed checkpoint (RUN/quantized/, format "sparsedeploy-packed/2"): model.safetensors (above 1 GiB of tensors:
+Packed checkpoint (RUN/quantized/, format "sparsedeploy-packed/2"): model.safetensors (above 512 MiB of tensors:
 Hugging Face's shards model-0000k-of-0000n.safetensors named by model.safetensors.index.json, written one tensor at a
 time by `PackedWriter`, so a streamed quantize never holds the whole checkpoint) holds, per quantized linear
 `<module>` [out, in]:
@@ -436,16 +436,16 @@ def _dir_bytes(path: Path) -> int:
 
 class PackedWriter:
     """Writes a packed checkpoint's tensors one at a time into `folder` (shard by shard, pipeline.stream.ShardWriter:
-    one model.safetensors, or Hugging Face's shards + index above `max_shard_bytes`), so a streamed quantize never
-    holds more than a layer and a shard. `add_linear` packs one quantized linear and checks that its packed tensors
+    one model.safetensors, or Hugging Face's shards + index above `max_shard_bytes`, default half a model shard), so
+    a streamed quantize never holds more than a layer and two half shards (this and the fake-quant model's). `add_linear` packs one quantized linear and checks that its packed tensors
     unpack to the linear's fake-quant weight bit for bit; `add` stores any other tensor unchanged (its dtype kept);
     `close` writes quantize.json. The caller writes config.json and the tokenizer, and moves the folder into place."""
 
     def __init__(self, folder: Path, max_shard_bytes: int | None = None):
-        from .stream import ShardWriter
+        from . import stream
 
         self.folder = Path(folder)
-        self.writer = ShardWriter(self.folder, max_shard_bytes)
+        self.writer = stream.ShardWriter(self.folder, max_shard_bytes or stream.MAX_SHARD_BYTES // 2)
         self.grid: tuple | None = None
         self.linears: list[str] = []
         self.packed_bytes = self.code_bytes = self.linear_params = self.kept = 0
