@@ -7,7 +7,8 @@ it in fp32 exactly as in memory, and the fake-quant layer goes to RUN/model/ sha
 Codes, scales, zero points and masks equal the in-memory quantize's bit for bit (for bf16 inputs too: both
 compute in fp32 from the same bf16 values); for fp32 inputs every tensor does. For a bf16 input the other
 tensors (embeddings, norms) stay bf16 in both folders and RUN/model's fake-quant weights are the fp32 values
-rounded to bf16 (the in-memory path widens everything to fp32): the exact values are the packed codes'."""
+rounded to bf16 (the in-memory path widens everything to fp32): the exact values are the packed codes'. (An fp16
+input whose fake-quant weight would round to 0 in fp16 is refused: quantize it with --no-stream.)"""
 from __future__ import annotations
 
 import os
