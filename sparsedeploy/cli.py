@@ -123,12 +123,14 @@ def quantize(
     nsamples: int = typer.Option(128), seqlen: int = typer.Option(2048), seed: int = typer.Option(0),
     data_file: Optional[str] = typer.Option(None),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help=STREAM_HELP),
     force: bool = typer.Option(False),
 ):
     """GPTQ that keeps every pruned zero → RUN/quantized/ (packed) and RUN/model/ (fake-quant float weights)."""
     st = _stages()
     cfg = st.QuantConfig(bits, group_size, act_order, sym, percdamp, true_sequential=true_sequential,
-                         calib=st.CalibConfig("", calib, nsamples, seqlen, seed, data_file, device), device=device)
+                         calib=st.CalibConfig("", calib, nsamples, seqlen, seed, data_file, device), device=device,
+                         stream=stream)
     path = st.quantize(st.RunDir(run), cfg, force=force)
     doc = st.read_json(path / "quantize.json")
     b = doc["bytes"]

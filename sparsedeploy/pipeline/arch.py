@@ -37,3 +37,21 @@ def prunable_linears(model: nn.Module, spec: Arch | None = None) -> dict[str, nn
         for name, lin in layer_linears(layer, spec).items():
             out[f"{spec.layers}.{i}.{name}"] = lin
     return out
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} of the state-dict entries that are one tensor under several names (tied embeddings),
+    first in state-dict order. Works on a `meta` skeleton too (it compares the parameters, not their storage)."""
+    ids = {name: id(t) for name, t in list(model.named_parameters(remove_duplicate=False))
+           + list(model.named_buffers(remove_duplicate=False))}
+    first: dict[int, str] = {}
+    out = {}
+    for name in model.state_dict(keep_vars=True):
+        key = ids.get(name)
+        if key is None:
+            continue
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out

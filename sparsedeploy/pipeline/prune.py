@@ -192,14 +192,20 @@ def _inverse_hessian_factor(H: Tensor, percdamp: float, retries: int = 4, who: s
     If a factorisation fails, λ is multiplied by 10 and it is tried again, up to `retries` times.
     """
     dtype = _factor_dtype(H.device)
-    H = H.to(dtype)
-    mean_diag = torch.diagonal(H).mean().item()
+    mean_diag = torch.diagonal(H).to(dtype).mean().item()
     damp = percdamp * mean_diag
-    eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
+    # At most two [in, in] float64 matrices alive at a time (a 7B down_proj's is 1 GB each): H + λI is built on
+    # the diagonal of a fresh copy (the same values as H + λ·eye), and each factor is dropped once used.
     for _ in range(retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        A = H.to(dtype, copy=True)
+        A.diagonal().add_(damp)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if info.item() == 0 and bool(torch.isfinite(U).all()):
                 return U.to(torch.float32)
         damp = damp * 10 if damp > 0 else 0.01 * mean_diag

@@ -34,8 +34,10 @@ act-order processes columns by decreasing diag(H). Groups stay contiguous in the
 order (GPTQ's "static groups"): their parameters are computed from the weights before the loop, so no
 per-column group index has to be stored.
 
-Packed checkpoint (RUN/quantized/, format "sparsedeploy-packed/2"): model.safetensors holds, per quantized
-linear `<module>` [out, in]:
+Packed checkpoint (RUN/quantized/, format "sparsedeploy-packed/2"): model.safetensors (above 512 MiB of tensors:
+Hugging Face's shards model-0000k-of-0000n.safetensors named by model.safetensors.index.json, written one tensor at a
+time by `PackedWriter`, so a streamed quantize never holds the whole checkpoint) holds, per quantized linear
+`<module>` [out, in]:
     `<module>.weight_mask`    uint8 [out, ceil(in/8)]: the keep bitmask per row, 8 per byte, least significant
                               bit first (bit c of row r = 1: weight (r, c) is kept; 0: pruned, exactly 0);
     `<module>.weight_qcodes`  uint8 [ceil(nnz·bits/8)]: the codes of the *kept* weights only (nnz of them),
@@ -51,8 +53,8 @@ linear `<module>` [out, in]:
     `<module>.weight_shape`   int64 [2] = (out, in).
 Pruned positions hold no code, so the codes take bits·(1 - sparsity) bits per weight and the checkpoint
 shrinks with sparsity (the mask stays 1 bit per weight). Every other tensor (embeddings, norms, biases) is
-stored unchanged; tied tensors once. quantize.json names the format, bits, group size, symmetry, the tied
-tensors and the sizes. `load_packed` rebuilds the fake-quant float model; it also reads the older format
+stored unchanged in its own dtype (a streamed quantize of a bf16 model keeps them bf16); tied tensors once.
+quantize.json names the format, bits, group size, symmetry, the tied tensors and the sizes. `load_packed` rebuilds the fake-quant float model; it also reads the older format
 "sparsedeploy-packed/1" (same tensors without weight_rowptr, weight_qcodes uint8 [out, ceil(in·bits/8)]:
 every position's code densely bit-packed per row, pruned positions holding code 0). Writing is always /2.
 sparsedeploy.engine.native.gptq_codes reads both formats without torch.
@@ -432,70 +434,125 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+class PackedWriter:
+    """Writes a packed checkpoint's tensors one at a time into `folder` (shard by shard, pipeline.stream.ShardWriter:
+    one model.safetensors, or Hugging Face's shards + index above `max_shard_bytes`, default half a model shard), so
+    a streamed quantize never holds more than a layer and two half shards (this and the fake-quant model's). `add_linear` packs one quantized linear and checks that its packed tensors
+    unpack to the linear's fake-quant weight bit for bit; `add` stores any other tensor unchanged (its dtype kept);
+    `close` writes quantize.json. The caller writes config.json and the tokenizer, and moves the folder into place."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int | None = None):
+        from . import stream
+
+        self.folder = Path(folder)
+        self.writer = stream.ShardWriter(self.folder, max_shard_bytes or stream.MAX_SHARD_BYTES // 2)
+        self.grid: tuple | None = None
+        self.linears: list[str] = []
+        self.packed_bytes = self.code_bytes = self.linear_params = self.kept = 0
+        self.other_bytes = self.other_params = 0
+
+    def add_linear(self, module: str, res: QuantResult, weight: Tensor) -> None:
+        """module: the linear's name (e.g. model.layers.3.mlp.up_proj); weight: its fake-quant weight."""
+        grid = (res.bits, res.group_size, res.sym, res.act_order)
+        if self.grid is None:
+            self.grid = grid
+        elif grid != self.grid:
+            raise ValueError(f"{module} was quantized with {grid}, the checkpoint's other linears with {self.grid}")
+        tensors = pack_linear(res)
+        if not torch.equal(unpack_linear(tensors, res.bits, res.group_size, res.sym), weight.detach().to("cpu", torch.float32)):
+            raise RuntimeError(f"the packed codes of {module} do not restore its weights bit-exactly (a bug; nothing was written)")
+        for k, v in tensors.items():
+            self.writer.add(f"{module}.{k}", v)
+            self.packed_bytes += v.numel() * v.element_size()
+            self.code_bytes += v.numel() if k == "weight_qcodes" else 0
+        self.linears.append(module)
+        self.linear_params += weight.numel()
+        self.kept += int(res.keep.sum())
+
+    def add(self, name: str, t: Tensor) -> None:
+        self.writer.add(name, t)
+        self.other_bytes += t.numel() * t.element_size()
+        self.other_params += t.numel()
+
+    def close(self, tied: dict[str, str], info: dict) -> dict:
+        """Finish the tensors and write quantize.json (tied: {alias: stored name}); returns its document."""
+        if self.grid is None:
+            raise ValueError("a packed checkpoint needs at least one quantized linear")
+        self.writer.close()
+        bits, gs, sym, act = self.grid
+        total_params = self.linear_params + self.other_params
+        size = _dir_bytes(self.folder)
+        doc = {"bits": bits, "group_size": gs, "sym": sym, "act_order": act, "format": FORMAT,
+               "quantized_linears": sorted(self.linears), "tied": dict(tied), **info,
+               "bytes": {"checkpoint": size, "dense_fp32": total_params * 4, "dense_fp16": total_params * 2,
+                         "quantized_linears_packed": self.packed_bytes, "quantized_linears_codes": self.code_bytes,
+                         "quantized_linears_fp32": self.linear_params * 4,
+                         "quantized_linears_fp16": self.linear_params * 2, "other_tensors": self.other_bytes},
+               "params": {"total": total_params, "quantized": self.linear_params, "quantized_kept": self.kept}}
+        doc["ratio_vs_fp32"] = size / doc["bytes"]["dense_fp32"]
+        doc["ratio_vs_fp16"] = size / doc["bytes"]["dense_fp16"]
+        (self.folder / QUANT_JSON).write_text(json.dumps(doc, indent=2) + "\n")
+        return doc
+
+
+def check_restores(folder: Path, state: dict[str, Tensor], tied: dict[str, str]) -> None:
+    """The packed folder, read back, equals the model's state dict bit for bit (dtype included)."""
+    restored = load_packed_state(folder)
+    for name, t in state.items():
+        got = restored.get(tied.get(name, name))
+        if got is None or got.dtype != t.dtype or not torch.equal(got, t.detach().cpu()):
+            raise RuntimeError(f"packed checkpoint does not restore {name} bit-exactly (a bug; nothing was written)")
+
+
 def write_packed(model, tokenizer, results: dict[str, QuantResult], out: Path, info: dict) -> dict:
-    """Write the packed checkpoint folder `out` atomically: model.safetensors (packed linears + every
-    other tensor unchanged), config.json (the architecture), tokenizer files and quantize.json.
+    """Write the packed checkpoint folder `out` of an in-memory model atomically: the packed linears + every
+    other tensor unchanged (tied ones once), config.json (the architecture), tokenizer files and quantize.json.
     The folder is read back with `load_packed_state` and must equal the model's state bit-exactly before
     it is renamed into place. Returns the quantize.json document."""
-    from safetensors.torch import save_file
-
+    from .arch import tied_aliases
     from .models import replace_dir
 
-    first = next(iter(results.values()))
-    bits, gs, sym, act = first.bits, first.group_size, first.sym, first.act_order
     state = model.state_dict()
-    tensors: dict[str, Tensor] = {}
-    seen: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    packed_bytes = linear_params = code_bytes = kept = 0
-    for name, t in state.items():
-        mod = name[:-len(".weight")] if name.endswith(".weight") else None
-        if mod in results:
-            for k, v in pack_linear(results[mod]).items():
-                tensors[f"{mod}.{k}"] = v
-                packed_bytes += v.numel() * v.element_size()
-                code_bytes += v.numel() if k == "weight_qcodes" else 0
-            linear_params += t.numel()
-            kept += int(results[mod].keep.sum())
-            continue
-        ptr = t.data_ptr()
-        if ptr in seen and t.numel() > 0:
-            tied[name] = seen[ptr]
-            continue
-        seen[ptr] = name
-        tensors[name] = t.detach().cpu().contiguous()
-    total_params = sum(t.numel() for n, t in state.items() if n not in tied)
-    other_bytes = sum(t.numel() * t.element_size() for n, t in tensors.items()
-                      if not n.rsplit(".", 1)[-1].startswith("weight_"))
+    tied = tied_aliases(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / PACKED_FILE), metadata={"format": "pt"})
-        model.config.to_json_file(str(tmp / "config.json"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        size = _dir_bytes(tmp)
-        doc = {"bits": bits, "group_size": gs, "sym": sym, "act_order": act, "format": FORMAT,
-               "quantized_linears": sorted(results), "tied": tied, **info,
-               "bytes": {"checkpoint": size, "dense_fp32": total_params * 4, "dense_fp16": total_params * 2,
-                         "quantized_linears_packed": packed_bytes, "quantized_linears_codes": code_bytes,
-                         "quantized_linears_fp32": linear_params * 4,
-                         "quantized_linears_fp16": linear_params * 2, "other_tensors": other_bytes},
-               "params": {"total": total_params, "quantized": linear_params, "quantized_kept": kept}}
-        doc["ratio_vs_fp32"] = size / doc["bytes"]["dense_fp32"]
-        doc["ratio_vs_fp16"] = size / doc["bytes"]["dense_fp16"]
-        (tmp / QUANT_JSON).write_text(json.dumps(doc, indent=2) + "\n")
-        restored = load_packed_state(tmp)
+        writer = PackedWriter(tmp)
         for name, t in state.items():
-            got = restored.get(tied.get(name, name))
-            if got is None or got.dtype != t.dtype or not torch.equal(got, t.detach().cpu()):
-                raise RuntimeError(f"packed checkpoint does not restore {name} bit-exactly (a bug; nothing was written)")
+            mod = name[:-len(".weight")] if name.endswith(".weight") else None
+            if mod in results:
+                writer.add_linear(mod, results[mod], t)
+            elif name not in tied:
+                writer.add(name, t.detach().cpu())
+        write_side_files(tmp, model.config, tokenizer)
+        doc = writer.close(tied, info)
+        check_restores(tmp, state, tied)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return doc
+
+
+def write_side_files(folder: Path, config, tokenizer) -> None:
+    config.to_json_file(str(Path(folder) / "config.json"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _packed_files(folder: Path) -> list[Path]:
+    """The checkpoint's tensor files: model.safetensors, or the shards named by model.safetensors.index.json."""
+    from .stream import INDEX
+
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            raise UserError(f"{folder} holds a corrupt packed checkpoint ({INDEX})", "rerun `sparsedeploy quantize RUN --force`")
+        return [folder / f for f in files]
+    return [folder / PACKED_FILE]
 
 
 def load_packed_state(folder: Path) -> dict[str, Tensor]:
@@ -505,7 +562,11 @@ def load_packed_state(folder: Path) -> dict[str, Tensor]:
     folder = Path(folder)
     try:
         doc = json.loads((folder / QUANT_JSON).read_text())
-        raw = load_file(str(folder / PACKED_FILE))
+        raw = {}
+        for f in _packed_files(folder):
+            raw.update(load_file(str(f)))
+    except UserError:
+        raise
     except FileNotFoundError as e:
         raise UserError(f"{folder} is not a packed checkpoint ({Path(e.filename).name} is missing)",
                         "run `sparsedeploy quantize RUN` to write RUN/quantized/")

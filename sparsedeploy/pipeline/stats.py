@@ -33,3 +33,10 @@ class LinearStats:
         if self._xtx is None:
             raise AttributeError("this accumulator was created without a Hessian")
         return self._xtx * (2.0 / max(self.ntokens, 1))
+
+    def take_hessian(self) -> torch.Tensor:
+        """The Hessian, freeing the accumulator (one [in, in] matrix less while the method works: 0.5 GB for a 7B
+        down_proj); the statistics are then spent."""
+        h = self.hessian
+        self._xtx = None
+        return h

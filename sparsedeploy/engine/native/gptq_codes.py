@@ -9,7 +9,8 @@ here, so the engine layer stays free of it and of its dependencies):
         densely packed per row (pruned positions hold code 0);
 and in both `<m>.weight_mask` uint8 [out, ceil(in/8)] (keep bitmask, LSB first), `<m>.weight_scales` float32
 [out, groups], `<m>.weight_zeros` float32 [out, groups] (asymmetric only; symmetric: zero = maxq/2 with
-maxq = 2**bits - 1) and `<m>.weight_shape` int64 [2].
+maxq = 2**bits - 1) and `<m>.weight_shape` int64 [2]. The tensors are in model.safetensors or, for a large
+(streamed) checkpoint, in the shards that model.safetensors.index.json names.
 
 The fake-quant weight is w = scale·(q - zero) at kept positions and exactly 0 at pruned ones, in float32, with
 the group's scale/zero: group of column c = c // group_size (group_size -1: one group per row).
@@ -30,6 +31,7 @@ FORMAT_V1 = "sparsedeploy-packed/1"
 FORMAT_V2 = "sparsedeploy-packed/2"
 FORMATS = (FORMAT_V1, FORMAT_V2)
 PACKED_FILE = "model.safetensors"
+INDEX = "model.safetensors.index.json"      # a sharded checkpoint (Hugging Face's layout): tensor name -> shard
 QUANT_JSON = "quantize.json"
 
 
@@ -71,6 +73,23 @@ def _corrupt(folder: Path, what: str) -> UserError:
     return UserError(f"{folder} holds a corrupt packed checkpoint ({what})", "rerun `sparsedeploy quantize RUN --force`")
 
 
+def _tensor_files(folder: Path) -> list[str]:
+    """model.safetensors, or the shards model.safetensors.index.json names (a large checkpoint)."""
+    if (folder / INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            raise _corrupt(folder, f"{INDEX} is not a shard index") from None
+        missing = [f for f in shards if not (folder / f).is_file()]
+        if missing:
+            raise _corrupt(folder, f"shard {missing[0]} is missing")
+        return [str(folder / f) for f in shards]
+    if not (folder / PACKED_FILE).is_file():
+        raise UserError(f"{folder} is not a packed checkpoint ({PACKED_FILE} is missing)",
+                        "run `sparsedeploy quantize RUN` to write RUN/quantized/")
+    return [str(folder / PACKED_FILE)]
+
+
 def read_packed(quantized_dir) -> tuple[dict, Callable[[str], tuple]]:
     """(meta, get) for a packed checkpoint folder. meta is quantize.json (format, bits, group_size, sym,
     quantized_linears, tied, sizes, …). get(module_name) -> (codes uint8 [out, in] with 0 at pruned positions,
@@ -89,47 +108,47 @@ def read_packed(quantized_dir) -> tuple[dict, Callable[[str], tuple]]:
     if fmt not in FORMATS:
         raise UserError(f"{folder}: unknown packed checkpoint format {fmt!r} (this version reads {', '.join(FORMATS)})",
                         "quantize again with this version: `sparsedeploy quantize RUN --force`")
-    if not (folder / PACKED_FILE).is_file():
-        raise UserError(f"{folder} is not a packed checkpoint ({PACKED_FILE} is missing)",
-                        "run `sparsedeploy quantize RUN` to write RUN/quantized/")
+    files = _tensor_files(folder)
     bits, gs, sym = int(meta["bits"]), int(meta["group_size"]), bool(meta["sym"])
     maxq = (1 << bits) - 1
-    path = str(folder / PACKED_FILE)
+    where: dict[str, str] = {}
     try:
-        with safe_open(path, framework="numpy") as f:
-            names = set(f.keys())
+        for path in files:
+            with safe_open(path, framework="numpy") as f:
+                where.update(dict.fromkeys(f.keys(), path))
     except Exception as e:  # noqa: BLE001
         raise _corrupt(folder, type(e).__name__) from None
 
     def get(module: str):
-        if f"{module}.weight_shape" not in names:
+        if f"{module}.weight_shape" not in where:
             raise KeyError(f"{module} is not a quantized linear of {folder}")
-        with safe_open(path, framework="numpy") as f:
-            def t(leaf):
-                name = f"{module}.{leaf}"
-                if name not in names:
-                    raise _corrupt(folder, f"{name} is missing")
+
+        def t(leaf):
+            name = f"{module}.{leaf}"
+            if name not in where:
+                raise _corrupt(folder, f"{name} is missing")
+            with safe_open(where[name], framework="numpy") as f:
                 return f.get_tensor(name)
-            rows, cols = (int(v) for v in t("weight_shape"))
-            keep = unpack_bits(t("weight_mask"), 1, cols).astype(bool)
-            packed = t("weight_qcodes")
-            if fmt == FORMAT_V1:
-                if packed.ndim != 2 or packed.shape[0] != rows:
-                    raise _corrupt(folder, f"{module}.weight_qcodes has shape {packed.shape}")
-                codes = unpack_bits(packed, bits, cols)
-                codes = np.where(keep, codes, np.uint8(0))
-            else:
-                rowptr = t("weight_rowptr").astype(np.int64)
-                counts = keep.sum(axis=1, dtype=np.int64)
-                nnz = int(counts.sum())
-                if (packed.ndim != 1 or packed.size != -(-nnz * bits // 8) or rowptr.shape != (rows + 1,)
-                        or rowptr[0] != 0 or not np.array_equal(np.diff(rowptr), counts)):
-                    raise _corrupt(folder, f"{module}: the kept codes do not match the mask and row pointer")
-                codes = np.zeros((rows, cols), np.uint8)
-                codes[keep] = unpack_bits(packed, bits, nnz)   # boolean assignment is row-major: row order
-            scale = t("weight_scales").astype(np.float32, copy=False)
-            zero = (np.full(scale.shape, maxq / 2, np.float32) if sym
-                    else t("weight_zeros").astype(np.float32, copy=False))
+        rows, cols = (int(v) for v in t("weight_shape"))
+        keep = unpack_bits(t("weight_mask"), 1, cols).astype(bool)
+        packed = t("weight_qcodes")
+        if fmt == FORMAT_V1:
+            if packed.ndim != 2 or packed.shape[0] != rows:
+                raise _corrupt(folder, f"{module}.weight_qcodes has shape {packed.shape}")
+            codes = unpack_bits(packed, bits, cols)
+            codes = np.where(keep, codes, np.uint8(0))
+        else:
+            rowptr = t("weight_rowptr").astype(np.int64)
+            counts = keep.sum(axis=1, dtype=np.int64)
+            nnz = int(counts.sum())
+            if (packed.ndim != 1 or packed.size != -(-nnz * bits // 8) or rowptr.shape != (rows + 1,)
+                    or rowptr[0] != 0 or not np.array_equal(np.diff(rowptr), counts)):
+                raise _corrupt(folder, f"{module}: the kept codes do not match the mask and row pointer")
+            codes = np.zeros((rows, cols), np.uint8)
+            codes[keep] = unpack_bits(packed, bits, nnz)   # boolean assignment is row-major: row order
+        scale = t("weight_scales").astype(np.float32, copy=False)
+        zero = (np.full(scale.shape, maxq / 2, np.float32) if sym
+                else t("weight_zeros").astype(np.float32, copy=False))
         if keep.shape != (rows, cols) or codes.shape != (rows, cols) or scale.shape != zero.shape \
                 or scale.shape[0] != rows or scale.shape[1] != -(-cols // (cols if gs == -1 else gs)):
             raise _corrupt(folder, f"{module}: the tensors do not match its shape ({rows}, {cols})")
