@@ -317,6 +317,7 @@ def test_the_agreement_check_takes_rounding_noise_and_rejects_another_quantizati
         _agree(a.path, c.path)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("stream", [False, True], ids=["in-memory", "streamed"])
 def test_cuda_quantize_agrees_with_cpu(pruned_runs, tmp_path, stream):
