@@ -159,6 +159,8 @@ class WorkerRuntime(Runtime):
     RuntimeError instead of hanging.
     """
 
+    needs_graph = False            # the engine in the worker checks for itself
+
     def __init__(self, engine: str, onnx_path: str | Path, *, cores: int | None = None, seq_len: int | None = 1,
                  cache_len: int | None = None, prefill_len: int | None = None):
         if getattr(engine_class(engine), "stateful", False):    # llama.cpp: a GGUF file, no graph to read here
