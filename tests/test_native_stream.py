@@ -130,3 +130,25 @@ def test_native_only_cli_bad_input_is_one_line(native_only, tiny_llama_dir, tmp_
     code, out, err = _cli(argv, monkeypatch, capsys)
     assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_streamed_gguf_equals_the_in_memory_gguf_of_the_same_pruned_weights(tiny_llama_dir, tmp_path, qtype):
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsedeploy.export.gguf import write_gguf, write_gguf_from_folder
+
+    tensors, _ = _pruned_state(tiny_llama_dir, 0.6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
+    ref, got = tmp_path / "ref.gguf", tmp_path / "streamed.gguf"
+    write_gguf(model, AutoTokenizer.from_pretrained(tiny_llama_dir), ref, qtype, name="m")
+    doc = write_gguf_from_folder(tiny_llama_dir, got, qtype, magnitude=0.6)
+    assert doc["tensors"] == 2 + 1 + 9 * 3 and qtype in doc["types"]
+    a, b = gguf.GGUFReader(str(ref)), gguf.GGUFReader(str(got))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert list(ta) == list(tb)
+    for n in ta:
+        assert ta[n].tensor_type == tb[n].tensor_type and np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)), n

@@ -1,6 +1,11 @@
-"""Build the native engine's weights: DEPLOYMENT/native/{weights.safetensors, native.json}.
+"""Build the native engine's weights: DEPLOYMENT/native/{weights.safetensors, shared.safetensors, native.json}.
 
-Input: the pruned model's tensors (name -> float32 array, as in its safetensors) and its config. Each
+One packer, two kinds of input (`write_native`): a source with has(name) / get(name) -> float32 array, read one
+decoder layer at a time — the pruned model's tensors in memory (`build`, DictSource) or a model folder's
+safetensors streamed from disk (export/native.py FolderSource: a full-depth 7B model never sits in memory) —
+and its config. Arrays are written as they are made (ArrayWriter: a safetensors file built from spools, every
+array at a multiple of its item size), so a build holds the shared tensors while they are written, then about
+one decoder layer; NativeModel can memory-map the files (`map_arrays`) instead of copying them. Each
 decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) and each group is stored as
     dense    [out, in] float32,
     ELL      cols/vals [out, k]                        when every row keeps the same count k (Wanda, N:M),
@@ -322,7 +327,9 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
     crossover None: each group's format is the fastest on this CPU, measured on its real shape (tune.py): `plan`
     (choice, tuning record) measured beforehand over all layers (build), else measured layer by layer as the
     layers come; a number: the fixed rule of `compress`. threads: the thread count the tuner times with;
-    formats: restrict the tuner's candidates (tune.choose_formats).
+    formats: restrict the tuner's candidates (tune.choose_formats). Layer by layer, a layer whose groups have
+    the shapes and (to 0.01) the sparsities of a layer already timed takes that layer's choice
+    ("measured_on_layer" in the index): a uniformly pruned 32-layer model is timed once, not 32 times.
     share_with: a native folder whose shared.safetensors is hard-linked when its content is the same.
     weights: the decoder groups' value type, "fp32" or "int8" (per-row round-to-nearest at build time); with
     int8 (or int4) the lm_head is int8 per row (index["head"]); norms and the embedding stay fp32.
@@ -389,6 +396,7 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
         # the decoder layers, one at a time
         writer = ArrayWriter(tmp / WEIGHTS)
         groups_index, zeros, int4_sources = [], {}, set()
+        measured: dict[tuple, tuple] = {}     # streamed tuning: (group, shape, sparsity to 0.01) of each layer -> choice
         tuning = plan[1] if plan is not None else None
         for i in range(n_layers):
             src = f"{arch.layers}.{i}."
@@ -402,15 +410,19 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
             for g, names in arch.stacks().items():
                 for n, m in zip(names, stacked[g][1]):
                     zeros[src + n] = [int(m.size - np.count_nonzero(m)), int(m.size)]
-            ms = None
+            ms, measured_on = None, i
+            kind = tuple((g, W.shape, round(1 - np.count_nonzero(W) / max(W.size, 1), 2)) for g, (W, _) in stacked.items())
             if plan is not None:
                 choice, ms = plan[0][i], plan[1]["ms"][i]
+            elif crossover is None and kind in measured:      # a layer like one already timed: its choice
+                choice, ms, measured_on = measured[kind]
             elif crossover is None:
                 from .tune import choose_formats
 
                 c, rec = choose_formats([{g: W for g, (W, _) in stacked.items()}], threads=threads, formats=formats,
                                         weights=weights)
                 choice, ms = c[0], rec["ms"][0]
+                measured[kind] = (choice, ms, i)
                 if tuning is None:
                     tuning = dict(rec, per_layer=True)
                 else:
@@ -446,6 +458,8 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
                     layer_groups[g]["codes"] = "gptq" if from_codes else "rtn"
                 if ms is not None:
                     layer_groups[g]["measured_ms"] = ms[g]
+                    if measured_on != i:
+                        layer_groups[g]["measured_on_layer"] = measured_on
             groups_index.append(layer_groups)
             del stacked
             if on_layer is not None:
