@@ -109,6 +109,9 @@ def test_bench_runs_a_native_only_deployment_and_refuses_graph_engines(native_on
     rows = doc["engines"]["native"]
     assert list(doc["engines"]) == ["native"] and len(rows) == 1 and rows[0]["latency_ms"] > 0
     assert rows[0]["native_bytes"]["by_value_type"] and rows[0]["steps_timed"] >= 3
+    from sparsedeploy.serve.app import read_deployment_light
+
+    assert read_deployment_light(native_only)["native_only"]          # serve reads it too (with --engine native)
     with pytest.raises(UserError, match="native-only"):
         bench([native_only], BenchConfig(engine="onnxruntime", prompt_tokens=4, new_tokens=4, rounds=1))
 
@@ -152,3 +155,13 @@ def test_streamed_gguf_equals_the_in_memory_gguf_of_the_same_pruned_weights(tiny
     assert list(ta) == list(tb)
     for n in ta:
         assert ta[n].tensor_type == tb[n].tensor_type and np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)), n
+
+
+@pytest.mark.parametrize("enc", ["encode_int8", "encode_q4"])
+def test_row_blocked_head_encoding_equals_the_whole_matrix(enc):
+    from sparsedeploy.engine.native import lowbit
+    from sparsedeploy.engine.native.pack import _encode_rows
+
+    W = np.random.default_rng(0).standard_normal((1000, 200)).astype(np.float32)
+    whole, blocked = getattr(lowbit, enc)(W), _encode_rows(getattr(lowbit, enc), W, rows=128)
+    assert set(whole) == set(blocked) and all(np.array_equal(whole[k], blocked[k]) for k in whole)

@@ -283,6 +283,15 @@ def _content_key(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _encode_rows(enc, W: np.ndarray, rows: int = 4096) -> dict[str, np.ndarray]:
+    """A per-row encoder (every output's first axis is the row: encode_int8, encode_q4) over blocks of rows: the same
+    arrays, with temporaries the size of a block (a 49152 x 4096 lm_head's whole-matrix temporaries: gigabytes)."""
+    if W.shape[0] <= rows:
+        return enc(W)
+    parts = [enc(W[i:i + rows]) for i in range(0, W.shape[0], rows)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def stack_layer(source, arch, i: int) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
     """Decoder layer i's groups: {group: (stacked float32 matrix, [its linears' matrices])}."""
     src = f"{arch.layers}.{i}."
@@ -363,7 +372,7 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
 
             enc = encode_int8 if head == "int8" else encode_q4
             W = shared["embed"] if tied else source.get(f"{arch.lm_head}.weight")
-            for k, a in enc(W).items():
+            for k, a in _encode_rows(enc, W).items():
                 shared[f"head_{head}.{k}"] = a
             del W
         elif not tied:
