@@ -67,6 +67,10 @@ def run(argv: list[str]) -> dict:
     return {"wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
 
 
+def f0(v) -> str:
+    return "–" if v is None else f"{v:.0f}"
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -106,6 +110,23 @@ def gguf_step_bytes(path: Path, meta: dict, kv_slots: float) -> dict:
     return {"decoder": dec, "head_and_rest": rest, "kv": int(kv), "total": int(dec + rest + kv)}
 
 
+def reusable(dep: Path, model: Path, p: float, weights: str, head: str) -> dict | None:
+    """A deployment already in --work built from the same folder with the same options (a resumed or --keep run):
+    its build record (from its sparsedeploy.json), else None."""
+    try:
+        meta = json.loads((dep / "sparsedeploy.json").read_text())
+        index = json.loads((dep / "native" / "native.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (meta.get("source") == str(model.resolve()) and (meta.get("magnitude_pruned") or 0) == p
+            and index.get("weights") == weights and index.get("head") == head)
+    if not same:
+        return None
+    b = meta.get("build") or {}
+    return {"wall_s": b.get("seconds"), "peak_rss_mb": round(b["peak_rss_mb"]) if b.get("peak_rss_mb") else None,
+            "reused": True}
+
+
 def two_layer_reference() -> dict:
     """Earlier runs' 2-layer numbers (committed results; not measured here)."""
     ref = {}
@@ -140,7 +161,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--lock", default="/work/notes/cpu.lock" if Path("/work/notes").is_dir() else "")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--keep", action="store_true", help="keep the deployments and GGUFs")
+    ap.add_argument("--keep", action="store_true", help="keep the deployments and GGUFs (a rerun reuses them)")
     a = ap.parse_args()
 
     from sparsedeploy.bench import report
@@ -172,6 +193,10 @@ def main() -> None:
     ggufs, gguf_rec = {}, {}
     for t in peers:          # dense weights, streamed: llama.cpp's peer of every sparsity
         path = a.work / f"dense-{t}.gguf"
+        if path.is_file() and a.keep:
+            ggufs[t] = path
+            gguf_rec[t] = {"wall_s": None, "peak_rss_mb": None, "bytes": path.stat().st_size, "reused": True}
+            continue
         with cpu_lock(a.lock, False):
             rec = run([py, "-c", "import sys; from sparsedeploy.export.gguf import write_gguf_from_folder as w; "
                        f"print(w(sys.argv[1], sys.argv[2], '{t}'))", str(a.model), str(path)])
@@ -189,8 +214,10 @@ def main() -> None:
                 argv += ["--prune-magnitude", str(p)]
             if a.cores:
                 argv += ["--cores", str(a.cores)]
-            with cpu_lock(a.lock, False):
-                build = run(argv)
+            build = reusable(dep, a.model, p, a.weights, a.head)
+            if build is None:
+                with cpu_lock(a.lock, False):
+                    build = run(argv)
             meta = read_deployment(dep)
             index = json.loads((dep / "native" / "native.json").read_text())
             fmts: dict[str, int] = {}
@@ -223,7 +250,7 @@ def main() -> None:
             rows.append(row)
             print(f"{name}: {row['ms']:.1f} ms/token"
                   + "".join(f", {t.upper()} {v:.1f}" for t, v in row["peers"].items())
-                  + f"; build {build['wall_s']:.0f} s, peak RSS {build['peak_rss_mb']} MB; {row['disk_bytes'] / 1e9:.2f} GB",
+                  + f"; build {f0(build['wall_s'])} s, peak RSS {build['peak_rss_mb']} MB; {row['disk_bytes'] / 1e9:.2f} GB",
                   flush=True)
             if not a.keep:
                 shutil.rmtree(dep, ignore_errors=True)
@@ -276,7 +303,8 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
         cells += [f"{r.get(f'x_vs_{t}', float('nan')):.2f}" for t in peers]
         cells += [f"{r['bound_ms']:.1f}", f"{r['bound_ms'] / r['ms']:.0%}", f"{r['decoder_bytes_per_weight']:.3f}",
                   f"{r['disk_bytes'] / 1e9:.2f}", f"{r['rss_mb']:.0f}", str(nb.get("load", "?")),
-                  f"{r['startup_s']:.1f}", f"{r['build']['wall_s']:.0f}", str(r["build"]["peak_rss_mb"])]
+                  f"{r['startup_s']:.1f}", f0(r['build']['wall_s']) + (" (earlier run)" if r["build"].get("reused") else ""),
+                  str(r["build"]["peak_rss_mb"])]
         lines.append("| " + " | ".join(cells) + " |")
     for t in peers:
         pr = [x for x in peer_rows if x["type"] == t]
@@ -287,7 +315,7 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
             cells += ["1.00" if u == t else "–" for u in peers]
             cells += [f"{pr[0]['bound_ms']:.1f}", f"{pr[0]['bound_ms'] / med:.0%}", "–",
                       f"{gguf_rec[t]['bytes'] / 1e9:.2f}", f"{max(x['rss_mb'] for x in pr):.0f}", "mmap", "–",
-                      f"{gguf_rec[t]['wall_s']:.0f}", str(gguf_rec[t]["peak_rss_mb"])]
+                      f0(gguf_rec[t]['wall_s']), str(gguf_rec[t]["peak_rss_mb"])]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Resident weights of the native engine per value type (MB):", ""]
     for r in rows:

@@ -165,3 +165,19 @@ def test_row_blocked_head_encoding_equals_the_whole_matrix(enc):
     W = np.random.default_rng(0).standard_normal((1000, 200)).astype(np.float32)
     whole, blocked = getattr(lowbit, enc)(W), _encode_rows(getattr(lowbit, enc), W, rows=128)
     assert set(whole) == set(blocked) and all(np.array_equal(whole[k], blocked[k]) for k in whole)
+
+
+def test_streamed_build_times_each_kind_of_layer_once(tiny_llama_dir, tmp_path):
+    """Formats measured while streaming: every group has its timings; a layer of the same shapes and sparsities as
+    an earlier one takes that layer's choice (uniform pruning: one timing for the whole model)."""
+    from sparsedeploy.export.native import export_native_only
+
+    res = export_native_only(tiny_llama_dir, tmp_path / "dep", weights="int8", cores=2, progress=False)   # dense
+    index = res["index"]
+    assert index["tuning"]["per_layer"] and index["tuning"]["threads"] == 2
+    first = index["layers"][0]
+    for i, layer in enumerate(index["layers"]):
+        for g, info in layer.items():
+            assert info["measured_ms"] and info["format"] in ("int8", "int8_csr", "int8_ell", "int8_bitmask")
+            assert info.get("measured_on_layer", i) == (0 if i else i)
+            assert (info["format"], info["serial"]) == (first[g]["format"], first[g]["serial"])

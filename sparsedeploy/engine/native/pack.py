@@ -2,7 +2,8 @@
 
 One packer, two kinds of input (`write_native`): a source with has(name) / get(name) -> float32 array, read one
 decoder layer at a time — the pruned model's tensors in memory (`build`, DictSource) or a model folder's
-safetensors streamed from disk (export/native.py FolderSource: a full-depth 7B model never sits in memory) —
+safetensors streamed from disk by a caller's reader with the same two methods (a full-depth 7B model never sits
+in memory) —
 and its config. Arrays are written as they are made (ArrayWriter: a safetensors file built from spools, every
 array at a multiple of its item size), so a build holds the shared tensors while they are written, then about
 one decoder layer; NativeModel can memory-map the files (`map_arrays`) instead of copying them. Each
@@ -160,7 +161,7 @@ def candidates(W: np.ndarray, weights: str = "fp32") -> list[str]:
 
 class DictSource:
     """A model's tensors held in memory (name -> array), read as the packer reads any source: one float32
-    matrix at a time. A streamed source (export/native.py) has the same two methods and reads the files."""
+    matrix at a time. A streamed source (a model folder's reader) has the same two methods and reads the files."""
 
     def __init__(self, tensors: dict):
         self.tensors = tensors
