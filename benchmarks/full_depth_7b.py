@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--lock", default="/work/notes/cpu.lock" if Path("/work/notes").is_dir() else "")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--load-ab", action="store_true", help="also time the first sparsity's weights memory-mapped "
+                    "and copied (SPARSEDEPLOY_NATIVE_LOAD) side by side in its group")
     ap.add_argument("--keep", action="store_true", help="keep the deployments and GGUFs (a rerun reuses them)")
     a = ap.parse_args()
 
@@ -202,7 +204,7 @@ def main() -> None:
                        f"print(w(sys.argv[1], sys.argv[2], '{t}'))", str(a.model), str(path)])
         ggufs[t] = path
         gguf_rec[t] = {**rec, "bytes": path.stat().st_size}
-    bw = None
+    bw, load_ab = None, None
     rows, peer_rows = [], []
     try:
         for p in sparsities:
@@ -225,6 +227,10 @@ def main() -> None:
                     fmts[g["format"]] = fmts.get(g["format"], 0) + 1
             name = f"magnitude {p:.0%} {a.weights}+{a.head}" if p > 0 else f"dense {a.weights}+{a.head}"
             jobs = [(dict(meta, label=name), "native")]
+            if a.load_ab and p == sparsities[0]:      # the same weights loaded the other way, in the same rounds
+                jobs += [(dict(meta, label=f"{name} ({mode})", env={"SPARSEDEPLOY_NATIVE_LOAD": mode}), "native")
+                         for mode in ("mmap", "copy")]
+                jobs = jobs[1:]
             jobs += [(dict(meta, label=f"dense {t.upper()} GGUF", gguf=str(ggufs[t]), sparsity=0.0), "llamacpp")
                      for t in peers]
             prompt = prompt_ids(meta, a.prompt_tokens)
@@ -232,6 +238,10 @@ def main() -> None:
                 bw = bw or report.measure_bandwidth(threads=a.cores, mbytes=256)
                 timed = time_jobs(jobs, cfg, prompt, None)
             nat = timed[0]
+            if a.load_ab and p == sparsities[0]:
+                load_ab = [{"load": r["native_bytes"]["load"], "ms": r["latency_ms"], "startup_s": r["compile_s"],
+                            "rss_mb": r["rss_mb"], "peak_rss_mb": r["peak_rss_mb"]} for r in timed[:2]]
+                timed, jobs = timed[:1] + timed[2:], jobs[:1] + jobs[2:]      # the table's row: mmap
             nb = native_step_bytes(dep, meta, kv_slots)
             row = {"sparsity": p, "label": name, "realized_sparsity": meta["sparsity"], "ms": nat["latency_ms"],
                    "p90_ms": nat["latency_p90_ms"], "rss_mb": nat["rss_mb"], "peak_rss_mb": nat["peak_rss_mb"],
@@ -258,31 +268,34 @@ def main() -> None:
         if not a.keep:
             for p in ggufs.values():
                 p.unlink(missing_ok=True)
-    write(a, rows, peer_rows, gguf_rec, bw, label, made_model, build_info(), sparsities)
+    write(a, rows, peer_rows, gguf_rec, bw, label, made_model, build_info(), sparsities, load_ab)
 
 
-def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, sparsities) -> None:
+def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, sparsities, load_ab=None) -> None:
     dense = next((r for r in rows if r["sparsity"] == 0), None)
     for r in rows:
         r["speedup_vs_dense_native"] = dense["ms"] / r["ms"] if dense else None
         for t, v in r["peers"].items():
             r[f"x_vs_{t}"] = v / r["ms"]
-    doc = {"title": "SYNTHETIC LLaMA2-7B shapes, 32 decoder layers: native-only int8 deployments (streamed build) vs "
-                    "llama.cpp dense GGUF — decode ms/token",
+    conf = json.loads((a.model / "config.json").read_text())
+    shape = (f"{label.get('preset')} shapes, {conf['num_hidden_layers']} decoder layers (hidden {conf['hidden_size']}, "
+             f"MLP {conf['intermediate_size']}, {conf['num_attention_heads']} heads)")
+    doc = {"title": f"SYNTHETIC {label.get('preset')} shapes, {conf['num_hidden_layers']} decoder layers: native-only "
+                    f"{a.weights} deployments (streamed build) vs llama.cpp dense GGUF — decode ms/token",
            "cpu": cpu_name(), "cpu_tag": cpu_tag(), "cores": os.cpu_count(), "bandwidth": bw,
            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
            "synthetic": label, "model": str(a.model), "synth_run": made_model,
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
            "sparsities": list(sparsities), "rows": rows, "peer_rows": peer_rows, "ggufs": gguf_rec,
-           "llamacpp_build": llamacpp_build, "reference_2_layers": two_layer_reference(),
+           "llamacpp_build": llamacpp_build, "load_ab": load_ab, "reference_2_layers": two_layer_reference(),
            "reference_paper_speedups": {f"{int(k * 100)}%": v for k, v in PAPER.items()},
            "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = f"full_depth_7b_{cpu_tag()}" + (f"_{a.tag}" if a.tag else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2))
     lines = [f"# {doc['title']}", "",
-             "**SYNTHETIC weights** (random, LLaMA2-7B layer shapes: 32 decoder layers, hidden 4096, MLP 11008, 32 heads; "
-             f"vocabulary {label.get('vocab_size')} from the SmolLM2 tokenizer; bf16 folder `{a.model}`): speed, memory "
+             f"**SYNTHETIC weights** (random, {shape}; vocabulary {label.get('vocab_size')} from the "
+             f"{label.get('tokenizer')} tokenizer; {label.get('dtype')} folder `{a.model}`): speed, memory "
              "and bytes are real, model quality is meaningless. Magnitude pruning (the synthetic sweep's pruner: the "
              "smallest |w| of each whole matrix) applied while streaming.",
              f"CPU: {doc['cpu']} ({doc['cores']} logical CPUs, {doc['ram_gib']} GiB RAM), memory bandwidth probe "
@@ -322,6 +335,10 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
         bvt = (r["native_bytes"] or {}).get("by_value_type") or {}
         lines.append(f"- {r['label']}: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(bvt.items()))
                      + f"; formats {r['formats']}")
+    if load_ab:
+        lines += ["", f"Loading the {rows[0]['label']} weights both ways, same rounds: " + "; ".join(
+            f"{x['load']} {x['ms']:.1f} ms/token, start {x['startup_s']:.1f} s, RSS {x['rss_mb']:.0f} MB "
+            f"(peak {x['peak_rss_mb']:.0f})" for x in load_ab) + " (the table's row: mmap)."]
     lines += ["", "Bound: bytes one step reads (native: every decoder array, lm_head and norms, one embedding row, "
               "fp32 keys/values of the occupied slots; llama.cpp: every tensor but the embedding table, one row of "
               "it, f16 keys/values) / the bandwidth probe. RSS: the engine worker's after decoding (memory-mapped "

@@ -92,8 +92,8 @@ def test_native_only_deployment_decodes_pytorchs_tokens_without_onnx(native_only
     model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
     prompt = [5, 17, 42, 99, 3, 250]
     want = greedy_torch(model, prompt, 10)
-    monkeypatch.setenv("SPARSEDEPLOY_NATIVE_LOAD", load)
-    with WorkerRuntime("native", meta["onnx"], cores=2, seq_len=1, cache_len=int(meta["seqlen"])) as w:
+    with WorkerRuntime("native", meta["onnx"], cores=2, seq_len=1, cache_len=int(meta["seqlen"]),
+                       env={"SPARSEDEPLOY_NATIVE_LOAD": load}) as w:          # this worker's load mode
         assert w.decode(prompt, 10).tokens == want
         info = w.engine_info
     wb = info["weight_bytes"]

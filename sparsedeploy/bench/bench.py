@@ -368,8 +368,8 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int], engines
 
 def time_jobs(jobs: list[tuple[dict, str]], cfg: BenchConfig, prompt: list[int], dense: dict | None) -> list[dict]:
     """One worker per (deployment meta, engine) job, each warmed up, then `cfg.rounds` interleaved rounds (order
-    rotated per round) -> one row per job. A job's meta may carry "label" (else Dense / NN%) and, for llama.cpp,
-    "gguf" (the file it decodes). `dense`: the meta whose head.onnx splits a step into layers and the rest."""
+    rotated per round) -> one row per job. A job's meta may carry "label" (else Dense / NN%), "env" (variables
+    for its worker alone, e.g. the native load mode) and, for llama.cpp, "gguf" (the file it decodes). `dense`: the meta whose head.onnx splits a step into layers and the rest."""
     workers: list[WorkerRuntime] = []
     rows: list[dict] = []
     try:
@@ -377,7 +377,7 @@ def time_jobs(jobs: list[tuple[dict, str]], cfg: BenchConfig, prompt: list[int],
             for j, (d, engine) in enumerate(jobs):
                 path = d["gguf"] if engine == "llamacpp" else d["onnx"]
                 w = WorkerRuntime(engine, path, cores=cfg.cores, seq_len=1, cache_len=int(d["seqlen"]),
-                                  prefill_len=cfg.prefill_chunk or None)
+                                  prefill_len=cfg.prefill_chunk or None, env=d.get("env"))
                 workers.append(w)
                 w.decode(prompt[:8], 4)                                   # warm-up
                 native = w.engine_info if w.name == "native" else None
