@@ -173,16 +173,35 @@ def export(
     seqlen: int = typer.Option(512, help="ONNX: total context S the deployment is compiled for (prompt + generated)"),
     out: Optional[Path] = typer.Option(None, "--out", help="deployment folder (default RUN/deployment); GGUF: the "
                                        ".gguf file (default RUN/deployment-gguf/model-TYPE.gguf)"),
-    format: str = typer.Option("onnx", "--format", help="onnx (DeepSparse / ONNX Runtime / native) | gguf (llama.cpp)"),
+    format: str = typer.Option("onnx", "--format", help="onnx (DeepSparse / ONNX Runtime / native) | gguf (llama.cpp) | "
+                               "native (native engine only, streamed layer by layer: no graph)"),
     type_: Optional[str] = typer.Option(None, "--type", help="GGUF: f32 | f16 | q8_0 | q4_0 | q4_1 (default f32)"),
-    cores: Optional[int] = typer.Option(None, help="GGUF: threads for llama.cpp's check (default: all)"),
+    cores: Optional[int] = typer.Option(None, help="GGUF: threads for llama.cpp's check (default: all); native: the tuner's"),
+    weights: str = typer.Option("int8", help="native: value type of the decoder weights: int8 | int4 | fp32"),
+    head: Optional[str] = typer.Option(None, help="native, low-bit: lm_head int8 (default) | q4"),
+    crossover: Optional[float] = typer.Option(None, help="native: fixed format rule instead of timing each layer's groups"),
+    prune_magnitude: Optional[float] = typer.Option(None, "--prune-magnitude", help="native: magnitude-prune every "
+                                                    "decoder linear to this sparsity while streaming (SYNTHETIC speed tables)"),
     force: bool = typer.Option(False),
 ):
     """KV-cache ONNX export → a deployment folder, verified (tokens = PyTorch's, sparsity = the plan);
-    --format gguf: a GGUF file for llama.cpp, verified (read back; llama.cpp's tokens where it is built)."""
+    --format gguf: a GGUF file for llama.cpp, verified (read back; llama.cpp's tokens where it is built);
+    --format native: a native-only deployment of a model folder, streamed one decoder layer at a time (--out needed)."""
     fmt = format.lower()
-    if fmt not in ("onnx", "gguf"):
-        raise UserError(f"unknown export format '{format}'", "use --format onnx or --format gguf")
+    if fmt not in ("onnx", "gguf", "native"):
+        raise UserError(f"unknown export format '{format}'", "use --format onnx, gguf or native")
+    if fmt == "native":
+        from .export.native import export_native_only
+        from .pipeline.models import resolve
+        if out is None:
+            raise UserError("--format native needs --out DIR", "add --out, e.g. --out RUN/deployment-native")
+        res = export_native_only(Path(resolve(run_or_model).path), out, weights=weights, head=head, crossover=crossover, cores=cores,
+                                 magnitude=prune_magnitude, seqlen=seqlen)
+        ui.out.print(f"native-only deployment {res['dir']}: {res['bytes'] / 1e9:.2f} GB on disk, built in "
+                     f"{res['seconds']:.0f} s, peak RSS {res['peak_rss_mb'] or 0:.0f} MB")
+        return
+    if weights != "int8" or head is not None or crossover is not None or prune_magnitude is not None:
+        raise UserError("--weights/--head/--crossover/--prune-magnitude apply to --format native", "add --format native")
     if fmt == "gguf":
         from .export.gguf import check_type, export_gguf
         path = export_gguf(run_or_model, qtype=check_type(type_ or "f32"), out=out, force=force, cores=cores)

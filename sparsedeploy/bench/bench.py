@@ -95,7 +95,9 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     _check_cores(cores)
     meta = _read_deployment(deployment)
     onnx_path = Path(meta["onnx"])
-    before = file_sha256(onnx_path)
+    check(not meta.get("native_only") or engine == "native", f"{deployment} is a native-only deployment (no ONNX "
+          f"graph) and --engine {engine} runs ONNX graphs", "use --engine native")
+    before = file_sha256(onnx_path) if onnx_path.is_file() else None
     t0 = time.perf_counter()
     index = None
     if engine == "native":
@@ -133,8 +135,8 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
                                         "report it with the deployment; ONNX Runtime's tokens matched at export")
             rec["decode_ms_median"] = res.summary()["decode_ms_median"]
         rec["peak_rss_mb"] = w.peak_rss_mb()
-    rec["onnx_unchanged"] = file_sha256(onnx_path) == before
-    check(rec["onnx_unchanged"], f"{onnx_path} changed during compile", "report it: engines must only see a copy")
+    rec["onnx_unchanged"] = file_sha256(onnx_path) == before if before is not None else None
+    check(rec["onnx_unchanged"] is not False, f"{onnx_path} changed during compile", "report it: engines must only see a copy")
     write_json(Path(deployment) / f"compile-{engine}.json", rec)
     return rec
 
@@ -366,8 +368,8 @@ def _bench_group(group: list[dict], cfg: BenchConfig, prompt: list[int], engines
 
 def time_jobs(jobs: list[tuple[dict, str]], cfg: BenchConfig, prompt: list[int], dense: dict | None) -> list[dict]:
     """One worker per (deployment meta, engine) job, each warmed up, then `cfg.rounds` interleaved rounds (order
-    rotated per round) -> one row per job. A job's meta may carry "label" (else Dense / NN%) and, for llama.cpp,
-    "gguf" (the file it decodes). `dense`: the meta whose head.onnx splits a step into layers and the rest."""
+    rotated per round) -> one row per job. A job's meta may carry "label" (else Dense / NN%), "env" (variables
+    for its worker alone, e.g. the native load mode) and, for llama.cpp, "gguf" (the file it decodes). `dense`: the meta whose head.onnx splits a step into layers and the rest."""
     workers: list[WorkerRuntime] = []
     rows: list[dict] = []
     try:
@@ -375,7 +377,7 @@ def time_jobs(jobs: list[tuple[dict, str]], cfg: BenchConfig, prompt: list[int],
             for j, (d, engine) in enumerate(jobs):
                 path = d["gguf"] if engine == "llamacpp" else d["onnx"]
                 w = WorkerRuntime(engine, path, cores=cfg.cores, seq_len=1, cache_len=int(d["seqlen"]),
-                                  prefill_len=cfg.prefill_chunk or None)
+                                  prefill_len=cfg.prefill_chunk or None, env=d.get("env"))
                 workers.append(w)
                 w.decode(prompt[:8], 4)                                   # warm-up
                 native = w.engine_info if w.name == "native" else None
@@ -456,12 +458,17 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
     check(len(sizes) == 1, "the deployments are different models (layers, hidden size or vocabulary differ)",
           "bench pruned copies of one model together")
     engines = _llamacpp_jobs(deps, cfg)
+    graphless = [m["dir"] for m in deps if m.get("native_only")]
+    check(not graphless or all(e in ("native", "llamacpp") for e in engines),
+          f"{graphless[0] if graphless else ''} is a native-only deployment (no ONNX graph) and --engine "
+          f"{','.join(e for e in engines if e not in ('native', 'llamacpp'))} runs ONNX graphs",
+          "use --engine native (and llamacpp on a GGUF export)")
     if "native" in cfg.engines:
         from ..export.native import ensure_native
 
         for m in deps:
             ensure_native(m, cores=cfg.cores, keep_fixed=True)
-    originals = {m["onnx"]: file_sha256(Path(m["onnx"])) for m in deps}
+    originals = {m["onnx"]: file_sha256(Path(m["onnx"])) for m in deps if not m.get("native_only")}
     deps.sort(key=lambda m: m["sparsity"])
     prompt = prompt_ids(deps[0], cfg.prompt_tokens)
     ui.info("measuring memory bandwidth…")
@@ -488,6 +495,8 @@ def bench(deployments: list[str | Path], cfg: BenchConfig, *, json_out: Path | N
             write_json(cached, {"key": key, "rows": grows})
         rows += [dict(r, group=gi) for r in grows]
     for m in deps:
+        if m.get("native_only"):
+            continue
         check(file_sha256(Path(m["onnx"])) == originals[m["onnx"]], f"{m['onnx']} changed during the bench",
               "report it: engines must only see a copy")
     doc = assemble(rows, cfg, machine, title=title, synthetic=any(m.get("synthetic") for m in deps))

@@ -47,11 +47,15 @@ class Runtime(ABC):
     fallback: str | None = None      # engine to use instead where this one cannot run (None: refuse)
     stateful: bool = False           # True: keeps its own KV cache; decode.py steps `sequence(S)`, not `run`
     reads_onnx: bool = True          # False: runs another export of the model (llama.cpp: a GGUF file)
+    needs_graph: bool = True         # False: runs a native-only deployment (no model.onnx: native, the worker)
     cores: int | None = None
 
     def __init__(self, onnx_path: str | Path):
         self.onnx_path = Path(onnx_path)
         self.io = model_io(self.onnx_path)
+        if self.io.get("native_only") and self.needs_graph:
+            raise UserError(f"{self.onnx_path.parent} is a native-only deployment (no ONNX graph) and {self.label} "
+                            "runs ONNX graphs", "use --engine native (or export the model with --format onnx)")
         self.input_names: list[str] = self.io["input_names"]
         self.output_names: list[str] = self.io["output_names"]
 

@@ -53,6 +53,12 @@ def model_io(onnx_path: str | Path) -> dict:
         key = None
     if key is not None and key in _IO_CACHE:
         return dict(_IO_CACHE[key])
+    if key is None:                  # no graph: a native-only deployment's IO comes from its sparsedeploy.json
+        from .deployment import native_only_io
+
+        io = native_only_io(path)
+        if io is not None:
+            return io
     io = _io_from_proto(load_header(path), path)
     if key is not None:
         _IO_CACHE.clear()

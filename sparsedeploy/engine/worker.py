@@ -161,17 +161,21 @@ class WorkerRuntime(Runtime):
     RuntimeError instead of hanging.
     """
 
+    needs_graph = False            # the engine in the worker checks for itself
+
     def __init__(self, engine: str, onnx_path: str | Path, *, cores: int | None = None, seq_len: int | None = 1,
-                 cache_len: int | None = None, prefill_len: int | None = None):
+                 cache_len: int | None = None, prefill_len: int | None = None, env: dict | None = None):
         if getattr(engine_class(engine), "stateful", False):    # llama.cpp: a GGUF file, no graph to read here
             self.onnx_path, self.io, self.input_names, self.output_names = Path(onnx_path), {}, [], ["logits"]
         else:
             super().__init__(onnx_path)
         self.seq_len, self.cache_len = seq_len, cache_len
+        extra_env = dict(env or {})          # e.g. SPARSEDEPLOY_NATIVE_LOAD for this worker only
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["NM_DISABLE_ANALYTICS"] = "1"
+        env.update(extra_env)
         if cores:
             env["OMP_NUM_THREADS"] = str(cores)
         self._proc = subprocess.Popen([sys.executable, "-c", "from sparsedeploy.engine.worker import _worker_main; _worker_main()"],

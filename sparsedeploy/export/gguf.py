@@ -91,10 +91,10 @@ def _encode(w: np.ndarray, kind: str) -> tuple[np.ndarray, str]:
     return quants.quantize(np.ascontiguousarray(w, dtype=np.float32), _ggml_types()[kind]), kind
 
 
-def _tensor_plan(model) -> list[tuple[str, str, str]]:
+def _tensor_plan(model_or_config) -> list[tuple[str, str, str]]:
     """(gguf name, state-dict name, role) in file order; role: 'embed' | 'output' | 'norm' | 'linear' | 'q' | 'k'."""
-    spec = arch_for(model.config)
-    cfg = model.config
+    cfg = getattr(model_or_config, "config", model_or_config)
+    spec = arch_for(cfg)
     plan = [("token_embd.weight", f"{spec.embed}.weight", "embed"),
             ("output_norm.weight", f"{spec.final_norm}.weight", "norm")]
     if not getattr(cfg, "tie_word_embeddings", False):
@@ -109,9 +109,10 @@ def _tensor_plan(model) -> list[tuple[str, str, str]]:
     return plan
 
 
-def check_supported(model) -> None:
-    """One-line UserError unless llama.cpp's `llama` architecture runs this model as it is."""
-    cfg = model.config
+def check_supported(model, names=None) -> None:
+    """One-line UserError unless llama.cpp's `llama` architecture runs this model as it is. model: a model, or a
+    config with `names` (its tensor names, e.g. a model folder's)."""
+    cfg = getattr(model, "config", model)
     spec = arch_for(cfg)
     if spec.name != "llama":
         raise UserError(f"GGUF export supports the Llama family (llama, mistral), not '{cfg.model_type}'",
@@ -121,13 +122,11 @@ def check_supported(model) -> None:
                         "export ONNX instead (--format onnx)")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise UserError(f"GGUF export supports the silu activation, not '{cfg.hidden_act}'", "export ONNX instead")
-    sd = model.state_dict()
-    if any(k.endswith(".bias") for k in sd):
+    if any(k.endswith(".bias") for k in (names if names is not None else model.state_dict())):
         raise UserError("the model's linears carry biases, which llama.cpp's llama architecture lacks",
                         "export ONNX instead (--format onnx)")
 
 
-# ------------------------------------------------------------------------------------------- tokenizer
 def _tokenizer_json(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
@@ -205,15 +204,35 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
 def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f32", *, name: str | None = None) -> dict:
     """Write the GGUF file at `path` (as given: callers rename a temp name into place). Returns what was
     stored: {"types": {stored type: tensor count}, "tensors": n}."""
-    import gguf
     import torch
 
-    qtype = check_type(qtype)
+    sd = model.state_dict()
     check_supported(model)
-    cfg = model.config
+    return write_gguf_streamed(model.config, lambda hf: sd[hf].detach().to(torch.float32).cpu().numpy(),
+                               {k: tuple(v.shape) for k, v in sd.items()}, tokenizer, path, qtype, name=name)
+
+
+def _stored_kind(shape: tuple[int, ...], kind: str) -> str:
+    """The type _encode stores a tensor of this shape as, asked for `kind`."""
+    if len(shape) == 1 or kind == "f32":
+        return "f32"
+    return "f16" if kind != "f16" and shape[-1] % BLOCK else kind
+
+
+def write_gguf_streamed(cfg, get, shapes: dict, tokenizer, path: str | Path, qtype: str = "f32", *,
+                        name: str | None = None) -> dict:
+    """The GGUF writer: header and tensor table from the shapes alone, then each tensor read (`get(hf name)` ->
+    float32 array), encoded and written in turn, so only one tensor is ever in memory (a 7B model folder streams
+    through). cfg: the model's config; shapes: {hf name: shape}. Returns {"types": {stored type: count}, "tensors": n}."""
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape
+
+    qtype = check_type(qtype)
+    check_supported(cfg, list(shapes))
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     n_head, n_kv = int(cfg.num_attention_heads), int(cfg.num_key_value_heads or cfg.num_attention_heads)
-    vocab_size = int(model.get_input_embeddings().weight.shape[0])
+    spec = arch_for(cfg)
+    vocab_size = int(shapes[f"{spec.embed}.weight"][0])
     tok = tokenizer_fields(tokenizer, vocab_size)
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -248,24 +267,67 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f32", *, name: 
     if isinstance(tok["chat_template"], str) and tok["chat_template"]:
         w.add_chat_template(tok["chat_template"])
 
-    sd = model.state_dict()
     big = "q8_0" if qtype in ("q4_0", "q4_1") else qtype
+    plan = []
+    types = _ggml_types()
+    for gname, hf, role in _tensor_plan(cfg):
+        if hf not in shapes:
+            raise UserError(f"the model has no tensor {hf}", "pass a complete model")
+        shape = tuple(int(d) for d in shapes[hf])
+        kind = _stored_kind(shape, "f32" if role == "norm" else big if role in ("embed", "output") else qtype)
+        if kind in ("f32", "f16"):
+            dt, stored_shape = np.dtype(np.float32 if kind == "f32" else np.float16), shape
+        else:                                     # quantised blocks: bytes per row, as quants.quantize returns them
+            dt, stored_shape = np.dtype(np.uint8), quant_shape_to_byte_shape(shape, types[kind])
+        w.add_tensor_info(gname, stored_shape, dt, dt.itemsize * int(np.prod(stored_shape)), raw_dtype=types[kind])
+        plan.append((gname, hf, role, kind))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
     stored: dict[str, int] = {}
-    for gname, hf, role in _tensor_plan(model):
-        t = sd[hf].detach().to(torch.float32).cpu().numpy()
+    for gname, hf, role, kind in plan:
+        t = get(hf)
         if role == "q":
             t = permute_qk(t, n_head)
         elif role == "k":
             t = permute_qk(t, n_kv)
-        kind = "f32" if role == "norm" else big if role in ("embed", "output") else qtype
-        data, kind = _encode(t, kind)
+        data, got = _encode(t, kind)
+        del t
+        assert got == kind, (gname, got, kind)
         stored[kind] = stored.get(kind, 0) + 1
-        w.add_tensor(gname, data, raw_dtype=_ggml_types()[kind])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+        w.write_tensor_data(data)
+        del data
     w.close()
     return {"types": stored, "tensors": sum(stored.values())}
+
+
+def write_gguf_from_folder(model_dir: str | Path, path: str | Path, qtype: str = "q4_0", *,
+                           magnitude: float | None = None) -> dict:
+    """A GGUF of a Hugging Face folder's weights, streamed tensor by tensor from its (sharded) safetensors (the
+    llama.cpp peer of a full-depth model that does not fit in memory in float32), optionally magnitude-pruned as
+    export.native.FolderSource reads it (the same weights as the native-only deployment's). Written to a temp
+    name, renamed into place; unverified (llama.cpp's own check needs the model in PyTorch)."""
+    import os
+
+    from ..pipeline.models import _transformers
+    from .native import FolderSource
+
+    path = Path(path)
+    src = FolderSource(model_dir, magnitude)
+    t = _transformers()
+    cfg = t.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+    tokenizer = t.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    shapes = {k: v[1] for k, v in src.src.meta().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        doc = write_gguf_streamed(cfg, src.get, shapes, tokenizer, tmp, qtype,
+                                  name=str(getattr(cfg, "_name_or_path", "") or Path(model_dir).name))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return doc
 
 
 # ------------------------------------------------------------------------------------------- reading back

@@ -93,6 +93,14 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
 
     ndir = Path(meta["dir"]) / NATIVE_DIR
     old = read_index(ndir)
+    if meta.get("native_only"):          # its weights were built with it (export --format native): nothing to rebuild from
+        check(old is not None, f"{meta['dir']} is a native-only deployment without readable native weights",
+              "re-export it: sparsedeploy export MODEL --format native --out DIR")
+        check(not force and weights in (None, old.get("weights")) and head in (None, old.get("head")) and crossover is None,
+              f"{meta['dir']} is a native-only deployment: its native weights ({old.get('weights')}, head "
+              f"{old.get('head')}) were built at export", "re-export it with the options you want: "
+              "sparsedeploy export MODEL --format native --weights ... --head ... --out DIR")
+        return old
     c = wanted_crossover(old, crossover, keep_fixed)
     wt = wanted_weights(old, weights, keep_fixed)
     hd = wanted_head(old, head, wt, keep_fixed)
@@ -236,3 +244,144 @@ def lowbit_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict
         for h in hooks:
             h.remove()
     return out
+
+
+# ------------------------------------------------------------------------------------ native-only, streamed
+NATIVE_ONLY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+class FolderSource:
+    """A Hugging Face folder's (sharded, any dtype) safetensors as the packer reads them (pack.write_native):
+    one tensor at a time, as float32 numpy, read from the memory-mapped files (pipeline.stream.SafetensorsFolder).
+    magnitude: each decoder linear magnitude-pruned to that sparsity as it is read (pipeline.prune.prune_magnitude,
+    the pruner of the synthetic sweep: the |w| smallest of the whole matrix) — for SYNTHETIC speed tables."""
+
+    def __init__(self, folder: str | Path, magnitude: float | None = None):
+        from ..pipeline.arch import spec_for
+        from ..pipeline.stream import SafetensorsFolder
+
+        self.src = SafetensorsFolder(folder)
+        self.config = self.src.config
+        self.names = set(self.src.names())
+        spec = spec_for(self.config)
+        n = int(self.config.get("num_hidden_layers") or 0)
+        self.prunable = {f"{spec.layers}.{i}.{name}.weight" for i in range(n) for name in spec.linears}
+        self.magnitude = magnitude or None
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def get(self, name: str):
+        import torch
+
+        from ..pipeline.prune import prune_magnitude
+
+        if name not in self.names:
+            raise UserError(f"{self.src.path} lacks tensor {name}", "pass a complete model folder")
+        t = self.src.get(name).to(torch.float32)
+        if self.magnitude and name in self.prunable:
+            t = prune_magnitude(t, None, self.magnitude)
+        return t.numpy()
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in open("/proc/self/status", encoding="utf-8"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def native_only_meta(index: dict, config: dict, *, seqlen: int, source: str, magnitude: float | None) -> dict:
+    """sparsedeploy.json of a native-only deployment: what bench and the decode loop read from an ONNX export's
+    (cache geometry, the graph's input/output names, each linear's zero count), with no graph."""
+    from ..arch import native_arch
+
+    arch = native_arch(config)
+    L = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    hd = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    past = [f"past_key_values.{i}.{kv_}" for i in range(L) for kv_ in ("key", "value")]
+    zeros = dict(index["zeros"])
+    numel = sum(n for _, n in zeros.values())
+    nz = sum(z for z, _ in zeros.values())
+    vocab, hidden = int(config["vocab_size"]), int(config["hidden_size"])
+    weights = {**zeros, arch.embed: [0, vocab * hidden]}
+    if not index["tied_lm_head"]:
+        weights[arch.lm_head] = [0, vocab * hidden]
+    synthetic = config.get("sparsedeploy_synthetic")
+    return {"native_only": True, "arch": arch.name, "num_layers": L, "num_kv_heads": kv, "num_heads": heads,
+            "head_dim": hd, "vocab_size": vocab, "hidden_size": hidden,
+            "input_names": ["input_ids", "positions", "causal_mask", *past],
+            "output_names": ["logits", *[p.replace("past_key_values.", "present.") for p in past]],
+            "seqlen": int(seqlen), "max_positions": config.get("max_position_embeddings"),
+            "model_type": config.get("model_type"), "sparsity": round(nz / max(numel, 1), 6),
+            "weights": weights, "source": source, "export_key": {"source": source, "native_only": True},
+            "magnitude_pruned": magnitude, "synthetic": bool(synthetic), "synthetic_label": synthetic}
+
+
+def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str = "int8", head: str | None = None,
+                       crossover: float | None = None, formats: tuple[str, ...] | None = None,
+                       cores: int | None = None, magnitude: float | None = None, seqlen: int = 256,
+                       progress: bool = True) -> dict:
+    """A native-only deployment of a model folder, streamed: config.json, the tokenizer, sparsedeploy.json and
+    native/ — no ONNX graph (a full-depth 7B model's fp32 graph is 27 GB; the native engine needs only its own
+    weights and the cache geometry). The decoder layers are read, optionally magnitude-pruned (`magnitude`),
+    encoded and written one at a time (pack.write_native: the packer the in-memory builds use), so the
+    residents are the embedding/lm_head while they are encoded, then about one decoder layer in float32.
+    Formats: measured layer by layer on this CPU (crossover None), restricted to `formats` if given, or the
+    fixed rule of `crossover`. Written into a temp sibling folder and renamed into place. Returns
+    {"dir", "index", "seconds", "peak_rss_mb", "bytes"}."""
+    import shutil
+    import tempfile
+    import time
+
+    from ..engine.deployment import DEPLOY_META
+    from ..engine.native.pack import write_native
+    from ..pipeline.models import replace_dir
+    from ..pipeline.stream import copy_side_files
+
+    model_dir, out = Path(model_dir), Path(out)
+    check(model_dir.is_dir(), f"model folder {model_dir} does not exist", "pass a Hugging Face folder with safetensors")
+    check(magnitude is None or 0.0 <= magnitude < 1.0, f"--prune-magnitude {magnitude} is outside [0, 1)",
+          "use a fraction, e.g. 0.7")
+    check(isinstance(seqlen, int) and seqlen >= 2, f"--seqlen {seqlen} is too short", "use e.g. 256")
+    check(not out.exists() or not any(out.iterdir()) or (out / DEPLOY_META).is_file(),
+          f"{out} is a non-empty folder that is not a deployment", "choose a new folder (only deployments are replaced)")
+    check_weights(weights)
+    head = check_head(head, weights)
+    source = FolderSource(model_dir, magnitude)
+    config = source.config
+    maxpos = config.get("max_position_embeddings")
+    check(maxpos is None or seqlen <= int(maxpos), f"--seqlen {seqlen} exceeds the model's {maxpos} positions",
+          f"use --seqlen <= {maxpos}")
+    missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (model_dir / f).is_file()]
+    check(not missing, f"{model_dir} has no {missing[0] if missing else ''}", "save the tokenizer into the model folder")
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        copy_side_files(model_dir, tmp)
+        key = {"format_version": FORMAT_VERSION, "native_only": {"source": str(model_dir.resolve()),
+                                                                "magnitude": magnitude},
+               "crossover": crossover, **({"formats": sorted(formats)} if formats else {}),
+               "weights": weights, "head": head}
+        n = int(config["num_hidden_layers"])
+        with ui.progress(f"native-only deployment of {model_dir.name} ({weights}, head {head}"
+                         f"{'' if not magnitude else f', magnitude {magnitude:.0%}'})", n) as bar:
+            index = write_native(source, config, tmp / NATIVE_DIR, key=key, crossover=crossover, threads=cores,
+                                 formats=formats, weights=weights, head=head,
+                                 on_layer=(lambda i: bar(i + 1)) if progress else None)
+        meta = native_only_meta(index, config, seqlen=seqlen, source=str(model_dir.resolve()), magnitude=magnitude)
+        meta["build"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _peak_rss_mb()}
+        (tmp / DEPLOY_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {"dir": str(out), "index": index, "seconds": meta["build"]["seconds"],
+            "peak_rss_mb": meta["build"]["peak_rss_mb"], "bytes": size}

@@ -434,7 +434,11 @@ def read_deployment_light(path: str | Path) -> dict:
     d = Path(path)
     if not d.is_dir():
         raise UserError(f"deployment folder {d} does not exist", "write one with `sparsedeploy export`")
-    for name in SERVE_FILES:
+    try:      # a native-only deployment (export --format native) has no graph: the native engine serves it
+        native_only = bool(json.loads((d / "sparsedeploy.json").read_text(encoding="utf-8")).get("native_only"))
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        native_only = False
+    for name in SERVE_FILES[1:] if native_only else SERVE_FILES:
         if not (d / name).is_file() or (d / name).stat().st_size == 0:
             raise UserError(f"deployment {d} is missing {name}", "re-export the deployment")
     docs = {}

@@ -271,9 +271,32 @@ def _resident(a: np.ndarray) -> np.ndarray:
     return out
 
 
+LOAD_ENV = "SPARSEDEPLOY_NATIVE_LOAD"     # mmap | copy | auto (default)
+MMAP_ABOVE = 4 << 30                     # auto: memory-map weight files larger than this, copy smaller ones
+
+
+def load_mode(native_dir: str | Path, mode: str | None = None) -> str:
+    """How NativeModel loads the weights: "mmap" (views of a private memory map of the files: start-up reads and
+    copies nothing, pages come in on first use) or "copy" (`_resident` copies: numpy's own, huge-page backed
+    memory, measured faster on a VM's 4 KiB-page file maps). mode None: $SPARSEDEPLOY_NATIVE_LOAD, else auto:
+    mmap above MMAP_ABOVE bytes of weight files (a full-depth 7B build: a copy would hold the weights twice
+    while it is made, page cache and heap), copy below."""
+    import os
+
+    mode = mode or os.environ.get(LOAD_ENV) or "auto"
+    if mode not in ("mmap", "copy", "auto"):
+        raise UserError(f"{LOAD_ENV}={mode!r} is not a load mode of the native engine", "use mmap, copy or auto")
+    if mode == "auto":
+        size = sum((Path(native_dir) / n).stat().st_size for n in (WEIGHTS, SHARED))
+        mode = "mmap" if size > MMAP_ABOVE else "copy"
+    return mode
+
+
 class NativeModel:
-    def __init__(self, native_dir: str | Path):
+    def __init__(self, native_dir: str | Path, load: str | None = None):
         from safetensors import safe_open
+
+        from .pack import map_arrays
 
         native_dir = Path(native_dir)
         index = read_index(native_dir)
@@ -283,10 +306,14 @@ class NativeModel:
         self.index = index
         cfg = index["config"]
         self.arch = native_arch(cfg)
+        self.load_mode = load_mode(native_dir, load)
         t = {}
         for name in (WEIGHTS, SHARED):
-            with safe_open(str(native_dir / name), framework="numpy") as f:     # one tensor at a time: no 2x peak
-                t.update({k: _resident(f.get_tensor(k)) for k in f.keys()})
+            if self.load_mode == "mmap":
+                t.update(map_arrays(native_dir / name))
+            else:
+                with safe_open(str(native_dir / name), framework="numpy") as f:     # one tensor at a time: no 2x peak
+                    t.update({k: _resident(f.get_tensor(k)) for k in f.keys()})
         self.n_layers = int(cfg["num_hidden_layers"])
         self.hidden = int(cfg["hidden_size"])
         self.H = int(cfg["num_attention_heads"])
@@ -339,8 +366,35 @@ class NativeModel:
         rest += sum(int(a.nbytes) for l in self.layers for k in ("attn_norm", "mlp_norm") for a in l[k] if a is not None)
         if self.pos_embed is not None:
             rest += int(self.pos_embed.nbytes)
+        rest += sum(int(a.nbytes) for a in (self.final_norm or ()) if a is not None)
         return {"decoder_linears": lin, "other": rest, "total": lin + rest,
-                "decoder_linears_dense": self.index["bytes"]["decoder_linears_dense"]}
+                "decoder_linears_dense": self.index["bytes"]["decoder_linears_dense"],
+                "by_value_type": self.bytes_by_value_type(), "load": self.load_mode}
+
+    def bytes_by_value_type(self) -> dict[str, int]:
+        """The engine's weight bytes per value type: fp32 (norms, the embedding table, fp32 groups), int8 (int8
+        groups and an int8 lm_head, with their indices, masks and scales), int4 (int4 groups), q4 (a 4-bit lm_head)."""
+        from .pack import value_type
+
+        out: dict[str, int] = {}
+
+        def add(kind, n):
+            out[kind] = out.get(kind, 0) + int(n)
+
+        for lay in self.layers:
+            for g in ("qkv", "o", "up", "down"):
+                add(value_type(lay[g].fmt), lay[g].nbytes)
+            for k in ("attn_norm", "mlp_norm"):
+                add("fp32", sum(int(a.nbytes) for a in lay[k] if a is not None))
+        add("fp32", self.embed.nbytes)
+        if self.index.get("head") in ("int8", "q4"):
+            add(self.index["head"], self.lm_head.nbytes)
+        elif not self.index["tied_lm_head"]:
+            add("fp32", self.lm_head.nbytes)
+        for extra in (self.pos_embed, *(self.final_norm or ())):
+            if extra is not None:
+                add("fp32", extra.nbytes)
+        return out
 
     # ------------------------------------------------------------------ forward
     def _buffers(self, L: int) -> dict:

@@ -1,6 +1,12 @@
-"""Build the native engine's weights: DEPLOYMENT/native/{weights.safetensors, native.json}.
+"""Build the native engine's weights: DEPLOYMENT/native/{weights.safetensors, shared.safetensors, native.json}.
 
-Input: the pruned model's tensors (name -> float32 array, as in its safetensors) and its config. Each
+One packer, two kinds of input (`write_native`): a source with has(name) / get(name) -> float32 array, read one
+decoder layer at a time — the pruned model's tensors in memory (`build`, DictSource) or a model folder's
+safetensors streamed from disk by a caller's reader with the same two methods (a full-depth 7B model never sits
+in memory) —
+and its config. Arrays are written as they are made (ArrayWriter: a safetensors file built from spools, every
+array at a multiple of its item size), so a build holds the shared tensors while they are written, then about
+one decoder layer; NativeModel can memory-map the files (`map_arrays`) instead of copying them. Each
 decoder layer's linears are grouped (q|k|v stacked, gate|up stacked, o, down) and each group is stored as
     dense    [out, in] float32,
     ELL      cols/vals [out, k]                        when every row keeps the same count k (Wanda, N:M),
@@ -32,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -152,10 +159,118 @@ def candidates(W: np.ndarray, weights: str = "fp32") -> list[str]:
     return ["dense", sparse_format(W), "bitmask"]
 
 
-def _get(tensors: dict, name: str) -> np.ndarray:
-    if name not in tensors:
-        raise UserError(f"the model's weights have no tensor '{name}'", "re-export from the pruned RUN or model folder")
-    return np.asarray(tensors[name], dtype=np.float32)
+class DictSource:
+    """A model's tensors held in memory (name -> array), read as the packer reads any source: one float32
+    matrix at a time. A streamed source (a model folder's reader) has the same two methods and reads the files."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.tensors:
+            raise UserError(f"the model's weights have no tensor '{name}'", "re-export from the pruned RUN or model folder")
+        return np.asarray(self.tensors[name], dtype=np.float32)
+
+
+_ST_DTYPES = {np.dtype(t): c for t, c in ((np.float64, "F64"), (np.float32, "F32"), (np.float16, "F16"), (np.int64, "I64"),
+                                         (np.int32, "I32"), (np.int16, "I16"), (np.int8, "I8"), (np.uint64, "U64"),
+                                         (np.uint32, "U32"), (np.uint16, "U16"), (np.uint8, "U8"), (np.bool_, "BOOL"))}
+_ST_NUMPY = {c: t for t, c in _ST_DTYPES.items()}
+_ITEM_SIZES = (8, 4, 2, 1)
+
+
+class ArrayWriter:
+    """A safetensors file written array by array, holding none of them: each array's bytes go to a spool file of
+    its item size as it is added; close() writes the header (padded so the data starts at a multiple of 64
+    bytes), then the spools, 8-byte items first, so every array starts at a multiple of its item size (the
+    memory-mapped loader, `map_arrays`, hands the kernels aligned views). Any safetensors reader reads it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: dict[int, list] = {s: [] for s in _ITEM_SIZES}
+        self.ends = {s: 0 for s in _ITEM_SIZES}
+        self.spools: dict[int, object] = {}
+        self.nbytes: dict[str, int] = {}
+
+    def _spool(self, size: int) -> Path:
+        return self.path.with_name(f".{self.path.name}.spool{size}")
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        a = np.ascontiguousarray(arr)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        code = _ST_DTYPES.get(np.dtype(a.dtype.str.replace(">", "<")))
+        if code is None or name in self.nbytes:
+            raise ValueError(f"cannot store {name!r} ({a.dtype}{', twice' if code else ''})")
+        size = a.dtype.itemsize
+        if size not in self.spools:
+            self.spools[size] = open(self._spool(size), "wb")
+        if a.size:
+            self.spools[size].write(memoryview(a.reshape(-1)).cast("B"))
+        start = self.ends[size]
+        self.ends[size] += a.nbytes
+        self.entries[size].append((name, code, list(a.shape), start, self.ends[size]))
+        self.nbytes[name] = int(a.nbytes)
+
+    def close(self) -> dict[str, int]:
+        header, base = {}, 0
+        for s in _ITEM_SIZES:
+            for name, code, shape, a, b in self.entries[s]:
+                header[name] = {"dtype": code, "shape": shape, "data_offsets": [base + a, base + b]}
+            base += self.ends[s]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * ((-(8 + len(text))) % 64)
+        with open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            for s in _ITEM_SIZES:
+                f = self.spools.pop(s, None)
+                if f is None:
+                    continue
+                f.close()
+                with open(self._spool(s), "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 24)
+                self._spool(s).unlink()
+        return self.nbytes
+
+    def abort(self) -> None:
+        for s, f in list(self.spools.items()):
+            f.close()
+            self._spool(s).unlink(missing_ok=True)
+        self.spools.clear()
+
+
+def map_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of a safetensors file as a view of one private memory map of it (copy-on-write: nothing is
+    read until used, nothing copied at start-up; the kernels get ordinary writable arrays). Arrays that do not
+    start at a multiple of their item size (files written by other writers) are copied."""
+    import mmap
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        except (struct.error, ValueError):
+            raise UserError(f"{path} is not a safetensors file", "rebuild it: sparsedeploy compile --engine native --force") from None
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        dt = np.dtype(_ST_NUMPY[e["dtype"]])
+        a, b = e["data_offsets"]
+        shape = tuple(e["shape"])
+        if b == a:
+            out[name] = np.zeros(shape, dt)
+            continue
+        arr = np.frombuffer(mm, dtype=dt, count=(b - a) // dt.itemsize, offset=8 + n + a).reshape(shape)
+        out[name] = arr if (8 + n + a) % dt.itemsize == 0 else arr.copy()
+    return out
 
 
 def _content_key(arrays: dict[str, np.ndarray]) -> str:
@@ -169,122 +284,110 @@ def _content_key(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _encode_rows(enc, W: np.ndarray, rows: int = 4096) -> dict[str, np.ndarray]:
+    """A per-row encoder (every output's first axis is the row: encode_int8, encode_q4) over blocks of rows: the same
+    arrays, with temporaries the size of a block (a 49152 x 4096 lm_head's whole-matrix temporaries: gigabytes)."""
+    if W.shape[0] <= rows:
+        return enc(W)
+    parts = [enc(W[i:i + rows]) for i in range(0, W.shape[0], rows)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def stack_layer(source, arch, i: int) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
+    """Decoder layer i's groups: {group: (stacked float32 matrix, [its linears' matrices])}."""
+    src = f"{arch.layers}.{i}."
+    layer = {}
+    for g, names in arch.stacks().items():
+        mats = [source.get(src + n + ".weight") for n in names]
+        layer[g] = (np.concatenate(mats, axis=0) if len(mats) > 1 else mats[0], mats)
+    return layer
+
+
 def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
           crossover: float | None = None, threads: int | None = None, formats: tuple[str, ...] | None = None,
           share_with: str | Path | None = None, weights: str = "fp32", codes=None, head: str | None = None) -> dict:
-    """Compress `tensors` into out_dir (written to a temp folder, then renamed into place). Returns the index.
-    crossover None: each group's format is the fastest on this CPU, measured on its real shape (tune.py);
-    a number: the fixed rule of `compress`. threads: the thread count the tuner times with; formats: restrict
-    the tuner's candidates (tune.choose_formats).
+    """Compress the in-memory `tensors` into out_dir: `write_native` over them, with the formats (crossover None)
+    measured over all layers together in decode order (tune.choose_formats), as a decode step meets them.
+    See write_native for the arguments."""
+    check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
+          "use e.g. 0.55, or omit it to choose each group's format by measurement")
+    check_weights(weights)
+    source = DictSource(tensors)
+    plan = None
+    if crossover is None:
+        from .tune import choose_formats
+
+        arch = native_arch(config)
+        stacked = [{g: W for g, (W, _) in stack_layer(source, arch, i).items()}
+                   for i in range(int(config["num_hidden_layers"]))]
+        plan = choose_formats(stacked, threads=threads, formats=formats, weights=weights)
+        del stacked
+    return write_native(source, config, out_dir, key=key, crossover=crossover, threads=threads, formats=formats,
+                        share_with=share_with, weights=weights, codes=codes, head=head, plan=plan)
+
+
+def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crossover: float | None = None,
+                 threads: int | None = None, formats: tuple[str, ...] | None = None,
+                 share_with: str | Path | None = None, weights: str = "fp32", codes=None, head: str | None = None,
+                 plan: tuple[list, dict] | None = None, on_layer=None) -> dict:
+    """Compress a model into out_dir, reading it from `source` (has(name), get(name) -> float32 array: DictSource,
+    or a streamed reader of a model folder) one decoder layer at a time and writing each layer's arrays as they
+    are made (ArrayWriter): residents are the shared tensors while they are written, then one layer. Written to a
+    temp folder, then renamed into place. Returns the index.
+    crossover None: each group's format is the fastest on this CPU, measured on its real shape (tune.py): `plan`
+    (choice, tuning record) measured beforehand over all layers (build), else measured layer by layer as the
+    layers come; a number: the fixed rule of `compress`. threads: the thread count the tuner times with;
+    formats: restrict the tuner's candidates (tune.choose_formats). Layer by layer, a layer whose groups have
+    the shapes and (to 0.01) the sparsities of a layer already timed takes that layer's choice
+    ("measured_on_layer" in the index): a uniformly pruned 32-layer model is timed once, not 32 times.
     share_with: a native folder whose shared.safetensors is hard-linked when its content is the same.
     weights: the decoder groups' value type, "fp32" or "int8" (per-row round-to-nearest at build time); with
     int8 (or int4) the lm_head is int8 per row (index["head"]); norms and the embedding stay fp32.
     codes: for int4, a GPTQ checkpoint's reader, codes(linear name) -> (codes, scale, zero, keep, group_size)
     or None (that linear: round-to-nearest); its groups are then built from those codes (no re-quantisation).
     head: a low-bit build's lm_head, "int8" (per row, the default) or "q4" (Q4_0-like: 4-bit, a float16 scale
-    per 32 columns, 0.5625 bytes a weight; lowbit.q4_gemv)."""
-    from safetensors.numpy import save_file
-
+    per 32 columns, 0.5625 bytes a weight; lowbit.q4_gemv). on_layer(i): called after layer i is written."""
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
           "use e.g. 0.55, or omit it to choose each group's format by measurement")
     check_weights(weights)
     head = check_head(head, weights)
     arch = native_arch(config)
     n_layers = int(config["num_hidden_layers"])
-    arrays: dict[str, np.ndarray] = {}
-    groups_index, zeros = [], {}
-
-    def put(name, arr):
-        arrays[name] = np.ascontiguousarray(arr)
-
-    def norm(prefix, name):
-        put(f"{prefix}.w", _get(tensors, f"{name}.weight"))
-        if arch.norm == "layer":
-            put(f"{prefix}.b", _get(tensors, f"{name}.bias"))
-
-    stacked, int4_sources = [], set()
-    for i in range(n_layers):
-        src = f"{arch.layers}.{i}."
-        layer = {}
-        for g, names in arch.stacks().items():
-            mats = [_get(tensors, src + n + ".weight") for n in names]
-            for n, m in zip(names, mats):
-                zeros[src + n] = [int(m.size - np.count_nonzero(m)), int(m.size)]
-            layer[g] = (np.concatenate(mats, axis=0) if len(mats) > 1 else mats[0], mats)
-        stacked.append(layer)
-    tuning = None
-    if crossover is None:
-        from .tune import choose_formats
-
-        choice, tuning = choose_formats([{g: W for g, (W, _) in layer.items()} for layer in stacked], threads=threads,
-                                        formats=formats, weights=weights)
-    else:
-        choice = [{g: fixed_format(W, crossover, weights) for g, (W, _) in layer.items()} for layer in stacked]
-    for i in range(n_layers):
-        src = f"{arch.layers}.{i}."
-        dst = f"layers.{i}"
-        norm(f"{dst}.attn_norm", src + arch.attn_norm)
-        norm(f"{dst}.mlp_norm", src + arch.mlp_norm)
-        layer_groups = {}
-        for g, names in arch.stacks().items():
-            W, mats = stacked[i][g]
-            fmt, _, serial = choice[i][g].partition("/")
-            parts = [codes(src + n) for n in names] if fmt in INT4_FORMATS and codes is not None else []
-            from_codes = bool(parts) and all(x is not None for x in parts)      # read once per linear
-            arrs = _int4_from_codes(parts) if from_codes else encode(W, fmt)
-            if from_codes:
-                int4_sources.add("gptq")
-            elif fmt in INT4_FORMATS:
-                int4_sources.add("rtn")
-            for k, a in arrs.items():
-                put(f"{dst}.{g}.{k}", a)
-            biases = [tensors.get(src + n + ".bias") for n in names]
-            if any(b is not None for b in biases):
-                put(f"{dst}.{g}.bias", np.concatenate([np.asarray(b, np.float32) if b is not None else
-                                                       np.zeros(m.shape[0], np.float32) for b, m in zip(biases, mats)]))
-            nnz = int(np.count_nonzero(W))
-            layer_groups[g] = {"format": fmt, "serial": bool(serial), "shape": list(W.shape), "nnz": nnz,
-                               "sparsity": round(1 - nnz / W.size, 6), "linears": list(names),
-                               "rows": [int(m.shape[0]) for m in mats]}
-            if fmt in INT4_FORMATS:
-                layer_groups[g]["codes"] = "gptq" if from_codes else "rtn"
-            if tuning is not None:
-                layer_groups[g]["measured_ms"] = tuning["ms"][i][g]
-        groups_index.append(layer_groups)
-    put("embed", _get(tensors, f"{arch.embed}.weight"))
-    tied = f"{arch.lm_head}.weight" not in tensors or bool(config.get("tie_word_embeddings", False))
-    if head in HEADS:       # a low-bit deployment's lm_head: int8 per row or 4-bit (the embedding lookup stays fp32)
-        from .lowbit import encode_int8, encode_q4
-
-        enc = encode_int8 if head == "int8" else encode_q4
-        for k, a in enc(_get(tensors, f"{arch.embed if tied else arch.lm_head}.weight")).items():
-            put(f"head_{head}.{k}", a)
-    elif not tied:
-        put("lm_head", _get(tensors, f"{arch.lm_head}.weight"))
-    if f"{arch.final_norm}.weight" in tensors:
-        norm("final_norm", arch.final_norm)
-    if arch.positions:
-        put("positions", _get(tensors, f"{arch.positions}.weight"))
-    for opt_name, dst in ((arch.project_in, "project_in"), (arch.project_out, "project_out")):
-        if opt_name and f"{opt_name}.weight" in tensors:
-            put(dst, _get(tensors, f"{opt_name}.weight"))
-
-    shared = {k: arrays.pop(k) for k in list(arrays) if not k.startswith("layers.")}
-    shared_key = _content_key(shared)
-    nbytes = {k: int(a.nbytes) for k, a in {**arrays, **shared}.items()}
-    dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
-    stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
-    index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
-             "weights": weights, "quantization": _quantization(weights, int4_sources, head),
-             "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
-             "config": config, "layers": groups_index, "tied_lm_head": tied, "head": head, "zeros": zeros,
-             "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
-                       "decoder_linears_dense": dense_bytes}, "shared_key": shared_key}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    writer = None
     try:
-        save_file(arrays, str(tmp / WEIGHTS))
+        # the shared tensors (embedding, lm_head, final norm, positions): dense, the same at every sparsity
+        shared: dict[str, np.ndarray] = {}
+
+        def norm_into(d, prefix, name):
+            d[f"{prefix}.w"] = source.get(f"{name}.weight")
+            if arch.norm == "layer":
+                d[f"{prefix}.b"] = source.get(f"{name}.bias")
+
+        shared["embed"] = source.get(f"{arch.embed}.weight")
+        tied = not source.has(f"{arch.lm_head}.weight") or bool(config.get("tie_word_embeddings", False))
+        if head in HEADS:   # a low-bit deployment's lm_head: int8 per row or 4-bit (the embedding lookup stays fp32)
+            from .lowbit import encode_int8, encode_q4
+
+            enc = encode_int8 if head == "int8" else encode_q4
+            W = shared["embed"] if tied else source.get(f"{arch.lm_head}.weight")
+            for k, a in _encode_rows(enc, W).items():
+                shared[f"head_{head}.{k}"] = a
+            del W
+        elif not tied:
+            shared["lm_head"] = source.get(f"{arch.lm_head}.weight")
+        if source.has(f"{arch.final_norm}.weight"):
+            norm_into(shared, "final_norm", arch.final_norm)
+        if arch.positions:
+            shared["positions"] = source.get(f"{arch.positions}.weight")
+        for opt_name, dst in ((arch.project_in, "project_in"), (arch.project_out, "project_out")):
+            if opt_name and source.has(f"{opt_name}.weight"):
+                shared[dst] = source.get(f"{opt_name}.weight")
+        shared = {k: np.ascontiguousarray(a) for k, a in shared.items()}
+        shared_key = _content_key(shared)
+        nbytes = {k: int(a.nbytes) for k, a in shared.items()}
         other = read_index(share_with) if share_with is not None else None
         linked = False
         if other is not None and other.get("shared_key") == shared_key and (Path(share_with) / SHARED).is_file():
@@ -294,8 +397,95 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
             except OSError:               # another file system, or links not allowed: write a copy
                 pass
         if not linked:
-            save_file(shared, str(tmp / SHARED))
-        index["shared_linked_from"] = str(share_with) if linked else None
+            sw = ArrayWriter(tmp / SHARED)
+            for k in list(shared):
+                sw.add(k, shared.pop(k))
+            sw.close()
+        del shared
+
+        # the decoder layers, one at a time
+        writer = ArrayWriter(tmp / WEIGHTS)
+        groups_index, zeros, int4_sources = [], {}, set()
+        measured: dict[tuple, tuple] = {}     # streamed tuning: (group, shape, sparsity to 0.01) of each layer -> choice
+        tuning = plan[1] if plan is not None else None
+        for i in range(n_layers):
+            src = f"{arch.layers}.{i}."
+            dst = f"layers.{i}"
+            norms: dict[str, np.ndarray] = {}
+            norm_into(norms, f"{dst}.attn_norm", src + arch.attn_norm)
+            norm_into(norms, f"{dst}.mlp_norm", src + arch.mlp_norm)
+            for k, a in norms.items():
+                writer.add(k, a)
+            stacked = stack_layer(source, arch, i)
+            for g, names in arch.stacks().items():
+                for n, m in zip(names, stacked[g][1]):
+                    zeros[src + n] = [int(m.size - np.count_nonzero(m)), int(m.size)]
+            ms, measured_on = None, i
+            kind = tuple((g, W.shape, round(1 - np.count_nonzero(W) / max(W.size, 1), 2)) for g, (W, _) in stacked.items())
+            if plan is not None:
+                choice, ms = plan[0][i], plan[1]["ms"][i]
+            elif crossover is None and kind in measured:      # a layer like one already timed: its choice
+                choice, ms, measured_on = measured[kind]
+            elif crossover is None:
+                from .tune import choose_formats
+
+                c, rec = choose_formats([{g: W for g, (W, _) in stacked.items()}], threads=threads, formats=formats,
+                                        weights=weights)
+                choice, ms = c[0], rec["ms"][0]
+                measured[kind] = (choice, ms, i)
+                if tuning is None:
+                    tuning = dict(rec, per_layer=True)
+                else:
+                    tuning["formats"] = sorted(set(tuning["formats"]) | set(rec["formats"]))
+                    if rec.get("other_load") is not None:
+                        tuning["other_load"] = max(tuning.get("other_load") or 0.0, rec["other_load"])
+            else:
+                choice = {g: fixed_format(W, crossover, weights) for g, (W, _) in stacked.items()}
+            layer_groups = {}
+            for g, names in arch.stacks().items():
+                W, mats = stacked[g]
+                fmt, _, serial = choice[g].partition("/")
+                parts = [codes(src + n) for n in names] if fmt in INT4_FORMATS and codes is not None else []
+                from_codes = bool(parts) and all(x is not None for x in parts)      # read once per linear
+                arrs = _int4_from_codes(parts) if from_codes else encode(W, fmt)
+                if from_codes:
+                    int4_sources.add("gptq")
+                elif fmt in INT4_FORMATS:
+                    int4_sources.add("rtn")
+                for k, a in arrs.items():
+                    writer.add(f"{dst}.{g}.{k}", a)
+                del arrs
+                bnames = [src + n + ".bias" for n in names]
+                if any(source.has(b) for b in bnames):
+                    writer.add(f"{dst}.{g}.bias", np.concatenate([
+                        source.get(b) if source.has(b) else np.zeros(m.shape[0], np.float32)
+                        for b, m in zip(bnames, mats)]))
+                nnz = int(np.count_nonzero(W))
+                layer_groups[g] = {"format": fmt, "serial": bool(serial), "shape": list(W.shape), "nnz": nnz,
+                                   "sparsity": round(1 - nnz / W.size, 6), "linears": list(names),
+                                   "rows": [int(m.shape[0]) for m in mats]}
+                if fmt in INT4_FORMATS:
+                    layer_groups[g]["codes"] = "gptq" if from_codes else "rtn"
+                if ms is not None:
+                    layer_groups[g]["measured_ms"] = ms[g]
+                    if measured_on != i:
+                        layer_groups[g]["measured_on_layer"] = measured_on
+            groups_index.append(layer_groups)
+            del stacked
+            if on_layer is not None:
+                on_layer(i)
+        nbytes.update(writer.close())
+        writer = None
+
+        dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
+        stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
+        index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
+                 "weights": weights, "quantization": _quantization(weights, int4_sources, head),
+                 "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
+                 "config": config, "layers": groups_index, "tied_lm_head": tied, "head": head, "zeros": zeros,
+                 "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
+                           "decoder_linears_dense": dense_bytes}, "shared_key": shared_key,
+                 "shared_linked_from": str(share_with) if linked else None}
         (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
         old = None
         if out_dir.exists():
@@ -305,6 +495,8 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return index

@@ -21,6 +21,8 @@ class NativeRuntime(Runtime):
     label = "native"
     dynamic = True                 # any L per call, like ONNX Runtime
     present_rows = "new"
+    needs_graph = False            # reads only DEPLOYMENT/native/ (and the graph's names: from a native-only
+                                   # deployment's sparsedeploy.json when it has no graph)
 
     def __init__(self, onnx_path: str | Path, *, cores: int | None = None, seq_len: int | None = None,
                  cache_len: int | None = None):
