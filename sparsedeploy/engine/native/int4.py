@@ -58,7 +58,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lowbit import BLOCK, LANES, _features, _is, _matrix, _put, _unrolled, _vec_types, has_vbmi2, has_vnni
+from .lowbit import BLOCK, LANES, _features, _is, _matrix, _unrolled, _vec_types, has_vbmi2, has_vnni
+from .simd_rows import _put
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 BITS = 4

@@ -21,7 +21,7 @@ from numba import njit, prange, set_num_threads, get_num_threads, config as numb
 from numba.extending import intrinsic
 
 from .simd import bitmask_gemm, bitmask_gemm_rows, bitmask_gemv  # noqa: F401  (with their intrinsic: one cache stamp)
-from .simd_rows import dense_dot_rows1, dense_dot_rows2, dense_dot_rows4, dense_dot_rows8
+from .simd_rows import _put, dense_dot_rows1, dense_dot_rows2, dense_dot_rows4, dense_dot_rows8
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -78,12 +78,7 @@ def dense_gemv(W, x, bias, out, acc):
         s = np.float32(0.0)
         for j in range(m):
             s += W[r, j] * x[j]
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -96,12 +91,7 @@ def csr_gemv(rowptr, cols, vals, x, bias, out, acc):
         s = np.float32(0.0)
         for j in range(lo, hi):
             s += vals[j] * x[np.uint64(cols[j])]
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)
@@ -112,12 +102,7 @@ def ell_gemv(cols, vals, x, bias, out, acc):
         s = np.float32(0.0)
         for j in range(k):
             s += vals[r, j] * x[np.uint64(cols[r, j])]
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 def _serial_build(f):

@@ -62,6 +62,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ...errors import check
+from .simd_rows import _put
 
 BLOCK = 64                     # columns per activation block (one vpdpbusd: 64 bytes)
 LANES = 16                     # int32 / float32 lanes of a 512-bit vector
@@ -164,17 +165,6 @@ def quantize_act(x, q, corr, scale):
                 t += v
             corr[b * 16 + i] = -128 * t
     return nblk
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _put(out, r, s, bias, has_bias, acc):
-    """out[r] = (or +=) s + bias[r]: every GEMV's output convention (kernels.py)."""
-    if has_bias:
-        s += bias[r]
-    if acc:
-        out[r] += s
-    else:
-        out[r] = s
 
 
 # ----------------------------------------------------------------------------- intrinsics

@@ -30,7 +30,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd_rows import lane_sums
+from .simd_rows import _put, lane_sums
 
 LANES = 16
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)   # as kernels.py; kept here so that
@@ -113,12 +113,7 @@ def bitmask_gemv(rowptr, masks, vals, x, bias, out, acc):
     has_bias = bias.shape[0] == n
     for r in prange(n):
         s = bitmask_dot(vals, masks, x, rowptr[r], r * nblk, nblk)
-        if has_bias:
-            s += bias[r]
-        if acc:
-            out[r] += s
-        else:
-            out[r] = s
+        _put(out, r, s, bias, has_bias, acc)
 
 
 @njit(**_OPTS)

@@ -166,6 +166,17 @@ def ell_gemm_t(cols, vals, Xt, bias, Y, acc):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _put(out, r, s, bias, has_bias, acc):
+    """out[r] = (or +=) s + bias[r]: every GEMV's output convention (kernels.py)."""
+    if has_bias:
+        s += bias[r]
+    if acc:
+        out[r] += s
+    else:
+        out[r] = s
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _put1(Y, l, r, s, b, has_bias, acc):
     if has_bias:
         s += b
