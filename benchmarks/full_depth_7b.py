@@ -127,6 +127,16 @@ def reusable(dep: Path, model: Path, p: float, weights: str, head: str) -> dict 
             "reused": True}
 
 
+def tuned(t: dict | None) -> str:
+    """How the build's tuner chose the formats: timed (with the other processes' CPU share) or by bytes."""
+    if not t:
+        return ""
+    if t.get("fallback"):
+        return f" (chosen by bytes: {t['fallback']})"
+    load = t.get("other_load")
+    return f" (timed at build{'' if load is None else f'; other processes {load:.0%} of the CPU'})"
+
+
 def two_layer_reference() -> dict:
     """Earlier runs' 2-layer numbers (committed results; not measured here)."""
     ref = {}
@@ -224,7 +234,10 @@ def main() -> None:
             fmts: dict[str, int] = {}
             for layer in index["layers"]:
                 for g in layer.values():
-                    fmts[g["format"]] = fmts.get(g["format"], 0) + 1
+                    f = g["format"] + ("/serial" if g.get("serial") else "")
+                    fmts[f] = fmts.get(f, 0) + 1
+            tn = index.get("tuning") or {}
+            tuning = {"other_load": tn.get("other_load"), "fallback": tn.get("fallback"), "attempts": tn.get("attempts")}
             name = f"magnitude {p:.0%} {a.weights}+{a.head}" if p > 0 else f"dense {a.weights}+{a.head}"
             jobs = [(dict(meta, label=name), "native")]
             if a.load_ab and p == sparsities[0]:      # the same weights loaded the other way, in the same rounds
@@ -247,7 +260,7 @@ def main() -> None:
                    "p90_ms": nat["latency_p90_ms"], "rss_mb": nat["rss_mb"], "peak_rss_mb": nat["peak_rss_mb"],
                    "startup_s": nat["compile_s"], "native_bytes": nat["native_bytes"], "disk_bytes": du(dep),
                    "build": {**build, "stage_peak_rss_mb": meta.get("build", {}).get("peak_rss_mb")},
-                   "formats": fmts, "step_bytes": nb, "bound_ms": report.bound_ms(nb["total"], bw["gbs"]),
+                   "formats": fmts, "tuning": tuning, "step_bytes": nb, "bound_ms": report.bound_ms(nb["total"], bw["gbs"]),
                    "decoder_bytes_per_weight": index["bytes"]["decoder_linears"] / (index["bytes"]["decoder_linears_dense"] / 4),
                    "steps_timed": nat["steps_timed"], "peers": {}}
             for (m, _), r in zip(jobs[1:], timed[1:]):
@@ -264,6 +277,7 @@ def main() -> None:
                   flush=True)
             if not a.keep:
                 shutil.rmtree(dep, ignore_errors=True)
+            write(a, rows, peer_rows, gguf_rec, bw, label, made_model, build_info(), sparsities, load_ab)   # so far
     finally:
         if not a.keep:
             for p in ggufs.values():
@@ -302,7 +316,7 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
              f"{bw['gbs']:.1f} GB/s; finished {doc['finished']}; decode: {a.prompt_tokens}-token prompt + "
              f"{a.new_tokens} new tokens, {a.rounds} interleaved rounds per group, each sparsity one group with "
              f"llama.cpp {', '.join(t.upper() for t in gguf_rec) or '(not built: none)'} in its rounds.",
-             f"Native: `{a.weights}` decoder groups (formats timed per layer kind on this CPU at build), lm_head "
+             f"Native: `{a.weights}` decoder groups (formats timed per layer kind on this CPU at build, or chosen by bytes where the machine was busy: see below), lm_head "
              f"`{a.head}`, embedding fp32; weights memory-mapped or copied as `load` says. "
              + (f"llama.cpp: {llamacpp_build.splitlines()[0]}." if llamacpp_build else ""), ""]
     peers = list(gguf_rec)
@@ -334,7 +348,7 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
     for r in rows:
         bvt = (r["native_bytes"] or {}).get("by_value_type") or {}
         lines.append(f"- {r['label']}: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(bvt.items()))
-                     + f"; formats {r['formats']}")
+                     + f"; formats {r['formats']}" + tuned(r.get("tuning")))
     if load_ab:
         lines += ["", f"Loading the {rows[0]['label']} weights both ways, same rounds: " + "; ".join(
             f"{x['load']} {x['ms']:.1f} ms/token, start {x['startup_s']:.1f} s, RSS {x['rss_mb']:.0f} MB "

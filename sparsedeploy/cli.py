@@ -199,6 +199,7 @@ def export(
                                  magnitude=prune_magnitude, seqlen=seqlen)
         ui.out.print(f"native-only deployment {res['dir']}: {res['bytes'] / 1e9:.2f} GB on disk, built in "
                      f"{res['seconds']:.0f} s, peak RSS {res['peak_rss_mb'] or 0:.0f} MB")
+        _warn_busy_tuning(res["index"].get("tuning"))
         return
     if weights != "int8" or head is not None or crossover is not None or prune_magnitude is not None:
         raise UserError("--weights/--head/--crossover/--prune-magnitude apply to --format native", "add --format native")
@@ -243,14 +244,25 @@ def compile_(
         ui.out.print(f"native: {n['threads']} threads ({n['threading_layer']}), stored groups {n['formats']} ({how}); "
                      f"decoder linears {wb['decoder_linears'] / 2**20:.1f} MB "
                      f"(dense {wb['decoder_linears_dense'] / 2**20:.1f} MB), all weights {wb['total'] / 2**20:.1f} MB")
-        busy = (n.get("tuning") or {}).get("other_load")
-        if busy is not None and busy > 0.15:
-            ui.out.print(f"warning: other processes used {busy:.0%} of the CPU while the formats were timed, so the "
-                         "choice may be wrong — rerun on an idle machine: sparsedeploy compile DEPLOYMENT --engine native --force")
+        _warn_busy_tuning(n.get("tuning"))
         for g in n.get("measured") or []:
             ms = ", ".join(f"{f} {v:.2f}" for f, v in g["ms_all_layers"].items())
             ui.out.print(f"  {g['group']:>4} {g['shape'][0]}x{g['shape'][1]} at {g['sparsity'][0]:.0%}-{g['sparsity'][1]:.0%}: "
                          f"chose {g['chosen']}; ms summed over layers: {ms}")
+
+
+def _warn_busy_tuning(tuning: dict | None) -> None:
+    """The native tuner's formats were not chosen on an idle machine: say what that means and how to redo it."""
+    from .engine.native.tune import BUSY_LOAD
+
+    busy = (tuning or {}).get("other_load")
+    if (tuning or {}).get("fallback"):
+        ui.out.print(f"warning: the machine stayed busy while the native formats were timed, so they were chosen by "
+                     f"bytes ({tuning['fallback']}) — to time them: sparsedeploy compile DEPLOYMENT --engine native "
+                     "--force on an idle machine")
+    elif busy is not None and busy > BUSY_LOAD:
+        ui.out.print(f"warning: other processes used {busy:.0%} of the CPU while the formats were timed, so the "
+                     "choice may be wrong — rerun on an idle machine: sparsedeploy compile DEPLOYMENT --engine native --force")
 
 
 def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk=0,

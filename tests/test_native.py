@@ -161,7 +161,10 @@ def test_native_greedy_tokens_equal_pytorch(deployments, which, crossover, forma
                 fmts = {"dense", "ell" if which == "wanda" else "csr", "bitmask"}
                 assert set(ms) == fmts | {f + "/serial" for f in fmts}          # parallel and serial builds
                 chosen = g["format"] + ("/serial" if g["serial"] else "")
-                assert ms[chosen] <= min(ms.values()) * (1 + tuning["tie"]) + 2e-6
+                if tuning.get("fallback"):           # the machine stayed busy: fewest bytes, parallel (test_tune)
+                    assert not g["serial"]
+                else:
+                    assert ms[chosen] <= min(ms.values()) * (1 + tuning["tie"]) + 2e-6
         formats = set(rec["native"]["formats"])
     assert rec["native"]["deepsparse_loaded"] is False and rec["onnx_unchanged"]
     wb = rec["native"]["weight_bytes"]

@@ -181,3 +181,42 @@ def test_streamed_build_times_each_kind_of_layer_once(tiny_llama_dir, tmp_path):
             assert info["measured_ms"] and info["format"] in ("int8", "int8_csr", "int8_ell", "int8_bitmask")
             assert info.get("measured_on_layer", i) == (0 if i else i)
             assert (info["format"], info["serial"]) == (first[g]["format"], first[g]["serial"])
+
+
+def test_the_full_depth_route_on_a_bf16_run(tiny_llama_dir, corpus_file, tmp_path, monkeypatch, capsys):
+    """Issue 14's pipeline at tiny scale: a bf16 sharded model, a streamed Wanda + DLP prune (RUN/model stays
+    bf16), then `export RUN --format native` (streamed, no ONNX) and a native decode: PyTorch's greedy tokens on
+    RUN/model (fp32 products: --weights fp32), and the deployment keeps the RUN's zeros."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparsedeploy.engine.deployment import read_deployment
+    from sparsedeploy.engine.worker import WorkerRuntime
+    from sparsedeploy.export.verify import greedy_torch
+    from sparsedeploy.pipeline import stages
+    from sparsedeploy.pipeline.rundir import RunDir
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(src, max_shard_size="40KB")
+    for f in tiny_llama_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            (src / f.name).write_bytes(f.read_bytes())
+    run = RunDir(tmp_path / "run")
+    calib = stages.CalibConfig(str(src), f"file:{corpus_file}", nsamples=4, seqlen=32, device="cpu")
+    stages.prune(run, stages.PruneConfig(model=str(src), sparsity=0.7, allocator="dlp", method="wanda", calib=calib,
+                                         device="cpu", stream=True))
+    assert json.loads((run.path / "manifest.json").read_text())["stages"]["prune"]["streamed"]
+    dep = tmp_path / "dep"
+    code, out, err = _cli(["export", str(run.path), "--format", "native", "--weights", "fp32", "--seqlen", "64",
+                           "--out", str(dep)], monkeypatch, capsys)
+    assert code == 0, out + err
+    meta = read_deployment(dep)
+    assert meta["native_only"] and not list(dep.glob("*.onnx"))
+    model = AutoModelForCausalLM.from_pretrained(run.path / "model", dtype=torch.float32).eval()
+    lin = [m.weight for n, m in model.named_modules() if n.split(".")[-1] in ("q_proj", "up_proj", "down_proj")]
+    zeros = sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin)
+    assert 0.6 < zeros < 0.8 and abs(meta["sparsity"] - 0.7) < 0.05
+    prompt = [5, 17, 42, 99, 3, 250]
+    want = greedy_torch(model, prompt, 10)
+    with WorkerRuntime("native", meta["onnx"], cores=2, seq_len=1, cache_len=int(meta["seqlen"])) as w:
+        assert w.decode(prompt, 10).tokens == want

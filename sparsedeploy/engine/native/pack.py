@@ -439,6 +439,8 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
                     tuning["formats"] = sorted(set(tuning["formats"]) | set(rec["formats"]))
                     if rec.get("other_load") is not None:
                         tuning["other_load"] = max(tuning.get("other_load") or 0.0, rec["other_load"])
+                    if rec.get("fallback"):              # one layer kind chosen by bytes: say so for the whole build
+                        tuning["fallback"] = rec["fallback"]
             else:
                 choice = {g: fixed_format(W, crossover, weights) for g, (W, _) in stacked.items()}
             layer_groups = {}
