@@ -174,6 +174,9 @@ def main() -> None:
     ap.add_argument("--load-ab", action="store_true", help="also time the first sparsity's weights memory-mapped "
                     "and copied (SPARSEDEPLOY_NATIVE_LOAD) side by side in its group")
     ap.add_argument("--keep", action="store_true", help="keep the deployments and GGUFs (a rerun reuses them)")
+    ap.add_argument("--keep-peers", action="store_true", help="keep (and reuse) only the GGUFs")
+    ap.add_argument("--ram-share", type=float, default=0.75, help="a group's weights (deployment + GGUFs, all mapped "
+                    "at once) stay under this share of RAM: the largest GGUFs leave the group otherwise")
     a = ap.parse_args()
 
     from sparsedeploy.bench import report
@@ -205,7 +208,7 @@ def main() -> None:
     ggufs, gguf_rec = {}, {}
     for t in peers:          # dense weights, streamed: llama.cpp's peer of every sparsity
         path = a.work / f"dense-{t}.gguf"
-        if path.is_file() and a.keep:
+        if path.is_file() and (a.keep or a.keep_peers):
             ggufs[t] = path
             gguf_rec[t] = {"wall_s": None, "peak_rss_mb": None, "bytes": path.stat().st_size, "reused": True}
             continue
@@ -244,8 +247,20 @@ def main() -> None:
                 jobs += [(dict(meta, label=f"{name} ({mode})", env={"SPARSEDEPLOY_NATIVE_LOAD": mode}), "native")
                          for mode in ("mmap", "copy")]
                 jobs = jobs[1:]
+            # every engine of a group stays loaded through its rounds: weights beyond RAM would be paged in and
+            # out between turns and slow all of them, so the largest GGUFs sit out a group that would not fit
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            group_peers, total = [], du(dep / "native")
+            for t in sorted(peers, key=lambda t: ggufs[t].stat().st_size):
+                if total + ggufs[t].stat().st_size <= a.ram_share * ram:
+                    group_peers.append(t)
+                    total += ggufs[t].stat().st_size
+            left_out = [t for t in peers if t not in group_peers]
+            if left_out:
+                print(f"{name}: {', '.join(t.upper() for t in left_out)} left out of this group "
+                      f"(deployment + GGUFs above {a.ram_share:.0%} of RAM)", flush=True)
             jobs += [(dict(meta, label=f"dense {t.upper()} GGUF", gguf=str(ggufs[t]), sparsity=0.0), "llamacpp")
-                     for t in peers]
+                     for t in group_peers]
             prompt = prompt_ids(meta, a.prompt_tokens)
             with cpu_lock(a.lock, True):     # the bandwidth probe inside the first timing window
                 bw = bw or report.measure_bandwidth(threads=a.cores, mbytes=256)
@@ -260,7 +275,7 @@ def main() -> None:
                    "p90_ms": nat["latency_p90_ms"], "rss_mb": nat["rss_mb"], "peak_rss_mb": nat["peak_rss_mb"],
                    "startup_s": nat["compile_s"], "native_bytes": nat["native_bytes"], "disk_bytes": du(dep),
                    "build": {**build, "stage_peak_rss_mb": meta.get("build", {}).get("peak_rss_mb")},
-                   "formats": fmts, "tuning": tuning, "step_bytes": nb, "bound_ms": report.bound_ms(nb["total"], bw["gbs"]),
+                   "formats": fmts, "tuning": tuning, "step_bytes": nb, "peers_left_out": left_out, "bound_ms": report.bound_ms(nb["total"], bw["gbs"]),
                    "decoder_bytes_per_weight": index["bytes"]["decoder_linears"] / (index["bytes"]["decoder_linears_dense"] / 4),
                    "steps_timed": nat["steps_timed"], "peers": {}}
             for (m, _), r in zip(jobs[1:], timed[1:]):
@@ -279,7 +294,7 @@ def main() -> None:
                 shutil.rmtree(dep, ignore_errors=True)
             write(a, rows, peer_rows, gguf_rec, bw, label, made_model, build_info(), sparsities, load_ab)   # so far
     finally:
-        if not a.keep:
+        if not (a.keep or a.keep_peers):
             for p in ggufs.values():
                 p.unlink(missing_ok=True)
     write(a, rows, peer_rows, gguf_rec, bw, label, made_model, build_info(), sparsities, load_ab)
@@ -327,7 +342,7 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
         nb = r["native_bytes"] or {}
         cells = [r["label"], f"{r['ms']:.1f}",
                  f"{r['speedup_vs_dense_native']:.2f}" if r["speedup_vs_dense_native"] else "–"]
-        cells += [f"{r.get(f'x_vs_{t}', float('nan')):.2f}" for t in peers]
+        cells += [f"{r[f'x_vs_{t}']:.2f}" if f"x_vs_{t}" in r else "– (left out: RAM)" for t in peers]
         cells += [f"{r['bound_ms']:.1f}", f"{r['bound_ms'] / r['ms']:.0%}", f"{r['decoder_bytes_per_weight']:.3f}",
                   f"{r['disk_bytes'] / 1e9:.2f}", f"{r['rss_mb']:.0f}", str(nb.get("load", "?")),
                   f"{r['startup_s']:.1f}", f0(r['build']['wall_s']) + (" (earlier run)" if r["build"].get("reused") else ""),

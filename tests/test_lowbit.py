@@ -315,3 +315,39 @@ def test_q4_portable_kernel_equals_the_dequantised_product_and_the_vnni_one(shap
         v = np.zeros(rows, np.float32)
         LB.q4_gemv_vnni(enc["w4"], enc["ws"], q, corr, s, bias, v, False)
         np.testing.assert_allclose(out, v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (LB.has_vnni() and LB.has_vbmi2()), reason="needs AVX-512 VNNI + VBMI2")
+@pytest.mark.parametrize("sparsity", [0.0, 0.7])
+def test_wide_rows_recompute_the_correction_to_the_same_bits(sparsity):
+    """The wide-row intrinsics (correction lanes recomputed, not loaded) give the loaded form's sums bit for bit,
+    and the kernels take them above WIDE_BLOCKS blocks (the dequantised product, as every kernel)."""
+    from numba import njit
+
+    rows, cols = 6, 64 * (LB.WIDE_BLOCKS + 3) - 5
+    W = _matrix(rows, cols, sparsity, seed=11)
+    x = _act(cols, 3)
+    q, corr, s = LB.act_buffers(cols)
+    LB.quantize_act(x, q, corr, s)
+    d, bm = LB.encode_int8(W), LB.encode_int8_bitmask(W)
+    nblk = s.shape[0]
+
+    @njit
+    def sums(wq, rowptr, masks, vals, q, corr, s, nblk):
+        out = np.zeros((4, wq.shape[0]), np.float32)
+        for r in range(wq.shape[0]):
+            out[0, r] = LB.vnni_dense_dot(wq, r * wq.shape[1], q, corr, s, nblk)
+            out[1, r] = LB.vnni_dense_dot_wide(wq, r * wq.shape[1], q, corr, s, nblk)
+            out[2, r] = LB.vnni_bitmask_dot(vals, masks, rowptr[r], r * nblk, q, corr, s, nblk)
+            out[3, r] = LB.vnni_bitmask_dot_wide(vals, masks, rowptr[r], r * nblk, q, corr, s, nblk)
+        return out
+
+    o = sums(d["wq"], bm["rowptr"], bm["masks"], bm["vals"], q, corr, s, nblk)
+    np.testing.assert_array_equal(o[0], o[1])
+    np.testing.assert_array_equal(o[2], o[3])
+    np.testing.assert_array_equal(o[0], o[2])
+    for k, args in ((LB.int8_gemv_vnni, (d["wq"], d["wscale"])),
+                    (LB.int8_bitmask_gemv_vnni, (bm["rowptr"], bm["masks"], bm["vals"], bm["wscale"]))):
+        out = np.full(rows, np.nan, np.float32)
+        k(*args, q, corr, s, E, out, False)
+        _check(out, W, x, True)
