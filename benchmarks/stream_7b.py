@@ -1,5 +1,7 @@
-"""Full depth at 7B scale on one machine: synth a SYNTHETIC 32-layer LLaMA2-7B-shaped bf16 model, then streamed
-calibrate and Wanda + DLP prune, each stage in its own process; reports each stage's wall time and peak RSS
+"""Full depth at 7B scale on one machine: synth a SYNTHETIC 32-layer LLaMA2-7B-shaped bf16 model (or reuse one:
+--model), then streamed calibrate and Wanda + DLP prune, then (--deploy) a native-only deployment of the pruned
+RUN (`export RUN --format native`, int8 decoder groups, 4-bit lm_head) and its decode timed (`bench --engine
+native`): the whole pipeline, each stage in its own process; reports each stage's wall time and peak RSS
 (the stage's own VmHWM from the RUN manifest, and the process's from wait4), and the disk use.
 
 Usage (about 1 hour on 2 busy cores; needs ~28 GB free under --work; deletes it afterwards unless --keep):
@@ -51,6 +53,23 @@ def run_stage(argv: list[str]) -> dict:
     return {"wall_s": round(wall, 1), "process_peak_rss_mb": round(usage.ru_maxrss / 1024)}
 
 
+def deploy_lines(d: dict) -> list[str]:
+    """The native-only deployment of the pruned RUN: bytes, formats and the decode the bench measured."""
+    rows = d["bench"]["engines"].get("native", [])
+    tn = d["index"].get("tuning") or {}
+    out = [f"Native-only deployment of the pruned RUN (int8 decoder groups, 4-bit lm_head): {d['bytes'] / 1e9:.2f} GB "
+           f"on disk, decoder {d['index']['bytes']['decoder_linears'] / 1e9:.2f} GB; formats "
+           f"{tn.get('formats')}" + (f" (chosen by bytes: {tn['fallback']})" if tn.get("fallback") else
+                                     f" (timed at build, other processes {tn.get('other_load') or 0:.0%} of the CPU)") + "."]
+    for r in rows:
+        if r.get("latency_ms") is not None:
+            out.append(f"Decode (bench --engine native, 16-token prompt + 32 tokens, 1 round): {r['latency_ms']:.1f} "
+                       f"ms/token, engine RSS {r.get('rss_mb') or 0:.0f} MB, start-up {r.get('compile_s') or 0:.1f} s"
+                       + (f"; per decoder layer {r['layer_ms']:.2f} ms, {r['layer_of_bound']:.0%} of its byte bound"
+                          if r.get("layer_of_bound") else "") + ".")
+    return out + [""]
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -67,6 +86,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="smollm2-135m", help="model whose tokenizer the synthetic model ships")
     ap.add_argument("--calib", default="wikipedia-summaries", help="calibration text (a name or file:PATH)")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--model", type=Path, default=None, help="an existing synthetic model folder (no synth stage)")
+    ap.add_argument("--deploy", action="store_true", help="also export the pruned RUN native-only and time its decode")
     args = ap.parse_args()
 
     free = shutil.disk_usage(args.work.parent if args.work.parent.exists() else "/").free
@@ -76,13 +97,14 @@ def main() -> None:
     if args.work.exists():
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
-    model, run = args.work / "model", args.work / "run"
+    model, run, dep = args.model or args.work / "model", args.work / "run", args.work / "deployment"
     calib = ["--calib", args.calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
              "--device", args.device, "--stream"]
     rows = {}
     try:
-        rows["synth"] = run_stage(["synth", "llama2-7b", "--layers", str(args.layers), "--dtype", "bf16",
-                                   "--tokenizer", args.tokenizer, "--out", str(model)])
+        if args.model is None:
+            rows["synth"] = run_stage(["synth", "llama2-7b", "--layers", str(args.layers), "--dtype", "bf16",
+                                       "--tokenizer", args.tokenizer, "--out", str(model)])
         model_bytes = du(model)
         rows["calibrate"] = run_stage(["calibrate", str(model), "--out", str(run), *calib])
         rows["allocate + prune"] = run_stage(["prune", str(model), "--out", str(run), "--sparsity", str(args.sparsity),
@@ -91,6 +113,17 @@ def main() -> None:
         ratios = json.loads((run / "ratios.json").read_text())
         pruned_bytes = du(run / "model")
         conf = json.loads((run / "model" / "config.json").read_text())
+        deployed = None
+        if args.deploy:
+            rows["export --format native"] = run_stage(["export", str(run), "--format", "native", "--weights", "int8",
+                                                        "--head", "q4", "--seqlen", "256", "--out", str(dep)])
+            bench_json = args.work / "bench.json"
+            rows["bench --engine native"] = run_stage(["bench", str(dep), "--engine", "native", "--prompt-tokens", "16",
+                                                       "--new-tokens", "32", "--rounds", "1", "--no-ort-baseline",
+                                                       "--json", str(bench_json)])
+            deployed = {"bytes": du(dep), "bench": json.loads(bench_json.read_text()),
+                        "index": {k: v for k, v in json.loads((dep / "native" / "native.json").read_text()).items()
+                                  if k in ("weights", "head", "tuning", "bytes")}}
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
@@ -112,6 +145,7 @@ def main() -> None:
         "realized_sparsity": ratios["realized_sparsity"],
         "ratios": [round(layer["sparsity"], 4) for layer in ratios["layers"]],
         "alpha": ratios.get("alpha"),
+        "deployment": deployed,
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     args.results.mkdir(parents=True, exist_ok=True)
@@ -135,6 +169,8 @@ def main() -> None:
               f"(bf16, zeros stored dense).",
               f"Realized sparsity {doc['realized_sparsity']:.4f}; DLP α {doc['alpha']}; per-layer ratios "
               f"{doc['ratios'][0]:.3f} (first) … {doc['ratios'][-1]:.3f} (last).", ""]
+    if deployed:
+        lines += deploy_lines(deployed)
     (args.results / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

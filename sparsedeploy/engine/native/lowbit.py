@@ -57,7 +57,9 @@ computing the same integers (`kernel_paths()` says which one this CPU gets; SPAR
 forces the portable ones). Every kernel has the kernels.py conventions: it writes out[r] (acc: adds into it),
 bias added when it has `out` rows.
 
-Every @intrinsic stays in this file: numba's on-disk cache of a kernel is stamped by its source file.
+Every @intrinsic stays in this file: numba's on-disk cache of a kernel is stamped by its source file (lowbit_batch.py
+also emits the block emitters `dense_block_weights` / `bitmask_block_weights`: a change to them must touch
+lowbit_batch.py too, or its cached kernels keep the old code).
 """
 from __future__ import annotations
 
@@ -245,6 +247,41 @@ def _is(a, dtype, ndim=None):
     return isinstance(a, types.Array) and a.dtype == dtype and (ndim is None or a.ndim == ndim)
 
 
+def dense_block_weights(builder, wa, woff):
+    """weights(b) of a dense int8 row at flat offset woff of `wa` (a made array): its block b's 64 bytes as
+    <16 x i32> (lowbit_batch's token tiles use it too)."""
+    i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+
+    def weights(b):
+        p = builder.gep(wa.data, [builder.add(woff, builder.mul(b, ir.Constant(i64, BLOCK)))])
+        return builder.load(builder.bitcast(p, v16i.as_pointer()), align=1)
+
+    return weights
+
+
+def bitmask_block_weights(builder, va, ma, voff, mstart):
+    """weights(b) of an int8_bitmask row whose values start at voff and masks at mstart: block b's kept bytes
+    expanded into their lanes (vpexpandb; absent lanes 0x80, i.e. w = 0), the value offset advancing by each
+    mask's popcount, so the blocks must be asked for in order (lowbit_batch's token tiles use it too)."""
+    i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+    m64 = ir.VectorType(ir.IntType(1), 64)
+    mod = builder.module
+    expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [va.data.type, m64, v64b]),
+                                            "llvm.masked.expandload.v64i8")
+    ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+    absent = ir.Constant(v64b, [-128] * 64)           # the byte 0x80 = 128 = w + 128 for w = 0
+    off = cgutils.alloca_once_value(builder, voff)
+
+    def weights(b):
+        mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
+        o = builder.load(off)
+        v = builder.call(expand, [builder.gep(va.data, [o]), builder.bitcast(mk, m64), absent])
+        builder.store(builder.add(o, builder.call(ctpop, [mk])), off)
+        return builder.bitcast(v, v16i)
+
+    return weights
+
+
 def _dense_dot(recompute: bool):
     @intrinsic
     def vnni_dense_dot(typingctx, wq, woff, q, corr, scale, nblk):
@@ -254,18 +291,9 @@ def _dense_dot(recompute: bool):
         sig = types.float32(wq, types.int64, q, corr, scale, types.int64)
 
         def codegen(context, builder, signature, args):
-            i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
-            wa = context.make_array(signature.args[0])(context, builder, args[0])
-            qa = context.make_array(signature.args[2])(context, builder, args[2])
-            ca = context.make_array(signature.args[3])(context, builder, args[3])
-            sa = context.make_array(signature.args[4])(context, builder, args[4])
-            woff = args[1]
-
-            def weights(b):
-                p = builder.gep(wa.data, [builder.add(woff, builder.mul(b, ir.Constant(i64, BLOCK)))])
-                return builder.load(builder.bitcast(p, v16i.as_pointer()), align=1)
-
-            return _vnni_blocks(context, builder, args[5], qa, ca, sa, weights, recompute=recompute)
+            wa, qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4))
+            return _vnni_blocks(context, builder, args[5], qa, ca, sa, dense_block_weights(builder, wa, args[1]),
+                                recompute=recompute)
 
         return sig, codegen
 
@@ -283,28 +311,8 @@ def _bitmask_dot(recompute: bool):
         sig = types.float32(vals, masks, types.int64, types.int64, q, corr, scale, types.int64)
 
         def codegen(context, builder, signature, args):
-            i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
-            m64 = ir.VectorType(ir.IntType(1), 64)
-            va = context.make_array(signature.args[0])(context, builder, args[0])
-            ma = context.make_array(signature.args[1])(context, builder, args[1])
-            qa = context.make_array(signature.args[4])(context, builder, args[4])
-            ca = context.make_array(signature.args[5])(context, builder, args[5])
-            sa = context.make_array(signature.args[6])(context, builder, args[6])
-            mstart = args[3]
-            mod = builder.module
-            expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [va.data.type, m64, v64b]),
-                                                    "llvm.masked.expandload.v64i8")
-            ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
-            absent = ir.Constant(v64b, [-128] * 64)           # the byte 0x80 = 128 = w + 128 for w = 0
-            off = cgutils.alloca_once_value(builder, args[2])
-
-            def weights(b):
-                mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
-                o = builder.load(off)
-                v = builder.call(expand, [builder.gep(va.data, [o]), builder.bitcast(mk, m64), absent])
-                builder.store(builder.add(o, builder.call(ctpop, [mk])), off)
-                return builder.bitcast(v, v16i)
-
+            va, ma, qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 4, 5, 6))
+            weights = bitmask_block_weights(builder, va, ma, args[2], args[3])
             return _vnni_blocks(context, builder, args[7], qa, ca, sa, weights, recompute=recompute)
 
         return sig, codegen

@@ -23,7 +23,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lowbit import (BLOCK, LANES, UNROLL, _PATHS, _half, _is, _vec_types, quantize_act,  # noqa: F401
+from .lowbit import (BLOCK, LANES, UNROLL, _PATHS, _half, _is, _vec_types, bitmask_block_weights,  # noqa: F401
+                     dense_block_weights, quantize_act,
                      vnni_bitmask_dot, vnni_dense_dot, vnni_q4_dot)
 from .simd_rows import lane_sums
 
@@ -121,15 +122,8 @@ def _dense_rows(T: int):
         sig = types.UniTuple(types.float32, T)(wq, types.int64, q, corr, scale, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
-            i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
-            wa = context.make_array(signature.args[0])(context, builder, args[0])
-            qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (2, 3, 4))
-            woff = args[1]
-
-            def weights(b):
-                p = builder.gep(wa.data, [builder.add(woff, builder.mul(b, ir.Constant(i64, BLOCK)))])
-                return builder.load(builder.bitcast(p, v16i.as_pointer()), align=1)
-
+            wa, qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4))
+            weights = dense_block_weights(builder, wa, args[1])
             lanes = _vnni_rows(context, builder, args[5], args[6], qa, ca, sa, T, weights, T > 4)
             return context.make_tuple(builder, signature.return_type, lanes)
 
@@ -149,26 +143,8 @@ def _bitmask_rows(T: int):
                                                types.int64)
 
         def codegen(context, builder, signature, args):
-            i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
-            m64 = ir.VectorType(ir.IntType(1), 64)
-            va = context.make_array(signature.args[0])(context, builder, args[0])
-            ma = context.make_array(signature.args[1])(context, builder, args[1])
-            qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (4, 5, 6))
-            mstart = args[3]
-            mod = builder.module
-            expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [va.data.type, m64, v64b]),
-                                                    "llvm.masked.expandload.v64i8")
-            ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
-            absent = ir.Constant(v64b, [-128] * 64)
-            off = cgutils.alloca_once_value(builder, args[2])
-
-            def weights(b):
-                mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
-                o = builder.load(off)
-                v = builder.call(expand, [builder.gep(va.data, [o]), builder.bitcast(mk, m64), absent])
-                builder.store(builder.add(o, builder.call(ctpop, [mk])), off)
-                return builder.bitcast(v, v16i)
-
+            va, ma, qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 4, 5, 6))
+            weights = bitmask_block_weights(builder, va, ma, args[2], args[3])
             lanes = _vnni_rows(context, builder, args[7], args[8], qa, ca, sa, T, weights, False)
             return context.make_tuple(builder, signature.return_type, lanes)
 
