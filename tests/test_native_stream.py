@@ -220,3 +220,29 @@ def test_the_full_depth_route_on_a_bf16_run(tiny_llama_dir, corpus_file, tmp_pat
     want = greedy_torch(model, prompt, 10)
     with WorkerRuntime("native", meta["onnx"], cores=2, seq_len=1, cache_len=int(meta["seqlen"])) as w:
         assert w.decode(prompt, 10).tokens == want
+
+
+def test_a_build_on_a_busy_machine_says_its_formats_were_chosen_by_bytes(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """The tuner's busy fallback (test_tune) reaches the index and the CLI: a warning line with the fix."""
+    from sparsedeploy.engine.native import tune
+
+    class Busy:
+        def __init__(self, pids):
+            self.fraction = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fraction = 0.7
+
+    monkeypatch.setattr(tune, "OtherLoad", Busy)
+    monkeypatch.setattr(tune, "RETRY_PAUSE_S", 0.0)
+    dep = tmp_path / "dep"
+    code, out, err = _cli(["export", str(tiny_llama_dir), "--format", "native", "--prune-magnitude", "0.6",
+                           "--seqlen", "32", "--out", str(dep)], monkeypatch, capsys)
+    assert code == 0, out + err
+    index = json.loads((dep / "native" / "native.json").read_text())
+    assert "70%" in index["tuning"]["fallback"] and index["tuning"]["attempts"] == tune.RETRIES + 1
+    assert not any(g["serial"] for layer in index["layers"] for g in layer.values())
+    assert "chosen by bytes" in out and "--force" in out
