@@ -199,7 +199,7 @@ def export(
                                  magnitude=prune_magnitude, seqlen=seqlen)
         ui.out.print(f"native-only deployment {res['dir']}: {res['bytes'] / 1e9:.2f} GB on disk, built in "
                      f"{res['seconds']:.0f} s, peak RSS {res['peak_rss_mb'] or 0:.0f} MB")
-        _warn_busy_tuning(res["index"].get("tuning"))
+        _warn_busy_tuning(res["index"].get("tuning"), "sparsedeploy export MODEL --format native --out DIR")
         return
     if weights != "int8" or head is not None or crossover is not None or prune_magnitude is not None:
         raise UserError("--weights/--head/--crossover/--prune-magnitude apply to --format native", "add --format native")
@@ -251,18 +251,18 @@ def compile_(
                          f"chose {g['chosen']}; ms summed over layers: {ms}")
 
 
-def _warn_busy_tuning(tuning: dict | None) -> None:
+def _warn_busy_tuning(tuning: dict | None, redo: str = "sparsedeploy compile DEPLOYMENT --engine native --force") -> None:
     """The native tuner's formats were not chosen on an idle machine: say what that means and how to redo it."""
     from .engine.native.tune import BUSY_LOAD
 
-    busy = (tuning or {}).get("other_load")
-    if (tuning or {}).get("fallback"):
-        ui.out.print(f"warning: the machine stayed busy while the native formats were timed, so they were chosen by "
-                     f"bytes ({tuning['fallback']}) — to time them: sparsedeploy compile DEPLOYMENT --engine native "
-                     "--force on an idle machine")
+    tuning = tuning or {}
+    busy = tuning.get("other_load")
+    if tuning.get("fallback"):
+        ui.out.print(f"warning: the native formats were chosen by bytes, not by time ({tuning['fallback']}) — "
+                     f"to time them, rerun on an idle machine: {redo}")
     elif busy is not None and busy > BUSY_LOAD:
         ui.out.print(f"warning: other processes used {busy:.0%} of the CPU while the formats were timed, so the "
-                     "choice may be wrong — rerun on an idle machine: sparsedeploy compile DEPLOYMENT --engine native --force")
+                     f"choice may be wrong — rerun on an idle machine: {redo}")
 
 
 def _bench_config(engine, cores, prompt_tokens, new_tokens, rounds, group_size, ort_baseline, prefill_chunk=0,

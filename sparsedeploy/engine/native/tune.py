@@ -110,6 +110,6 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
               **({"lowbit_kernels": K.lowbit_paths()} if weights != "fp32" else {}),
               "other_load": None if load.fraction is None else round(load.fraction, 3),
               "attempts": attempt + 1, "formats": sorted({f for c in choice for f in c.values()}),
-              **({"fallback": f"fewest bytes: other processes took {load.fraction:.0%} of the CPU in all "
-                              f"{attempt + 1} timing attempts"} if busy else {})}
+              **({"fallback": f"fewest bytes, parallel builds: other processes took {load.fraction:.0%} of the "
+                              f"CPU in all {attempt + 1} timing attempts"} if busy else {})}
     return choice, record
