@@ -7,6 +7,7 @@ same pruned weights for a deployment that has no ONNX graph.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,17 @@ def test_a_build_on_a_busy_machine_says_its_formats_were_chosen_by_bytes(tiny_ll
     assert not any(g["serial"] for layer in index["layers"] for g in layer.values())
     flat = " ".join(out.split())
     assert "chosen by bytes" in flat and "export MODEL --format native" in flat
+
+
+def test_auto_load_copies_what_fits_in_half_the_ram_and_maps_the_rest(native_only, monkeypatch):
+    from sparsedeploy.engine.native import model as M
+
+    monkeypatch.delenv(M.LOAD_ENV, raising=False)
+    ndir = native_only / "native"
+    assert M.load_mode(ndir) == "copy"
+    size = sum((ndir / n).stat().st_size for n in (M.WEIGHTS, M.SHARED))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(M, "COPY_RAM_SHARE", 0.9 * size / ram)
+    assert M.load_mode(ndir) == "mmap"
+    monkeypatch.setenv(M.LOAD_ENV, "copy")
+    assert M.load_mode(ndir) == "copy"
