@@ -175,6 +175,8 @@ def main() -> None:
                     "and copied (SPARSEDEPLOY_NATIVE_LOAD) side by side in its group")
     ap.add_argument("--keep", action="store_true", help="keep the deployments and GGUFs (a rerun reuses them)")
     ap.add_argument("--keep-peers", action="store_true", help="keep (and reuse) only the GGUFs")
+    ap.add_argument("--merge", type=Path, default=None, help="an earlier run's JSON: its rows of sparsities this run "
+                    "does not measure are kept in the table, marked with that run's time")
     ap.add_argument("--ram-share", type=float, default=0.75, help="a group's weights (deployment + GGUFs, all mapped "
                     "at once) stay under this share of RAM: the largest GGUFs leave the group otherwise")
     a = ap.parse_args()
@@ -219,6 +221,13 @@ def main() -> None:
         gguf_rec[t] = {**rec, "bytes": path.stat().st_size}
     bw, load_ab = None, None
     rows, peer_rows = [], []
+    if a.merge:                          # an earlier run's other sparsities, each with its own peers' rounds
+        old = json.loads(a.merge.read_text())
+        keep = [r for r in old["rows"] if r["sparsity"] not in sparsities]
+        for r in keep:
+            r["from_run"] = old["finished"]
+        rows += keep
+        peer_rows += [dict(p, from_run=old["finished"]) for p in old["peer_rows"] if p["group"] not in sparsities]
     try:
         for p in sparsities:
             dep = a.work / f"p{round(p * 100):02d}"
@@ -301,6 +310,7 @@ def main() -> None:
 
 
 def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, sparsities, load_ab=None) -> None:
+    rows = sorted(rows, key=lambda r: r["sparsity"])
     dense = next((r for r in rows if r["sparsity"] == 0), None)
     for r in rows:
         r["speedup_vs_dense_native"] = dense["ms"] / r["ms"] if dense else None
@@ -340,7 +350,7 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         nb = r["native_bytes"] or {}
-        cells = [r["label"], f"{r['ms']:.1f}",
+        cells = [r["label"] + (f" (run of {r['from_run']})" if r.get("from_run") else ""), f"{r['ms']:.1f}",
                  f"{r['speedup_vs_dense_native']:.2f}" if r["speedup_vs_dense_native"] else "–"]
         cells += [f"{r[f'x_vs_{t}']:.2f}" if f"x_vs_{t}" in r else "– (left out: RAM)" for t in peers]
         cells += [f"{r['bound_ms']:.1f}", f"{r['bound_ms'] / r['ms']:.0%}", f"{r['decoder_bytes_per_weight']:.3f}",
@@ -359,6 +369,11 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
                       f"{gguf_rec[t]['bytes'] / 1e9:.2f}", f"{max(x['rss_mb'] for x in pr):.0f}", "mmap", "–",
                       f0(gguf_rec[t]['wall_s']), str(gguf_rec[t]["peak_rss_mb"])]
             lines.append("| " + " | ".join(cells) + " |")
+    merged = sorted({r["from_run"] for r in rows if r.get("from_run")})
+    if merged:
+        lines += ["", f"Rows marked 'run of …' were measured in an earlier run of this script ({', '.join(merged)}; "
+                  "kept with --merge: each sparsity is its own group, timed with its own llama.cpp rounds, so its "
+                  "'× vs Q4_0' / '× vs Q8_0' are from that run; its '× vs dense' is against this run's dense row)."]
     lines += ["", "Resident weights of the native engine per value type (MB):", ""]
     for r in rows:
         bvt = (r["native_bytes"] or {}).get("by_value_type") or {}
