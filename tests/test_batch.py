@@ -159,9 +159,11 @@ def test_batched_lowbit_products_equal_token_by_token(fmt, L):
 @pytest.mark.parametrize("fmt", ["csr", "ell", "bitmask", "dense"])
 @pytest.mark.parametrize("L", [2, 3, 6, 8, 13, 16, 21, 40, 64, 83, 130])
 def test_row_tiled_products_equal_the_dense_product(fmt, L):
-    """Linear.mat_rows (a batched step's [R, in] products: up to 8 rows simd_rows' 8-row tiles (the bitmask
-    format simd.bitmask_gemm_rows' 8/4/2-row tiles), more rows simd_rows.csr_gemm_panels, 64 rows a call
-    past 80) against numpy's product of the same matrix, with bias and accumulation."""
+    """Linear.mat_rows (a batched step's [R, in] products: up to model.PANEL_ROWS_MIN rows simd_rows' 8/16/64-row
+    tiles (up to 4 rows of the bitmask format simd.bitmask_gemm_rows' 4/2-row tiles), more rows
+    simd_rows.csr_gemm_panels, 64 rows a call past 80; a dense group dense_gemm_rows' 2x8 / 4x4 / 8x2 / 16x1
+    register tiles over 16-row blocks and the rows past the last block) against numpy's product of the same
+    matrix, with bias and accumulation."""
     from sparsedeploy.engine.native.model import Linear
     from sparsedeploy.engine.native.pack import encode
 

@@ -114,6 +114,17 @@ def csr_dot16(typingctx, vals, cols, xt, lo, hi, lp, t):
     return sig, _dot_codegen(2 * TILE)
 
 
+@njit(cache=True, nogil=True)
+def transpose_into(X, Xt):
+    """Xt[:, :L] = X.T (X [L, m]) in blocks of 16 columns."""
+    L, m = X.shape
+    for c0 in range(0, m, 16):
+        c1 = min(c0 + 16, m)
+        for l in range(L):
+            for c in range(c0, c1):
+                Xt[c, l] = X[l, c]
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _put8(Y, t, r, s, b, acc):
     L = np.uint64(Y.shape[0])
