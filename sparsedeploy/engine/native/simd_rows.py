@@ -280,7 +280,12 @@ def _dense_tile(RW: int, T: int, name: str, ahead: int = 0):
             sums = []
             flat = [builder.load(accs[i][t]) for i in range(RW) for t in range(T)]
             for k in range(0, len(flat), 16):
-                sums += lane_sums(builder, flat[k:k + 16])
+                part = flat[k:k + 16]
+                n = len(part)
+                while n & (n - 1):                       # lane_sums takes a power of two: zero vectors pad it
+                    part.append(zero)
+                    n += 1
+                sums += lane_sums(builder, part)[:min(16, len(flat) - k)]
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
@@ -296,6 +301,65 @@ dense_tile2x8, dense_tile4x4, dense_tile8x2, dense_tile16x1 = (
     _dense_tile(2, 8, "dense_tile2x8", 16), _dense_tile(4, 4, "dense_tile4x4", 16), _dense_tile(8, 2, "dense_tile8x2", 16),
     _dense_tile(16, 1, "dense_tile16x1", 16))
 DENSE_BLOCK = 16     # weight rows per dense_gemm_rows work item (= the tiles' prefetch distance in weight rows)
+# attention scores (kernels.attention_rows): 4 cached key rows x up to 4 queries per call
+key_tile4x4, key_tile4x3, key_tile4x2, key_tile4x1 = (_dense_tile(4, 4, "key_tile4x4"), _dense_tile(4, 3, "key_tile4x3"),
+                                                      _dense_tile(4, 2, "key_tile4x2"), _dense_tile(4, 1, "key_tile4x1"))
+
+
+def _pv_tile(T: int):
+    def typer(typingctx, sc, q0, v, d0, nc, tn, o, o0):
+        """o[o0 + k, d0 : d0 + 16 nc] = sum_{t < tn} sc[q0 + k, t] * v[t, d0 : d0 + 16 nc] for k < T, nc <= 4
+        (16-column chunks): the T x nc accumulators stay in registers over t (each value chunk loaded once for
+        the T queries, each weight broadcast once), summed in t order. attention_rows' weighted sums of values."""
+        ok = all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
+                 for a in (sc, v, o))
+        if not ok:
+            return None
+        sig = types.void(sc, types.int64, v, types.int64, types.int64, types.int64, o, types.int64)
+
+        def codegen(context, builder, signature, args):
+            f32, i64 = ir.FloatType(), ir.IntType(64)
+            i32 = ir.IntType(32)
+            v16 = ir.VectorType(f32, 16)
+            sa = context.make_array(signature.args[0])(context, builder, args[0])
+            va = context.make_array(signature.args[2])(context, builder, args[2])
+            oa = context.make_array(signature.args[6])(context, builder, args[6])
+            q0, d0, nc, tn, o0 = args[1], args[3], args[4], args[5], args[7]
+            ss = cgutils.unpack_tuple(builder, sa.shape, 2)[1]
+            vs = cgutils.unpack_tuple(builder, va.shape, 2)[1]
+            os_ = cgutils.unpack_tuple(builder, oa.shape, 2)[1]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+            zero = ir.Constant(v16, [0.0] * 16)
+            vptr = v16.as_pointer()
+            srows = [builder.gep(sa.data, [builder.mul(builder.add(q0, ir.Constant(i64, k)), ss)]) for k in range(T)]
+            for ncs in (4, 3, 2, 1):                       # one loop per chunk count: straight-line bodies
+                with builder.if_then(builder.icmp_signed("==", nc, ir.Constant(i64, ncs))):
+                    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(ncs)] for _ in range(T)]
+                    with cgutils.for_range(builder, tn) as loop:
+                        t = loop.index
+                        vrow = builder.gep(va.data, [builder.add(builder.mul(t, vs), d0)])
+                        vv = [builder.load(builder.gep(builder.bitcast(vrow, vptr), [ir.Constant(i64, c)]), align=4)
+                              for c in range(ncs)]
+                        for k in range(T):
+                            w = builder.load(builder.gep(srows[k], [t]))
+                            wv = builder.insert_element(ir.Constant(v16, ir.Undefined), w, ir.Constant(i32, 0))
+                            wv = builder.shuffle_vector(wv, wv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+                            for c in range(ncs):
+                                builder.store(builder.call(fma, [wv, vv[c], builder.load(accs[k][c])]), accs[k][c])
+                    for k in range(T):
+                        orow = builder.gep(oa.data, [builder.add(builder.mul(builder.add(o0, ir.Constant(i64, k)), os_), d0)])
+                        for c in range(ncs):
+                            builder.store(builder.load(accs[k][c]),
+                                          builder.gep(builder.bitcast(orow, vptr), [ir.Constant(i64, c)]), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"pv_tile{T}"
+    return intrinsic(typer)
+
+
+pv_tile4, pv_tile3, pv_tile2, pv_tile1 = _pv_tile(4), _pv_tile(3), _pv_tile(2), _pv_tile(1)
 
 
 @njit(cache=True, nogil=True, inline="always")
