@@ -159,9 +159,11 @@ def test_batched_lowbit_products_equal_token_by_token(fmt, L):
 @pytest.mark.parametrize("fmt", ["csr", "ell", "bitmask", "dense"])
 @pytest.mark.parametrize("L", [2, 3, 6, 8, 13, 16, 21, 40, 64, 83, 130])
 def test_row_tiled_products_equal_the_dense_product(fmt, L):
-    """Linear.mat_rows (a batched step's [R, in] products: up to 8 rows simd_rows' 8-row tiles (the bitmask
-    format simd.bitmask_gemm_rows' 8/4/2-row tiles), more rows simd_rows.csr_gemm_panels, 64 rows a call
-    past 80) against numpy's product of the same matrix, with bias and accumulation."""
+    """Linear.mat_rows (a batched step's [R, in] products: up to model.PANEL_ROWS_MIN rows simd_rows' 8/16/64-row
+    tiles (up to 4 rows of the bitmask format simd.bitmask_gemm_rows' 4/2-row tiles), more rows
+    simd_rows.csr_gemm_panels, 64 rows a call past 80; a dense group dense_gemm_rows' 2x8 / 4x4 / 8x2 / 16x1
+    register tiles over 16-row blocks and the rows past the last block) against numpy's product of the same
+    matrix, with bias and accumulation."""
     from sparsedeploy.engine.native.model import Linear
     from sparsedeploy.engine.native.pack import encode
 
@@ -183,14 +185,16 @@ def test_row_tiled_products_equal_the_dense_product(fmt, L):
         np.testing.assert_allclose(Y, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_attention_rows_equal_a_numpy_reference():
+@pytest.mark.parametrize("D", [16, 24, 80])
+def test_attention_rows_equal_a_numpy_reference(D):
     """kernels.attention_rows (runs of rows of one sequence x kv head, key rows shared by the heads of a group)
     against softmax attention written in numpy, for decode rows of three sequences at other positions and a
-    prompt chunk of 11 rows of a fourth (causal among themselves), grouped-query heads, rotary positions."""
+    prompt chunk of 11 rows of a fourth (causal among themselves), grouped-query heads, rotary positions; scores
+    4 key rows x 4/3/2/1 queries a call (simd_rows.key_tile*) and the rest row by row."""
     from sparsedeploy.engine.native import kernels as K
 
     rng = np.random.default_rng(5)
-    H, Hkv, D, S, B = 6, 2, 16, 40, 4
+    H, Hkv, S, B = 6, 2, 40, 4                          # D 16, 80: the register-tiled sums of values; 24: the loop
     rep, half = H // Hkv, D // 2
     ck = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
     cv = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)

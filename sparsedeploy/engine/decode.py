@@ -443,8 +443,9 @@ class BatchSession:
     advances every running sequence by one token and returns what each produced.
 
     Batched (a runtime with `open_batch`/`forward_rows`: the native engine): one forward per step over all
-    rows — one decode row per running sequence plus up to `prefill_budget` prompt tokens of admitted requests
-    (chunked prefill, in admission order, so a long prompt does not stall the running batch); each linear group
+    rows — one decode row per running sequence plus prompt tokens of admitted requests up to `prefill_budget`
+    rows in all (but at least half the budget of prompt tokens: chunked prefill, in admission order, so a long
+    prompt does not stall the running batch); each linear group
     reads its weights once per step for every row. The KV cache of `max_batch` sequences x `cache_len` positions
     is allocated once, when the session opens; a request must fit: prompt + max_new <= cache_len.
     Emulated (every other engine): the same API as sequential batch-1 steps, each sequence with its own
@@ -550,7 +551,9 @@ class BatchSession:
                 owners.append(seq)
                 R += 1
                 n += 1
-        budget = self.prefill_budget
+        # prompt rows, decode rows included in the budget down to half of it: a step's rows stay within one
+        # prompt-chunk product (64 rows: 64 lanes of the panel GEMM, where 64 + 7 would take 80)
+        budget = max(self.prefill_budget - R, (self.prefill_budget + 1) // 2)
         for seq in self.seqs.values():                       # prompt chunks, in admission order
             if budget == 0:
                 break

@@ -21,7 +21,8 @@ from numba import njit, prange, set_num_threads, get_num_threads, config as numb
 from numba.extending import intrinsic
 
 from .simd import bitmask_gemm, bitmask_gemm_rows, bitmask_gemv  # noqa: F401  (with their intrinsic: one cache stamp)
-from .simd_rows import _put, dense_dot_rows1, dense_dot_rows2, dense_dot_rows4, dense_dot_rows8
+from .simd_rows import (_put, dense_dot_rows1, dense_dot_rows2, dense_dot_rows4, dense_dot_rows8, key_tile4x1,
+                        key_tile4x2, key_tile4x3, key_tile4x4, pv_tile1, pv_tile2, pv_tile3, pv_tile4)
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -439,7 +440,29 @@ def attention_rows(QKV, H, Hkv, D, slots, positions, cos, sin, rope, scale, cach
         Vm = cache_v[b, g]
         pmax = positions[r0 + nr - 1]
         sc = scores[g]
-        for t in range(pmax + 1):
+        tn = pmax + 1
+        t = 0
+        while t + 4 <= tn:                              # 4 key rows x 4 (3, 2, 1) queries per call
+            l = 0
+            while l + 4 <= nq:
+                s16 = key_tile4x4(Km, t, Q, l)
+                for i in range(16):
+                    sc[q0 + l + (i & 3), t + (i >> 2)] = s16[i] * scale
+                l += 4
+            if nq - l == 3:
+                s12 = key_tile4x3(Km, t, Q, l)
+                for i in range(12):
+                    sc[q0 + l + i % 3, t + i // 3] = s12[i] * scale
+            elif nq - l == 2:
+                s8 = key_tile4x2(Km, t, Q, l)
+                for i in range(8):
+                    sc[q0 + l + (i & 1), t + (i >> 1)] = s8[i] * scale
+            elif nq - l == 1:
+                s4 = key_tile4x1(Km, t, Q, l)
+                for i in range(4):
+                    sc[q0 + l, t + i] = s4[i] * scale
+            t += 4
+        while t < tn:
             l = 0
             while l + 8 <= nq:
                 s8 = dense_dot_rows8(Km, t, Q, l)
@@ -458,7 +481,9 @@ def attention_rows(QKV, H, Hkv, D, slots, positions, cos, sin, rope, scale, cach
                 l += 2
             if l < nq:
                 sc[q0 + l, t] = dense_dot_rows1(Km, t, Q, l)[0] * scale
+            t += 1
         O = obuf[g, q0:q0 + nq]
+        vec = D % 16 == 0
         for qi in range(nq):
             p = positions[r0 + qi // rep]
             row = sc[q0 + qi]
@@ -474,11 +499,27 @@ def attention_rows(QKV, H, Hkv, D, slots, positions, cos, sin, rope, scale, cach
             inv = np.float32(1.0) / total
             for t in range(p + 1):
                 row[t] *= inv
-            for i in range(D):
-                O[qi, i] = 0
-        for t in range(pmax + 1):
-            for qi in range(nq):
-                if t <= positions[r0 + qi // rep]:
+            for t in range(p + 1, tn):                  # a later row's positions weigh nothing (causal)
+                row[t] = 0
+            if not vec:
+                for i in range(D):
+                    O[qi, i] = 0
+        if vec:                                         # O = weights @ V, accumulators in registers
+            for d0 in range(0, D, 64):
+                nc = min(4, (D - d0) // 16)
+                k = 0
+                while k + 4 <= nq:
+                    pv_tile4(sc, q0 + k, Vm, d0, nc, tn, O, k)
+                    k += 4
+                if nq - k == 3:
+                    pv_tile3(sc, q0 + k, Vm, d0, nc, tn, O, k)
+                elif nq - k == 2:
+                    pv_tile2(sc, q0 + k, Vm, d0, nc, tn, O, k)
+                elif nq - k == 1:
+                    pv_tile1(sc, q0 + k, Vm, d0, nc, tn, O, k)
+        else:
+            for t in range(tn):
+                for qi in range(nq):
                     w = sc[q0 + qi, t]
                     for i in range(D):
                         O[qi, i] += w * Vm[t, i]

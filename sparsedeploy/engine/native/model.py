@@ -19,7 +19,8 @@ from numba import get_num_threads
 
 from ...errors import UserError
 from . import kernels as K
-from .simd_rows import PANEL_ROWS, TILE, csr_gemm_panels, csr_gemm_t, dense_gemm_rows, ell_gemm_t, panel_pointers
+from .simd_rows import (PANEL_ROWS, TILE, csr_gemm_panels, csr_gemm_t, dense_gemm_rows, ell_gemm_t, panel_pointers,
+                        transpose_into)
 from ...arch import native_arch, rope_theta
 from .pack import INDEX, SHARED, WEIGHTS, read_index
 
@@ -34,6 +35,10 @@ BITMASK_ROWS = 4
 # SmolLM2 Wanda+DLP 70%, AMD EPYC, one thread, 64 rows, per matrix: up 2.2 ms against 2.6, qkv / o equal,
 # down 1.16 against 0.90 (busy machine)
 PANEL_IN_MAX = 1024
+# ... and only past this many rows: up to it the row tiles (16 rows per pass over a weight row) are faster. On
+# SmolLM2 Wanda+DLP 70%, AMD EPYC, 2 threads, q|k|v + o + gate|up over 30 layers (interleaved runs, exclusive
+# lock): 16 rows 14 ms against 30 with the panels, 32 rows 28-29 against 35-39
+PANEL_ROWS_MIN = 32
 # how many of a Linear's (a, b, c, d, e, gs) its format's kernels take, in that order
 _NARGS = {"dense": 1, "ell": 2, "csr": 3, "bitmask": 3, "int8": 2, "int8_ell": 3, "int8_csr": 4, "int8_bitmask": 4,
           "int8_perm": 5, "q4": 2, "int4_bitmask": 6}
@@ -156,8 +161,8 @@ class Linear:
     def mat_rows(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [R, in] -> Y [R, rows] for a batched step's rows (NativeModel.forward_rows): fp32 sparse groups
         run the row-tiled products (up to BITMASK_ROWS rows of a bitmask group: simd.bitmask_gemm_rows on the
-        format itself; up to 8 rows: simd_rows' 8-row tiles; more: mat_panels, or the 64-row tiles for groups
-        wider than PANEL_IN_MAX), dense ones simd_rows.dense_gemm_rows, the low-bit ones lowbit_batch (through
+        format itself; up to PANEL_ROWS_MIN rows, or any count in groups wider than PANEL_IN_MAX: simd_rows'
+        row tiles; more: mat_panels), dense ones simd_rows.dense_gemm_rows, the low-bit ones lowbit_batch (through
         `mat`); one row `vec`."""
         R = X.shape[0]
         f = self.fmt
@@ -170,11 +175,11 @@ class Linear:
         if f == "bitmask" and R <= BITMASK_ROWS:
             K.bitmask_gemm_rows(self.a, self.b, self.c, np.ascontiguousarray(X), self.bias, Y, acc)
             return
-        if R > TILE and self.cols_in <= PANEL_IN_MAX:
+        if R > PANEL_ROWS_MIN and self.cols_in <= PANEL_IN_MAX:
             self.mat_panels(X, Y, acc)
             return
         Xt = _xt_buffer(self.cols_in, R)
-        Xt[:, :R] = X.T
+        _transpose(X, Xt)
         if f == "ell":
             ell_gemm_t(self.a, self.b, Xt, self.bias, Y, acc)
             return
@@ -194,7 +199,7 @@ class Linear:
         while g < R:
             n = R - g if R - g <= PANEL_ROWS else 64
             Xt = _xt_buffer(self.cols_in, n, 16)
-            Xt[:, :n] = X[g:g + n].T
+            _transpose(X[g:g + n], Xt)
             Yt = _xt_buffer(self.rows, n, 16, "y")
             csr_gemm_panels(pptr, cols, vals, Xt, Yt, self.bias, Y[g:g + n], acc, get_num_threads())
             g += n
@@ -259,6 +264,15 @@ def _xt_buffer(width: int, rows: int, tile: int = TILE, kind: str = "x") -> np.n
     elif Lp > rows:
         buf[:, rows:] = 0
     return buf
+
+
+def _transpose(X: np.ndarray, Xt: np.ndarray) -> None:
+    """Xt[:, :L] = X.T: numpy's strided copy, or simd_rows.transpose_into for inputs wider than PANEL_IN_MAX
+    (numpy: 206 us for 64 x 1536, the down group's prompt chunk, against 68; AMD EPYC)."""
+    if X.shape[1] > PANEL_IN_MAX:
+        transpose_into(X, Xt)
+    else:
+        Xt[:, :X.shape[0]] = X.T
 
 
 def _resident(a: np.ndarray) -> np.ndarray:

@@ -114,6 +114,17 @@ def csr_dot16(typingctx, vals, cols, xt, lo, hi, lp, t):
     return sig, _dot_codegen(2 * TILE)
 
 
+@njit(cache=True, nogil=True)
+def transpose_into(X, Xt):
+    """Xt[:, :L] = X.T (X [L, m]) in blocks of 16 columns."""
+    L, m = X.shape
+    for c0 in range(0, m, 16):
+        c1 = min(c0 + 16, m)
+        for l in range(L):
+            for c in range(c0, c1):
+                Xt[c, l] = X[l, c]
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _put8(Y, t, r, s, b, acc):
     L = np.uint64(Y.shape[0])
@@ -207,16 +218,20 @@ def lane_sums(builder, vecs: list) -> list:
     return [builder.extract_element(v, ir.Constant(i32, t)) for t in range(len(vecs))]
 
 
-def _dense_rows(T: int):
+def _dense_tile(RW: int, T: int, name: str, ahead: int = 0):
     def typer(typingctx, w, r, x, l0):
-        """(sum_j w[r, j] * x[l, j] for l in l0 .. l0 + T - 1): each 16-float chunk of w's row r loaded once
-        and FMA'd into the T rows' accumulators (the last partial chunk by masked loads), then one transposed
-        lane tree (lane_sums). attention_rows (kernels.py) scores a cached key row against up to 8 queries."""
+        """(sum_j w[r + i, j] * x[l, j] for i < RW for l in l0 .. l0 + T - 1), weight row by weight row: each
+        16-float chunk of the RW weight rows and of the T rows of x loaded once, RW x T FMAs (the last partial
+        chunk by masked loads), one accumulator per pair, then one transposed lane tree (lane_sums).
+        RW = 1: attention_rows (kernels.py) scores a cached key row against up to 8 queries; RW x T = 16:
+        dense_gemm_rows' register tiles (RW + T loads per RW x T FMAs instead of 1 + T per T), which also
+        prefetch (into L2) each weight chunk's twin `ahead` weight rows further on: the tiles walk a block's rows
+        a few at a time, where the hardware's stream prefetchers expect one sequential stream."""
         ok = all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
                  for a in (w, x))
         if not ok:
             return None
-        sig = types.UniTuple(types.float32, T)(w, types.int64, x, types.int64)
+        sig = types.UniTuple(types.float32, RW * T)(w, types.int64, x, types.int64)
 
         def codegen(context, builder, signature, args):
             f32, i64, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(32)
@@ -229,15 +244,24 @@ def _dense_rows(T: int):
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
             mload = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16.as_pointer(), i32, m16, v16]),
                                                    "llvm.masked.load.v16f32.p0")
+            i8p = ir.IntType(8).as_pointer()
+            prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                      "llvm.prefetch.p0")
             zero = ir.Constant(v16, [0.0] * 16)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
-            wrow = builder.gep(wa.data, [builder.mul(args[1], m)])
+            far = builder.mul(m, ir.Constant(i64, ahead))
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(T)] for _ in range(RW)]
+            wrows = [builder.gep(wa.data, [builder.mul(builder.add(args[1], ir.Constant(i64, i)), m)]) for i in range(RW)]
             xrows = [builder.gep(xa.data, [builder.mul(builder.add(args[3], ir.Constant(i64, t)), xs)]) for t in range(T)]
 
             def chunk(j, load):
-                wv = load(builder.gep(wrow, [j]))
+                wv = [load(builder.gep(wrows[i], [j])) for i in range(RW)]
+                for i in range(RW if ahead else 0):
+                    builder.call(prefetch, [builder.bitcast(builder.gep(wrows[i], [builder.add(j, far)]), i8p),
+                                            ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
                 for t in range(T):
-                    builder.store(builder.call(fma, [wv, load(builder.gep(xrows[t], [j])), builder.load(accs[t])]), accs[t])
+                    xv = load(builder.gep(xrows[t], [j]))
+                    for i in range(RW):
+                        builder.store(builder.call(fma, [wv[i], xv, builder.load(accs[i][t])]), accs[i][t])
 
             full = builder.udiv(m, ir.Constant(i64, 16))
             with cgutils.for_range(builder, full) as loop:
@@ -253,73 +277,150 @@ def _dense_rows(T: int):
                 mk = builder.icmp_unsigned("<", lanes, splat)
                 chunk(builder.mul(full, ir.Constant(i64, 16)),
                       lambda p: builder.call(mload, [builder.bitcast(p, v16.as_pointer()), ir.Constant(i32, 4), mk, zero]))
-            sums = lane_sums(builder, [builder.load(a) for a in accs])
+            sums = []
+            flat = [builder.load(accs[i][t]) for i in range(RW) for t in range(T)]
+            for k in range(0, len(flat), 16):
+                part = flat[k:k + 16]
+                n = len(part)
+                while n & (n - 1):                       # lane_sums takes a power of two: zero vectors pad it
+                    part.append(zero)
+                    n += 1
+                sums += lane_sums(builder, part)[:min(16, len(flat) - k)]
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, codegen
 
-    typer.__name__ = f"dense_dot_rows{T}"
+    typer.__name__ = name
     return intrinsic(typer)
 
 
-dense_dot_rows8, dense_dot_rows4, dense_dot_rows2, dense_dot_rows1 = (_dense_rows(8), _dense_rows(4), _dense_rows(2),
-                                                                      _dense_rows(1))
+dense_dot_rows8, dense_dot_rows4, dense_dot_rows2, dense_dot_rows1 = (
+    _dense_tile(1, 8, "dense_dot_rows8"), _dense_tile(1, 4, "dense_dot_rows4"), _dense_tile(1, 2, "dense_dot_rows2"),
+    _dense_tile(1, 1, "dense_dot_rows1"))
+dense_tile2x8, dense_tile4x4, dense_tile8x2, dense_tile16x1 = (
+    _dense_tile(2, 8, "dense_tile2x8", 16), _dense_tile(4, 4, "dense_tile4x4", 16), _dense_tile(8, 2, "dense_tile8x2", 16),
+    _dense_tile(16, 1, "dense_tile16x1", 16))
+DENSE_BLOCK = 16     # weight rows per dense_gemm_rows work item (= the tiles' prefetch distance in weight rows)
+# attention scores (kernels.attention_rows): 4 cached key rows x up to 4 queries per call
+key_tile4x4, key_tile4x3, key_tile4x2, key_tile4x1 = (_dense_tile(4, 4, "key_tile4x4"), _dense_tile(4, 3, "key_tile4x3"),
+                                                      _dense_tile(4, 2, "key_tile4x2"), _dense_tile(4, 1, "key_tile4x1"))
+
+
+def _pv_tile(T: int):
+    def typer(typingctx, sc, q0, v, d0, nc, tn, o, o0):
+        """o[o0 + k, d0 : d0 + 16 nc] = sum_{t < tn} sc[q0 + k, t] * v[t, d0 : d0 + 16 nc] for k < T, nc <= 4
+        (16-column chunks): the T x nc accumulators stay in registers over t (each value chunk loaded once for
+        the T queries, each weight broadcast once), summed in t order. attention_rows' weighted sums of values."""
+        ok = all(isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 2 and a.layout == "C"
+                 for a in (sc, v, o))
+        if not ok:
+            return None
+        sig = types.void(sc, types.int64, v, types.int64, types.int64, types.int64, o, types.int64)
+
+        def codegen(context, builder, signature, args):
+            f32, i64 = ir.FloatType(), ir.IntType(64)
+            i32 = ir.IntType(32)
+            v16 = ir.VectorType(f32, 16)
+            sa = context.make_array(signature.args[0])(context, builder, args[0])
+            va = context.make_array(signature.args[2])(context, builder, args[2])
+            oa = context.make_array(signature.args[6])(context, builder, args[6])
+            q0, d0, nc, tn, o0 = args[1], args[3], args[4], args[5], args[7]
+            ss = cgutils.unpack_tuple(builder, sa.shape, 2)[1]
+            vs = cgutils.unpack_tuple(builder, va.shape, 2)[1]
+            os_ = cgutils.unpack_tuple(builder, oa.shape, 2)[1]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+            zero = ir.Constant(v16, [0.0] * 16)
+            vptr = v16.as_pointer()
+            srows = [builder.gep(sa.data, [builder.mul(builder.add(q0, ir.Constant(i64, k)), ss)]) for k in range(T)]
+            for ncs in (4, 3, 2, 1):                       # one loop per chunk count: straight-line bodies
+                with builder.if_then(builder.icmp_signed("==", nc, ir.Constant(i64, ncs))):
+                    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(ncs)] for _ in range(T)]
+                    with cgutils.for_range(builder, tn) as loop:
+                        t = loop.index
+                        vrow = builder.gep(va.data, [builder.add(builder.mul(t, vs), d0)])
+                        vv = [builder.load(builder.gep(builder.bitcast(vrow, vptr), [ir.Constant(i64, c)]), align=4)
+                              for c in range(ncs)]
+                        for k in range(T):
+                            w = builder.load(builder.gep(srows[k], [t]))
+                            wv = builder.insert_element(ir.Constant(v16, ir.Undefined), w, ir.Constant(i32, 0))
+                            wv = builder.shuffle_vector(wv, wv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+                            for c in range(ncs):
+                                builder.store(builder.call(fma, [wv, vv[c], builder.load(accs[k][c])]), accs[k][c])
+                    for k in range(T):
+                        orow = builder.gep(oa.data, [builder.add(builder.mul(builder.add(o0, ir.Constant(i64, k)), os_), d0)])
+                        for c in range(ncs):
+                            builder.store(builder.load(accs[k][c]),
+                                          builder.gep(builder.bitcast(orow, vptr), [ir.Constant(i64, c)]), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    typer.__name__ = f"pv_tile{T}"
+    return intrinsic(typer)
+
+
+pv_tile4, pv_tile3, pv_tile2, pv_tile1 = _pv_tile(4), _pv_tile(3), _pv_tile(2), _pv_tile(1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_tile(Y, l, r, s, T, b, has_bias, acc):
+    """s: a tile's sums, weight row by weight row (T rows of Y each) -> Y[l + t, r + i]."""
+    for k in range(len(s)):
+        i = k // T
+        t = k - i * T
+        v = s[k] + b[r + i] if has_bias else s[k]
+        if acc:
+            Y[l + t, r + i] += v
+        else:
+            Y[l + t, r + i] = v
 
 
 @njit(**_OPTS)
 def dense_gemm_rows(W, X, bias, Y, acc):
-    """X [L, in] -> Y [L, out] with W dense [out, in]: each weight row, loaded once, is multiplied into the rows of
-    X eight at a time (eight reductions over the same weight vector: one weight load per eight FMAs; a W larger
-    than the caches, such as a tied lm_head, then streams from memory once per 8 rows, not once per 4), then
-    four, then one. numpy's matmul would be faster alone, but its BLAS threads compete with numba's for the
-    same cores (and single-threaded it measured slower: 21 ms for 8 rows of SmolLM2's 49152 x 576 head against
-    10-15 here, AMD EPYC, busy machine)."""
+    """X [L, in] (C-contiguous) -> Y [L, out] with W dense [out, in] (C-contiguous), in register tiles: each
+    work item is a block of 16 weight rows, multiplied into 8 rows of X at a time as 2 x 8 tiles (dense_tile2x8:
+    per 16 columns 2 + 8 vector loads for 16 FMAs, where one weight row against 8 rows of X needs 9 loads for
+    8), then 4 rows as 4 x 4 tiles, 2 as 8 x 2, 1 as 16 x 1; rows past the last full block one weight row at a
+    time. The weights of a block are read from memory once per call (a tied lm_head larger than the caches
+    streams once per step) and from L1/L2 by the further row tiles. numpy's matmul would compete with numba's
+    threads for the same cores (and single-threaded it measured slower: 21 ms for 8 rows of SmolLM2's
+    49152 x 576 head)."""
     n, m = W.shape
     L = X.shape[0]
     has_bias = bias.shape[0] == n
-    for r in prange(n):
-        b = bias[r] if has_bias else np.float32(0.0)
-        l = 0
-        while l + 8 <= L:
-            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
-            for j in range(m):
-                w = W[r, j]
-                s0 += w * X[l, j]
-                s1 += w * X[l + 1, j]
-                s2 += w * X[l + 2, j]
-                s3 += w * X[l + 3, j]
-                s4 += w * X[l + 4, j]
-                s5 += w * X[l + 5, j]
-                s6 += w * X[l + 6, j]
-                s7 += w * X[l + 7, j]
-            _put1(Y, l, r, s0, b, has_bias, acc)
-            _put1(Y, l + 1, r, s1, b, has_bias, acc)
-            _put1(Y, l + 2, r, s2, b, has_bias, acc)
-            _put1(Y, l + 3, r, s3, b, has_bias, acc)
-            _put1(Y, l + 4, r, s4, b, has_bias, acc)
-            _put1(Y, l + 5, r, s5, b, has_bias, acc)
-            _put1(Y, l + 6, r, s6, b, has_bias, acc)
-            _put1(Y, l + 7, r, s7, b, has_bias, acc)
-            l += 8
-        while l + 4 <= L:
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for j in range(m):
-                w = W[r, j]
-                s0 += w * X[l, j]
-                s1 += w * X[l + 1, j]
-                s2 += w * X[l + 2, j]
-                s3 += w * X[l + 3, j]
-            _put1(Y, l, r, s0, b, has_bias, acc)
-            _put1(Y, l + 1, r, s1, b, has_bias, acc)
-            _put1(Y, l + 2, r, s2, b, has_bias, acc)
-            _put1(Y, l + 3, r, s3, b, has_bias, acc)
-            l += 4
-        while l < L:
-            s0 = np.float32(0.0)
-            for j in range(m):
-                s0 += W[r, j] * X[l, j]
-            _put1(Y, l, r, s0, b, has_bias, acc)
-            l += 1
+    nb = n // DENSE_BLOCK
+    for blk in prange(nb + 1):
+        r0 = blk * DENSE_BLOCK
+        if blk < nb:
+            l = 0
+            while l + 8 <= L:
+                for i in range(0, DENSE_BLOCK, 2):
+                    _put_tile(Y, l, r0 + i, dense_tile2x8(W, r0 + i, X, l), 8, bias, has_bias, acc)
+                l += 8
+            if l + 4 <= L:
+                for i in range(0, DENSE_BLOCK, 4):
+                    _put_tile(Y, l, r0 + i, dense_tile4x4(W, r0 + i, X, l), 4, bias, has_bias, acc)
+                l += 4
+            if l + 2 <= L:
+                for i in range(0, DENSE_BLOCK, 8):
+                    _put_tile(Y, l, r0 + i, dense_tile8x2(W, r0 + i, X, l), 2, bias, has_bias, acc)
+                l += 2
+            if l < L:
+                _put_tile(Y, l, r0, dense_tile16x1(W, r0, X, l), 1, bias, has_bias, acc)
+        else:
+            for r in range(r0, n):
+                l = 0
+                while l + 8 <= L:
+                    _put_tile(Y, l, r, dense_dot_rows8(W, r, X, l), 8, bias, has_bias, acc)
+                    l += 8
+                if l + 4 <= L:
+                    _put_tile(Y, l, r, dense_dot_rows4(W, r, X, l), 4, bias, has_bias, acc)
+                    l += 4
+                if l + 2 <= L:
+                    _put_tile(Y, l, r, dense_dot_rows2(W, r, X, l), 2, bias, has_bias, acc)
+                    l += 2
+                if l < L:
+                    _put_tile(Y, l, r, dense_dot_rows1(W, r, X, l), 1, bias, has_bias, acc)
 
 
 # ----------------------------------------------------------------------------- prompt chunks: column panels
