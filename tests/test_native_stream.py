@@ -197,11 +197,9 @@ def test_the_full_depth_route_on_a_bf16_run(tiny_llama_dir, corpus_file, tmp_pat
     from sparsedeploy.pipeline import stages
     from sparsedeploy.pipeline.rundir import RunDir
 
-    src = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(src, max_shard_size="40KB")
-    for f in tiny_llama_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            (src / f.name).write_bytes(f.read_bytes())
+    from .shard_helpers import save_bf16_shards
+
+    src = save_bf16_shards(tiny_llama_dir, tmp_path / "bf16")
     run = RunDir(tmp_path / "run")
     calib = stages.CalibConfig(str(src), f"file:{corpus_file}", nsamples=4, seqlen=32, device="cpu")
     stages.prune(run, stages.PruneConfig(model=str(src), sparsity=0.7, allocator="dlp", method="wanda", calib=calib,

@@ -76,14 +76,9 @@ def test_streamed_sequential_groups_equal_in_memory(tiny_llama_dir, corpus_file,
 def test_bf16_sharded_input_stays_bf16(tiny_llama_dir, corpus_file, tmp_path):
     """A bf16 model in shards: the streamed prune writes bf16 shards equal to the in-memory (fp32) prune's
     weights rounded to bf16, with the same masks."""
-    from transformers import AutoModelForCausalLM
+    from .shard_helpers import save_bf16_shards
 
-    src = tmp_path / "bf16"
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
-    model.save_pretrained(src, max_shard_size="40KB")
-    for f in tiny_llama_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            (src / f.name).write_bytes(f.read_bytes())
+    src = save_bf16_shards(tiny_llama_dir, tmp_path / "bf16")
     assert (src / INDEX).is_file()
     mem, st = RunDir(tmp_path / "mem"), RunDir(tmp_path / "st")
     stages.prune(mem, _cfg(src, corpus_file, False, method="sparsegpt"))

@@ -155,16 +155,11 @@ def test_bf16_sharded_input_stays_bf16(tiny_llama_dir, corpus_file, tmp_path, mo
     scales and masks bit for bit (both run GPTQ in fp32 on the same bf16 values); it keeps every other tensor bf16
     and writes RUN/model in bf16 (the in-memory fp32 fake-quant weights rounded to bf16, zeros kept), where the
     in-memory path widens everything to fp32. Small shards: the packed checkpoint is sharded too, and readers take it."""
-    from transformers import AutoModelForCausalLM
-
     from sparsedeploy.pipeline import stream
 
-    src = tmp_path / "bf16"
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
-    model.save_pretrained(src, max_shard_size="40KB")
-    for f in tiny_llama_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            (src / f.name).write_bytes(f.read_bytes())
+    from .shard_helpers import save_bf16_shards
+
+    src = save_bf16_shards(tiny_llama_dir, tmp_path / "bf16")
     monkeypatch.setattr(stream, "MAX_SHARD_BYTES", 60_000)
     pruned = _prune(src, corpus_file, tmp_path / "pruned", stream=True, method="sparsegpt")
     assert all(t.dtype == torch.bfloat16 for t in _tensors(pruned / "model").values())

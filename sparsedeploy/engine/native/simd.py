@@ -46,6 +46,33 @@ def has_avx512() -> bool:
     return bool(feats.get("avx512f", False))
 
 
+def _expanded_blocks(builder, va, ma, voff, mstart):
+    """For a bitmask row (values from voff, masks from mstart): expanded(b) -> (block b's values in their lanes,
+    absent 0; its mask as <16 x i1>), the value offset advancing by each mask's popcount (ask in order); and the
+    masked-load and FMA functions and the zero vector the products use."""
+    f32, i64, i16, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(16), ir.IntType(32)
+    v16 = ir.VectorType(f32, LANES)
+    m16 = ir.VectorType(ir.IntType(1), LANES)
+    mod = builder.module
+    ptr = va.data.type
+    expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, m16, v16]), "llvm.masked.expandload.v16f32")
+    mload = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, i32, m16, v16]), "llvm.masked.load.v16f32.p0")
+    ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
+    zero = ir.Constant(v16, [0.0] * LANES)
+    off = cgutils.alloca_once_value(builder, voff)
+
+    def expanded(b):
+        mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
+        mvec = builder.bitcast(mk, m16)
+        o = builder.load(off)
+        v = builder.call(expand, [builder.gep(va.data, [o]), mvec, zero])
+        builder.store(builder.add(o, builder.zext(builder.call(ctpop, [mk]), i64)), off)
+        return v, mvec
+
+    return expanded, mload, fma, zero
+
+
 @intrinsic
 def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
     """float32 sum over blocks b < nblk of expand(vals[voff:], masks[mstart + b]) * x[16 b : 16 b + 16]."""
@@ -55,32 +82,19 @@ def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
     sig = types.float32(vals, masks, x, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
-        f32, i64, i16, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(16), ir.IntType(32)
-        v16 = ir.VectorType(f32, LANES)
-        m16 = ir.VectorType(ir.IntType(1), LANES)
+        i64, i32 = ir.IntType(64), ir.IntType(32)
         va = context.make_array(signature.args[0])(context, builder, args[0])
         ma = context.make_array(signature.args[1])(context, builder, args[1])
         xa = context.make_array(signature.args[2])(context, builder, args[2])
-        voff, mstart, nblk = args[3], args[4], args[5]
-        mod = builder.module
-        ptr = va.data.type
-        expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, m16, v16]), "llvm.masked.expandload.v16f32")
-        mload = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, i32, m16, v16]), "llvm.masked.load.v16f32.p0")
-        ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
-        fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
-        zero = ir.Constant(v16, [0.0] * LANES)
+        nblk = args[5]
+        expanded, mload, fma, zero = _expanded_blocks(builder, va, ma, args[3], args[4])
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
-        off = cgutils.alloca_once_value(builder, voff)
 
         def block(b, acc):
-            mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
-            mvec = builder.bitcast(mk, m16)
-            o = builder.load(off)
-            v = builder.call(expand, [builder.gep(va.data, [o]), mvec, zero])
+            v, mvec = expanded(b)
             xv = builder.call(mload, [builder.gep(xa.data, [builder.mul(b, ir.Constant(i64, LANES))]),
                                       ir.Constant(i32, 4), mvec, zero])
             builder.store(builder.call(fma, [v, xv, builder.load(acc)]), acc)
-            builder.store(builder.add(o, builder.zext(builder.call(ctpop, [mk]), i64)), off)
 
         # UNROLL blocks per trip, each into its own accumulator: one chain of dependent FMAs (4 cycles each on
         # current cores) would otherwise bound the loop, not the loads.
@@ -150,35 +164,22 @@ def _bitmask_rows(T: int):
         sig = types.UniTuple(types.float32, T)(vals, masks, x, types.int64, types.int64, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
-            f32, i64, i16, i32 = ir.FloatType(), ir.IntType(64), ir.IntType(16), ir.IntType(32)
-            v16 = ir.VectorType(f32, LANES)
-            m16 = ir.VectorType(ir.IntType(1), LANES)
+            i64, i32 = ir.IntType(64), ir.IntType(32)
             va = context.make_array(signature.args[0])(context, builder, args[0])
             ma = context.make_array(signature.args[1])(context, builder, args[1])
             xa = context.make_array(signature.args[2])(context, builder, args[2])
-            voff, mstart, nblk, l0 = args[3], args[4], args[5], args[6]
+            nblk, l0 = args[5], args[6]
             xs = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
-            mod = builder.module
-            ptr = va.data.type
-            expand = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, m16, v16]), "llvm.masked.expandload.v16f32")
-            mload = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [ptr, i32, m16, v16]), "llvm.masked.load.v16f32.p0")
-            ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i16, [i16]), "llvm.ctpop.i16")
-            fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16, [v16, v16, v16]), "llvm.fma.v16f32")
-            zero = ir.Constant(v16, [0.0] * LANES)
+            expanded, mload, fma, zero = _expanded_blocks(builder, va, ma, args[3], args[4])
             accs = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
-            off = cgutils.alloca_once_value(builder, voff)
             rows = [builder.gep(xa.data, [builder.mul(builder.add(l0, ir.Constant(i64, t)), xs)]) for t in range(T)]
             with cgutils.for_range(builder, nblk) as loop:
                 b = loop.index
-                mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
-                mvec = builder.bitcast(mk, m16)
-                o = builder.load(off)
-                v = builder.call(expand, [builder.gep(va.data, [o]), mvec, zero])
+                v, mvec = expanded(b)
                 col = builder.mul(b, ir.Constant(i64, LANES))
                 for t in range(T):
                     xv = builder.call(mload, [builder.gep(rows[t], [col]), ir.Constant(i32, 4), mvec, zero])
                     builder.store(builder.call(fma, [v, xv, builder.load(accs[t])]), accs[t])
-                builder.store(builder.add(o, builder.zext(builder.call(ctpop, [mk]), i64)), off)
             sums = lane_sums(builder, [builder.load(a) for a in accs])
             return context.make_tuple(builder, signature.return_type, sums)
 

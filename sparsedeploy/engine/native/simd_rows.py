@@ -29,6 +29,20 @@ UNROLL = 4
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
 
+def _chained(builder, lo, hi, chains: int, one, accs) -> None:
+    """one(j, accs[j's chain]) for every stored weight j in [lo, hi): `chains` consecutive weights take turns on
+    their own accumulators (one chain of dependent FMAs would bound the loop), the remainder on the first."""
+    i64 = ir.IntType(64)
+    groups = builder.udiv(builder.sub(hi, lo), ir.Constant(i64, chains))
+    with cgutils.for_range(builder, groups) as loop:
+        first = builder.add(lo, builder.mul(loop.index, ir.Constant(i64, chains)))
+        for u in range(chains):
+            one(builder.add(first, ir.Constant(i64, u)), accs[u])
+    rest = builder.add(lo, builder.mul(groups, ir.Constant(i64, chains)))
+    with cgutils.for_range(builder, builder.sub(hi, rest)) as loop:
+        one(builder.add(rest, loop.index), accs[0])
+
+
 def _dot_codegen(width: int, tiles: int = 1, chains: int = UNROLL):
     """Per stored weight j in [lo, hi): its value broadcast once into `tiles` consecutive vectors of `width`
     rows (an FMA each, against xt's `width` floats at column cols[j]); `chains` consecutive weights take turns on
@@ -56,15 +70,7 @@ def _dot_codegen(width: int, tiles: int = 1, chains: int = UNROLL):
                 xv = builder.load(builder.bitcast(p, vptr), align=4)
                 builder.store(builder.call(fma, [vv, xv, builder.load(accrow[k])]), accrow[k])
 
-        n = builder.sub(hi, lo)
-        groups = builder.udiv(n, ir.Constant(i64, chains))
-        with cgutils.for_range(builder, groups) as loop:
-            first = builder.add(lo, builder.mul(loop.index, ir.Constant(i64, chains)))
-            for u in range(chains):
-                one(builder.add(first, ir.Constant(i64, u)), accs[u])
-        rest = builder.add(lo, builder.mul(groups, ir.Constant(i64, chains)))
-        with cgutils.for_range(builder, builder.sub(hi, rest)) as loop:
-            one(builder.add(rest, loop.index), accs[0])
+        _chained(builder, lo, hi, chains, one, accs)
         lanes = []
         for k in range(tiles):                  # pairwise: ((a0 + a1) + (a2 + a3)) for 4 chains
             part = [builder.load(accs[u][k]) for u in range(chains)]
@@ -461,15 +467,7 @@ def _panel_codegen(nvec: int, chains: int):
                 xv = builder.load(builder.gep(xv0, [builder.add(base, ir.Constant(i64, k))]), align=4)
                 builder.store(builder.call(fma, [vv, xv, builder.load(acc[k])]), acc[k])
 
-        n = builder.sub(hi, lo)
-        groups = builder.udiv(n, ir.Constant(i64, chains))
-        with cgutils.for_range(builder, groups) as loop:
-            first = builder.add(lo, builder.mul(loop.index, ir.Constant(i64, chains)))
-            for u in range(chains):
-                one(builder.add(first, ir.Constant(i64, u)), accs[u])
-        rest = builder.add(lo, builder.mul(groups, ir.Constant(i64, chains)))
-        with cgutils.for_range(builder, builder.sub(hi, rest)) as loop:
-            one(builder.add(rest, loop.index), accs[0])
+        _chained(builder, lo, hi, chains, one, accs)
         for k in range(nvec):
             part = [builder.load(accs[u][k]) for u in range(chains)]
             while len(part) > 1:
