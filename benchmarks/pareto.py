@@ -73,22 +73,24 @@ def split_weights(w: str) -> dict:
     return {"weights": weights, "head": head or None}
 
 
-def lowbit_perplexity(meta: dict, index: dict, ecfg, cache: Path) -> float:
+def lowbit_perplexity(meta: dict, index: dict, ecfg, cache: Path, act_width: int | None = None) -> float:
     """PyTorch's perplexity on a low-bit build's arithmetic (its weights dequantised incl. the int8 lm_head, int8
-    activations per 64 columns where the kernels take them), on the eval stage's windows."""
+    activations per 256 columns where the kernels take them, or per `act_width` columns; 0: fp32 activations), on
+    the eval stage's windows."""
     import torch
 
-    from sparsedeploy.export.native import lowbit_reference_model
+    from sparsedeploy.export.native import act_columns, lowbit_reference_model
     from sparsedeploy.pipeline.data import eval_windows, load_text
     from sparsedeploy.pipeline.evaluate import perplexity
 
     key = {"native_key": index.get("key"), "formats": [{g: v["format"] for g, v in lg.items()} for lg in index["layers"]],
-           "data": ecfg.data, "seqlen": ecfg.seqlen, "max_windows": ecfg.max_windows}
+           "data": ecfg.data, "seqlen": ecfg.seqlen, "max_windows": ecfg.max_windows,
+           "act_width": act_columns() if act_width is None else act_width}
     if cache.is_file() and read_json(cache).get("key") == key:
         return read_json(cache)["perplexity"]
     model, tok, quantise_activations = lowbit_reference_model(meta, index)
     windows = eval_windows(tok, load_text(ecfg.data), ecfg.seqlen, ecfg.max_windows)
-    hooks = quantise_activations()
+    hooks = quantise_activations(act_width) if act_width != 0 else []
     try:
         ppl = perplexity(model, windows)
     finally:
@@ -139,7 +141,7 @@ def gptq_views(work: Path, a, ecfg, ppl: dict) -> list[dict]:
     """The GPTQ variants: each sweep RUN at `--gptq` sparsities copied and quantised to 4 bits (group 128,
     asymmetric, keeping every zero), exported, and built with `--weights int4` from the checkpoint's own codes.
     Perplexity: PyTorch on the engine's arithmetic (the RUN's fake-quant weights, int8 lm_head, int8
-    activations per 64 columns)."""
+    activations per 256 columns)."""
     import shutil
 
     from sparsedeploy.export.native import ensure_native
@@ -274,7 +276,7 @@ def smollm2(work: Path, a) -> None:
     notes += _bench_notes(doc["llama_bench"], pts) + checks
     if views:
         notes.append("'… int8' rows: the same pruned model on the native engine with int8 weights (per output row, "
-                     "round-to-nearest at compile time; lm_head int8 too; activations int8 per 64 columns in the int8 "
+                     "round-to-nearest at compile time; lm_head int8 too; activations int8 per 256 columns in the int8 "
                      "dense/bitmask products); '… int4' rows: 4-bit codes of the kept weights over a bitmask "
                      "(round-to-nearest on the GPTQ grid, groups of 128, lm_head int8, activations int8 per 64 "
                      "columns); '+q4': the lm_head 4-bit (Q4_0-like) instead of int8; '… GPTQ-4bit int4': the pruned RUN "
@@ -350,7 +352,7 @@ def synthetic(work: Path, a) -> None:
              "Decode: 16-token prompt then 64 new tokens, " f"{a.rounds} interleaved rounds; one deployment per group, each "
              "group with llama.cpp Q4_0 and Q8_0 in its rounds; '× vs' columns against those.",
              "Native '… int8' / '… int4' rows: int8 values per row / 4-bit codes over a bitmask (round-to-nearest), "
-             "lm_head int8 ('+q4': 4-bit, Q4_0-like), activations int8 per 64 columns.",
+             "lm_head int8 ('+q4': 4-bit, Q4_0-like), activations int8 per 256 columns.",
              "llama.cpp build: " + _llamacpp_build()] + _bench_notes(doc["llama_bench"], pts)
     _publish(doc, pts, "pareto_synthetic_llama2_7b_2layers", "SYNTHETIC LLaMA2-7B shapes, 2 layers: decode latency, "
              "sparsedeploy vs llama.cpp dense GGUF", pcfg, notes)

@@ -8,7 +8,7 @@ every other repeat) so a drift in the machine's speed hits all of them alike:
   hot    one copy called repeatedly (cache-resident where it fits), --threads threads, wall time;
   cpu1   the serial build on one thread, *CPU time of that thread* (time.thread_time) on one hot copy: what the
          kernel costs a core, nearly blind to other processes sharing the machine (wall times are not).
-Medians over --repeats. The int8 kernels quantise the activations per 64 columns (`quantize_act`, once per
+Medians over --repeats. The int8 kernels quantise the activations per 256 columns (`quantize_act`, once per
 input vector in a model, not included). Also: the assembly of int8_perm's window loop (fresh compile).
 
     .venv/bin/python benchmarks/sparse90_gemv.py [--threads 2] [--sparsities 0.7,0.8,0.9,0.95] [--repeats 7]

@@ -230,6 +230,10 @@ def compile_(
     rec = compile_deployment(deployment, engine, cores, crossover=crossover, force=force, weights=weights, head=head)
     note = f" (fallback: {rec['fallback_reason']})" if rec.get("fallback_reason") else ""
     match = {True: "equal PyTorch's", False: "DIFFER from PyTorch's", None: "not checked"}[rec.get("tokens_equal_pytorch")]
+    if rec.get("tokens_equal_pytorch") is False and rec.get("tokens_match_pytorch"):
+        tf = rec["tokens_teacher_forced"]
+        match = (f"equal PyTorch's up to an activation rounding tie (on its own prefix, step {tf['step']} is "
+                 f"{100 * tf['max_gap_share']:.2f}% of the logit range below PyTorch's best)")
     ui.out.print(f"{rec['engine']}{note}: compiled in {rec['compile_s']:.2f} s, greedy tokens {match}, "
                  f"peak RSS {rec['peak_rss_mb'] or 0:.0f} MB, model.onnx unchanged: {rec['onnx_unchanged']}")
     if rec.get("native"):

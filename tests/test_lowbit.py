@@ -42,22 +42,31 @@ def _act(cols, seed):
     x = rng.standard_normal(cols).astype(np.float32)
     x[rng.random(cols) < 0.02] *= 20                   # activation outliers
     if cols > 130:
-        x[64:128] = 0                                  # an all-zero block (scale 0)
+        x[64:128] = 0                                  # an all-zero block
+    if cols > 600:
+        x[256:512] = 0                                 # an all-zero activation group (scale 0)
     return x
 
 
 def _reference_act(x):
-    """numpy: the activation quantisation quantize_act must compute (per 64-column block)."""
+    """numpy: the activation quantisation quantize_act must compute (one scale per ACT_GROUP 64-column blocks,
+    repeated per block; the blocks' correction lanes, then each group's sum of its blocks' lanes)."""
     m = x.shape[0]
     nblk = -(-m // 64)
-    xp = np.zeros(nblk * 64, np.float32)
+    G = LB.ACT_GROUP
+    ngrp = -(-nblk // G)
+    xp = np.zeros(ngrp * G * 64, np.float32)
     xp[:m] = x
-    xb = xp.reshape(nblk, 64)
-    amax = np.abs(xb).max(axis=1)
+    xg = xp.reshape(ngrp, G * 64)
+    amax = np.abs(xg).max(axis=1)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.clip(np.rint(xb * inv[:, None]), -127, 127).astype(np.int8)
-    corr = (-128 * q.astype(np.int32).reshape(nblk, 16, 4).sum(axis=2)).astype(np.int32).reshape(-1)
-    return q.reshape(-1), corr, (amax / np.float32(127)).astype(np.float32)
+    q = np.clip(np.rint(xg * inv[:, None]), -127, 127).astype(np.int8).reshape(-1)[:nblk * 64]
+    lanes = (-128 * q.astype(np.int32).reshape(nblk, 16, 4).sum(axis=2)).astype(np.int32)
+    padded = np.zeros((ngrp * G, 16), np.int32)
+    padded[:nblk] = lanes
+    group = padded.reshape(ngrp, G, 16).sum(axis=1).astype(np.int32)
+    scale = np.repeat((amax / np.float32(127)).astype(np.float32), G)[:nblk]
+    return q, np.concatenate([lanes.reshape(-1), group.reshape(-1)]), scale
 
 
 def _check(out, W, x, quantised_act, bias=None):

@@ -33,13 +33,34 @@ def test_int4_deployment_tokens_equal_pytorch_on_the_same_weights_and_activation
     n = rec["native"]
     assert n["weights"] == "int4" and "round-to-nearest" in n["quantization"] and "checkpoint" not in n["quantization"]
     assert set(n["formats"]) == {"int4_bitmask"}
-    assert rec["tokens_equal_pytorch"] is True          # the check that raises when they differ
+    assert rec["tokens_match_pytorch"] is True          # the check that raises when they differ
     assert isinstance(rec["tokens_equal_pytorch_fp32"], bool)
     wb = n["weight_bytes"]
     # 1/2 byte a kept weight + 1/8 (mask) + 8/128 (scale, zero) + per row and block overheads that the tiny
     # models' short rows magnify (a row pointer, byte-aligned blocks): well under int8's 1 and fp32's 4 bytes
     limit = 0.6 if which == "magnitude" else 0.95
     assert wb["decoder_linears"] < limit / 4 * wb["decoder_linears_dense"]
+
+
+def test_the_rounding_tie_check_accepts_pytorchs_own_path_and_refuses_other_tokens(deployments):
+    """lowbit_reference_tokens' teacher-forced check (what lets a low-bit engine's greedy path differ from
+    PyTorch's at an activation rounding tie): PyTorch's own greedy tokens are its argmax at every step (gap 0);
+    tokens that are not near its best are refused."""
+    import numpy as np
+
+    from sparsedeploy.bench.bench import _read_deployment
+    from sparsedeploy.export.native import TIE_SHARE, ensure_native, lowbit_reference_tokens
+
+    meta = _read_deployment(deployments["dense"])
+    index = ensure_native(meta, crossover=0.55, weights="int4")
+    ids = meta["verified"]["prompt_ids"]
+    own = lowbit_reference_tokens(meta, index, ids, 8)["weights_and_activations"]
+    tf = lowbit_reference_tokens(meta, index, ids, 8, engine_tokens=own)["teacher_forced"]
+    assert tf["max_gap_share"] == 0 and tf["steps_not_argmax"] == 0 and tf["within_ties"] is True
+    rng = np.random.default_rng(0)
+    other = [int(t) for t in rng.integers(0, int(index["config"]["vocab_size"]), 8)]
+    tf = lowbit_reference_tokens(meta, index, ids, 8, engine_tokens=other)["teacher_forced"]
+    assert tf["within_ties"] is False and tf["max_gap_share"] > TIE_SHARE and tf["steps_not_argmax"] >= 1
 
 
 def test_int4_groups_store_an_independent_rtn_of_the_source_and_the_key_holds_the_value_type(deployments):
@@ -109,7 +130,7 @@ def test_int4_from_a_gptq_run_uses_its_codes_bit_exact_and_decodes_its_tokens(ti
     rec = compile_deployment(dep, "native", cores=2, crossover=0.55, force=True, weights="int4")
     n = rec["native"]
     assert "GPTQ checkpoint's codes" in n["quantization"] and "round-to-nearest" not in n["quantization"]
-    assert rec["tokens_equal_pytorch"] is True
+    assert rec["tokens_match_pytorch"] is True
     meta = read_deployment(dep)
     rt = NativeRuntime(meta["onnx"], cache_len=int(meta["seqlen"]))
     assert {g["codes"] for layer in rt.model.index["layers"] for g in layer.values()} == {"gptq"}

@@ -263,7 +263,7 @@ def test_native_int4_takes_a_streamed_sharded_checkpoint(tiny_llama_dir, corpus_
                              compile_deployment(dep, "native", cores=2, crossover=0.55, force=True, weights="int4"))
     (tm, rm), (ts, rs) = recs["mem"], recs["st"]
     assert tm == ts                                                    # ONNX greedy tokens of the fake-quant models
-    assert "GPTQ checkpoint's codes" in rs["native"]["quantization"] and rs["tokens_equal_pytorch"] is True
+    assert "GPTQ checkpoint's codes" in rs["native"]["quantization"] and rs["tokens_match_pytorch"] is True
     assert rm["tokens"] == rs["tokens"] and rs["tokens"]              # the native int4 engine's tokens
 
 

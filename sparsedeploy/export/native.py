@@ -7,6 +7,7 @@ reads the same safetensors (the source's fingerprint must still match the export
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -161,20 +162,29 @@ def gptq_codes_for(model_dir: str | Path):
     return codes
 
 
-def _fake_quant_act(module, args):
-    """PyTorch forward pre-hook: the input quantised as lowbit.quantize_act does (int8 per 64 columns of the
-    last axis, symmetric, rint), dequantised: what the int8 dense / bitmask products multiply with."""
+def act_columns() -> int:
+    """Columns per activation scale of the engine's int8 products (lowbit.quantize_act)."""
+    from ..engine.native.lowbit import ACT_GROUP, BLOCK
+
+    return BLOCK * ACT_GROUP
+
+
+def _fake_quant_act(module, args, width=None):
+    """PyTorch forward pre-hook: the input quantised as lowbit.quantize_act does (int8, one symmetric scale
+    per `width` columns of the last axis, by default act_columns() = 256, rint), dequantised: what the int8
+    dense / bitmask / perm and int4 products multiply with (another width: what that choice would cost)."""
     import torch
 
     x = args[0]
     m = x.shape[-1]
-    nblk = -(-m // 64)
-    xp = torch.nn.functional.pad(x.float(), (0, nblk * 64 - m)).reshape(*x.shape[:-1], nblk, 64)
+    width = int(width or act_columns())
+    ngrp = -(-m // width)
+    xp = torch.nn.functional.pad(x.float(), (0, ngrp * width - m)).reshape(*x.shape[:-1], ngrp, width)
     amax = xp.abs().amax(dim=-1, keepdim=True)
     inv = torch.where(amax > 0, torch.tensor(127.0) / torch.where(amax > 0, amax, torch.ones_like(amax)),
                       torch.zeros_like(amax))
     q = torch.clamp(torch.round(xp * inv), -127, 127)
-    deq = (q * (amax / torch.tensor(127.0))).reshape(*x.shape[:-1], nblk * 64)[..., :m]
+    deq = (q * (amax / torch.tensor(127.0))).reshape(*x.shape[:-1], ngrp * width)[..., :m]
     return (deq.to(x.dtype),) + tuple(args[1:])
 
 
@@ -183,9 +193,9 @@ def lowbit_reference_model(meta: dict, index: dict):
     the build: every decoder linear of an int8 build per-row round-to-nearest int8 (lowbit.quantize_rows), of an
     int4 build round-to-nearest on the GPTQ grid (int4.rtn_int4) or, for groups built from a GPTQ checkpoint's
     codes, the RUN's fake-quant weights as they are; the lm_head int8 per row; all dequantised. Returns (model,
-    tokenizer, quantise_activations): the last installs forward pre-hooks that also quantise the inputs of the
-    groups stored as int8 / int8_bitmask / int8_perm / int4_bitmask per 64 columns, as those kernels do (returns the hook
-    handles)."""
+    tokenizer, quantise_activations): the last, quantise_activations(width=None), installs forward pre-hooks that
+    also quantise the inputs of the groups stored as int8 / int8_bitmask / int8_perm / int4_bitmask, one scale per
+    act_columns() = 256 columns as those kernels do, or per `width` columns (returns the hook handles)."""
     import numpy as np
     import torch
 
@@ -227,12 +237,30 @@ def lowbit_reference_model(meta: dict, index: dict):
             head.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(Wq, dtype=np.float32)).to(head.weight.dtype),
                                              requires_grad=False)
             mods.append(head)
-    return model, tok, lambda: [m.register_forward_pre_hook(_fake_quant_act) for m in mods]
+    def quantise_activations(width=None):
+        return [m.register_forward_pre_hook(functools.partial(_fake_quant_act, width=width)) for m in mods]
+
+    return model, tok, quantise_activations
 
 
-def lowbit_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict:
+TIE_SHARE = 0.01      # a low-bit engine token within this share of the logit range of PyTorch's best: a rounding tie
+
+
+def lowbit_reference_tokens(meta: dict, index: dict, prompt_ids, n: int, engine_tokens=None) -> dict:
     """Greedy tokens of lowbit_reference_model: weights only ("weights") and with the activations quantised as
-    the engine does ("weights_and_activations": the engine's arithmetic up to float summation order)."""
+    the engine does ("weights_and_activations": the engine's arithmetic up to float summation order).
+
+    With engine_tokens (the engine's greedy tokens), also "teacher_forced": PyTorch (activations quantised) run
+    once over the prompt and the engine's tokens, and at each step the gap between its best logit and its logit
+    of the engine's token, as a share of that step's logit range (max - min). Why: quantize_act rounds
+    x * 127 / amax to integers, and an input that PyTorch and the engine compute 1 ulp apart (a different float
+    summation order) can round to neighbouring integers when it lies within an ulp of a .5 tie; that moves the
+    logits by a little, and where two logits are that close, greedy decoding then continues on another path. A
+    token within TIE_SHARE of the best on the same prefix is such a tie, not a wrong product: returns
+    {"max_gap_share", "step" (where it is), "steps_not_argmax", "within_ties": max_gap_share <= TIE_SHARE}."""
+    import numpy as np
+    import torch
+
     from .verify import greedy_torch
 
     model, _, quantise_activations = lowbit_reference_model(meta, index)
@@ -240,6 +268,18 @@ def lowbit_reference_tokens(meta: dict, index: dict, prompt_ids, n: int) -> dict
     hooks = quantise_activations()
     try:
         out["weights_and_activations"] = greedy_torch(model, prompt_ids, n)
+        if engine_tokens is not None and len(engine_tokens):
+            seq = list(prompt_ids) + list(engine_tokens[:-1])
+            with torch.no_grad():
+                logits = model(torch.tensor([seq], dtype=torch.long)).logits[0].float().numpy()
+            rows = logits[len(prompt_ids) - 1:len(prompt_ids) - 1 + len(engine_tokens)]
+            best = rows.max(axis=1)
+            gap = best - rows[np.arange(len(engine_tokens)), np.asarray(engine_tokens)]
+            share = gap / np.maximum(best - rows.min(axis=1), 1e-12)
+            k = int(share.argmax())
+            out["teacher_forced"] = {"max_gap_share": float(share[k]), "step": k,
+                                     "steps_not_argmax": int((gap > 0).sum()),
+                                     "within_ties": bool(share[k] <= TIE_SHARE)}
     finally:
         for h in hooks:
             h.remove()

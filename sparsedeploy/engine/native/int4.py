@@ -19,7 +19,8 @@ about 0.5 byte per kept weight + 1/8 byte per weight (mask) + 8 / group_size byt
 + 1/256 byte per weight (block alignment). Byte-aligned blocks spare the kernel a variable 4-bit shift of the
 nibble offsets (a broadcast and an add a block).
 
-Activations are the int8 blocks of `lowbit.quantize_act` (per 64 columns, s_b = max|x_b| / 127). Per row
+Activations are the int8 blocks of `lowbit.quantize_act` (s_b = max|x| / 127 over the block's 256-column
+activation group). Per row
 
     out[r] = sum_b s_b * scale[r, g(b)] * (dot_b - zero[r, g(b)] * msum_b),
     dot_b  = sum over kept j of block b of c_j * q_j,      msum_b = sum over kept j of q_j

@@ -12,8 +12,9 @@ values read a quarter of fp32's. Plain numba loops over int8 never use the integ
   int8_perm       vecptr int64 [out+1], base uint16 [nvec], packed uint8 [nvec, 128], window int64 [1],
                   wscale [out]   (int8 activations; work per kept weight and window, not per 64 columns: below)
 
-The two block formats multiply int8 activations (`quantize_act`: per 64-column block b, symmetric,
-s_b = max|x_b| / 127, q = rint(x / s_b)). One 64-column block of a row is one AVX-512 VNNI instruction:
+The two block formats multiply int8 activations (`quantize_act`: per group g of ACT_GROUP = 4 64-column blocks,
+i.e. 256 columns as llama.cpp's Q8_K, symmetric, s_g = max|x_g| / 127, q = rint(x / s_g); scale[b] holds s_g
+for each block b of the group). One 64-column block of a row is one AVX-512 VNNI instruction:
 
     acc_i = corr[16 b + i] + sum_{k<4} u8[4 i + k] * q[4 i + k]          vpdpbusd (u8 x s8 -> int32 lanes)
 
@@ -21,16 +22,25 @@ vpdpbusd multiplies *unsigned* bytes by signed bytes, so the weights are stored 
 the shift is taken out exactly in integers: `corr[16 b + i] = -128 * sum_k q[64 b + 4 i + k]`, computed once
 per activation vector, is the accumulator the instruction starts from, so each int32 lane holds the exact
 sum of w * q over its 4 columns (no large float correction subtracted at the end, so no cancellation).
-Then per block the 16 lanes are converted to float and FMA'd with s_b into float lanes; one horizontal sum
-per row (a fixed-order tree: results do not depend on the thread count); out[r] = wscale[r] * sum (+ bias).
+The blocks of a whole group share its scale, so their vpdpbusd chain into one int32 accumulator started from
+the group's correction lanes (stored after the blocks' lanes: corr[16 (nblk + g) + i], the sum of its blocks'
+lanes i; |sum| <= 256 * 255 * 127, exact), then one conversion to float and one FMA with s_g per group, not
+per block; the blocks past a row's last whole group go one by one with their own lanes. The int32 sums are the
+per-block ones added, so a row is the same number to float rounding either way. Measured on AMD EPYC (Zen 4),
+2 threads, 70% bitmask 4096 x 4096, cache-resident: 1.49-1.58 ns per block and thread with per-block scales
+(the earlier form), 1.14-1.26 with group scales; from memory 1.75-1.82 against 1.65-1.76 (near the memory
+bound there). What the coarser activation scale costs in perplexity: benchmarks/results/act_group_ppl_*.md.
+One float horizontal sum per row (a fixed-order tree: results do not depend on the thread count);
+out[r] = wscale[r] * sum (+ bias).
 
-Wide rows (more than WIDE_BLOCKS blocks, e.g. a 7B down projection's 11008 columns) do not load corr: each
-block computes its correction lanes again, vpdpbusd(0, 0x80 bytes, q) = 128 * sum_k q, and subtracts them
-(the same exact integers). The loaded form keeps q and corr (two 64-byte vectors per block: 22 KB at 11008
-columns) in the L1 data cache beside the streamed weights, and the weights evict them: measured on AMD EPYC
-(Zen 4), one thread, 70% bitmask, ns per block: 4096 x 11008 2.46 loaded against 1.64 recomputed, 2816 x
-16384 2.84 against 2.34; at 11008 x 4096 (8 KB of activations) loaded is faster, 1.64 against 1.82, and at
-8192 columns still as fast as at 4096. (Intel: not measured.)
+Wide rows (more than WIDE_BLOCKS blocks) do not load corr: each group computes its correction lanes again,
+vpdpbusd chained over its blocks from 0 with the bytes 0x80 (= 128 * sum q), and subtracts them (the same
+exact integers). With per-block lanes the loaded form kept q and corr (two 64-byte vectors per block) in the
+L1 data cache beside the streamed weights, and at a 7B down projection's 11008 columns the weights evicted them
+(4096 x 11008, one thread: 2.46 ns per block loaded, 1.64 recomputed); the group lanes are a quarter of that,
+and loaded is now as fast or faster up to 16384 columns (2 threads, 70%: 4096 x 11008 1.16 / 1.68 ns hot /
+cold against 1.31 / 1.73 recomputed; 2816 x 16384 1.48 / 2.32 against 1.49 / 2.24), hence WIDE_BLOCKS = 256.
+(Intel: not measured.)
 
 The bitmask format first puts a block's kept weights back in their lanes with one VBMI2 byte expand
 (`llvm.masked.expandload.v64i8` with the block's 64-bit mask, lowered to vpexpandb); absent lanes get the
@@ -77,7 +87,8 @@ from .simd_rows import _put
 BLOCK = 64                     # columns per activation block (one vpdpbusd: 64 bytes)
 LANES = 16                     # int32 / float32 lanes of a 512-bit vector
 UNROLL = 4                     # blocks per loop trip, each into its own float accumulator
-WIDE_BLOCKS = 128              # rows of more blocks recompute their correction lanes (see the module doc)
+ACT_GROUP = 4                  # 64-column blocks sharing one activation scale (256 columns, as llama.cpp's Q8_K)
+WIDE_BLOCKS = 256              # rows of more blocks recompute their correction lanes (see the module doc)
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
 
@@ -134,24 +145,29 @@ def kernel_paths() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- activations
 def act_buffers(in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Buffers for `quantize_act` of a width-`in_features` vector: q int8 [64 nblk], corr int32 [16 nblk],
-    scale float32 [nblk]."""
+    """Buffers for `quantize_act` of a width-`in_features` vector: q int8 [64 nblk], corr int32
+    [16 (nblk + ngrp)] (the blocks' correction lanes, then the groups'), scale float32 [nblk] (ngrp =
+    ceil(nblk / ACT_GROUP))."""
     nblk = -(-int(in_features) // BLOCK)
-    return (np.zeros(nblk * BLOCK, np.int8), np.zeros(nblk * LANES, np.int32), np.zeros(nblk, np.float32))
+    ngrp = -(-nblk // ACT_GROUP)
+    return (np.zeros(nblk * BLOCK, np.int8), np.zeros((nblk + ngrp) * LANES, np.int32), np.zeros(nblk, np.float32))
 
 
 @njit(cache=True, nogil=True)
 def quantize_act(x, q, corr, scale):
-    """x float32 [m] -> q int8 [64 nblk] (zero past m), corr int32 [16 nblk], scale float32 [nblk].
-    Block b: scale[b] = max|x_b| / 127, q = rint(x * (127 / max|x_b|)) (0 for an all-zero block),
-    corr[16 b + i] = -128 * (q[64 b + 4 i] + ... + q[64 b + 4 i + 3]) (see the module doc)."""
+    """x float32 [m] -> q int8 [64 nblk] (zero past m), corr int32 [16 (nblk + ngrp)], scale float32 [nblk].
+    Group g (columns 256 g .. 256 g + 255, ACT_GROUP blocks): s_g = max|x_g| / 127, q = rint(x * (127 /
+    max|x_g|)) (0 for an all-zero group), and every block b of the group has scale[b] = s_g;
+    corr[16 b + i] = -128 * (q[64 b + 4 i] + ... + q[64 b + 4 i + 3]) and the group's lanes
+    corr[16 (nblk + g) + i] = the sum of its blocks' lanes i (see the module doc)."""
     m = x.shape[0]
     nblk = scale.shape[0]
-    if q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16 or nblk * 64 < m:
+    ngrp = (nblk + ACT_GROUP - 1) // ACT_GROUP
+    if q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + ngrp) * 16 or nblk * 64 < m:
         raise ValueError("quantize_act: buffers do not fit x (use act_buffers)")
-    for b in range(nblk):
-        lo = b * 64
-        hi = min(lo + 64, m)
+    for g in range(ngrp):
+        lo = g * ACT_GROUP * 64
+        hi = min(lo + ACT_GROUP * 64, m)
         amax = np.float32(0.0)
         for j in range(lo, hi):
             a = abs(x[j])
@@ -160,21 +176,26 @@ def quantize_act(x, q, corr, scale):
         inv = np.float32(0.0)
         if amax > 0:
             inv = np.float32(127.0) / amax
-        scale[b] = amax / np.float32(127.0)
+        s = amax / np.float32(127.0)
         for i in range(16):
-            t = 0
-            for k in range(4):
-                j = lo + 4 * i + k
-                v = 0
-                if j < hi:
-                    v = int(np.rint(x[j] * inv))
-                    if v > 127:
-                        v = 127
-                    elif v < -127:
-                        v = -127
-                q[j] = v
-                t += v
-            corr[b * 16 + i] = -128 * t
+            corr[(nblk + g) * 16 + i] = 0
+        for b in range(g * ACT_GROUP, min(g * ACT_GROUP + ACT_GROUP, nblk)):
+            scale[b] = s
+            for i in range(16):
+                t = 0
+                for k in range(4):
+                    j = b * 64 + 4 * i + k
+                    v = 0
+                    if j < hi:
+                        v = int(np.rint(x[j] * inv))
+                        if v > 127:
+                            v = 127
+                        elif v < -127:
+                            v = -127
+                    q[j] = v
+                    t += v
+                corr[b * 16 + i] = -128 * t
+                corr[(nblk + g) * 16 + i] += -128 * t
     return nblk
 
 
@@ -182,6 +203,15 @@ def quantize_act(x, q, corr, scale):
 def _vec_types():
     i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
     return i8, i32, i64, f32, ir.VectorType(i32, LANES), ir.VectorType(f32, LANES), ir.VectorType(i8, 64)
+
+
+def _hsum(builder, total):
+    """The 16 lanes of a <16 x float> summed in a fixed-order tree."""
+    i32 = ir.IntType(32)
+    lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
+    while len(lanes) > 1:
+        lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
+    return lanes[0]
 
 
 def _unrolled(builder, nblk, block):
@@ -200,19 +230,26 @@ def _unrolled(builder, nblk, block):
     total = builder.load(accs[0])
     for a in accs[1:]:
         total = builder.fadd(total, builder.load(a))
-    lanes = [builder.extract_element(total, ir.Constant(i32, i)) for i in range(LANES)]
-    while len(lanes) > 1:
-        lanes = [builder.fadd(lanes[i], lanes[i + 1]) for i in range(0, len(lanes), 2)]
-    return lanes[0]
+    return _hsum(builder, total)
 
 
-def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights, corr=None, weight_scale=None, recompute=False):
+def _splat(builder, s):
+    i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
+                                  ir.Constant(v16f, ir.Undefined), ir.Constant(v16i, [0] * LANES))
+
+
+def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights, corr=None, weight_scale=None, recompute=False,
+                 grouped=False):
     """The shared loop: for each block b < nblk, int32 lanes = vpdpbusd(corr_b, weights(b), q_b), then
     float lanes += float(lanes) [* weight_scale(b)] * scale[b]; UNROLL accumulators; returns their fixed-order
     horizontal sum. weights(b) emits the block's 64 weight bytes as <16 x i32>; corr(c), when given, rewrites
     the loaded correction lanes (q4: -8·Σq instead of -128·Σq); weight_scale(b), when given, is a <16 x float>
     factor per lane (q4's per-half fp16 scales); recompute: corr is not read, the lanes are
-    vpdpbusd(0, w, q) - vpdpbusd(0, 0x80 bytes, q) (wide rows: module doc)."""
+    vpdpbusd(0, w, q) - vpdpbusd(0, 0x80 bytes, q) (wide rows: module doc).
+    grouped (no corr / weight_scale hooks): the blocks of each whole activation group (ACT_GROUP blocks, one
+    scale) chain their vpdpbusd into one int32 accumulator started from the group's correction lanes, then
+    one conversion and one FMA per group; the blocks past the last whole group go one by one."""
     i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
     mod = builder.module
     dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
@@ -220,15 +257,21 @@ def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights, corr=None, weight_
     splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
     shift = builder.bitcast(ir.Constant(v64b, [-128] * 64), v16i)          # 64 bytes 0x80 = 128 unsigned
 
+    def qblock(b):
+        return builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
+                                            v16i.as_pointer()), align=1)
+
+    def corr_lanes(k):
+        return builder.load(builder.bitcast(builder.gep(ca.data, [builder.mul(k, ir.Constant(i64, LANES))]),
+                                            v16i.as_pointer()), align=4)
+
     def block(b, acc):
         w = weights(b)
-        qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
-                                          v16i.as_pointer()), align=1)
+        qv = qblock(b)
         if recompute:
             lanes = builder.sub(builder.call(dpbusd, [splat0, w, qv]), builder.call(dpbusd, [splat0, shift, qv]))
         else:
-            c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.mul(b, ir.Constant(i64, LANES))]),
-                                             v16i.as_pointer()), align=4)
+            c = corr_lanes(b)
             if corr is not None:
                 c = corr(c)
             lanes = builder.call(dpbusd, [c, w, qv])
@@ -236,11 +279,36 @@ def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights, corr=None, weight_
         if weight_scale is not None:
             dot = builder.fmul(dot, weight_scale(b))
         s = builder.load(builder.gep(sa.data, [b]))
-        sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
-                                    ir.Constant(v16f, ir.Undefined), splat0)
-        builder.store(builder.call(fma, [dot, sv, builder.load(acc)]), acc)
+        builder.store(builder.call(fma, [dot, _splat(builder, s), builder.load(acc)]), acc)
 
-    return _unrolled(builder, nblk, block)
+    if not grouped:
+        return _unrolled(builder, nblk, block)
+    assert corr is None and weight_scale is None
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * LANES)) for _ in range(2)]
+    G = ir.Constant(i64, ACT_GROUP)
+    ngrp = builder.udiv(nblk, G)
+    nact = builder.extract_value(sa.shape, 0)              # the activation's blocks: group lanes follow theirs
+    with cgutils.for_range(builder, ngrp) as loop:
+        base = builder.mul(loop.index, G)
+        if recompute:
+            lanes, cl = splat0, splat0
+        else:
+            lanes = corr_lanes(builder.add(nact, loop.index))
+        for u in range(ACT_GROUP):
+            b = builder.add(base, ir.Constant(i64, u))
+            qv = qblock(b)
+            lanes = builder.call(dpbusd, [lanes, weights(b), qv])
+            if recompute:
+                cl = builder.call(dpbusd, [cl, shift, qv])
+        if recompute:
+            lanes = builder.sub(lanes, cl)
+        s = builder.load(builder.gep(sa.data, [base]))
+        builder.store(builder.call(fma, [builder.sitofp(lanes, v16f), _splat(builder, s), builder.load(accs[0])]),
+                      accs[0])
+    done = builder.mul(ngrp, G)
+    with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+        block(builder.add(done, loop.index), accs[1])
+    return _hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
 
 
 def _is(a, dtype, ndim=None):
@@ -293,7 +361,7 @@ def _dense_dot(recompute: bool):
         def codegen(context, builder, signature, args):
             wa, qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4))
             return _vnni_blocks(context, builder, args[5], qa, ca, sa, dense_block_weights(builder, wa, args[1]),
-                                recompute=recompute)
+                                recompute=recompute, grouped=True)
 
         return sig, codegen
 
@@ -313,7 +381,7 @@ def _bitmask_dot(recompute: bool):
         def codegen(context, builder, signature, args):
             va, ma, qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 4, 5, 6))
             weights = bitmask_block_weights(builder, va, ma, args[2], args[3])
-            return _vnni_blocks(context, builder, args[7], qa, ca, sa, weights, recompute=recompute)
+            return _vnni_blocks(context, builder, args[7], qa, ca, sa, weights, recompute=recompute, grouped=True)
 
         return sig, codegen
 
@@ -453,7 +521,7 @@ def gather_i8_dot(typingctx, cols, vals, off, cnt, x):
 def int8_gemv_vnni(wq, wscale, q, corr, scale, bias, out, acc):
     n, stride = wq.shape
     nblk = stride // 64
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16:
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16:
         raise ValueError("int8_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     if nblk > WIDE_BLOCKS:
@@ -470,7 +538,7 @@ def int8_gemv_vnni(wq, wscale, q, corr, scale, bias, out, acc):
 def int8_gemv_portable(wq, wscale, q, corr, scale, bias, out, acc):
     n, stride = wq.shape
     nblk = stride // 64
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16:
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16:
         raise ValueError("int8_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     for r in prange(n):
@@ -489,7 +557,7 @@ def int8_gemv_portable(wq, wscale, q, corr, scale, bias, out, acc):
 def int8_bitmask_gemv_vnni(rowptr, masks, vals, wscale, q, corr, scale, bias, out, acc):
     n = rowptr.shape[0] - 1
     nblk = masks.shape[0] // n if n else 0
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16:
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16:
         raise ValueError("int8_bitmask_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     if nblk > WIDE_BLOCKS:
@@ -506,7 +574,7 @@ def int8_bitmask_gemv_vnni(rowptr, masks, vals, wscale, q, corr, scale, bias, ou
 def int8_bitmask_gemv_portable(rowptr, masks, vals, wscale, q, corr, scale, bias, out, acc):
     n = rowptr.shape[0] - 1
     nblk = masks.shape[0] // n if n else 0
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < nblk * 16:
+    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16:
         raise ValueError("int8_bitmask_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     one = np.uint64(1)

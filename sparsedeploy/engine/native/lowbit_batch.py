@@ -1,7 +1,7 @@
 """Batched products of the low-bit groups (int8 dense, int8 + bitmask, the 4-bit q4 head): X [L, in] -> Y [L, out]
 reading each weight row once for all L rows of a batched step.
 
-Each row of X is quantised exactly as `lowbit.quantize_act` quantises a single token (per 64 columns), and
+Each row of X is quantised exactly as `lowbit.quantize_act` quantises a single token (one scale per 256 columns), and
 each (weight row, token) product is the same dot the gemv kernels compute (the same integer VNNI blocks and
 scales, or the same portable loop); only the loop order changes: weight rows outside (in parallel), tokens
 inside, so a row's bytes stay in L1 while the L tokens use it. The portable build gives bit for bit the values
@@ -9,11 +9,12 @@ of L single-token calls; the VNNI token tiles (below) give them to float roundin
 reorder the float sums of each build its own way).
 
 Token tiles (VNNI builds of int8 and int8_bitmask): a weight row's block is loaded (or expanded) once and
-multiplied into 8 (int8) or 4 (int8_bitmask) tokens' blocks in turn, and the tile's horizontal sums are one
-transposed tree (simd_rows.lane_sums: adjacent lanes of two tokens' vectors summed by one even/odd shuffle pair, so a
-16-lane reduction costs about 3 vector operations per token instead of 31 scalar ones). Per token the blocks
-go to the gemv's 4 float accumulators (the dense int8 tile fills one accumulator at a time, so that 8 tokens
-need 16 vector registers, not 32). Where a step's time goes: benchmarks/batch_step.py ('head').
+multiplied into 8, 4 or 2 tokens' blocks in turn, and the tile's horizontal sums are one transposed tree
+(simd_rows.lane_sums: adjacent lanes of two tokens' vectors summed by one even/odd shuffle pair, so a 16-lane
+reduction costs about 3 vector operations per token instead of 31 scalar ones). As in the gemv, each token
+chains the vpdpbusd of a whole activation group's 4 blocks into one int32 accumulator from its group lanes, then
+one conversion and one FMA into its float accumulator (8 tokens: 16 live vectors). Where a step's time goes:
+benchmarks/batch_step.py ('head').
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lowbit import (BLOCK, LANES, UNROLL, _PATHS, _half, _is, _vec_types, bitmask_block_weights,  # noqa: F401
+from .lowbit import (ACT_GROUP, BLOCK, LANES, UNROLL, _PATHS, _half, _is, _splat, _vec_types, bitmask_block_weights,  # noqa: F401
                      dense_block_weights, quantize_act,
                      vnni_bitmask_dot, vnni_dense_dot, vnni_q4_dot)
 from .simd_rows import lane_sums
@@ -42,70 +43,52 @@ def _store(Y, l, r, s, bias, has_bias, acc):
         Y[l, r] = s
 
 
-def _vnni_rows(context, builder, nblk, l0, qa, ca, sa, T, weights, one_chain_at_a_time):
-    """_vnni_blocks (lowbit.py) for the T tokens l0 .. l0 + T - 1 of Q/C/S [L, ...] (C-contiguous) at once,
-    each token with the gemv's accumulators and order; returns the T sums. weights(b) emits block b's 64
-    weight bytes (once per block, used by all T tokens). one_chain_at_a_time: accumulator u = 0..3 is
-    completed over its blocks before u + 1 starts (T + T live vectors instead of 4 T), which needs weights(b)
-    callable in any block order."""
+def _vnni_rows(context, builder, nblk, l0, qa, ca, sa, T, weights):
+    """_vnni_blocks (lowbit.py, grouped) for the T tokens l0 .. l0 + T - 1 of Q/C/S [L, ...] (C-contiguous) at
+    once; returns the T sums. weights(b) emits block b's 64 weight bytes, once per block for all T tokens, the
+    blocks in order. Per whole activation group each token chains its blocks' vpdpbusd into one int32
+    accumulator started from its group lanes, then one conversion and one FMA (T int32 + T float vectors live);
+    the blocks past the last whole group go one by one with their own lanes."""
     i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
     mod = builder.module
     dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
     fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
     zero = ir.Constant(v16f, [0.0] * LANES)
-    splat0 = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
     rows = [builder.add(l0, ir.Constant(i64, t)) for t in range(T)]
     qs, cs, ss = (cgutils.unpack_tuple(builder, a.shape, 2)[1] for a in (qa, ca, sa))
+    nact = cgutils.unpack_tuple(builder, sa.shape, 2)[1]          # the activations' blocks: group lanes follow
 
-    def block(b, wv, t, acc):
-        c = builder.load(builder.bitcast(builder.gep(ca.data, [builder.add(builder.mul(rows[t], cs),
-                                                                            builder.mul(b, ir.Constant(i64, LANES)))]),
-                                         v16i.as_pointer()), align=4)
-        qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.add(builder.mul(rows[t], qs),
-                                                                             builder.mul(b, ir.Constant(i64, BLOCK)))]),
-                                          v16i.as_pointer()), align=1)
-        dot = builder.call(dpbusd, [c, wv, qv])
+    def lanes_at(t, k):
+        p = builder.gep(ca.data, [builder.add(builder.mul(rows[t], cs), builder.mul(k, ir.Constant(i64, LANES)))])
+        return builder.load(builder.bitcast(p, v16i.as_pointer()), align=4)
+
+    def qblock(t, b):
+        p = builder.gep(qa.data, [builder.add(builder.mul(rows[t], qs), builder.mul(b, ir.Constant(i64, BLOCK)))])
+        return builder.load(builder.bitcast(p, v16i.as_pointer()), align=1)
+
+    def add_scaled(t, lanes, b, acc):
         s = builder.load(builder.gep(sa.data, [builder.add(builder.mul(rows[t], ss), b)]))
-        sv = builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), s, ir.Constant(i32, 0)),
-                                    ir.Constant(v16f, ir.Undefined), splat0)
-        builder.store(builder.call(fma, [builder.sitofp(dot, v16f), sv, builder.load(acc)]), acc)
+        builder.store(builder.call(fma, [builder.sitofp(lanes, v16f), _splat(builder, s), builder.load(acc)]), acc)
 
-    def blocks(b, accs_t):
+    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
+    G = ir.Constant(i64, ACT_GROUP)
+    ngrp = builder.udiv(nblk, G)
+    with cgutils.for_range(builder, ngrp) as loop:
+        base = builder.mul(loop.index, G)
+        lanes = [lanes_at(t, builder.add(nact, loop.index)) for t in range(T)]
+        for u in range(ACT_GROUP):
+            b = builder.add(base, ir.Constant(i64, u))
+            wv = weights(b)
+            lanes = [builder.call(dpbusd, [lanes[t], wv, qblock(t, b)]) for t in range(T)]
+        for t in range(T):
+            add_scaled(t, lanes[t], base, accs[t])
+    done = builder.mul(ngrp, G)
+    with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+        b = builder.add(done, loop.index)
         wv = weights(b)
         for t in range(T):
-            block(b, wv, t, accs_t[t])
-
-    groups = builder.udiv(nblk, ir.Constant(i64, UNROLL))
-    done = builder.mul(groups, ir.Constant(i64, UNROLL))
-    if one_chain_at_a_time:
-        totals = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
-        for u in range(UNROLL):
-            for a in accs:
-                builder.store(zero, a)
-            with cgutils.for_range(builder, groups) as loop:
-                blocks(builder.add(builder.mul(loop.index, ir.Constant(i64, UNROLL)), ir.Constant(i64, u)), accs)
-            if u == 0:
-                with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
-                    blocks(builder.add(done, loop.index), accs)
-            for tot, a in zip(totals, accs):
-                builder.store(builder.load(a) if u == 0 else builder.fadd(builder.load(tot), builder.load(a)), tot)
-        sums = [builder.load(tot) for tot in totals]
-    else:
-        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(T)] for _ in range(UNROLL)]
-        with cgutils.for_range(builder, groups) as loop:
-            base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
-            for u in range(UNROLL):
-                blocks(builder.add(base, ir.Constant(i64, u)), accs[u])
-        with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
-            blocks(builder.add(done, loop.index), accs[0])
-        sums = []
-        for t in range(T):
-            total = builder.load(accs[0][t])
-            for u in range(1, UNROLL):
-                total = builder.fadd(total, builder.load(accs[u][t]))
-            sums.append(total)
-    return lane_sums(builder, sums)
+            add_scaled(t, builder.call(dpbusd, [lanes_at(t, b), wv, qblock(t, b)]), b, accs[t])
+    return lane_sums(builder, [builder.load(a) for a in accs])
 
 
 def _rows_typed(q, corr, scale) -> bool:
@@ -124,7 +107,7 @@ def _dense_rows(T: int):
         def codegen(context, builder, signature, args):
             wa, qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 2, 3, 4))
             weights = dense_block_weights(builder, wa, args[1])
-            lanes = _vnni_rows(context, builder, args[5], args[6], qa, ca, sa, T, weights, T > 4)
+            lanes = _vnni_rows(context, builder, args[5], args[6], qa, ca, sa, T, weights)
             return context.make_tuple(builder, signature.return_type, lanes)
 
         return sig, codegen
@@ -136,7 +119,7 @@ def _dense_rows(T: int):
 def _bitmask_rows(T: int):
     def typer(typingctx, vals, masks, voff, mstart, q, corr, scale, nblk, l0):
         """(vnni_bitmask_dot(vals, masks, voff, mstart, q[l], corr[l], scale[l], nblk) for l in l0 .. l0 + T - 1),
-        each block expanded once for the T tokens (T <= 4: the blocks are walked in order)."""
+        each block expanded once for the T tokens (the blocks are walked in order)."""
         if not (_is(vals, types.uint8, 1) and _is(masks, types.uint64, 1) and _rows_typed(q, corr, scale)):
             return None
         sig = types.UniTuple(types.float32, T)(vals, masks, types.int64, types.int64, q, corr, scale, types.int64,
@@ -145,7 +128,7 @@ def _bitmask_rows(T: int):
         def codegen(context, builder, signature, args):
             va, ma, qa, ca, sa = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 4, 5, 6))
             weights = bitmask_block_weights(builder, va, ma, args[2], args[3])
-            lanes = _vnni_rows(context, builder, args[7], args[8], qa, ca, sa, T, weights, False)
+            lanes = _vnni_rows(context, builder, args[7], args[8], qa, ca, sa, T, weights)
             return context.make_tuple(builder, signature.return_type, lanes)
 
         return sig, codegen
@@ -155,7 +138,7 @@ def _bitmask_rows(T: int):
 
 
 vnni_dense_rows8, vnni_dense_rows4, vnni_dense_rows2 = _dense_rows(8), _dense_rows(4), _dense_rows(2)
-vnni_bitmask_rows4, vnni_bitmask_rows2 = _bitmask_rows(4), _bitmask_rows(2)
+vnni_bitmask_rows8, vnni_bitmask_rows4, vnni_bitmask_rows2 = _bitmask_rows(8), _bitmask_rows(4), _bitmask_rows(2)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -168,7 +151,8 @@ def _store_tile(Y, l, r, s, w, bias, has_bias, acc):
 def act_buffers_rows(rows: int, in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """quantize_rows' buffers for up to `rows` rows of width in_features."""
     nblk = -(-int(in_features) // BLOCK)
-    return (np.zeros((rows, nblk * BLOCK), np.int8), np.zeros((rows, nblk * LANES), np.int32),
+    ngrp = -(-nblk // ACT_GROUP)
+    return (np.zeros((rows, nblk * BLOCK), np.int8), np.zeros((rows, (nblk + ngrp) * LANES), np.int32),
             np.zeros((rows, nblk), np.float32))
 
 
@@ -230,7 +214,11 @@ def int8_bitmask_gemm_vnni(rowptr, masks, vals, wscale, Q, C, S, bias, Y, acc):
     for r in prange(n):
         w = wscale[r]
         l = 0
-        while l + 4 <= L:
+        while l + 8 <= L:
+            _store_tile(Y, l, r, vnni_bitmask_rows8(vals, masks, rowptr[r], r * nblk, Q, C, S, nblk, l), w, bias,
+                        has_bias, acc)
+            l += 8
+        if l + 4 <= L:
             _store_tile(Y, l, r, vnni_bitmask_rows4(vals, masks, rowptr[r], r * nblk, Q, C, S, nblk, l), w, bias,
                         has_bias, acc)
             l += 4

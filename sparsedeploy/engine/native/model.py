@@ -46,7 +46,7 @@ _NARGS = {"dense": 1, "ell": 2, "csr": 3, "bitmask": 3, "int8": 2, "int8_ell": 3
 
 class Linear:
     """One stored group (dense / ELL / CSR / bitmask, fp32 or int8; int4 bitmask): y = W x (+ bias), optionally
-    added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 per 64 columns once per call (lowbit.quantize_act,
+    added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 (one scale per 256 columns) once per call (lowbit.quantize_act,
     into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
     __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows", "twin",

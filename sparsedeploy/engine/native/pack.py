@@ -18,7 +18,8 @@ With `weights="int8"` (per-row round-to-nearest int8, scale max|row| / 127; lowb
 as int8 (dense, 1 byte), int8_bitmask (d + 1/8), int8_ell / int8_csr (3d), int8_perm (about 2.6-2.9d for very
 sparse groups, tried from PERM_MIN_SPARSITY on: byte indices within 64-column blocks), plus 4 bytes of scale
 per row;
-the int8 dense, bitmask and perm products quantise their input vector to int8 per 64 columns (VNNI dot products).
+the int8 dense, bitmask and perm products quantise their input vector to int8, one scale per 256 columns (VNNI dot
+products).
 With `weights="int4"` every group is int4_bitmask (int4.py): 4-bit codes of the kept weights on the GPTQ stage's
 grid (per row and group of INT4_GROUP columns a float32 scale and zero point) over a keep bitmask, about
 d/2 + 1/8 + 8/group bytes a weight; the codes are the GPTQ checkpoint's own when the deployment comes from a
@@ -47,7 +48,7 @@ import numpy as np
 from ...errors import UserError, check
 from ...arch import native_arch
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 NATIVE_DIR = "native"
 WEIGHTS = "weights.safetensors"          # the decoder layers
 SHARED = "shared.safetensors"            # embedding, lm_head, final norm, positions: dense, the same at every sparsity
@@ -517,7 +518,7 @@ def _int4_from_codes(parts: list[tuple]) -> dict[str, np.ndarray]:
 def _quantization(weights: str, int4_sources: set[str], head: str = "int8") -> str | None:
     if weights == "fp32":
         return None
-    act = "activations int8 per 64 columns in the int8 dense/bitmask and int4 products"
+    act = "activations int8 per 256 columns in the int8 dense/bitmask/perm and int4 products"
     if weights == "int8":
         return f"int8 per output row, round-to-nearest at compile time (scale max|row| / 127); {act}; {_HEAD[head]}"
     how = {"gptq": "the GPTQ checkpoint's codes (no re-quantisation)",
