@@ -30,7 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def main() -> None:
-    from sparsedeploy.export.native import act_columns, ensure_native
+    from sparsedeploy.export.native import default_act_columns, ensure_native
     from sparsedeploy.pipeline.stages import EvalConfig
 
     ap = argparse.ArgumentParser()
@@ -66,7 +66,7 @@ def main() -> None:
              f"Machine: {m['cpu']}, {m['cores']} logical CPUs (perplexity is CPU-independent up to float order).", "",
              f"WikiText-2, {a.max_windows} windows of 256 tokens, PyTorch on exactly the native int8 build's weights "
              "(decoder per-row int8, lm_head int8 per row, dequantised) with the decoder linears' inputs fp32 or "
-             f"quantised to int8 with one scale per 64 or 256 columns. The engine uses {act_columns()}.", "",
+             f"quantised to int8 with one scale per 64 or 256 columns. The engine uses {default_act_columns()}.", "",
              f"| deployment | sparsity | {head} |", "|---|---:|" + "---:|" * len(widths)]
     for dep, sp, c in rows:
         base = c.get(0)

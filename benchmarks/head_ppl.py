@@ -29,7 +29,7 @@ HEADS = ("fp32", "int8", "q4")
 
 
 def main() -> None:
-    from sparsedeploy.export.native import act_columns, ensure_native
+    from sparsedeploy.export.native import default_act_columns, ensure_native
     from sparsedeploy.pipeline.stages import EvalConfig
 
     ap = argparse.ArgumentParser()
@@ -61,7 +61,7 @@ def main() -> None:
     lines = ["# lm_head choices of a low-bit native build: the perplexity each costs (SmolLM2-135M)", "",
              f"Machine: {m['cpu']}, {m['cores']} logical CPUs (perplexity is CPU-independent up to float order).", "",
              f"WikiText-2, {a.max_windows} windows of 256 tokens, PyTorch on exactly the native engine's arithmetic "
-             f"(decoder weights dequantised, activations int8 per {act_columns()} columns where the kernels quantise them); "
+             f"(decoder weights dequantised, activations int8 per {default_act_columns()} columns where the kernels quantise them); "
              "the embedding lookup stays fp32. Heads: fp32; int8 per output row (the default of every low-bit build); "
              "q4 = 4-bit Q4_0-like, a float16 scale per 32 columns (`compile --head q4`).", "",
              "| Model | Decoder | lm_head fp32 | lm_head int8 | lm_head q4 | int8 cost | q4 cost |",

@@ -79,13 +79,13 @@ def lowbit_perplexity(meta: dict, index: dict, ecfg, cache: Path, act_width: int
     the eval stage's windows."""
     import torch
 
-    from sparsedeploy.export.native import act_columns, lowbit_reference_model
+    from sparsedeploy.export.native import default_act_columns, lowbit_reference_model
     from sparsedeploy.pipeline.data import eval_windows, load_text
     from sparsedeploy.pipeline.evaluate import perplexity
 
     key = {"native_key": index.get("key"), "formats": [{g: v["format"] for g, v in lg.items()} for lg in index["layers"]],
            "data": ecfg.data, "seqlen": ecfg.seqlen, "max_windows": ecfg.max_windows,
-           "act_width": act_columns() if act_width is None else act_width}
+           "act_width": (index.get("act_columns") or default_act_columns()) if act_width is None else act_width}
     if cache.is_file() and read_json(cache).get("key") == key:
         return read_json(cache)["perplexity"]
     model, tok, quantise_activations = lowbit_reference_model(meta, index)

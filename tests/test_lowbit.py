@@ -48,12 +48,12 @@ def _act(cols, seed):
     return x
 
 
-def _reference_act(x):
-    """numpy: the activation quantisation quantize_act must compute (one scale per ACT_GROUP 64-column blocks,
+def _reference_act(x, columns=256):
+    """numpy: the activation quantisation quantize_act must compute (one scale per `columns` // 64 blocks,
     repeated per block; the blocks' correction lanes, then each group's sum of its blocks' lanes)."""
     m = x.shape[0]
     nblk = -(-m // 64)
-    G = LB.ACT_GROUP
+    G = columns // 64
     ngrp = -(-nblk // G)
     xp = np.zeros(ngrp * G * 64, np.float32)
     xp[:m] = x
@@ -117,19 +117,51 @@ def test_int8_products_are_close_to_fp32_on_gaussian_weights():
         assert np.linalg.norm(out - exact) <= 0.02 * np.linalg.norm(exact)
 
 
-def test_quantize_act_equals_numpy_and_pads_with_zero():
-    for cols in (1, 64, 100, 4096, 70001):
+@pytest.mark.parametrize("columns", [256, 64])
+def test_quantize_act_equals_numpy_and_pads_with_zero(columns):
+    for cols in (1, 64, 100, 300, 4096, 70001):
         x = _act(cols, cols)
-        q, corr, s = LB.act_buffers(cols)
+        q, corr, s = LB.act_buffers(cols, columns)
         q[:] = 99
         corr[:] = 7
         LB.quantize_act(x, q, corr, s)
-        rq, rc, rs = _reference_act(x)
+        rq, rc, rs = _reference_act(x, columns)
         np.testing.assert_array_equal(q, rq)
         np.testing.assert_array_equal(corr, rc)
         np.testing.assert_array_equal(s, rs)
         assert (q[cols:] == 0).all()
         assert np.abs(q).max() <= 127
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.7])
+def test_a_scale_per_64_columns_gives_the_per_64_product(sparsity):
+    """Buffers made for 64-column scales (act_buffers(cols, 64)) take every kernel and the batched tiles to
+    the per-block path: the product of the weights with the per-64 dequantised activations, which differs
+    from the per-256 one."""
+    from sparsedeploy.engine.native import lowbit_batch as LBB
+
+    rows, cols = 37, 1000
+    W = _matrix(rows, cols, sparsity, seed=5)
+    X = np.stack([_act(cols, 7 + l) for l in range(11)])
+    Wd = LB.dequantized(W).astype(np.float64)
+    for columns in (64, 256):
+        ref = np.stack([Wd @ LB.dequantized_act(x, columns).astype(np.float64) for x in X])
+        Q, C, S = LBB.act_buffers_rows(X.shape[0], cols, columns)
+        LBB.quantize_rows(X, Q, C, S)
+        d, bm = LB.encode_int8(W), LB.encode_int8_bitmask(W)
+        for fmt, args in (("int8", (d["wq"], d["wscale"])),
+                          ("int8_bitmask", (bm["rowptr"], bm["masks"], bm["vals"], bm["wscale"]))):
+            Y = np.zeros((X.shape[0], rows), np.float32)
+            LBB.GEMM[fmt](*args, Q, C, S, np.zeros(0, np.float32), Y, False)
+            np.testing.assert_allclose(Y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+            q, corr, s = LB.act_buffers(cols, columns)
+            LB.quantize_act(X[0], q, corr, s)
+            y = np.zeros(rows, np.float32)
+            (LB.int8_gemv if fmt == "int8" else LB.int8_bitmask_gemv)(*args, q, corr, s, np.zeros(0, np.float32), y, False)
+            np.testing.assert_allclose(y, ref[0], rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert not np.allclose(LB.dequantized_act(X[0], 64), LB.dequantized_act(X[0], 256))
+    with pytest.raises(ValueError):
+        LB.act_buffers(cols, 128)
 
 
 def test_quantize_act_refuses_buffers_that_do_not_fit():

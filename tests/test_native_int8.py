@@ -188,3 +188,37 @@ def test_bad_head_option_is_one_line(deployments, monkeypatch, capsys, argv, nee
     argv = [a.replace("{dep}", str(deployments["magnitude"])) for a in argv]
     code, out, err = _cli(argv, monkeypatch, capsys)
     assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_build_with_a_scale_per_64_columns_decodes_pytorchs_tokens_and_is_kept(deployments):
+    """`compile --weights int8 --act-columns 64`: the build records it (index, key, quantization), its Linears
+    quantise per 64 columns, its greedy tokens match PyTorch's with activations quantised per 64 columns
+    (compile raises otherwise), bench keeps it, and a plain --weights int8 goes back to 256."""
+    from sparsedeploy.bench.bench import compile_deployment
+    from sparsedeploy.engine.native.model import NativeModel
+    from sparsedeploy.export.native import ensure_native, is_current
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    dep = deployments["magnitude"]
+    rec = compile_deployment(dep, "native", cores=2, crossover=0.55, force=True, weights="int8", act_columns=64)
+    assert rec["tokens_match_pytorch"] is True and "per 64 columns" in rec["native"]["quantization"]
+    assert "per 64 columns" in rec["pytorch_reference"]
+    m = NativeModel(Path(dep) / "native")
+    assert m.index["act_columns"] == 64 and m.index["key"]["act_columns"] == 64
+    lin = m.lm_head                                           # int8 per row: quantises its input
+    assert lin.act_columns == 64 and lin.qbuf[1].shape[0] == 2 * 16 * lin.qbuf[2].shape[0]     # a lane set per block
+    meta = read_deployment(dep)
+    assert ensure_native(meta, keep_fixed=True, crossover=0.55)["act_columns"] == 64 and is_current(meta)
+    back = ensure_native(meta, crossover=0.55, weights="int8")
+    assert back["act_columns"] == 256 and "act_columns" not in back["key"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["compile", "{dep}", "--engine", "native", "--weights", "int8", "--act-columns", "128"], "--act-columns 128"),
+    (["compile", "{dep}", "--engine", "native", "--act-columns", "64"], "is for low-bit builds"),
+    (["compile", "{dep}", "--engine", "onnxruntime", "--act-columns", "64"], "native engine only"),
+])
+def test_bad_act_columns_option_is_one_line(deployments, monkeypatch, capsys, argv, needle):
+    argv = [a.replace("{dep}", str(deployments["magnitude"])) for a in argv]
+    code, out, err = _cli(argv, monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1

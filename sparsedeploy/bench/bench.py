@@ -80,7 +80,7 @@ def _check_cores(cores: int | None) -> None:
 # ----------------------------------------------------------------------------------------------- compile
 def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores: int | None = None, *,
                        crossover: float | None = None, force: bool = False, weights: str | None = None,
-                       head: str | None = None) -> dict:
+                       head: str | None = None, act_columns: int | None = None) -> dict:
     """Compile the deployment for one decode step on `engine` (in a worker, on a copy of model.onnx), check
     that its greedy tokens equal PyTorch's from export time, and record compile time -> compile-<engine>.json.
     The native engine first builds DEPLOYMENT/native/ from the pruned safetensors: each group's format is the
@@ -103,10 +103,13 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     if engine == "native":
         from ..export.native import ensure_native
 
-        index = ensure_native(meta, crossover=crossover, force=force, cores=cores, weights=weights, head=head)
+        index = ensure_native(meta, crossover=crossover, force=force, cores=cores, weights=weights, head=head,
+                              act_columns=act_columns)
     else:
         check(weights in (None, "fp32"), f"--weights {weights} is for the native engine only", "add --engine native")
         check(head is None, f"--head {head} is for the native engine only", "add --engine native --weights int8")
+        check(act_columns is None, f"--act-columns {act_columns} is for the native engine only",
+              "add --engine native --weights int8")
     build_s = time.perf_counter() - t0
     with WorkerRuntime(engine, onnx_path, cores=cores, seq_len=1, cache_len=int(meta["seqlen"])) as w:
         rec = {"requested_engine": engine, "engine": w.name, "fallback_reason": w.fallback_reason,
@@ -122,12 +125,12 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
             ref = verified["tokens"]
             tied = None
             if index is not None and (index.get("weights") or "fp32") != "fp32":
-                from ..export.native import act_columns, lowbit_reference_tokens
+                from ..export.native import default_act_columns, lowbit_reference_tokens
 
                 refs = lowbit_reference_tokens(meta, index, verified["prompt_ids"], len(ref), engine_tokens=res.tokens)
                 rec["tokens"] = res.tokens
                 rec["pytorch_reference"] = (f"{index['weights']} weights as built (see quantization) + int8 activations "
-                                            f"per {act_columns()} columns where the engine quantises them")
+                                            f"per {index.get('act_columns') or default_act_columns()} columns where the engine quantises them")
                 rec["tokens_equal_pytorch_fp32"] = res.tokens == ref
                 rec["tokens_equal_pytorch_quantized_weights_only"] = res.tokens == refs["weights"]
                 ref = refs["weights_and_activations"]

@@ -14,12 +14,14 @@ from pathlib import Path
 from .. import ui
 from ..errors import UserError, check
 from ..engine.native.kernels import default_threads
-from ..engine.native.pack import FORMAT_VERSION, NATIVE_DIR, build, check_head, check_weights, load_tensors, read_index
+from ..engine.native.pack import (FORMAT_VERSION, NATIVE_DIR, build, check_act_columns, check_head, check_weights,
+                                  load_tensors, read_index)
 from ..engine.cpuinfo import cpu_name
 
 
 def native_key(meta: dict, crossover: float | None, threads: int | None = None,
-               formats: tuple[str, ...] | None = None, weights: str = "fp32", head: str | None = None) -> dict:
+               formats: tuple[str, ...] | None = None, weights: str = "fp32", head: str | None = None,
+               act_columns: int | None = None) -> dict:
     """What the native weights depend on. With measured formats (crossover None) that includes the CPU and the
     thread count they were timed with: the same deployment on another machine is re-tuned there. A value type
     other than fp32 is part of the key (an fp32 build's key is what it was before value types existed)."""
@@ -29,7 +31,8 @@ def native_key(meta: dict, crossover: float | None, threads: int | None = None,
             "tuned_on": {"cpu": cpu_name(), "threads": default_threads(threads)} if crossover is None else None,
             **({"formats": sorted(formats)} if formats else {}),
             **({"weights": weights} if weights != "fp32" else {}),
-            **({"head": head} if head == "q4" else {})}            # the default heads keep the keys they had
+            **({"head": head} if head == "q4" else {}),           # the default heads keep the keys they had
+            **({"act_columns": int(act_columns)} if act_columns not in (None, 256) else {})}
 
 
 def wanted_crossover(old: dict | None, crossover: float | None, keep_fixed: bool):
@@ -54,11 +57,20 @@ def wanted_head(old: dict | None, head: str | None, weights: str, keep_fixed: bo
     return check_head(head, weights)
 
 
+def wanted_act_columns(old: dict | None, act_columns: int | None, weights: str, keep_fixed: bool) -> int:
+    """An explicit --act-columns wins; else `keep_fixed` keeps what a low-bit build of the same value type used;
+    else 256."""
+    if act_columns is None and keep_fixed and old is not None and old.get("weights") == weights:
+        act_columns = old.get("act_columns")
+    return check_act_columns(act_columns, weights)
+
+
 def is_current(meta: dict, *, cores: int | None = None) -> bool:
     index = read_index(Path(meta["dir"]) / NATIVE_DIR)
     return index is not None and index.get("key") == native_key(meta, index.get("crossover"), cores,
                                                                  weights=index.get("weights") or "fp32",
-                                                                 head=index.get("head"))
+                                                                 head=index.get("head"),
+                                                                 act_columns=index.get("act_columns"))
 
 
 def check_zeros(index: dict, meta: dict) -> None:
@@ -87,9 +99,11 @@ def build_from_model(model, meta: dict, *, crossover: float | None = None, cores
 
 def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = False, cores: int | None = None,
                   formats: tuple[str, ...] | None = None, keep_fixed: bool = False, weights: str | None = None,
-                  head: str | None = None) -> dict:
+                  head: str | None = None, act_columns: int | None = None) -> dict:
     """The deployment's native index, building it when missing, stale or asked for (`force`).
-    weights: the decoder groups' value type ("fp32" | "int8"; None: fp32, or with keep_fixed what was built)."""
+    weights: the decoder groups' value type ("fp32" | "int8"; None: fp32, or with keep_fixed what was built).
+    act_columns: a low-bit build's activation scale width (256 or 64; None: 256, or with keep_fixed what was
+    built)."""
     from ..pipeline.models import resolve
 
     ndir = Path(meta["dir"]) / NATIVE_DIR
@@ -97,7 +111,8 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     if meta.get("native_only"):          # its weights were built with it (export --format native): nothing to rebuild from
         check(old is not None, f"{meta['dir']} is a native-only deployment without readable native weights",
               "re-export it: sparsedeploy export MODEL --format native --out DIR")
-        check(not force and weights in (None, old.get("weights")) and head in (None, old.get("head")) and crossover is None,
+        check(not force and weights in (None, old.get("weights")) and head in (None, old.get("head")) and crossover is None
+              and act_columns in (None, old.get("act_columns")),
               f"{meta['dir']} is a native-only deployment: its native weights ({old.get('weights')}, head "
               f"{old.get('head')}) were built at export", "re-export it with the options you want: "
               "sparsedeploy export MODEL --format native --weights ... --head ... --out DIR")
@@ -105,7 +120,8 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     c = wanted_crossover(old, crossover, keep_fixed)
     wt = wanted_weights(old, weights, keep_fixed)
     hd = wanted_head(old, head, wt, keep_fixed)
-    want = native_key(meta, c, cores, formats, wt, hd)
+    ac = wanted_act_columns(old, act_columns, wt, keep_fixed)
+    want = native_key(meta, c, cores, formats, wt, hd, ac)
     if old is not None and old.get("key") == want and not force:
         return old
     check(not meta.get("synthetic"), f"{meta['dir']} is a synthetic deployment without native weights",
@@ -131,7 +147,7 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     with ui.progress(f"native weights for {meta['dir']} ({how})", 1) as bar:
         config = json.loads((Path(meta["dir"]) / "config.json").read_text())
         index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats,
-                      weights=wt, codes=codes, head=hd)
+                      weights=wt, codes=codes, head=hd, act_columns=ac)
         bar(1)
     check_zeros(index, meta)
     return index
@@ -162,7 +178,7 @@ def gptq_codes_for(model_dir: str | Path):
     return codes
 
 
-def act_columns() -> int:
+def default_act_columns() -> int:
     """Columns per activation scale of the engine's int8 products (lowbit.quantize_act)."""
     from ..engine.native.lowbit import ACT_GROUP, BLOCK
 
@@ -171,13 +187,13 @@ def act_columns() -> int:
 
 def _fake_quant_act(module, args, width=None):
     """PyTorch forward pre-hook: the input quantised as lowbit.quantize_act does (int8, one symmetric scale
-    per `width` columns of the last axis, by default act_columns() = 256, rint), dequantised: what the int8
+    per `width` columns of the last axis, by default default_act_columns() = 256, rint), dequantised: what the int8
     dense / bitmask / perm and int4 products multiply with (another width: what that choice would cost)."""
     import torch
 
     x = args[0]
     m = x.shape[-1]
-    width = int(width or act_columns())
+    width = int(width or default_act_columns())
     ngrp = -(-m // width)
     xp = torch.nn.functional.pad(x.float(), (0, ngrp * width - m)).reshape(*x.shape[:-1], ngrp, width)
     amax = xp.abs().amax(dim=-1, keepdim=True)
@@ -195,7 +211,7 @@ def lowbit_reference_model(meta: dict, index: dict):
     codes, the RUN's fake-quant weights as they are; the lm_head int8 per row; all dequantised. Returns (model,
     tokenizer, quantise_activations): the last, quantise_activations(width=None), installs forward pre-hooks that
     also quantise the inputs of the groups stored as int8 / int8_bitmask / int8_perm / int4_bitmask, one scale per
-    act_columns() = 256 columns as those kernels do, or per `width` columns (returns the hook handles)."""
+    the build's act_columns (256 or 64) as those kernels do, or per `width` columns (returns the hook handles)."""
     import numpy as np
     import torch
 
@@ -238,6 +254,7 @@ def lowbit_reference_model(meta: dict, index: dict):
                                              requires_grad=False)
             mods.append(head)
     def quantise_activations(width=None):
+        width = width or index.get("act_columns") or default_act_columns()
         return [m.register_forward_pre_hook(functools.partial(_fake_quant_act, width=width)) for m in mods]
 
     return model, tok, quantise_activations
@@ -366,7 +383,7 @@ def native_only_meta(index: dict, config: dict, *, seqlen: int, source: str, mag
 def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str = "int8", head: str | None = None,
                        crossover: float | None = None, formats: tuple[str, ...] | None = None,
                        cores: int | None = None, magnitude: float | None = None, seqlen: int = 256,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, act_columns: int | None = None) -> dict:
     """A native-only deployment of a model folder, streamed: config.json, the tokenizer, sparsedeploy.json and
     native/ — no ONNX graph (a full-depth 7B model's fp32 graph is 27 GB; the native engine needs only its own
     weights and the cache geometry). The decoder layers are read, optionally magnitude-pruned (`magnitude`),
@@ -393,6 +410,7 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
           f"{out} is a non-empty folder that is not a deployment", "choose a new folder (only deployments are replaced)")
     check_weights(weights)
     head = check_head(head, weights)
+    act_columns = check_act_columns(act_columns, weights)
     source = FolderSource(model_dir, magnitude)
     config = source.config
     maxpos = config.get("max_position_embeddings")
@@ -408,12 +426,12 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
         key = {"format_version": FORMAT_VERSION, "native_only": {"source": str(model_dir.resolve()),
                                                                 "magnitude": magnitude},
                "crossover": crossover, **({"formats": sorted(formats)} if formats else {}),
-               "weights": weights, "head": head}
+               "weights": weights, "head": head, **({"act_columns": act_columns} if act_columns != 256 else {})}
         n = int(config["num_hidden_layers"])
         with ui.progress(f"native-only deployment of {model_dir.name} ({weights}, head {head}"
                          f"{'' if not magnitude else f', magnitude {magnitude:.0%}'})", n) as bar:
             index = write_native(source, config, tmp / NATIVE_DIR, key=key, crossover=crossover, threads=cores,
-                                 formats=formats, weights=weights, head=head,
+                                 formats=formats, weights=weights, head=head, act_columns=act_columns,
                                  on_layer=(lambda i: bar(i + 1)) if progress else None)
         meta = native_only_meta(index, config, seqlen=seqlen, source=str(model_dir.resolve()), magnitude=magnitude)
         meta["build"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _peak_rss_mb()}

@@ -29,7 +29,10 @@ per block; the blocks past a row's last whole group go one by one with their own
 per-block ones added, so a row is the same number to float rounding either way. Measured on AMD EPYC (Zen 4),
 2 threads, 70% bitmask 4096 x 4096, cache-resident: 1.49-1.58 ns per block and thread with per-block scales
 (the earlier form), 1.14-1.26 with group scales; from memory 1.75-1.82 against 1.65-1.76 (near the memory
-bound there). What the coarser activation scale costs in perplexity: benchmarks/results/act_group_ppl_*.md.
+bound there). What the coarser activation scale costs in perplexity: benchmarks/results/act_group_ppl_*.md;
+a build may keep a scale per 64 columns instead (`compile --act-columns 64`, act_buffers(columns=64)): its corr
+buffer then holds as many group lane sets as blocks, which is how quantize_act and the kernels tell
+(group_blocks), and the kernels take the per-block loop.
 One float horizontal sum per row (a fixed-order tree: results do not depend on the thread count);
 out[r] = wscale[r] * sum (+ bias).
 
@@ -144,30 +147,53 @@ def kernel_paths() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- activations
-def act_buffers(in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Buffers for `quantize_act` of a width-`in_features` vector: q int8 [64 nblk], corr int32
-    [16 (nblk + ngrp)] (the blocks' correction lanes, then the groups'), scale float32 [nblk] (ngrp =
-    ceil(nblk / ACT_GROUP))."""
+ACT_COLUMNS = (64, 256)          # the activation scale widths a build may choose (1 or ACT_GROUP blocks)
+
+
+def act_group(columns: int) -> int:
+    """64-column blocks per activation scale for a width of `columns` (64 -> 1, 256 -> ACT_GROUP)."""
+    if int(columns) not in ACT_COLUMNS:
+        raise ValueError(f"activation scale width {columns}: one of {ACT_COLUMNS}")
+    return int(columns) // BLOCK
+
+
+def act_buffers(in_features: int, columns: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Buffers for `quantize_act` of a width-`in_features` vector with one scale per `columns` (64 or 256):
+    q int8 [64 nblk], corr int32 [16 (nblk + ngrp)] (the blocks' correction lanes, then the groups'), scale
+    float32 [nblk] (ngrp = ceil(nblk / G), G = columns / 64). The corr buffer's length is how quantize_act and
+    the kernels know G: ngrp == nblk means a scale per block (G = 1), else G = ACT_GROUP."""
+    G = act_group(columns)
     nblk = -(-int(in_features) // BLOCK)
-    ngrp = -(-nblk // ACT_GROUP)
+    ngrp = -(-nblk // G)
     return (np.zeros(nblk * BLOCK, np.int8), np.zeros((nblk + ngrp) * LANES, np.int32), np.zeros(nblk, np.float32))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def group_blocks(nblk, corr_len):
+    """G of a (scale, corr) pair from act_buffers: 1 when corr holds as many group lanes as blocks, else
+    ACT_GROUP (one block: 1, the same arithmetic either way)."""
+    if corr_len // 16 - nblk >= nblk:
+        return 1
+    return ACT_GROUP
 
 
 @njit(cache=True, nogil=True)
 def quantize_act(x, q, corr, scale):
-    """x float32 [m] -> q int8 [64 nblk] (zero past m), corr int32 [16 (nblk + ngrp)], scale float32 [nblk].
-    Group g (columns 256 g .. 256 g + 255, ACT_GROUP blocks): s_g = max|x_g| / 127, q = rint(x * (127 /
-    max|x_g|)) (0 for an all-zero group), and every block b of the group has scale[b] = s_g;
+    """x float32 [m] -> q int8 [64 nblk] (zero past m), corr int32 [16 (nblk + ngrp)], scale float32 [nblk],
+    with G = group_blocks(nblk, len(corr)) blocks per scale (act_buffers' `columns`).
+    Group g (columns 64 G g .. 64 G (g + 1) - 1): s_g = max|x_g| / 127, q = rint(x * (127 / max|x_g|)) (0 for an
+    all-zero group), and every block b of the group has scale[b] = s_g;
     corr[16 b + i] = -128 * (q[64 b + 4 i] + ... + q[64 b + 4 i + 3]) and the group's lanes
     corr[16 (nblk + g) + i] = the sum of its blocks' lanes i (see the module doc)."""
     m = x.shape[0]
     nblk = scale.shape[0]
-    ngrp = (nblk + ACT_GROUP - 1) // ACT_GROUP
+    G = group_blocks(nblk, corr.shape[0])
+    ngrp = (nblk + G - 1) // G
     if q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + ngrp) * 16 or nblk * 64 < m:
         raise ValueError("quantize_act: buffers do not fit x (use act_buffers)")
     for g in range(ngrp):
-        lo = g * ACT_GROUP * 64
-        hi = min(lo + ACT_GROUP * 64, m)
+        lo = g * G * 64
+        hi = min(lo + G * 64, m)
         amax = np.float32(0.0)
         for j in range(lo, hi):
             a = abs(x[j])
@@ -179,7 +205,7 @@ def quantize_act(x, q, corr, scale):
         s = amax / np.float32(127.0)
         for i in range(16):
             corr[(nblk + g) * 16 + i] = 0
-        for b in range(g * ACT_GROUP, min(g * ACT_GROUP + ACT_GROUP, nblk)):
+        for b in range(g * G, min(g * G + G, nblk)):
             scale[b] = s
             for i in range(16):
                 t = 0
@@ -247,9 +273,10 @@ def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights, corr=None, weight_
     the loaded correction lanes (q4: -8·Σq instead of -128·Σq); weight_scale(b), when given, is a <16 x float>
     factor per lane (q4's per-half fp16 scales); recompute: corr is not read, the lanes are
     vpdpbusd(0, w, q) - vpdpbusd(0, 0x80 bytes, q) (wide rows: module doc).
-    grouped (no corr / weight_scale hooks): the blocks of each whole activation group (ACT_GROUP blocks, one
-    scale) chain their vpdpbusd into one int32 accumulator started from the group's correction lanes, then
-    one conversion and one FMA per group; the blocks past the last whole group go one by one."""
+    grouped (no corr / weight_scale hooks): when the activations have a scale per ACT_GROUP blocks (their corr
+    buffer's length says so: group_blocks), the blocks of each whole group chain their vpdpbusd into one int32
+    accumulator started from the group's correction lanes, then one conversion and one FMA per group, and the
+    blocks past the last whole group go one by one; with a scale per block, the per-block loop."""
     i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
     mod = builder.module
     dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
@@ -284,31 +311,39 @@ def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights, corr=None, weight_
     if not grouped:
         return _unrolled(builder, nblk, block)
     assert corr is None and weight_scale is None
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * LANES)) for _ in range(2)]
-    G = ir.Constant(i64, ACT_GROUP)
-    ngrp = builder.udiv(nblk, G)
     nact = builder.extract_value(sa.shape, 0)              # the activation's blocks: group lanes follow theirs
-    with cgutils.for_range(builder, ngrp) as loop:
-        base = builder.mul(loop.index, G)
-        if recompute:
-            lanes, cl = splat0, splat0
-        else:
-            lanes = corr_lanes(builder.add(nact, loop.index))
-        for u in range(ACT_GROUP):
-            b = builder.add(base, ir.Constant(i64, u))
-            qv = qblock(b)
-            lanes = builder.call(dpbusd, [lanes, weights(b), qv])
-            if recompute:
-                cl = builder.call(dpbusd, [cl, shift, qv])
-        if recompute:
-            lanes = builder.sub(lanes, cl)
-        s = builder.load(builder.gep(sa.data, [base]))
-        builder.store(builder.call(fma, [builder.sitofp(lanes, v16f), _splat(builder, s), builder.load(accs[0])]),
-                      accs[0])
-    done = builder.mul(ngrp, G)
-    with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
-        block(builder.add(done, loop.index), accs[1])
-    return _hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
+    nlanes = builder.udiv(builder.extract_value(ca.shape, 0), ir.Constant(i64, LANES))
+    per_block = builder.icmp_signed(">=", builder.sub(nlanes, nact), nact)      # group_blocks(...) == 1
+    result = cgutils.alloca_once(builder, f32)
+    with builder.if_else(per_block) as (one, groups):
+        with one:                                          # a scale per block: the per-block loop
+            builder.store(_unrolled(builder, nblk, block), result)
+        with groups:
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(v16f, [0.0] * LANES)) for _ in range(2)]
+            G = ir.Constant(i64, ACT_GROUP)
+            ngrp = builder.udiv(nblk, G)
+            with cgutils.for_range(builder, ngrp) as loop:
+                base = builder.mul(loop.index, G)
+                if recompute:
+                    lanes, cl = splat0, splat0
+                else:
+                    lanes = corr_lanes(builder.add(nact, loop.index))
+                for u in range(ACT_GROUP):
+                    b = builder.add(base, ir.Constant(i64, u))
+                    qv = qblock(b)
+                    lanes = builder.call(dpbusd, [lanes, weights(b), qv])
+                    if recompute:
+                        cl = builder.call(dpbusd, [cl, shift, qv])
+                if recompute:
+                    lanes = builder.sub(lanes, cl)
+                s = builder.load(builder.gep(sa.data, [base]))
+                builder.store(builder.call(fma, [builder.sitofp(lanes, v16f), _splat(builder, s),
+                                                 builder.load(accs[0])]), accs[0])
+            done = builder.mul(ngrp, G)
+            with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+                block(builder.add(done, loop.index), accs[1])
+            builder.store(_hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1]))), result)
+    return builder.load(result)
 
 
 def _is(a, dtype, ndim=None):
@@ -1065,10 +1100,11 @@ def dequantized(W) -> np.ndarray:
     return wq.astype(np.float32) * scale[:, None]
 
 
-def dequantized_act(x) -> np.ndarray:
-    """The activation vector the int8 block formats compute with (quantize_act, dequantised; float32)."""
+def dequantized_act(x, columns: int = 256) -> np.ndarray:
+    """The activation vector the int8 block formats compute with (quantize_act with one scale per `columns`,
+    dequantised; float32)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    q, corr, s = act_buffers(x.shape[0])
+    q, corr, s = act_buffers(x.shape[0], columns)
     quantize_act(x, q, corr, s)
     return (q.reshape(-1, BLOCK).astype(np.float32) * s[:, None]).reshape(-1)[:x.shape[0]]
 

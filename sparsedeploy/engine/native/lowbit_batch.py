@@ -1,7 +1,7 @@
 """Batched products of the low-bit groups (int8 dense, int8 + bitmask, the 4-bit q4 head): X [L, in] -> Y [L, out]
 reading each weight row once for all L rows of a batched step.
 
-Each row of X is quantised exactly as `lowbit.quantize_act` quantises a single token (one scale per 256 columns), and
+Each row of X is quantised exactly as `lowbit.quantize_act` quantises a single token (one scale per 64 or 256 columns), and
 each (weight row, token) product is the same dot the gemv kernels compute (the same integer VNNI blocks and
 scales, or the same portable loop); only the loop order changes: weight rows outside (in parallel), tokens
 inside, so a row's bytes stay in L1 while the L tokens use it. The portable build gives bit for bit the values
@@ -24,7 +24,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lowbit import (ACT_GROUP, BLOCK, LANES, UNROLL, _PATHS, _half, _is, _splat, _vec_types, bitmask_block_weights,  # noqa: F401
+from .lowbit import (ACT_GROUP, BLOCK, LANES, UNROLL, _PATHS, _half, _is, _splat, _vec_types, act_group, bitmask_block_weights,  # noqa: F401
                      dense_block_weights, quantize_act,
                      vnni_bitmask_dot, vnni_dense_dot, vnni_q4_dot)
 from .simd_rows import lane_sums
@@ -46,9 +46,10 @@ def _store(Y, l, r, s, bias, has_bias, acc):
 def _vnni_rows(context, builder, nblk, l0, qa, ca, sa, T, weights):
     """_vnni_blocks (lowbit.py, grouped) for the T tokens l0 .. l0 + T - 1 of Q/C/S [L, ...] (C-contiguous) at
     once; returns the T sums. weights(b) emits block b's 64 weight bytes, once per block for all T tokens, the
-    blocks in order. Per whole activation group each token chains its blocks' vpdpbusd into one int32
-    accumulator started from its group lanes, then one conversion and one FMA (T int32 + T float vectors live);
-    the blocks past the last whole group go one by one with their own lanes."""
+    blocks in order. With a scale per ACT_GROUP blocks (the corr rows' length says so), per whole group each
+    token chains its blocks' vpdpbusd into one int32 accumulator started from its group lanes, then one
+    conversion and one FMA (T int32 + T float vectors live), and the blocks past the last whole group go one by
+    one with their own lanes; with a scale per block, every block so."""
     i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
     mod = builder.module
     dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
@@ -71,23 +72,32 @@ def _vnni_rows(context, builder, nblk, l0, qa, ca, sa, T, weights):
         builder.store(builder.call(fma, [builder.sitofp(lanes, v16f), _splat(builder, s), builder.load(acc)]), acc)
 
     accs = [cgutils.alloca_once_value(builder, zero) for _ in range(T)]
-    G = ir.Constant(i64, ACT_GROUP)
-    ngrp = builder.udiv(nblk, G)
-    with cgutils.for_range(builder, ngrp) as loop:
-        base = builder.mul(loop.index, G)
-        lanes = [lanes_at(t, builder.add(nact, loop.index)) for t in range(T)]
-        for u in range(ACT_GROUP):
-            b = builder.add(base, ir.Constant(i64, u))
+
+    def one_by_one(start):
+        with cgutils.for_range(builder, builder.sub(nblk, start)) as loop:
+            b = builder.add(start, loop.index)
             wv = weights(b)
-            lanes = [builder.call(dpbusd, [lanes[t], wv, qblock(t, b)]) for t in range(T)]
-        for t in range(T):
-            add_scaled(t, lanes[t], base, accs[t])
-    done = builder.mul(ngrp, G)
-    with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
-        b = builder.add(done, loop.index)
-        wv = weights(b)
-        for t in range(T):
-            add_scaled(t, builder.call(dpbusd, [lanes_at(t, b), wv, qblock(t, b)]), b, accs[t])
+            for t in range(T):
+                add_scaled(t, builder.call(dpbusd, [lanes_at(t, b), wv, qblock(t, b)]), b, accs[t])
+
+    nlanes = builder.udiv(cgutils.unpack_tuple(builder, ca.shape, 2)[1], ir.Constant(i64, LANES))
+    per_block = builder.icmp_signed(">=", builder.sub(nlanes, nact), nact)       # lowbit.group_blocks(...) == 1
+    with builder.if_else(per_block) as (one, groups):
+        with one:                                          # a scale per block
+            one_by_one(ir.Constant(i64, 0))
+        with groups:
+            G = ir.Constant(i64, ACT_GROUP)
+            ngrp = builder.udiv(nblk, G)
+            with cgutils.for_range(builder, ngrp) as loop:
+                base = builder.mul(loop.index, G)
+                lanes = [lanes_at(t, builder.add(nact, loop.index)) for t in range(T)]
+                for u in range(ACT_GROUP):
+                    b = builder.add(base, ir.Constant(i64, u))
+                    wv = weights(b)
+                    lanes = [builder.call(dpbusd, [lanes[t], wv, qblock(t, b)]) for t in range(T)]
+                for t in range(T):
+                    add_scaled(t, lanes[t], base, accs[t])
+            one_by_one(builder.mul(ngrp, G))
     return lane_sums(builder, [builder.load(a) for a in accs])
 
 
@@ -148,10 +158,11 @@ def _store_tile(Y, l, r, s, w, bias, has_bias, acc):
         _store(Y, l + i, r, w * s[i], bias, has_bias, acc)
 
 
-def act_buffers_rows(rows: int, in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """quantize_rows' buffers for up to `rows` rows of width in_features."""
+def act_buffers_rows(rows: int, in_features: int, columns: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """quantize_rows' buffers for up to `rows` rows of width in_features, one scale per `columns` (as
+    lowbit.act_buffers)."""
     nblk = -(-int(in_features) // BLOCK)
-    ngrp = -(-nblk // ACT_GROUP)
+    ngrp = -(-nblk // act_group(columns))
     return (np.zeros((rows, nblk * BLOCK), np.int8), np.zeros((rows, (nblk + ngrp) * LANES), np.int32),
             np.zeros((rows, nblk), np.float32))
 

@@ -46,14 +46,16 @@ _NARGS = {"dense": 1, "ell": 2, "csr": 3, "bitmask": 3, "int8": 2, "int8_ell": 3
 
 class Linear:
     """One stored group (dense / ELL / CSR / bitmask, fp32 or int8; int4 bitmask): y = W x (+ bias), optionally
-    added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 (one scale per 256 columns) once per call (lowbit.quantize_act,
+    added into y. The int8 dense and bitmask groups and the int4 ones quantise x to int8 (one scale per act_columns: 256, or 64) once per call (lowbit.quantize_act,
     into buffers of their own): a stacked group (q|k|v, gate|up) quantises its input once for all its rows."""
 
-    __slots__ = ("fmt", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows", "twin",
+    __slots__ = ("fmt", "act_columns", "a", "b", "c", "d", "e", "gs", "bias", "rows", "cols_in", "nbytes", "gemv", "qbuf", "qrows", "twin",
                  "args", "panels")
 
-    def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False):
+    def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False,
+                 act_columns: int = 256):
         self.fmt = fmt
+        self.act_columns = int(act_columns)
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
         self.bias = _EMPTY if bias is None else bias
         self.d, self.e, self.gs, self.qbuf, self.qrows, self.twin, self.panels = None, None, 0, None, None, None, None
@@ -90,7 +92,7 @@ class Linear:
         if fmt in ("int8", "int8_bitmask", "int8_perm", "int4_bitmask", "q4"):
             from .lowbit import act_buffers
 
-            self.qbuf = act_buffers(self.cols_in)
+            self.qbuf = act_buffers(self.cols_in, self.act_columns)
         self.nbytes = sum(int(x.nbytes) for x in arrays.values()) + int(self.bias.nbytes)
         self.gemv = (K.GEMV_SERIAL if serial else K.GEMV)[fmt]          # the build the tuner measured fastest
         self.args = (self.a, self.b, self.c, self.d, self.e, self.gs)[:_NARGS[fmt]]     # the kernel's weight arguments
@@ -133,7 +135,7 @@ class Linear:
 
         L = X.shape[0]
         if self.qrows is None or self.qrows[0].shape[0] < L:
-            self.qrows = act_buffers_rows(max(L, 8), self.cols_in)
+            self.qrows = act_buffers_rows(max(L, 8), self.cols_in, self.act_columns)
         Q, C, S = (b[:L] for b in self.qrows)
         quantize_rows(X, Q, C, S)
         GEMM[self.fmt](*self.args, Q, C, S, self.bias, Y, acc)
@@ -340,22 +342,23 @@ class NativeModel:
         self.eps = float(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5)))
         self.scale = np.float32(self.D ** -0.5)
         self.layers = []
+        ac = int(index.get("act_columns") or 256)            # columns per activation scale (low-bit groups)
         for i, groups in enumerate(index["layers"]):
             p = f"layers.{i}"
             lay = {"attn_norm": (t[f"{p}.attn_norm.w"], t.get(f"{p}.attn_norm.b")),
                    "mlp_norm": (t[f"{p}.mlp_norm.w"], t.get(f"{p}.mlp_norm.b"))}
             for g, info in groups.items():
                 arrs = {k.rsplit(".", 1)[1]: v for k, v in t.items() if k.startswith(f"{p}.{g}.") and not k.endswith(".bias")}
-                lay[g] = Linear(info["format"], arrs, t.get(f"{p}.{g}.bias"), info["shape"], info.get("serial", False))
+                lay[g] = Linear(info["format"], arrs, t.get(f"{p}.{g}.bias"), info["shape"], info.get("serial", False), ac)
             self.layers.append(lay)
         self.inter = self.layers[0]["down"].cols_in if self.layers else 0
         self.embed = t["embed"]
         if index.get("head") == "int8":
             self.lm_head = Linear("int8", {"wq": t["head_int8.wq"], "wscale": t["head_int8.wscale"]}, None,
-                                  (t["head_int8.wscale"].shape[0], self.embed.shape[1]))
+                                  (t["head_int8.wscale"].shape[0], self.embed.shape[1]), act_columns=ac)
         elif index.get("head") == "q4":
             self.lm_head = Linear("q4", {"w4": t["head_q4.w4"], "ws": t["head_q4.ws"]}, None,
-                                  (t["head_q4.w4"].shape[0], self.embed.shape[1]))
+                                  (t["head_q4.w4"].shape[0], self.embed.shape[1]), act_columns=ac)
         else:
             self.lm_head = Linear("dense", {"w": t["embed"] if index["tied_lm_head"] else t["lm_head"]}, None,
                                   (t["embed"] if index["tied_lm_head"] else t["lm_head"]).shape)

@@ -94,6 +94,19 @@ def check_head(head: str | None, weights: str) -> str:
     return head
 
 
+def check_act_columns(act_columns: int | None, weights: str) -> int:
+    """Columns per activation scale of a low-bit build's int8 products: 256 (default) or 64 (lowbit.py)."""
+    from .lowbit import ACT_COLUMNS
+
+    if act_columns is None:
+        return 256
+    check(int(act_columns) in ACT_COLUMNS, f"--act-columns {act_columns} is not an activation scale width of the "
+          "native engine", f"use one of: {', '.join(map(str, ACT_COLUMNS))}")
+    check(weights != "fp32" or int(act_columns) == 256, f"--act-columns {act_columns} is for low-bit builds",
+          "add --weights int8 or --weights int4")
+    return int(act_columns)
+
+
 def encode(W: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
     """One matrix in one stored format (see the module doc)."""
     if fmt in INT4_FORMATS:
@@ -306,7 +319,8 @@ def stack_layer(source, arch, i: int) -> dict[str, tuple[np.ndarray, list[np.nda
 
 def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
           crossover: float | None = None, threads: int | None = None, formats: tuple[str, ...] | None = None,
-          share_with: str | Path | None = None, weights: str = "fp32", codes=None, head: str | None = None) -> dict:
+          share_with: str | Path | None = None, weights: str = "fp32", codes=None, head: str | None = None,
+          act_columns: int | None = None) -> dict:
     """Compress the in-memory `tensors` into out_dir: `write_native` over them, with the formats (crossover None)
     measured over all layers together in decode order (tune.choose_formats), as a decode step meets them.
     See write_native for the arguments."""
@@ -324,13 +338,14 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         plan = choose_formats(stacked, threads=threads, formats=formats, weights=weights)
         del stacked
     return write_native(source, config, out_dir, key=key, crossover=crossover, threads=threads, formats=formats,
-                        share_with=share_with, weights=weights, codes=codes, head=head, plan=plan)
+                        share_with=share_with, weights=weights, codes=codes, head=head, plan=plan,
+                        act_columns=act_columns)
 
 
 def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crossover: float | None = None,
                  threads: int | None = None, formats: tuple[str, ...] | None = None,
                  share_with: str | Path | None = None, weights: str = "fp32", codes=None, head: str | None = None,
-                 plan: tuple[list, dict] | None = None, on_layer=None) -> dict:
+                 plan: tuple[list, dict] | None = None, on_layer=None, act_columns: int | None = None) -> dict:
     """Compress a model into out_dir, reading it from `source` (has(name), get(name) -> float32 array: DictSource,
     or a streamed reader of a model folder) one decoder layer at a time and writing each layer's arrays as they
     are made (ArrayWriter): residents are the shared tensors while they are written, then one layer. Written to a
@@ -347,11 +362,14 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
     codes: for int4, a GPTQ checkpoint's reader, codes(linear name) -> (codes, scale, zero, keep, group_size)
     or None (that linear: round-to-nearest); its groups are then built from those codes (no re-quantisation).
     head: a low-bit build's lm_head, "int8" (per row, the default) or "q4" (Q4_0-like: 4-bit, a float16 scale
-    per 32 columns, 0.5625 bytes a weight; lowbit.q4_gemv). on_layer(i): called after layer i is written."""
+    per 32 columns, 0.5625 bytes a weight; lowbit.q4_gemv). act_columns: a low-bit build's activation scale width,
+    256 (default) or 64 (index["act_columns"]; the formats are timed with 256). on_layer(i): called after layer
+    i is written."""
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
           "use e.g. 0.55, or omit it to choose each group's format by measurement")
     check_weights(weights)
     head = check_head(head, weights)
+    act_columns = check_act_columns(act_columns, weights)
     arch = native_arch(config)
     n_layers = int(config["num_hidden_layers"])
     out_dir = Path(out_dir)
@@ -483,7 +501,8 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
         dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
         stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
         index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
-                 "weights": weights, "quantization": _quantization(weights, int4_sources, head),
+                 "weights": weights, "quantization": _quantization(weights, int4_sources, head, act_columns),
+                 "act_columns": act_columns,
                  "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
                  "config": config, "layers": groups_index, "tied_lm_head": tied, "head": head, "zeros": zeros,
                  "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
@@ -515,10 +534,10 @@ def _int4_from_codes(parts: list[tuple]) -> dict[str, np.ndarray]:
     return encode_int4_bitmask(*(np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in range(4)), gs.pop())
 
 
-def _quantization(weights: str, int4_sources: set[str], head: str = "int8") -> str | None:
+def _quantization(weights: str, int4_sources: set[str], head: str = "int8", act_columns: int = 256) -> str | None:
     if weights == "fp32":
         return None
-    act = "activations int8 per 256 columns in the int8 dense/bitmask/perm and int4 products"
+    act = f"activations int8 per {act_columns} columns in the int8 dense/bitmask/perm and int4 products"
     if weights == "int8":
         return f"int8 per output row, round-to-nearest at compile time (scale max|row| / 127); {act}; {_HEAD[head]}"
     how = {"gptq": "the GPTQ checkpoint's codes (no re-quantisation)",
