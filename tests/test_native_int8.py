@@ -107,6 +107,9 @@ def test_the_value_type_is_in_the_key_and_kept_by_bench(deployments):
 @pytest.mark.parametrize("argv,needle", [
     (["compile", "{dep}", "--engine", "native", "--weights", "int3"], "--weights 'int3'"),
     (["compile", "{dep}", "--engine", "onnxruntime", "--weights", "int8"], "native engine only"),
+    (["compile", "{dep}", "--engine", "native", "--weights", "int8", "--act-columns", "128"], "--act-columns 128"),
+    (["compile", "{dep}", "--engine", "native", "--act-columns", "64"], "is for low-bit builds"),
+    (["compile", "{dep}", "--engine", "onnxruntime", "--act-columns", "64"], "native engine only"),
 ])
 def test_bad_weights_option_is_one_line(deployments, monkeypatch, capsys, argv, needle):
     argv = [a.replace("{dep}", str(deployments["magnitude"])) for a in argv]
@@ -211,14 +214,3 @@ def test_a_build_with_a_scale_per_64_columns_decodes_pytorchs_tokens_and_is_kept
     assert ensure_native(meta, keep_fixed=True, crossover=0.55)["act_columns"] == 64 and is_current(meta)
     back = ensure_native(meta, crossover=0.55, weights="int8")
     assert back["act_columns"] == 256 and "act_columns" not in back["key"]
-
-
-@pytest.mark.parametrize("argv,needle", [
-    (["compile", "{dep}", "--engine", "native", "--weights", "int8", "--act-columns", "128"], "--act-columns 128"),
-    (["compile", "{dep}", "--engine", "native", "--act-columns", "64"], "is for low-bit builds"),
-    (["compile", "{dep}", "--engine", "onnxruntime", "--act-columns", "64"], "native engine only"),
-])
-def test_bad_act_columns_option_is_one_line(deployments, monkeypatch, capsys, argv, needle):
-    argv = [a.replace("{dep}", str(deployments["magnitude"])) for a in argv]
-    code, out, err = _cli(argv, monkeypatch, capsys)
-    assert code == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1

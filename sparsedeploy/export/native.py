@@ -32,7 +32,7 @@ def native_key(meta: dict, crossover: float | None, threads: int | None = None,
             **({"formats": sorted(formats)} if formats else {}),
             **({"weights": weights} if weights != "fp32" else {}),
             **({"head": head} if head == "q4" else {}),           # the default heads keep the keys they had
-            **({"act_columns": int(act_columns)} if act_columns not in (None, 256) else {})}
+            **({"act_columns": int(act_columns)} if act_columns not in (None, default_act_columns()) else {})}
 
 
 def wanted_crossover(old: dict | None, crossover: float | None, keep_fixed: bool):
@@ -179,10 +179,10 @@ def gptq_codes_for(model_dir: str | Path):
 
 
 def default_act_columns() -> int:
-    """Columns per activation scale of the engine's int8 products (lowbit.quantize_act)."""
-    from ..engine.native.lowbit import ACT_GROUP, BLOCK
+    """Columns per activation scale of the engine's int8 products unless a build chose otherwise (lowbit)."""
+    from ..engine.native.lowbit import DEFAULT_ACT_COLUMNS
 
-    return BLOCK * ACT_GROUP
+    return DEFAULT_ACT_COLUMNS
 
 
 def _fake_quant_act(module, args, width=None):
@@ -426,7 +426,7 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
         key = {"format_version": FORMAT_VERSION, "native_only": {"source": str(model_dir.resolve()),
                                                                 "magnitude": magnitude},
                "crossover": crossover, **({"formats": sorted(formats)} if formats else {}),
-               "weights": weights, "head": head, **({"act_columns": act_columns} if act_columns != 256 else {})}
+               "weights": weights, "head": head, **({"act_columns": act_columns} if act_columns != default_act_columns() else {})}
         n = int(config["num_hidden_layers"])
         with ui.progress(f"native-only deployment of {model_dir.name} ({weights}, head {head}"
                          f"{'' if not magnitude else f', magnitude {magnitude:.0%}'})", n) as bar:

@@ -148,6 +148,7 @@ def kernel_paths() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- activations
 ACT_COLUMNS = (64, 256)          # the activation scale widths a build may choose (1 or ACT_GROUP blocks)
+DEFAULT_ACT_COLUMNS = BLOCK * ACT_GROUP
 
 
 def act_group(columns: int) -> int:
@@ -157,7 +158,7 @@ def act_group(columns: int) -> int:
     return int(columns) // BLOCK
 
 
-def act_buffers(in_features: int, columns: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def act_buffers(in_features: int, columns: int = DEFAULT_ACT_COLUMNS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Buffers for `quantize_act` of a width-`in_features` vector with one scale per `columns` (64 or 256):
     q int8 [64 nblk], corr int32 [16 (nblk + ngrp)] (the blocks' correction lanes, then the groups'), scale
     float32 [nblk] (ngrp = ceil(nblk / G), G = columns / 64). The corr buffer's length is how quantize_act and
@@ -171,10 +172,25 @@ def act_buffers(in_features: int, columns: int = 256) -> tuple[np.ndarray, np.nd
 @njit(cache=True, nogil=True, inline="always")
 def group_blocks(nblk, corr_len):
     """G of a (scale, corr) pair from act_buffers: 1 when corr holds as many group lanes as blocks, else
-    ACT_GROUP (one block: 1, the same arithmetic either way)."""
+    ACT_GROUP (one block: 1, the same arithmetic either way). The intrinsics emit the same test (per_block_ir)."""
     if corr_len // 16 - nblk >= nblk:
         return 1
     return ACT_GROUP
+
+
+@njit(cache=True, nogil=True, inline="always")
+def acts_fit(nblk, q, corr, scale):
+    """The activation buffers of quantize_act fit a weight row of nblk blocks (with ACT_GROUP's group lanes,
+    the fewest any width needs)."""
+    return scale.shape[0] == nblk and q.shape[0] >= nblk * 64 and corr.shape[0] >= (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16
+
+
+def per_block_ir(builder, nact, corr_len):
+    """group_blocks(...) == 1 as LLVM IR: an i1 that is true when the corr buffer (corr_len int32) holds a group
+    lane set per activation block (nact blocks), i.e. a scale per block."""
+    i64 = ir.IntType(64)
+    nlanes = builder.udiv(corr_len, ir.Constant(i64, LANES))
+    return builder.icmp_signed(">=", builder.sub(nlanes, nact), nact)
 
 
 @njit(cache=True, nogil=True)
@@ -312,8 +328,7 @@ def _vnni_blocks(context, builder, nblk, qa, ca, sa, weights, corr=None, weight_
         return _unrolled(builder, nblk, block)
     assert corr is None and weight_scale is None
     nact = builder.extract_value(sa.shape, 0)              # the activation's blocks: group lanes follow theirs
-    nlanes = builder.udiv(builder.extract_value(ca.shape, 0), ir.Constant(i64, LANES))
-    per_block = builder.icmp_signed(">=", builder.sub(nlanes, nact), nact)      # group_blocks(...) == 1
+    per_block = per_block_ir(builder, nact, builder.extract_value(ca.shape, 0))
     result = cgutils.alloca_once(builder, f32)
     with builder.if_else(per_block) as (one, groups):
         with one:                                          # a scale per block: the per-block loop
@@ -556,7 +571,7 @@ def gather_i8_dot(typingctx, cols, vals, off, cnt, x):
 def int8_gemv_vnni(wq, wscale, q, corr, scale, bias, out, acc):
     n, stride = wq.shape
     nblk = stride // 64
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16:
+    if not acts_fit(nblk, q, corr, scale):
         raise ValueError("int8_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     if nblk > WIDE_BLOCKS:
@@ -573,7 +588,7 @@ def int8_gemv_vnni(wq, wscale, q, corr, scale, bias, out, acc):
 def int8_gemv_portable(wq, wscale, q, corr, scale, bias, out, acc):
     n, stride = wq.shape
     nblk = stride // 64
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16:
+    if not acts_fit(nblk, q, corr, scale):
         raise ValueError("int8_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     for r in prange(n):
@@ -592,7 +607,7 @@ def int8_gemv_portable(wq, wscale, q, corr, scale, bias, out, acc):
 def int8_bitmask_gemv_vnni(rowptr, masks, vals, wscale, q, corr, scale, bias, out, acc):
     n = rowptr.shape[0] - 1
     nblk = masks.shape[0] // n if n else 0
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16:
+    if not acts_fit(nblk, q, corr, scale):
         raise ValueError("int8_bitmask_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     if nblk > WIDE_BLOCKS:
@@ -609,7 +624,7 @@ def int8_bitmask_gemv_vnni(rowptr, masks, vals, wscale, q, corr, scale, bias, ou
 def int8_bitmask_gemv_portable(rowptr, masks, vals, wscale, q, corr, scale, bias, out, acc):
     n = rowptr.shape[0] - 1
     nblk = masks.shape[0] // n if n else 0
-    if scale.shape[0] != nblk or q.shape[0] < nblk * 64 or corr.shape[0] < (nblk + (nblk + ACT_GROUP - 1) // ACT_GROUP) * 16:
+    if not acts_fit(nblk, q, corr, scale):
         raise ValueError("int8_bitmask_gemv: activation blocks do not match the weights' width")
     has_bias = bias.shape[0] == n
     one = np.uint64(1)

@@ -24,7 +24,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lowbit import (ACT_GROUP, BLOCK, LANES, UNROLL, _PATHS, _half, _is, _splat, _vec_types, act_group, bitmask_block_weights,  # noqa: F401
+from .lowbit import (ACT_GROUP, BLOCK, LANES, UNROLL, _PATHS, _half, _is, _splat, _vec_types, act_group, bitmask_block_weights, per_block_ir,  # noqa: F401
                      dense_block_weights, quantize_act,
                      vnni_bitmask_dot, vnni_dense_dot, vnni_q4_dot)
 from .simd_rows import lane_sums
@@ -80,8 +80,7 @@ def _vnni_rows(context, builder, nblk, l0, qa, ca, sa, T, weights):
             for t in range(T):
                 add_scaled(t, builder.call(dpbusd, [lanes_at(t, b), wv, qblock(t, b)]), b, accs[t])
 
-    nlanes = builder.udiv(cgutils.unpack_tuple(builder, ca.shape, 2)[1], ir.Constant(i64, LANES))
-    per_block = builder.icmp_signed(">=", builder.sub(nlanes, nact), nact)       # lowbit.group_blocks(...) == 1
+    per_block = per_block_ir(builder, nact, cgutils.unpack_tuple(builder, ca.shape, 2)[1])
     with builder.if_else(per_block) as (one, groups):
         with one:                                          # a scale per block
             one_by_one(ir.Constant(i64, 0))

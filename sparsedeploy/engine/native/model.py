@@ -19,6 +19,7 @@ from numba import get_num_threads
 
 from ...errors import UserError
 from . import kernels as K
+from .lowbit import DEFAULT_ACT_COLUMNS
 from .simd_rows import (PANEL_ROWS, TILE, csr_gemm_panels, csr_gemm_t, dense_gemm_rows, ell_gemm_t, panel_pointers,
                         transpose_into)
 from ...arch import native_arch, rope_theta
@@ -53,7 +54,7 @@ class Linear:
                  "args", "panels")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False,
-                 act_columns: int = 256):
+                 act_columns: int = DEFAULT_ACT_COLUMNS):
         self.fmt = fmt
         self.act_columns = int(act_columns)
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
@@ -342,7 +343,7 @@ class NativeModel:
         self.eps = float(cfg.get("rms_norm_eps", cfg.get("layer_norm_eps", 1e-5)))
         self.scale = np.float32(self.D ** -0.5)
         self.layers = []
-        ac = int(index.get("act_columns") or 256)            # columns per activation scale (low-bit groups)
+        ac = int(index.get("act_columns") or DEFAULT_ACT_COLUMNS)     # columns per activation scale (low-bit groups)
         for i, groups in enumerate(index["layers"]):
             p = f"layers.{i}"
             lay = {"attn_norm": (t[f"{p}.attn_norm.w"], t.get(f"{p}.attn_norm.b")),

@@ -96,13 +96,13 @@ def check_head(head: str | None, weights: str) -> str:
 
 def check_act_columns(act_columns: int | None, weights: str) -> int:
     """Columns per activation scale of a low-bit build's int8 products: 256 (default) or 64 (lowbit.py)."""
-    from .lowbit import ACT_COLUMNS
+    from .lowbit import ACT_COLUMNS, DEFAULT_ACT_COLUMNS
 
     if act_columns is None:
-        return 256
+        return DEFAULT_ACT_COLUMNS
     check(int(act_columns) in ACT_COLUMNS, f"--act-columns {act_columns} is not an activation scale width of the "
           "native engine", f"use one of: {', '.join(map(str, ACT_COLUMNS))}")
-    check(weights != "fp32" or int(act_columns) == 256, f"--act-columns {act_columns} is for low-bit builds",
+    check(weights != "fp32" or int(act_columns) == DEFAULT_ACT_COLUMNS, f"--act-columns {act_columns} is for low-bit builds",
           "add --weights int8 or --weights int4")
     return int(act_columns)
 
