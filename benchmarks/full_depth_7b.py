@@ -224,10 +224,11 @@ def main() -> None:
     if a.merge:                          # an earlier run's other sparsities, each with its own peers' rounds
         old = json.loads(a.merge.read_text())
         keep = [r for r in old["rows"] if r["sparsity"] not in sparsities]
-        for r in keep:
-            r["from_run"] = old["finished"]
+        for r in keep:                   # a row merged before keeps the run it was measured in
+            r["from_run"] = r.get("from_run") or old["finished"]
         rows += keep
-        peer_rows += [dict(p, from_run=old["finished"]) for p in old["peer_rows"] if p["group"] not in sparsities]
+        peer_rows += [dict(p, from_run=p.get("from_run") or old["finished"]) for p in old["peer_rows"]
+                      if p["group"] not in sparsities]
     try:
         for p in sparsities:
             dep = a.work / f"p{round(p * 100):02d}"
@@ -365,7 +366,8 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
             med = ms[len(ms) // 2]
             cells = [f"dense {t.upper()} GGUF (llama.cpp), median of {len(pr)} groups", f"{med:.1f}", "–"]
             cells += ["1.00" if u == t else "–" for u in peers]
-            cells += [f"{pr[0]['bound_ms']:.1f}", f"{pr[0]['bound_ms'] / med:.0%}", "–",
+            bound = pr[0]["step_bytes"]["total"] / (bw["gbs"] * 1e6) if bw else pr[0]["bound_ms"]  # this run's bandwidth
+            cells += [f"{bound:.1f}", f"{bound / med:.0%}", "–",
                       f"{gguf_rec[t]['bytes'] / 1e9:.2f}", f"{max(x['rss_mb'] for x in pr):.0f}", "mmap", "–",
                       f0(gguf_rec[t]['wall_s']), str(gguf_rec[t]["peak_rss_mb"])]
             lines.append("| " + " | ".join(cells) + " |")
@@ -373,7 +375,7 @@ def write(a, rows, peer_rows, gguf_rec, bw, label, made_model, llamacpp_build, s
     if merged:
         lines += ["", f"Rows marked 'run of …' were measured in an earlier run of this script ({', '.join(merged)}; "
                   "kept with --merge: each sparsity is its own group, timed with its own llama.cpp rounds, so its "
-                  "'× vs Q4_0' / '× vs Q8_0' are from that run; its '× vs dense' is against this run's dense row)."]
+                  "'× vs Q4_0' / '× vs Q8_0' are from that run; its '× vs dense' is against the dense row of this table, whichever run measured it)."]
     lines += ["", "Resident weights of the native engine per value type (MB):", ""]
     for r in rows:
         bvt = (r["native_bytes"] or {}).get("by_value_type") or {}
