@@ -7,8 +7,10 @@ concurrency level (default 1, 2, 4, 8, 16 clients) runs N clients that each send
 (a --prompt-tokens long prompt, default 64) after another for --duration seconds, and reports generated
 tokens/s (and the ratio to the batch-1 server at the same level), time to first token p50/p99, latency p50/p99,
 errors by kind (429s included), the batched server's mean step time (from /metrics), and each server's resident
-memory (HTTP process and engine worker) before and after its sweep. Writes
-benchmarks/results/load_test_<engine>_sweep.{json,md} (or --out STEM), naming the CPU. On an idle machine:
+memory (HTTP process and engine worker) before and after its sweep. Both servers feed a prompt in chunks of 64
+tokens by default (the batch-1 server: --prefill-chunk; the batched one: --batch-prefill per step), so the ratio
+measures batching, not a token-by-token prompt. Writes benchmarks/results/load_test_<engine>_sweep_<cpu>.{json,md}
+(or --out STEM), naming the CPU. On an idle machine:
 
     .venv/bin/python benchmarks/load_test.py --deployment DEP --engine native [--duration 30] [--label NAME]
 
@@ -36,6 +38,8 @@ os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+
+from sparsedeploy.engine.cpuinfo import cpu_name, cpu_tag  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DEPLOYMENT = ROOT / "runs" / "serve_smollm2" / "deployment"
@@ -180,15 +184,7 @@ def server_metrics(url: str) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version()}
 
 
@@ -256,7 +252,9 @@ def write_reports(doc: dict, stem: Path) -> None:
     md += [f"Streaming clients, each sending one completion after another for {c['duration_s']} s per level: "
            f"{c['prompt_tokens']}-token prompts, max_tokens {c['max_tokens']}, temperature {c['temperature']}; "
            f"deployment `{c['deployment']}`, engine {c['engine']} ({c['cores'] or 'all'} cores), queue {c['queue_size']}, "
-           f"timeout {c['timeout_s']} s; batched servers feed {c['batch_prefill']} prompt tokens per step.", "",
+           f"timeout {c['timeout_s']} s; the batch-1 server feeds a prompt "
+           f"{'token by token' if not c['prefill_chunk'] else 'in chunks of ' + str(c['prefill_chunk'])}, batched servers "
+           f"{c['batch_prefill']} prompt tokens per step.", "",
            f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, load average at start "
            f"{doc['machine']['loadavg_at_start']}; {doc['finished']}.", "",
            "| server | clients | ok / total | tokens/s | × batch-1 | TTFT p50 / p99 (s) | latency p50 / p99 (s) | "
@@ -310,11 +308,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--queue-size", type=int, default=16)
     ap.add_argument("--timeout-s", type=float, default=120.0)
-    ap.add_argument("--prefill-chunk", type=int, default=0)
+    ap.add_argument("--prefill-chunk", type=int, default=64,
+                    help="the batch-1 server's prompt chunk (0: token by token)")
     ap.add_argument("--batch-prefill", type=int, default=64)
     ap.add_argument("--label", default="full run")
     ap.add_argument("--note", default=None, help="a line printed in bold at the top of the report")
-    ap.add_argument("--out", type=Path, default=None, help="report stem (default benchmarks/results/load_test_<engine>_sweep)")
+    ap.add_argument("--out", type=Path, default=None, help="report stem (default benchmarks/results/load_test_<engine>_sweep_<cpu>)")
     a = ap.parse_args()
     levels, batches = _ints(a.clients), _ints(a.max_batch)
 
@@ -345,7 +344,7 @@ def main() -> None:
             code = stop_server(server)
         servers.append({"max_batch": mb, "engine": health["engine"], "seqlen": health["seqlen"], "levels": rows,
                         "rss_before": rss_before, "rss_after": rss_after, "server_metrics": metrics, "exit_code": code})
-    out = a.out or RESULTS / f"load_test_{a.engine}_sweep"
+    out = a.out or RESULTS / f"load_test_{a.engine}_sweep_{cpu_tag()}"
     doc = {"label": a.label, "note": a.note, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "config": {"deployment": str(dep.resolve().relative_to(ROOT)) if dep.resolve().is_relative_to(ROOT) else str(dep),
                       "engine": a.engine, "cores": a.cores, "clients": levels, "max_batch": batches,

@@ -282,8 +282,8 @@ def smollm2(work: Path, a) -> None:
                      "columns); '+q4': the lm_head 4-bit (Q4_0-like) instead of int8; '… GPTQ-4bit int4': the pruned RUN "
                      "quantised by GPTQ (4 bits, group 128, every zero kept) and built from the checkpoint's own codes. "
                      "Their perplexity is PyTorch's on exactly that arithmetic.")
-    for name, rec in llama_ppl.items():
-        notes.append(f"{name}: llama-perplexity {rec['llamacpp']:.2f} vs PyTorch (fp32 model) {rec['pytorch_fp32']:.2f} "
+    for gguf, rec in llama_ppl.items():      # not `name`: that is the report's stem
+        notes.append(f"{gguf}: llama-perplexity {rec['llamacpp']:.2f} vs PyTorch (fp32 model) {rec['pytorch_fp32']:.2f} "
                      f"on {rec['chunks']}×{rec['n_ctx']} tokens, llama-perplexity's protocol for both")
     _publish(doc, pts, name, "SmolLM2-135M: WikiText-2 perplexity vs decode latency (llama.cpp dense GGUF "
              "vs sparsedeploy Wanda+DLP)", pcfg, notes)
@@ -337,6 +337,9 @@ def synthetic(work: Path, a) -> None:
                         build_from_model(_synthetic_pruned(cfg, p), v, cores=a.cores, **sw)
                 v.update(config=f"{d['config']} {w}", label=f"{d['config']} {w}", engines=["native"])
                 views.append(v)
+    if "fp32" not in a.native_weights.split(","):      # only the low-bit views (and any other --synthetic-engines)
+        deps = [dict(d, engines=[e for e in d.get("engines", engines.split(",")) if e != "native"]) for d in deps]
+        deps = [d for d in deps if d["engines"]]
     deps = deps + views
     pcfg = pareto.ParetoConfig(bench=BenchConfig(engine=engines, cores=a.cores, prompt_tokens=16, new_tokens=64,
                                                  rounds=a.rounds, ort_baseline=False),
@@ -392,7 +395,8 @@ def main() -> None:
                     "--gptq sparsities (RTN int8/int4 and GPTQ int4) against llama.cpp Q4_0/Q4_1/Q8_0 "
                     "-> pareto_smollm2_gptq_<cpu>")
     ap.add_argument("--native-weights", default="fp32,int8,int4", help="native value types to time (each beyond fp32 "
-                    "in a view of the deployment with its own native build); 'int8+q4': int8 with a 4-bit lm_head")
+                    "in a view of the deployment with its own native build); 'int8+q4': int8 with a 4-bit lm_head; without 'fp32' "
+                    "the synthetic fp32 deployments are not timed on native")
     ap.add_argument("--suffix", default="", help="added to the result names (e.g. _int8perm), so that a partial "
                     "run does not replace the committed full one")
     a = ap.parse_args()

@@ -185,6 +185,41 @@ def test_row_tiled_products_equal_the_dense_product(fmt, L):
         np.testing.assert_allclose(Y, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_panel_major_layout_and_product():
+    """simd_rows.panel_major: row r's weights of panel p lie at [off[p out + r], off[p out + r + 1]) with their
+    columns inside that panel, ascending; the copy holds every stored weight once. csr_gemm_panels over it
+    equals numpy's product, with empty rows, an empty panel and a last panel narrower than PANEL."""
+    from numba import get_num_threads
+
+    from sparsedeploy.engine.native import simd_rows as SR
+
+    rng = np.random.default_rng(3)
+    out, inn, L = 37, 2 * SR.PANEL + 45, 64
+    W = rng.standard_normal((out, inn)).astype(np.float32)
+    W[rng.random(W.shape) < 0.6] = 0
+    W[[0, 5, 36]] = 0                                       # empty rows
+    W[:, SR.PANEL:2 * SR.PANEL] = 0                         # an empty panel
+    nz = W != 0
+    rowptr = np.zeros(out + 1, np.int64)
+    np.cumsum(nz.sum(axis=1), out=rowptr[1:])
+    cols, vals = np.nonzero(nz)[1].astype(np.uint16), np.ascontiguousarray(W[nz])
+    off, pc, pv = SR.panel_major(rowptr, cols, vals, inn)
+    npan = -(-inn // SR.PANEL)
+    assert off.shape == (npan * out + 1,) and off[-1] == vals.size and np.all(np.diff(off) >= 0)
+    back = np.zeros_like(W)
+    for p in range(npan):
+        for r in range(out):
+            c = pc[off[p * out + r]:off[p * out + r + 1]].astype(np.int64)
+            assert np.all((c // SR.PANEL) == p) and np.all(np.diff(c) > 0)
+            back[r, c] = pv[off[p * out + r]:off[p * out + r + 1]]
+    np.testing.assert_array_equal(back, W)
+    X = rng.standard_normal((L, inn)).astype(np.float32)
+    Xt = np.ascontiguousarray(X.T)
+    Yt, Y = np.zeros((out, L), np.float32), np.zeros((L, out), np.float32)
+    SR.csr_gemm_panels(off, pc, pv, Xt, Yt, np.zeros(0, np.float32), Y, False, get_num_threads())
+    np.testing.assert_allclose(Y, X.astype(np.float64) @ W.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("D", [16, 24, 80])
 def test_attention_rows_equal_a_numpy_reference(D):
     """kernels.attention_rows (runs of rows of one sequence x kv head, key rows shared by the heads of a group)

@@ -20,7 +20,7 @@ from numba import get_num_threads
 from ...errors import UserError
 from . import kernels as K
 from .lowbit import DEFAULT_ACT_COLUMNS
-from .simd_rows import (PANEL_ROWS, TILE, csr_gemm_panels, csr_gemm_t, dense_gemm_rows, ell_gemm_t, panel_pointers,
+from .simd_rows import (PANEL_ROWS, TILE, csr_gemm_panels, csr_gemm_t, dense_gemm_rows, ell_gemm_t, panel_major,
                         transpose_into)
 from ...arch import native_arch, rope_theta
 from .pack import INDEX, SHARED, WEIGHTS, read_index
@@ -144,8 +144,9 @@ class Linear:
     def prepare_rows(self) -> None:
         """Before batched steps: a bitmask group gets a CSR twin of its values (rowptr, cols, vals), which the
         row-tiled products of more than BITMASK_ROWS rows walk; every fp32 sparse group at most PANEL_IN_MAX wide
-        gets its panel pointers (simd_rows.panel_pointers, for prompt chunks: csr_gemm_panels), an ELL group as
-        the CSR of its flattened arrays."""
+        gets a panel-major copy of its weights (simd_rows.panel_major, for prompt chunks: csr_gemm_panels; an ELL
+        group's from the CSR of its flattened arrays): memory for prompt speed, one more copy of the group's
+        stored values and indices while batched steps are open."""
         if self.fmt == "bitmask" and self.twin is None:
             W = self.dense()
             nz = W != 0
@@ -159,7 +160,7 @@ class Linear:
                 rowptr, cols, vals = np.arange(self.rows + 1, dtype=np.int64) * k, self.a.reshape(-1), self.b.reshape(-1)
             else:
                 rowptr, cols, vals = self.twin if self.fmt == "bitmask" else (self.a, self.b, self.c)
-            self.panels = (panel_pointers(rowptr, cols, self.cols_in), cols, vals)
+            self.panels = panel_major(rowptr, cols, vals, self.cols_in)
 
     def mat_rows(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
         """X [R, in] -> Y [R, rows] for a batched step's rows (NativeModel.forward_rows): fp32 sparse groups
@@ -196,7 +197,7 @@ class Linear:
         wide: simd_rows.csr_gemm_panels over up to PANEL_ROWS rows per call (64 at a time while more are left)."""
         if self.panels is None:
             self.prepare_rows()
-        pptr, cols, vals = self.panels
+        off, cols, vals = self.panels
         R = X.shape[0]
         g = 0
         while g < R:
@@ -204,7 +205,7 @@ class Linear:
             Xt = _xt_buffer(self.cols_in, n, 16)
             _transpose(X[g:g + n], Xt)
             Yt = _xt_buffer(self.rows, n, 16, "y")
-            csr_gemm_panels(pptr, cols, vals, Xt, Yt, self.bias, Y[g:g + n], acc, get_num_threads())
+            csr_gemm_panels(off, cols, vals, Xt, Yt, self.bias, Y[g:g + n], acc, get_num_threads())
             g += n
 
     def dense(self) -> np.ndarray:
