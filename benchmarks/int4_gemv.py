@@ -5,7 +5,7 @@ Same method as benchmarks/lowbit_gemv.py (whose helpers it uses): per (shape, sp
 arrays are copied until the copies hold >= 512 MiB; "cold" walks the copies in turn (median over repeats of
 walk time / copies), "hot" calls one copy repeatedly. GB/s = bytes the product reads (stored arrays + the
 int8 activation blocks) / time; bytes/weight = stored bytes / (out x in). Matrices are pruned per output row
-by magnitude (equal counts), int4 quantised by RTN on the GPTQ grid (int4.rtn_int4) per group of 128 (and 64)
+by magnitude (equal counts), int4 quantised by RTN on the GPTQ grid (int4.rtn_int4) per group of 128 (and 256, 64)
 columns. Dense kernels are timed once per shape. `quantize_act` (shared by all these kernels: once per input
 vector in a model) is not included. Results go to benchmarks/results/int4_gemv_<cpu>.{json,md}.
 
@@ -53,6 +53,7 @@ def kernels(portable: bool):
         "int8 bitmask": (True, LB.encode_int8_bitmask,
                          lambda a, x, o: LB.int8_bitmask_gemv(a["rowptr"], a["masks"], a["vals"], a["wscale"], x["q"],
                                                               x["corr"], x["s"], e, o, False)),
+        "int4 bitmask g256": i4(256, I4.int4_bitmask_gemv),
         "int4 bitmask g128": i4(128, I4.int4_bitmask_gemv),
         "int4 bitmask g64": i4(64, I4.int4_bitmask_gemv),
     }
@@ -205,7 +206,7 @@ def report(res) -> str:
          f"copy called repeatedly; median of {res['repeats']} repeats. GB/s = bytes read (stored arrays + int8 "
          "activation blocks) / time. bytes/weight = stored bytes / (out x in): for int4 bitmask, 0.5 per kept weight + "
          "1/8 (mask) + 8/group (float32 scale and zero) + rowptr. Rows pruned per output row by magnitude (equal "
-         "counts); int4 by RTN on the GPTQ grid (asymmetric, float zero point) per group of 128 / 64 columns. "
+         "counts); int4 by RTN on the GPTQ grid (asymmetric, float zero point) per group of 256 / 128 / 64 columns (a group of 256 shares the activation scale of its 4 blocks: the VNNI kernel chains 4 blocks in integers, g128 chains 2, g64 none). "
          "`x Q4` = Q4_0-like dense cold time / this kernel's, `x i8bm` = int8 bitmask cold time at the same "
          "sparsity / this kernel's. rel err = ||y - W x|| / ||W x|| against the fp32 product of the same pruned "
          "matrix. `quantize_act` (shared by all these kernels) is not included.", ""]

@@ -1,10 +1,12 @@
 """Full depth at 7B scale on one machine: synth a SYNTHETIC 32-layer LLaMA2-7B-shaped bf16 model (or reuse one:
 --model), then streamed calibrate and Wanda + DLP prune, then (--deploy) a native-only deployment of the pruned
 RUN (`export RUN --format native`, int8 decoder groups, 4-bit lm_head) and its decode timed (`bench --engine
-native`): the whole pipeline, each stage in its own process; reports each stage's wall time and peak RSS
+native`), and (--quantize) a streamed GPTQ 4-bit quantize of the pruned RUN: the whole pipeline, each stage in
+its own process; reports each stage's wall time and peak RSS
 (the stage's own VmHWM from the RUN manifest, and the process's from wait4), and the disk use.
 
-Usage (about 1 hour on 2 busy cores; needs ~28 GB free under --work; deletes it afterwards unless --keep):
+Usage (about 1 hour on 2 busy cores, more with --quantize; needs ~28 GB free under --work; deletes it afterwards
+unless --keep):
     nice -n 19 .venv/bin/python benchmarks/stream_7b.py [--layers 32 --nsamples 16 --seqlen 128 --sparsity 0.7]
 Writes benchmarks/results/stream_7b_<cpu>.md and .json (or stream_7b_<N>layers_<cpu> for other depths).
 On a GPU machine: `--device cuda` calibrates and prunes there (stream_7b_cuda_<gpu>); `--tokenizer DIR` and
@@ -88,6 +90,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--model", type=Path, default=None, help="an existing synthetic model folder (no synth stage)")
     ap.add_argument("--deploy", action="store_true", help="also export the pruned RUN native-only and time its decode")
+    ap.add_argument("--quantize", action="store_true",
+                    help="also GPTQ the pruned RUN to 4 bits (group 128, streamed) and report the packed checkpoint")
     args = ap.parse_args()
 
     free = shutil.disk_usage(args.work.parent if args.work.parent.exists() else "/").free
@@ -112,6 +116,12 @@ def main() -> None:
         man = json.loads((run / "manifest.json").read_text())["stages"]
         ratios = json.loads((run / "ratios.json").read_text())
         pruned_bytes = du(run / "model")
+        packed_bytes = None
+        if args.quantize:
+            rows["quantize (GPTQ 4-bit)"] = run_stage(["quantize", str(run), "--bits", "4", "--group-size", "128",
+                                                       "--stream", "--device", args.device])
+            man = json.loads((run / "manifest.json").read_text())["stages"]
+            packed_bytes = du(run / "quantized")
         conf = json.loads((run / "model" / "config.json").read_text())
         deployed = None
         if args.deploy:
@@ -128,20 +138,21 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)
     stage_rows = []
-    for name in ("calibrate", "allocate", "prune"):
+    for name in ("calibrate", "allocate", "prune") + (("quantize",) if args.quantize else ()):
         rec = man[name]
         stage_rows.append({"stage": name, "seconds": rec["seconds"], "peak_rss_mb": round(rec["peak_rss_mb"]),
                            "streamed": rec.get("streamed")})
     doc = {
         "title": f"SYNTHETIC llama2-7b shapes, {args.layers} decoder layers, bf16: streamed calibrate + Wanda/DLP "
-                 f"{args.sparsity:.0%} prune",
+                 f"{args.sparsity:.0%} prune" + (" + GPTQ 4-bit" if args.quantize else ""),
         "cpu": cpu_name(), "cpu_tag": cpu_tag(), "cores": os.cpu_count(), "device": args.device,
         "gpu": gpu_name() if args.device == "cuda" else None,
         "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
         "calibration": f"{args.nsamples}×{args.seqlen} tokens ({args.calib}, seed 0)",
         "synthetic": conf.get("sparsedeploy_synthetic"),
         "processes": rows, "stages": stage_rows,
-        "disk": {"synthetic_model_bytes": model_bytes, "pruned_model_bytes": pruned_bytes},
+        "disk": {"synthetic_model_bytes": model_bytes, "pruned_model_bytes": pruned_bytes,
+                 "packed_4bit_checkpoint_bytes": packed_bytes},
         "realized_sparsity": ratios["realized_sparsity"],
         "ratios": [round(layer["sparsity"], 4) for layer in ratios["layers"]],
         "alpha": ratios.get("alpha"),
@@ -166,7 +177,9 @@ def main() -> None:
     for r in stage_rows:
         lines.append(f"| {r['stage']} | {r['seconds']:.1f} | {r['peak_rss_mb']} | {r['streamed']} |")
     lines += ["", f"Disk: synthetic model {model_bytes / 1e9:.2f} GB, pruned model {pruned_bytes / 1e9:.2f} GB "
-              f"(bf16, zeros stored dense).",
+              f"(bf16, zeros stored dense)"
+              + (f"; packed 4-bit checkpoint (RUN/quantized: codes of kept weights only, bitmask, float32 scale + zero "
+                 f"per 128 columns, bf16 rest) {packed_bytes / 1e9:.2f} GB" if packed_bytes else "") + ".",
               f"Realized sparsity {doc['realized_sparsity']:.4f}; DLP α {doc['alpha']}; per-layer ratios "
               f"{doc['ratios'][0]:.3f} (first) … {doc['ratios'][-1]:.3f} (last).", ""]
     if deployed:

@@ -62,13 +62,13 @@ def _call(k, enc, q, corr, s, bias, out, acc):
       q, corr, s, bias, out, acc)
 
 
-def _check(out, enc, x, bias=None):
+def _check(out, enc, x, bias=None, act=256):
     """out == the dequantised product, within float32 rounding of the terms the kernel sums (its codes and
     its zero-point term separately: scale * (|c| + |zero|) * |x~| per kept weight)."""
     cols = x.shape[0]
     codes, scale, zero, keep = I4.decode_int4_bitmask(enc, cols)
     Wd = I4.dequantized_int4(enc, cols).astype(np.float64)
-    xd = LB.dequantized_act(x).astype(np.float64)
+    xd = LB.dequantized_act(x, act).astype(np.float64)
     g = np.arange(cols) // int(enc["group_size"][0])
     terms = np.where(keep, np.abs(scale[:, g]).astype(np.float64) * (codes + np.abs(zero[:, g]).astype(np.float64)), 0)
     b = np.zeros(Wd.shape[0]) if bias is None else bias.astype(np.float64)
@@ -179,12 +179,15 @@ SPARSITIES = [0.0, 0.5, 0.7, 0.9, 1.0]
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
-@pytest.mark.parametrize("gs", [64, 128])
-def test_int4_bitmask_kernels_equal_the_dequantised_product(shape, sparsity, gs):
+@pytest.mark.parametrize("gs,act", [(64, 256), (128, 256), (256, 256), (-1, 256), (128, 64), (-1, 64)])
+def test_int4_bitmask_kernels_equal_the_dequantised_product(shape, sparsity, gs, act):
+    """Every chain length of the VNNI kernel (int4_chain: 1 with groups of 64 or activation scales per 64
+    columns, 2 with groups of 128, 4 with 256 or whole rows of a multiple of 256 columns), with the blocks past
+    the last whole chain one by one."""
     rows, cols = shape
     W = _matrix(rows, cols, sparsity, seed=rows + cols)
     x = _act(cols, rows)
-    q, corr, s = LB.act_buffers(cols)
+    q, corr, s = LB.act_buffers(cols, act)
     LB.quantize_act(x, q, corr, s)
     enc = I4.encode_int4_bitmask_from_weights(W, gs)
     counts = np.unpackbits(enc["masks"].view(np.uint8), bitorder="little").reshape(-1, 64).sum(axis=1)
@@ -192,9 +195,19 @@ def test_int4_bitmask_kernels_equal_the_dequantised_product(shape, sparsity, gs)
     for name, k in _kernels():
         out = np.full(rows, np.nan, np.float32)
         _call(k, enc, q, corr, s, E, out, False)
-        _check(out, enc, x)
+        _check(out, enc, x, act=act)
         if sparsity == 1.0 or rows > 2:
             assert out[0] == 0                                   # the empty row
+
+
+def test_chain_length_is_what_the_weight_groups_and_activation_scales_share():
+    for nblk in (1, 9, 64):
+        for act in (256, 64):
+            corr_len = LB.act_buffers(64 * nblk, act)[1].shape[0]
+            G = 4 if act == 256 and nblk > 1 else 1          # one block: one scale either way (group_blocks)
+            for bpg in (1, 2, 3, 4, 6, 8, 64):
+                want = max(c for c in (1, 2, 4) if bpg % c == 0 and G % c == 0)
+                assert I4.int4_chain(bpg, nblk, corr_len) == want, (nblk, act, bpg)
 
 
 @pytest.mark.parametrize("cols", [64, 192, 4096])

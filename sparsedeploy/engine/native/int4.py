@@ -33,19 +33,28 @@ both exact int32 (|dot_b| <= 64 * 15 * 127). One 64-column block of the VNNI ker
     w     = vpexpandb(nib, mask_b), zeroing             the kept codes back in their columns (VBMI2)
     ones  = mask_b ? 1 : 0 (a masked byte move)
     o    += (popcount(mask_b) + 1) >> 1
-    dot   = vpdpbusd(0, w, q_b)      codes are unsigned: u8 x s8 directly, no +128 shift
-    msum  = vpdpbusd(0, ones, q_b)   the masked activation sum (a per-block popcount would not do)
+    dot   = vpdpbusd(dot, w, q_b)    codes are unsigned: u8 x s8 directly, no +128 shift
+    msum  = vpdpbusd(msum, ones, q_b)   the masked activation sum (a per-block popcount would not do)
     acc  += (float(dot) - zero * float(msum)) * (s_b * scale)     16 float lanes, two FMAs
 
-UNROLL blocks a loop trip into their own accumulators; the group index advances by a counter (no division);
-one fixed-order horizontal sum per row. Needs AVX-512 VNNI + VBMI + VBMI2 (Intel Ice Lake / Sapphire
-Rapids, AMD Zen 4); elsewhere (or SPARSEDEPLOY_LOWBIT_PORTABLE=1) `int4_bitmask_gemv` is the plain-numba
-twin computing the same integers. `kernel_paths()` says which. Kernel conventions as kernels.py: it writes
-out[r] (acc: adds into it), bias added when it has `out` rows.
+Chains (`int4_chain`): consecutive blocks that share both their weight group and their activation scale
+(2 with groups of 128 and 256-column activation scales, 4 with groups of 256 or whole rows) chain dot and
+msum in int32 (|sum| <= 256 * 15 * 127) and take the float step once per chain; blocks past the last whole
+chain (and every block when a chain is 1: groups of 64, or a scale per 64 activation columns) go one by one.
+The integer sums are the per-block ones added, so a row is the same number to float rounding either way.
 
-Measured (benchmarks/results/int4_gemv_*.md): the block costs about twice int8_bitmask's instructions (the
-nibble unpack, the second vpdpbusd and its float conversion), so the kernel is compute-bound at a near
-constant time per block whatever the sparsity; it beats int8 + bitmask only where int8's bytes dominate.
+UNROLL chains (or blocks) a loop trip into their own accumulators; the group index advances by a counter (no
+division); one fixed-order horizontal sum per row. Needs AVX-512 VNNI + VBMI + VBMI2 (Intel Ice Lake /
+Sapphire Rapids, AMD Zen 4); elsewhere (or SPARSEDEPLOY_LOWBIT_PORTABLE=1) `int4_bitmask_gemv` is the
+plain-numba twin computing the same integers. `kernel_paths()` says which. Kernel conventions as kernels.py:
+it writes out[r] (acc: adds into it), bias added when it has `out` rows.
+
+Measured (benchmarks/results/int4_gemv_*.md): a block costs about twice int8_bitmask's vector instructions
+(the nibble unpack and the second vpdpbusd), so the kernel is compute-bound at a near constant time per block
+whatever the sparsity; on the AMD EPYC Zen 4, with a float step per block, it was slower than int8 + bitmask at
+every sparsity. The chains against per-block float steps on the same weights (benchmarks/int4_chain_ab.py,
+AMD EPYC Zen 5, 2 threads, 7B shapes at 70 / 90%): groups of 256 1.17-1.60x faster hot, 1.16-1.34x cold; groups
+of 128 mostly 1.13-1.23x, with two of twelve timings slower (a noisy machine).
 
 Every @intrinsic stays in this file: numba's on-disk cache of a kernel is stamped by its source file.
 """
@@ -59,7 +68,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .lowbit import BLOCK, LANES, _features, _is, _matrix, _unrolled, _vec_types, has_vbmi2, has_vnni
+from .lowbit import BLOCK, LANES, _features, _is, _matrix, _unrolled, _vec_types, group_blocks, has_vbmi2, has_vnni
 from .simd_rows import _put
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -91,16 +100,19 @@ def kernel_paths() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- intrinsic
 @intrinsic
-def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, goff, bpg, q, scale, nblk):
+def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, goff, bpg, q, scale, nblk, chain):
     """float32 sum over blocks b < nblk of scale[b] * gscale.flat[goff + b // bpg] *
     (dot_b - gzero.flat[goff + b // bpg] * msum_b), block b's codes expand(nibbles of vals from byte boff
-    on, masks[mstart + b]) (see the module doc); the byte offset advances by ceil(popcount / 2) a block."""
+    on, masks[mstart + b]) (see the module doc); the byte offset advances by ceil(popcount / 2) a block.
+    chain (1, 2 or 4; int4_chain): that many consecutive blocks share their activation scale and weight group,
+    so their dot and msum chain in int32 and the float step (two conversions, two FMAs) runs once per chain;
+    the blocks past the last whole chain go one by one."""
     if not (_is(vals, types.uint8, 1) and _is(masks, types.uint64, 1) and _is(gscale, types.float32)
             and _is(gzero, types.float32) and gscale.layout == "C" and gzero.layout == "C"
             and _is(q, types.int8, 1) and _is(scale, types.float32, 1)):
         return None
     sig = types.float32(vals, masks, types.int64, types.int64, gscale, gzero, types.int64, types.int64, q, scale,
-                        types.int64)
+                        types.int64, types.int64)
 
     def codegen(context, builder, signature, args):
         i8, i32, i64, f32, v16i, v16f, v64b = _vec_types()
@@ -111,7 +123,7 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
         gza = context.make_array(signature.args[5])(context, builder, args[5])
         qa = context.make_array(signature.args[8])(context, builder, args[8])
         sa = context.make_array(signature.args[9])(context, builder, args[9])
-        boff, mstart, goff, bpg, nblk = args[2], args[3], args[6], args[7], args[10]
+        boff, mstart, goff, bpg, nblk, chain = args[2], args[3], args[6], args[7], args[10], args[11]
         mod = builder.module
         dpbusd = cgutils.get_or_insert_function(mod, ir.FunctionType(v16i, [v16i, v16i, v16i]), "llvm.x86.avx512.vpdpbusd.512")
         fma = cgutils.get_or_insert_function(mod, ir.FunctionType(v16f, [v16f, v16f, v16f]), "llvm.fma.v16f32")
@@ -134,7 +146,8 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
             return builder.shuffle_vector(builder.insert_element(ir.Constant(v16f, ir.Undefined), x, ir.Constant(i32, 0)),
                                           ir.Constant(v16f, ir.Undefined), splat0)
 
-        def block(b, acc):
+        def codes(b, dot, msum):
+            """block b's codes into the int32 lanes (dot, msum); advances the byte offset."""
             mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
             mv = builder.bitcast(mk, m64)
             o = builder.load(off)
@@ -146,24 +159,72 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
             one = builder.select(mv, ones, zb)
             qv = builder.load(builder.bitcast(builder.gep(qa.data, [builder.mul(b, ir.Constant(i64, BLOCK))]),
                                               v16i.as_pointer()), align=1)
-            dot = builder.call(dpbusd, [zi, builder.bitcast(w, v16i), qv])
-            msum = builder.call(dpbusd, [zi, builder.bitcast(one, v16i), qv])
             nb = builder.lshr(builder.add(builder.call(ctpop, [mk]), ir.Constant(i64, 1)), ir.Constant(i64, 1))
             builder.store(builder.add(o, nb), off)
+            return (builder.call(dpbusd, [dot, builder.bitcast(w, v16i), qv]),
+                    builder.call(dpbusd, [msum, builder.bitcast(one, v16i), qv]))
+
+        def finish(b, n, dot, msum, acc):
+            """acc += (dot - zero * msum) * scale[b] * gscale for the n blocks from b (one group, one act scale)."""
             g = builder.load(gi)
             gs = builder.load(builder.gep(gsa.data, [g]))
             gz = builder.load(builder.gep(gza.data, [g]))
             s = builder.load(builder.gep(sa.data, [b]))
             e = builder.call(fma, [builder.sitofp(msum, v16f), splat(builder.fneg(gz)), builder.sitofp(dot, v16f)])
             builder.store(builder.call(fma, [e, splat(builder.fmul(s, gs)), builder.load(acc)]), acc)
-            k1 = builder.add(builder.load(kin), ir.Constant(i64, 1))
+            k1 = builder.add(builder.load(kin), ir.Constant(i64, n))
             wrap = builder.icmp_unsigned("==", k1, bpg)
             builder.store(builder.select(wrap, ir.Constant(i64, 0), k1), kin)
             builder.store(builder.add(g, builder.zext(wrap, i64)), gi)
 
-        return _unrolled(builder, nblk, block)
+        def block(b, acc):
+            dot, msum = codes(b, zi, zi)
+            finish(b, 1, dot, msum, acc)
+
+        def chained(n):
+            def run(c, acc):
+                b0 = builder.mul(c, ir.Constant(i64, n))
+                dot, msum = zi, zi
+                for u in range(n):
+                    dot, msum = codes(builder.add(b0, ir.Constant(i64, u)), dot, msum)
+                finish(b0, n, dot, msum, acc)
+            return run
+
+        result = cgutils.alloca_once(builder, f32)
+        done = cgutils.alloca_once(builder, i64)           # blocks the chains covered
+        is4 = builder.icmp_signed("==", chain, ir.Constant(i64, 4))
+        is2 = builder.icmp_signed("==", chain, ir.Constant(i64, 2))
+        with builder.if_else(is4) as (four, other):
+            with four:
+                n4 = builder.udiv(nblk, ir.Constant(i64, 4))
+                builder.store(_unrolled(builder, n4, chained(4)), result)
+                builder.store(builder.mul(n4, ir.Constant(i64, 4)), done)
+            with other:
+                with builder.if_else(is2) as (two, single):
+                    with two:
+                        n2 = builder.udiv(nblk, ir.Constant(i64, 2))
+                        builder.store(_unrolled(builder, n2, chained(2)), result)
+                        builder.store(builder.mul(n2, ir.Constant(i64, 2)), done)
+                    with single:
+                        builder.store(ir.Constant(f32, 0.0), result)
+                        builder.store(ir.Constant(i64, 0), done)
+        d0 = builder.load(done)
+        rest = _unrolled(builder, builder.sub(nblk, d0), lambda b, acc: block(builder.add(d0, b), acc))
+        return builder.fadd(builder.load(result), rest)
 
     return sig, codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def int4_chain(bpg, nblk, corr_len):
+    """How many consecutive 64-column blocks share both a weight group (bpg blocks) and an activation scale
+    (group_blocks: 1 or 4 blocks): 4, 2 or 1; the VNNI kernel chains their integer sums."""
+    G = group_blocks(nblk, corr_len)
+    if G % 4 == 0 and bpg % 4 == 0:
+        return 4
+    if G % 2 == 0 and bpg % 2 == 0:
+        return 2
+    return 1
 
 
 # ----------------------------------------------------------------------------- int4 + bitmask kernels
@@ -192,8 +253,9 @@ def _int4_bitmask_shape(rowptr, masks, vals, gscale, gzero, group_size, q, scale
 def int4_bitmask_gemv_vnni(rowptr, masks, vals, gscale, gzero, group_size, q, corr, scale, bias, out, acc):
     n, nblk, bpg, ng = _int4_bitmask_shape(rowptr, masks, vals, gscale, gzero, group_size, q, scale)
     has_bias = bias.shape[0] == n
+    chain = int4_chain(bpg, nblk, corr.shape[0])
     for r in prange(n):
-        s = vnni_int4_bitmask_dot(vals, masks, rowptr[r], r * nblk, gscale, gzero, r * ng, bpg, q, scale, nblk)
+        s = vnni_int4_bitmask_dot(vals, masks, rowptr[r], r * nblk, gscale, gzero, r * ng, bpg, q, scale, nblk, chain)
         _put(out, r, s, bias, has_bias, acc)
 
 
