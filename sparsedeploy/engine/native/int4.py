@@ -192,19 +192,22 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
 
         result = cgutils.alloca_once(builder, f32)
         done = cgutils.alloca_once(builder, i64)           # blocks the chains covered
+
+        def chains(n):
+            """every whole chain of n blocks into result; done = the blocks they cover."""
+            k = builder.udiv(nblk, ir.Constant(i64, n))
+            builder.store(_unrolled(builder, k, chained(n)), result)
+            builder.store(builder.mul(k, ir.Constant(i64, n)), done)
+
         is4 = builder.icmp_signed("==", chain, ir.Constant(i64, 4))
         is2 = builder.icmp_signed("==", chain, ir.Constant(i64, 2))
         with builder.if_else(is4) as (four, other):
             with four:
-                n4 = builder.udiv(nblk, ir.Constant(i64, 4))
-                builder.store(_unrolled(builder, n4, chained(4)), result)
-                builder.store(builder.mul(n4, ir.Constant(i64, 4)), done)
+                chains(4)
             with other:
                 with builder.if_else(is2) as (two, single):
                     with two:
-                        n2 = builder.udiv(nblk, ir.Constant(i64, 2))
-                        builder.store(_unrolled(builder, n2, chained(2)), result)
-                        builder.store(builder.mul(n2, ir.Constant(i64, 2)), done)
+                        chains(2)
                     with single:
                         builder.store(ir.Constant(f32, 0.0), result)
                         builder.store(ir.Constant(i64, 0), done)
