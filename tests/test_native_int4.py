@@ -142,6 +142,35 @@ def test_int4_from_a_gptq_run_uses_its_codes_bit_exact_and_decodes_its_tokens(ti
             assert np.array_equal(layer[g].dense().view(np.uint32), W.view(np.uint32)), (i, g)
 
 
+def test_native_only_int4_export_of_a_gptq_run_uses_its_codes(tiny_llama_dir, corpus_file, tmp_path):
+    """`export RUN/model --format native --weights int4` (the streamed, full-depth path) builds the groups from
+    RUN/quantized's codes too: bit for bit RUN/model's fake-quant weights; magnitude pruning on top is refused."""
+    from safetensors.numpy import load_file
+
+    from sparsedeploy.engine.native.model import NativeModel
+    from sparsedeploy.errors import UserError
+    from sparsedeploy.export.native import export_native_only
+    from sparsedeploy.pipeline import stages
+
+    run = stages.RunDir(tmp_path / "run")
+    calib = stages.CalibConfig(str(tiny_llama_dir), f"file:{corpus_file}", 8, 48, 0, None, "cpu")
+    stages.prune(run, stages.PruneConfig(str(tiny_llama_dir), 0.6, "uniform", "wanda", calib=calib, device="cpu"))
+    stages.quantize(run, stages.QuantConfig(bits=4, group_size=64, device="cpu"))
+    res = export_native_only(run.path / "model", tmp_path / "dep", weights="int4", crossover=0.55, seqlen=64,
+                             progress=False)
+    model = NativeModel(tmp_path / "dep" / "native")
+    assert {g["codes"] for layer in res["index"]["layers"] for g in layer.values()} == {"gptq"}
+    fake = load_file(str(next((run.path / "model").glob("*.safetensors"))))
+    arch = model.arch
+    for i, layer in enumerate(model.layers):
+        for g, names in arch.stacks().items():
+            W = np.concatenate([fake[f"{arch.layers}.{i}.{nm}.weight"] for nm in names], 0).astype(np.float32)
+            assert np.array_equal(layer[g].dense().view(np.uint32), W.view(np.uint32)), (i, g)
+    with pytest.raises(UserError, match="prune-magnitude"):
+        export_native_only(run.path / "model", tmp_path / "dep2", weights="int4", magnitude=0.5, progress=False)
+    assert not (tmp_path / "dep2").exists()
+
+
 def test_int4_refuses_a_3_bit_run_in_one_line(tiny_llama_dir, corpus_file, tmp_path):
     from sparsedeploy.errors import UserError
     from sparsedeploy.export.native import ensure_native

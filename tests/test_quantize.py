@@ -136,6 +136,29 @@ def test_gptq_keeps_every_pruned_zero_and_adds_none(how, freeze):
     assert int((plain[pruned] != 0).sum()) > 0
 
 
+def test_gptq_with_a_hessian_it_owns_equals_the_copying_call_and_take_hessian_equals_hessian():
+    from sparsedeploy.pipeline.stats import LinearStats
+
+    X = calibration(256, 64, seed=4)
+    W = prune_wanda(torch.randn(32, 64, generator=gen(8)), stats_from(X), 0.5)
+    X_dead = X.clone()
+    X_dead[:, 5] = 0          # a dead input: gptq writes H[j, j] = 1 into its Hessian
+    for x in (X, X_dead):
+        s = LinearStats(64, hessian=True)
+        s.add(x[:100])
+        s.add(x[100:])
+        H = s.hessian
+        before = H.clone()
+        ref = qz.gptq(W, H, 4, 16)
+        assert torch.equal(H, before)                      # not given away: left as it was
+        taken = s.take_hessian()
+        assert torch.equal(taken, before)                  # the same values, scaled in place
+        got = qz.gptq(W, taken, 4, 16, own_h=True)
+        assert torch.equal(got.weight, ref.weight) and torch.equal(got.q, ref.q) and torch.equal(got.scale, ref.scale)
+        with pytest.raises(AttributeError):
+            s.take_hessian()
+
+
 def test_gptq_rejects_bad_input():
     W, H = torch.randn(4, 8), torch.eye(8)
     for bits in (1, 9, 4.0):

@@ -99,6 +99,42 @@ def test_shard_writer_splits_and_indexes(tmp_path):
     assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) for k in ts)
 
 
+def test_shard_writer_holds_no_tensor_data_and_closes_a_shard_whose_header_is_full(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    from sparsedeploy.pipeline import stream
+
+    w = ShardWriter(tmp_path / "m", max_shard_bytes=1 << 22)
+    w.add("a", torch.arange(100_000, dtype=torch.float32))
+    part = tmp_path / "m" / "part-00000.safetensors"
+    assert part.stat().st_size == 8 + stream.HEADER_RESERVE + 400_000   # written at once, not buffered
+    monkeypatch.setattr(stream, "HEADER_RESERVE", 600)   # room for a few header entries only
+    w2 = ShardWriter(tmp_path / "n", max_shard_bytes=1 << 22)
+    ts = {f"layer.{i}.a_rather_long_tensor_name.weight": torch.full((3,), float(i)).to(torch.bfloat16) for i in range(12)}
+    for k, v in ts.items():
+        w2.add(k, v)
+    w2.close()
+    index = json.loads((tmp_path / "n" / INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1   # far under max_shard_bytes: the header closed them
+    for k, f in index["weight_map"].items():
+        with safe_open(str(tmp_path / "n" / f), "pt") as g:
+            assert torch.equal(g.get_tensor(k), ts[k]) and g.metadata() == {"format": "pt"}
+
+
+def test_streamed_walk_frees_the_embeddings_after_layer_0s_inputs(tiny_llama_dir, corpus_file, tmp_path):
+    from sparsedeploy.pipeline.stream import StreamedModel
+    from sparsedeploy.pipeline.walker import walk
+
+    from .shard_helpers import save_bf16_shards
+
+    sm = StreamedModel(save_bf16_shards(tiny_llama_dir, tmp_path / "bf16"))
+    seen = []
+    walk(sm.model, torch.randint(0, 100, (2, 16)), lambda i, layer, st: seen.append(i), stream=sm)
+    assert sm.model.get_input_embeddings().weight.device.type == "meta"
+    walk(sm.model, torch.randint(0, 100, (2, 16)), lambda i, layer, st: seen.append(i), stream=sm)   # again: reloaded
+    assert seen == list(range(len(seen) // 2)) * 2 and seen
+
+
 def _synth(tmp_path, tokenizer_dir, name="syn", **kw):
     from sparsedeploy.workflows.synth import SynthConfig, synth
 

@@ -389,6 +389,8 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
     weights and the cache geometry). The decoder layers are read, optionally magnitude-pruned (`magnitude`),
     encoded and written one at a time (pack.write_native: the packer the in-memory builds use), so the
     residents are the embedding/lm_head while they are encoded, then about one decoder layer in float32.
+    `--weights int4` of a 4-bit GPTQ RUN's model folder (RUN/model beside RUN/quantized) builds its groups from
+    the checkpoint's codes, as `compile` does (no re-quantisation); elsewhere int4 is round-to-nearest.
     Formats: measured layer by layer on this CPU (crossover None), restricted to `formats` if given, or the
     fixed rule of `crossover`. Written into a temp sibling folder and renamed into place. Returns
     {"dir", "index", "seconds", "peak_rss_mb", "bytes"}."""
@@ -413,6 +415,9 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
     act_columns = check_act_columns(act_columns, weights)
     source = FolderSource(model_dir, magnitude)
     config = source.config
+    codes = gptq_codes_for(model_dir) if weights == "int4" else None
+    check(codes is None or magnitude is None, f"{model_dir} has GPTQ codes (beside it in quantized/); --prune-magnitude "
+          "would change the weights they encode", "drop --prune-magnitude, or export the pruned model without codes")
     maxpos = config.get("max_position_embeddings")
     check(maxpos is None or seqlen <= int(maxpos), f"--seqlen {seqlen} exceeds the model's {maxpos} positions",
           f"use --seqlen <= {maxpos}")
@@ -424,14 +429,15 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
     try:
         copy_side_files(model_dir, tmp)
         key = {"format_version": FORMAT_VERSION, "native_only": {"source": str(model_dir.resolve()),
-                                                                "magnitude": magnitude},
+                                                                "magnitude": magnitude,
+                                                                **({"codes": "gptq"} if codes else {})},
                "crossover": crossover, **({"formats": sorted(formats)} if formats else {}),
                "weights": weights, "head": head, **({"act_columns": act_columns} if act_columns != default_act_columns() else {})}
         n = int(config["num_hidden_layers"])
-        with ui.progress(f"native-only deployment of {model_dir.name} ({weights}, head {head}"
-                         f"{'' if not magnitude else f', magnitude {magnitude:.0%}'})", n) as bar:
+        with ui.progress(f"native-only deployment of {model_dir.name} ({weights}{', GPTQ codes' if codes else ''}, "
+                         f"head {head}{'' if not magnitude else f', magnitude {magnitude:.0%}'})", n) as bar:
             index = write_native(source, config, tmp / NATIVE_DIR, key=key, crossover=crossover, threads=cores,
-                                 formats=formats, weights=weights, head=head, act_columns=act_columns,
+                                 formats=formats, weights=weights, codes=codes, head=head, act_columns=act_columns,
                                  on_layer=(lambda i: bar(i + 1)) if progress else None)
         meta = native_only_meta(index, config, seqlen=seqlen, source=str(model_dir.resolve()), magnitude=magnitude)
         meta["build"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _peak_rss_mb()}

@@ -282,21 +282,23 @@ def aligned_blocksize(blocksize: int, group_size: int, m: int | None = None) -> 
 @torch.no_grad()
 def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = 128, act_order: bool = False, sym: bool = False,
          percdamp: float = 0.01, blocksize: int = 128, mask: Tensor | None = None,
-         freeze_pruned: bool = False) -> QuantResult:
+         freeze_pruned: bool = False, own_h: bool = False) -> QuantResult:
     """GPTQ on one linear: W [out, in], H = 2/n Σ x xᵀ [in, in] of its calibration inputs.
 
     mask: True marks pruned weights (in addition to every weight that is already exactly 0); those come
     out exactly 0 and every other weight comes out nonzero. freeze_pruned: see the module docstring
     (default False: a pruned position's accumulated update is propagated as error, like SparseGPT).
     Dead inputs (H_jj == 0) get H_jj = 1; their weights are quantized, not zeroed, so sparsity is unchanged.
-    blocksize is rounded to a multiple of group_size.
+    blocksize is rounded to a multiple of group_size. own_h: the caller gives H away (e.g. LinearStats.take_hessian),
+    so it is overwritten instead of copied (one [in, in] matrix less at the peak: 0.5 GB for a 7B down_proj).
     """
     _check_weight(W, "gptq")
     check_quant_args(bits, group_size)
     check(isinstance(blocksize, int) and blocksize > 0, f"gptq: blocksize must be a positive integer, got {blocksize!r}")
     check(percdamp >= 0, f"gptq: percdamp must be >= 0, got {percdamp!r}")
     rows, cols = W.shape
-    H = H.detach().to(W.device, torch.float32).clone()
+    H = H.detach().to(W.device, torch.float32)
+    H = H if own_h else H.clone()
     check(tuple(H.shape) == (cols, cols), f"gptq: the Hessian has shape {tuple(H.shape)} but the weight has {cols} input columns")
     check(bool(torch.isfinite(H).all()), "gptq: the calibration Hessian has NaN or infinite entries",
           "check the calibration data and the model's activations for overflow")
@@ -310,6 +312,7 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = 128, act_order: bool
         Wf, keep, H = Wf[:, perm], keep[:, perm], H[perm][:, perm]
     Wf = Wf.clone()
     U = _inverse_hessian_factor(H, percdamp, who="gptq")
+    del H   # [in, in]: 0.5 GB for a 7B down_proj, not needed past the factor
     qz = ColumnQuantizer(rows, cols, bits, group_size, sym, W.device, perm)
     if qz.static:
         qz.static_groups(W.detach(), _keep_mask(W, mask))
@@ -436,8 +439,9 @@ def _dir_bytes(path: Path) -> int:
 
 class PackedWriter:
     """Writes a packed checkpoint's tensors one at a time into `folder` (shard by shard, pipeline.stream.ShardWriter:
-    one model.safetensors, or Hugging Face's shards + index above `max_shard_bytes`, default half a model shard), so
-    a streamed quantize never holds more than a layer and two half shards (this and the fake-quant model's). `add_linear` packs one quantized linear and checks that its packed tensors
+    one model.safetensors, or Hugging Face's shards + index above `max_shard_bytes`, default a model shard's), each
+    tensor straight to its file, so a streamed quantize holds no more than the layer being packed. `add_linear`
+    packs one quantized linear and checks that its packed tensors
     unpack to the linear's fake-quant weight bit for bit; `add` stores any other tensor unchanged (its dtype kept);
     `close` writes quantize.json. The caller writes config.json and the tokenizer, and moves the folder into place."""
 
@@ -445,7 +449,7 @@ class PackedWriter:
         from . import stream
 
         self.folder = Path(folder)
-        self.writer = stream.ShardWriter(self.folder, max_shard_bytes or stream.MAX_SHARD_BYTES // 2)
+        self.writer = stream.ShardWriter(self.folder, max_shard_bytes)
         self.grid: tuple | None = None
         self.linears: list[str] = []
         self.packed_bytes = self.code_bytes = self.linear_params = self.kept = 0

@@ -37,6 +37,7 @@ class LinearStats:
     def take_hessian(self) -> torch.Tensor:
         """The Hessian, freeing the accumulator (one [in, in] matrix less while the method works: 0.5 GB for a 7B
         down_proj); the statistics are then spent."""
-        h = self.hessian
-        self._xtx = None
-        return h
+        if self._xtx is None:
+            raise AttributeError("this accumulator was created without a Hessian (or it was taken)")
+        h, self._xtx = self._xtx, None
+        return h.mul_(2.0 / max(self.ntokens, 1))   # in place: the same values as `hessian`, no second copy

@@ -8,8 +8,9 @@ returns it to `meta` (`release_layer`). The math is the walker's and the pruners
 code, same fp32 weights, same inputs, so a streamed walk computes exactly what the in-memory walk computes.
 
 `ShardWriter` writes tensors as they come into shards of at most `max_shard_bytes` plus
-model.safetensors.index.json (one shard: a plain model.safetensors). Residents while streaming: the
-embeddings, the calibration activations, one decoder layer in fp32, and one shard being filled.
+model.safetensors.index.json (one shard: a plain model.safetensors), each tensor's bytes straight to the open
+file. Residents while streaming: the calibration activations, one decoder layer in fp32 (the embeddings only
+until the inputs of layer 0 are captured; see `StreamedModel.release_residents`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import UserError
 from .arch import ArchSpec, decoder_layers, get_module, spec_for, tied_aliases
@@ -168,11 +168,22 @@ class StreamedModel:
         self.spec = spec_for(model)
         self.n_layers = len(decoder_layers(model, self.spec))
         self.tied = tied_aliases(model)   # before materializing: to_empty unties the parameters
-        self._materialize_residents()
+        self._resident = False
+        self.materialize_residents()
 
-    def _materialize_residents(self) -> None:
+    def release_residents(self) -> None:
+        """Once the walker has captured the inputs of decoder layer 0, nothing before the layers runs again: the
+        input embeddings (a 7B model's are 0.5 GB in fp32, more with a larger vocabulary) go back to meta."""
+        self.model.get_input_embeddings().to("meta")
+        self._resident = False
+
+    def materialize_residents(self) -> None:
         """Real tensors for every module outside the decoder layers and the lm_head (which the walk never runs):
-        parameters from the safetensors, non-persistent buffers (rotary tables) computed as from_pretrained does."""
+        parameters from the safetensors, non-persistent buffers (rotary tables) computed as from_pretrained does.
+        Idempotent: a walk calls it before capturing layer 0's inputs."""
+        if self._resident:
+            return
+        self._resident = True
         skip = (self.spec.layers + ".", self.spec.lm_head)
         names = set(self.src.names())
         for mname, mod in self.model.named_modules():
@@ -211,32 +222,65 @@ class StreamedModel:
         layer.to("meta")
 
 
+# torch dtype -> the safetensors header's name for it
+ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+HEADER_RESERVE = 64 << 10   # bytes kept at the start of a shard for its JSON header (padded with spaces)
+
+
 class ShardWriter:
-    """Writes tensors into shards of at most max_shard_bytes, then the index; atomically per file."""
+    """Writes tensors into shards of at most max_shard_bytes, then the index; atomically per file.
+
+    Each tensor's bytes go to the open shard file as it is added (nothing is buffered: a writer holds no tensor
+    data in memory). The header is written last, into HEADER_RESERVE bytes kept at the file's start and padded
+    with spaces, as the safetensors format allows; a shard closes early when its header would outgrow that."""
 
     def __init__(self, out: Path, max_shard_bytes: int | None = None, metadata: dict | None = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.max = max_shard_bytes or MAX_SHARD_BYTES   # looked up now: tests shrink it to get shards
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._buf: dict[str, torch.Tensor] = {}
+        self._file = None
+        self._entries: dict[str, dict] = {}
+        self._header_len = 0
         self._bytes = 0
         self._shards: list[tuple[str, list[str], int]] = []
 
+    def _header(self, entries: dict) -> bytes:
+        return json.dumps({"__metadata__": self.metadata, **entries}, separators=(",", ":")).encode()
+
     def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        if t.dtype not in ST_DTYPE:
+            raise TypeError(f"{name}: safetensors has no dtype {t.dtype}")
         nbytes = t.numel() * t.element_size()
-        if self._buf and self._bytes + nbytes > self.max:
+        entry = {"dtype": ST_DTYPE[t.dtype], "shape": list(t.shape)}
+        grow = len(json.dumps({name: entry | {"data_offsets": [10 ** 15, 10 ** 15]}}, separators=(",", ":"))) + 1
+        if self._entries and (self._bytes + nbytes > self.max or self._header_len + grow > HEADER_RESERVE):
             self._flush()
-        self._buf[name] = t.detach().to("cpu").contiguous()
+        if self._file is None:
+            self._file = open(self.out / f"part-{len(self._shards):05d}.safetensors", "wb")
+            self._file.write(b" " * (8 + HEADER_RESERVE))
+            self._header_len = len(self._header({}))
+        if self._header_len + grow > HEADER_RESERVE:
+            raise ValueError(f"{name}: the tensor's header entry alone exceeds {HEADER_RESERVE} bytes")
+        if nbytes:
+            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._entries[name] = entry | {"data_offsets": [self._bytes, self._bytes + nbytes]}
+        self._header_len += grow
         self._bytes += nbytes
 
     def _flush(self) -> None:
-        if not self._buf:
+        if self._file is None:
             return
-        name = f"part-{len(self._shards):05d}.safetensors"
-        save_file(self._buf, str(self.out / name), metadata=self.metadata)
-        self._shards.append((name, list(self._buf), self._bytes))
-        self._buf, self._bytes = {}, 0
+        head = self._header(self._entries)
+        assert len(head) <= HEADER_RESERVE, (len(head), self._header_len)
+        self._file.seek(0)
+        self._file.write(HEADER_RESERVE.to_bytes(8, "little") + head + b" " * (HEADER_RESERVE - len(head)))
+        self._file.close()
+        self._shards.append((Path(self._file.name).name, list(self._entries), self._bytes))
+        self._file, self._entries, self._bytes = None, {}, 0
 
     def close(self) -> int:
         """Finish: name the shards as Hugging Face does, write the index; returns the bytes of tensor data."""

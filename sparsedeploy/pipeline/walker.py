@@ -9,8 +9,8 @@
 The walker knows nothing about which method runs; `on_layer` knows nothing about hooks or data.
 
 Streaming (`stream=`, a pipeline.stream.StreamedModel): the model is a skeleton on the meta device; the walker
-asks the stream for layer i in fp32 just before it runs it, hands the finished layer to `on_done` (e.g. a shard
-writer), and returns it to meta. Everything else is the same loop, so a streamed walk equals an in-memory one.
+asks the stream for layer i in fp32 just before it runs it (and frees the embeddings once layer 0's inputs are
+captured), hands the finished layer to `on_done` (e.g. a shard writer), and returns it to meta. Everything else is the same loop, so a streamed walk equals an in-memory one.
 """
 from __future__ import annotations
 
@@ -132,7 +132,11 @@ def walk(model: nn.Module, input_ids: torch.Tensor | None, on_layer: OnLayer, *,
     if input_ids is None:
         raise ValueError("this method needs calibration data")
     device = torch.device(device)
+    if stream is not None:
+        stream.materialize_residents()
     hidden, args, kwargs = capture_inputs(model, input_ids, spec)
+    if stream is not None:
+        stream.release_residents()   # the embeddings have done their work
     args, kwargs = _to(args, device), _to(kwargs, device)
     groups = spec.groups if sequential else (spec.linears,)
     for i, layer in enumerate(layers):

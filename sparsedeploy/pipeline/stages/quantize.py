@@ -23,7 +23,6 @@ import torch
 from ... import ui
 from ...errors import UserError, check
 from .. import quantize as qz
-from .. import stream as stream_mod
 from ..arch import decoder_layers, get_module, spec_for, tied_aliases
 from ..data import calibration_windows, load_text
 from ..models import ModelRef, load, load_tokenizer, replace_dir, resolve, save_model, synthetic_label
@@ -113,7 +112,7 @@ def quantize(run: RunDir, cfg: QuantConfig, *, force: bool = False) -> Path:
             lin = get_module(layer, name)
             zeros = int((lin.weight.data == 0).sum())
             res = qz.gptq(lin.weight.data, st.take_hessian(), cfg.bits, cfg.group_size, cfg.act_order, cfg.sym,
-                          cfg.percdamp, cfg.blocksize)
+                          cfg.percdamp, cfg.blocksize, own_h=True)
             if int((res.weight == 0).sum()) != zeros:
                 raise RuntimeError(f"quantization changed the zero count of layer {i} {name}: {zeros} -> "
                                    f"{int((res.weight == 0).sum())} (a bug: nothing was written)")
@@ -125,7 +124,7 @@ def quantize(run: RunDir, cfg: QuantConfig, *, force: bool = False) -> Path:
     qtmp = Path(tempfile.mkdtemp(prefix=f".{QUANTIZED}.", dir=run.path))
     mtmp = Path(tempfile.mkdtemp(prefix=".model.", dir=run.path)) if streamed else None
     packed = qz.PackedWriter(qtmp)
-    fake = ShardWriter(mtmp, stream_mod.MAX_SHARD_BYTES // 2) if streamed else None   # two writers: half shards
+    fake = ShardWriter(mtmp) if streamed else None
     stored = sm.src.meta() if streamed else {}
 
     def write_layer(i, layer):
