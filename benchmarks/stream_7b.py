@@ -139,10 +139,9 @@ def main() -> None:
         else:   # the processes that made this RUN: from this script's result of that run, if it is the same run
             prev = args.results / f"{name}.json"
             pruned = json.loads((run / "manifest.json").read_text())["stages"]["prune"]
-            same = prev.is_file() and any(r["stage"] == "prune" and r["seconds"] == pruned["seconds"]
-                                          for r in json.loads(prev.read_text())["stages"])
-            if same:
-                earlier = json.loads(prev.read_text())
+            doc = json.loads(prev.read_text()) if prev.is_file() else {"stages": []}
+            if any(r["stage"] == "prune" and r["seconds"] == pruned["seconds"] for r in doc["stages"]):
+                earlier = doc
                 rows.update({k: v for k, v in earlier["processes"].items() if not k.startswith("quantize")})
         model_bytes = du(model)
         man = json.loads((run / "manifest.json").read_text())["stages"]

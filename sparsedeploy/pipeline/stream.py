@@ -26,7 +26,6 @@ from safetensors import safe_open
 from ..errors import UserError
 from .arch import ArchSpec, decoder_layers, get_module, spec_for, tied_aliases
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_SHARD_BYTES = 1 << 30
@@ -227,6 +226,7 @@ ST_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", to
             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
             torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
 HEADER_RESERVE = 64 << 10   # bytes kept at the start of a shard for its JSON header (padded with spaces)
+DTYPES = {name: dt for dt, name in ST_DTYPE.items() if dt.is_floating_point}   # a stored float dtype's torch dtype
 
 
 class ShardWriter:
