@@ -353,6 +353,25 @@ def test_sparsegpt_retries_damping_then_raises():
         prune_sparsegpt(W, SimpleNamespace(hessian=torch.full((cols, cols), float("nan"))), 0.5)
 
 
+def test_in_place_factor_equals_torch_path_and_inverts():
+    """The CPU LAPACK factor (in A's own memory) gives the same U as torch's three allocating steps, and
+    UᵀU = (H + λI)⁻¹ with U upper triangular."""
+    from sparsedeploy.pipeline.prune import _factor_in_place, _factor_torch
+    X = calibration(300, 96, seed=22, outliers=2)
+    H = (2 / X.shape[0]) * X.t() @ X
+    damp = 0.01 * float(torch.diagonal(H).mean())
+    U = _factor_in_place(H, torch.float64, damp)
+    Ut = _factor_torch(H, torch.float64, damp)
+    assert U.dtype == torch.float32 and torch.equal(U, torch.triu(U))
+    torch.testing.assert_close(U, Ut, rtol=1e-4, atol=1e-5 * float(Ut.abs().max()))
+    A = H.double() + damp * torch.eye(96, dtype=torch.float64)
+    inv = torch.linalg.inv(A)
+    torch.testing.assert_close(U.double().t() @ U.double(), inv, rtol=1e-4, atol=1e-5 * float(inv.abs().max()))
+    bad = H.clone()
+    bad[3, 3] = -1.0
+    assert _factor_in_place(bad, torch.float64, 0.0) is None and _factor_torch(bad, torch.float64, 0.0) is None
+
+
 # --------------------------------------------------------------------------------------------
 # purity, dtype, device
 

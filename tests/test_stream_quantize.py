@@ -105,6 +105,9 @@ def test_streamed_quantize_equals_in_memory(pruned_runs, tmp_path, variant):
     rm = _quantize(mem, False, **dict(variant))
     rs = _quantize(st, True, **dict(variant))
     assert not rm["streamed"] and rs["streamed"] and rs["peak_rss_mb"] > 0
+    after = rs["peak_rss_mb_after_layer"]   # one entry a decoder layer, a running peak, never above the stage's
+    assert len(after) == len(rm["peak_rss_mb_after_layer"]) >= 2 and after == sorted(after)
+    assert 0 < after[-1] <= rs["peak_rss_mb"] + 1
     assert assert_same_quantize(mem.path, st.path) > 0
     # the streamed checkpoint restores the streamed RUN/model bit for bit, and the fake-quant model loads
     restored = qz.load_packed_state(st.path / stages.QUANTIZED)

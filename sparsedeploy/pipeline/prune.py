@@ -23,7 +23,9 @@ import numbers
 import re
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
+from scipy.linalg import lapack as _lapack
 from torch import Tensor
 
 from ..errors import UserError
@@ -197,30 +199,67 @@ def _factor_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
 
-def _inverse_hessian_factor(H: Tensor, percdamp: float, retries: int = 4, who: str = "sparsegpt") -> Tensor:
+def _damped(H: Tensor, dtype: torch.dtype, damp: float) -> Tensor:
+    A = H.to(dtype, copy=True)
+    A.diagonal().add_(damp)
+    return A
+
+
+def _factor_in_place(H: Tensor, dtype: torch.dtype, damp: float, into: Tensor | None = None) -> Tensor | None:
+    """CPU float64: U (float32) from A = H + λI by LAPACK in A's own memory (potrf, potri, potrf), or None if
+    A is not positive definite. One [in, in] float64 matrix at a time (a 7B down_proj's is 1 GB), where torch's
+    cholesky / cholesky_inverse each allocate a new one; also ~1.5x faster on 2 cores (11008²: 21 s against 33).
+    A is C-ordered and symmetric, so its transpose is the same matrix in Fortran order: the lower factor L2 of
+    A⁻¹ = L2 L2ᵀ that LAPACK leaves there reads, through A, as U = L2ᵀ (A⁻¹ = UᵀU, upper; `clean` zeroes the rest)."""
+    A = _damped(H, dtype, damp)
+    M = A.numpy().T
+    c, info = _lapack.dpotrf(M, lower=1, clean=1, overwrite_a=1)
+    if info == 0:
+        c, info = _lapack.dpotri(c, lower=1, overwrite_c=1)    # lower triangle of A⁻¹ (the rest stays 0)
+    if info == 0:
+        c, info = _lapack.dpotrf(c, lower=1, clean=1, overwrite_a=1)
+    if info != 0 or not np.isfinite(c).all():
+        return None
+    if not np.shares_memory(c, M):   # LAPACK worked on a copy (not expected for a contiguous float64 array)
+        A = torch.from_numpy(np.ascontiguousarray(c.T))
+    return into.copy_(A) if into is not None else A.to(torch.float32)
+
+
+def _factor_torch(H: Tensor, dtype: torch.dtype, damp: float, into: Tensor | None = None) -> Tensor | None:
+    """U (float32) from A = H + λI with torch (any device), or None if A is not positive definite; at most two
+    [in, in] matrices of `dtype` alive at a time, each dropped once used."""
+    A = _damped(H, dtype, damp)
+    L, info = torch.linalg.cholesky_ex(A)
+    del A
+    if info.item() != 0:
+        return None
+    inv = torch.cholesky_inverse(L)
+    del L
+    U, info = torch.linalg.cholesky_ex(inv, upper=True)
+    del inv
+    if info.item() != 0 or not bool(torch.isfinite(U).all()):
+        return None
+    return into.copy_(U) if into is not None else U.to(torch.float32)
+
+
+def _inverse_hessian_factor(H: Tensor, percdamp: float, retries: int = 4, who: str = "sparsegpt",
+                            into: Tensor | None = None) -> Tensor:
     """Upper Cholesky factor U of (H + λI)⁻¹, i.e. (H + λI)⁻¹ = UᵀU, with λ = percdamp · mean(diag H).
 
     Row j of U carries what the OBS update needs once columns < j are fixed:
     U_jj² = [(H_{j:,j:})⁻¹]_00 and U_j,j: / U_jj = [(H_{j:,j:})⁻¹]_0,: / [(H_{j:,j:})⁻¹]_00.
     If a factorisation fails, λ is multiplied by 10 and it is tried again, up to `retries` times.
+    into: a float32 [in, in] tensor U is written to and returned (it may be H itself, which is read until the
+    factor has succeeded: the caller's Hessian buffer becomes U, one such matrix less at the peak).
     """
     dtype = _factor_dtype(H.device)
     mean_diag = torch.diagonal(H).to(dtype).mean().item()
     damp = percdamp * mean_diag
-    # At most two [in, in] float64 matrices alive at a time (a 7B down_proj's is 1 GB each): H + λI is built on
-    # the diagonal of a fresh copy (the same values as H + λ·eye), and each factor is dropped once used.
+    factor = _factor_in_place if H.device.type == "cpu" and dtype == torch.float64 else _factor_torch
     for _ in range(retries + 1):
-        A = H.to(dtype, copy=True)
-        A.diagonal().add_(damp)
-        L, info = torch.linalg.cholesky_ex(A)
-        del A
-        if info.item() == 0:
-            inv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
-            if info.item() == 0 and bool(torch.isfinite(U).all()):
-                return U.to(torch.float32)
+        U = factor(H, dtype, damp, into)
+        if U is not None:
+            return U
         damp = damp * 10 if damp > 0 else 0.01 * mean_diag
     raise UserError(
         f"{who}: the calibration Hessian is not positive definite even with damping {damp / 10:.3g} "

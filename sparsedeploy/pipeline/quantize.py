@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError, check
+from ..engine.native.gptq_codes import unpack_bits as _unpack_bits_np
 from .prune import _inverse_hessian_factor
 
 BITS_RANGE = (2, 8)
@@ -131,8 +132,12 @@ def grid_params(W: Tensor, keep: Tensor, bits: int, sym: bool) -> tuple[Tensor, 
 def dequantize(q: Tensor, scale: Tensor, zero: Tensor, keep: Tensor) -> Tensor:
     """The one formula for fake-quant values: scale·(q - zero) where kept, exactly 0 where pruned (float32;
     the loader uses it too, so the restore is bit-exact)."""
-    w = scale.to(torch.float32) * (q.to(torch.float32) - zero.to(torch.float32))
-    return torch.where(keep, w, torch.zeros_like(w))
+    scale, zero = scale.to(torch.float32), zero.to(torch.float32)
+    w = q.to(torch.float32, copy=True)
+    if w.shape != torch.broadcast_shapes(w.shape, scale.shape, zero.shape, keep.shape):
+        w = w.expand(torch.broadcast_shapes(w.shape, scale.shape, zero.shape, keep.shape)).clone()
+    # in place, the same IEEE operations as scale * (q - zero): one [out, in] float32 buffer, not four
+    return w.sub_(zero).mul_(scale).masked_fill_(keep.logical_not(), 0.0)
 
 
 def codes(w: Tensor, scale: Tensor, zero: Tensor, maxq: int, keep: Tensor) -> Tensor:
@@ -183,7 +188,7 @@ class ColumnQuantizer:
         ng = _ngroups(cols, group_size)
         self.scale = torch.zeros(rows, ng, dtype=torch.float32, device=device)
         self.zero = torch.zeros(rows, ng, dtype=torch.float32, device=device)
-        self.q = torch.zeros(rows, cols, dtype=torch.float32, device=device)   # processing order
+        self.q = torch.zeros(rows, cols, dtype=torch.uint8, device=device)     # processing order (bits <= 8)
         self.keep = torch.ones(rows, cols, dtype=torch.bool, device=device)
         self.perm = perm
         self.static = perm is not None and group_size != -1
@@ -223,7 +228,7 @@ class ColumnQuantizer:
             q, keep = torch.empty_like(self.q), torch.empty_like(self.keep)
             q[:, self.perm] = self.q
             keep[:, self.perm] = self.keep
-        return QuantResult(weight, q.to(torch.uint8).cpu(), self.scale.cpu(), self.zero.cpu(), keep.cpu(),
+        return QuantResult(weight, q.cpu(), self.scale.cpu(), self.zero.cpu(), keep.cpu(),
                            self.bits, self.group_size, self.sym, act_order)
 
 
@@ -310,9 +315,8 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = 128, act_order: bool
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         Wf, keep, H = Wf[:, perm], keep[:, perm], H[perm][:, perm]
-    Wf = Wf.clone()
-    U = _inverse_hessian_factor(H, percdamp, who="gptq")
-    del H   # [in, in]: 0.5 GB for a 7B down_proj, not needed past the factor
+    U = _inverse_hessian_factor(H, percdamp, who="gptq", into=H)   # U overwrites H (ours): one [in, in] float32 less
+    del H
     qz = ColumnQuantizer(rows, cols, bits, group_size, sym, W.device, perm)
     if qz.static:
         qz.static_groups(W.detach(), _keep_mask(W, mask))
@@ -360,17 +364,17 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
     """Codes [rows, n] (integers in [0, 2**bits)) -> uint8 [rows, ceil(n·bits/8)], densely bit-packed per row:
     code i occupies bits i·bits … i·bits+bits-1, least significant first (int4: two per byte, code 2k in
     the low nibble; 3-bit: 8 codes in 3 bytes; 1-bit: the bitmask)."""
-    v = values.to(torch.int64).cpu().numpy().astype(np.uint8)
+    v = values.cpu().numpy().astype(np.uint8, copy=False)   # uint8 throughout: 1 byte a code, never 8
+    if bits == 1:
+        return torch.from_numpy(np.packbits(v, axis=1, bitorder="little"))
     rows, n = v.shape
-    planes = ((v[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8).reshape(rows, n * bits)
+    planes = ((v[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1).reshape(rows, n * bits)
     return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little"))
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
-    """Inverse of `pack_bits`: uint8 [rows, bytes] -> int64 codes [rows, n]."""
-    p = packed.cpu().numpy()
-    planes = np.unpackbits(p, axis=1, count=n * bits, bitorder="little").reshape(p.shape[0], n, bits)
-    return torch.from_numpy((planes.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(-1))
+    """Inverse of `pack_bits`: uint8 [rows, bytes] -> uint8 codes [rows, n] (the engine's torch-free unpacker)."""
+    return torch.from_numpy(_unpack_bits_np(packed.cpu().numpy(), bits, n))
 
 
 def pack_linear(res: QuantResult) -> dict[str, Tensor]:
@@ -399,7 +403,7 @@ def _corrupt(what: str) -> UserError:
 
 
 def unpack_codes(t: dict[str, Tensor], bits: int, fmt: str = FORMAT) -> tuple[Tensor, Tensor]:
-    """(codes int64 [out, in] with 0 at pruned positions, keep bool [out, in]) from one linear's packed tensors
+    """(codes uint8 [out, in] with 0 at pruned positions, keep bool [out, in]) from one linear's packed tensors
     in format `fmt` (/1 or /2)."""
     try:
         rows, cols = (int(v) for v in t["weight_shape"].tolist())
@@ -414,7 +418,7 @@ def unpack_codes(t: dict[str, Tensor], bits: int, fmt: str = FORMAT) -> tuple[Te
             if (packed.dim() != 1 or packed.numel() != -(-nnz * bits // 8) or tuple(rowptr.shape) != (rows + 1,)
                     or int(rowptr[0]) != 0 or not torch.equal(rowptr[1:] - rowptr[:-1], counts)):
                 raise _corrupt("the kept codes do not match the mask and row pointer")
-            q = torch.zeros(rows, cols, dtype=torch.int64)
+            q = torch.zeros(rows, cols, dtype=torch.uint8)
             q[keep] = unpack_bits(packed[None, :], bits, nnz)[0]
     except KeyError as e:
         raise _corrupt(f"a quantized linear lacks {e.args[0]}") from None
@@ -426,10 +430,14 @@ def unpack_codes(t: dict[str, Tensor], bits: int, fmt: str = FORMAT) -> tuple[Te
 def unpack_linear(t: dict[str, Tensor], bits: int, group_size: int, sym: bool, fmt: str = FORMAT) -> Tensor:
     """Fake-quant float32 weight from one linear's packed tensors (bit-exact with the quantizer's values)."""
     q, keep = unpack_codes(t, bits, fmt)
-    cols = q.shape[1]
+    rows, cols = q.shape
     scale = t["weight_scales"].to(torch.float32)
     zero = torch.full_like(scale, (2 ** bits - 1) / 2) if sym else t["weight_zeros"].to(torch.float32)
-    g_idx = torch.arange(cols) // _group_len(cols, group_size)
+    gs = _group_len(cols, group_size)
+    if cols % gs == 0:   # whole groups: the same elementwise formula, broadcast (no [out, in] scale and zero copies)
+        ng = cols // gs
+        return dequantize(q.view(rows, ng, gs), scale[:, :, None], zero[:, :, None], keep.view(rows, ng, gs)).view(rows, cols)
+    g_idx = torch.arange(cols) // gs
     return dequantize(q, scale[:, g_idx], zero[:, g_idx], keep)
 
 

@@ -14,6 +14,7 @@ until the inputs of layer 0 are captured; see `StreamedModel.release_residents`)
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -219,6 +220,25 @@ class StreamedModel:
     @staticmethod
     def release_layer(layer: nn.Module) -> None:
         layer.to("meta")
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc malloc_trim; a no-op elsewhere). A streamed stage frees a
+    whole decoder layer's tensors at a time, and without this freed heap pages stay resident into the next layer
+    (streamed GPTQ at LLaMA2-7B shapes, AMD EPYC Zen 5: 0.93 GiB resident between layers without, 0.48 GiB with)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim   # noqa: B018 (glibc only)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 # torch dtype -> the safetensors header's name for it

@@ -106,6 +106,7 @@ def quantize(run: RunDir, cfg: QuantConfig, *, force: bool = False) -> Path:
         calib_from = f"{c.calib} {c.nsamples}×{c.seqlen} seed {c.seed}"
     pending: dict = {}     # this layer's GPTQ results (codes, scales), until the layer is written
     counts: dict[str, tuple[int, int]] = {}
+    hwm: list[int] = []    # the stage's peak RSS (MiB) so far, after each layer: flat unless memory creeps
 
     def quantize_layer(i, layer, stats):
         for name, st in stats.items():
@@ -156,6 +157,7 @@ def quantize(run: RunDir, cfg: QuantConfig, *, force: bool = False) -> Path:
         if pending:
             raise RuntimeError(f"layer {i}: {sorted(pending)} were quantized but are not among its tensors (a bug)")
         counts[f"{spec.layers}.{i}"] = (z, n)
+        hwm.append(round(peak_rss_mb()))
 
     try:
         with ui.progress(f"quantize GPTQ {cfg.bits}-bit g{cfg.group_size}", len(decoder_layers(model, spec))) as bar:
@@ -201,7 +203,8 @@ def quantize(run: RunDir, cfg: QuantConfig, *, force: bool = False) -> Path:
         replace_dir(mtmp, run.path / "model")
     else:
         save_model(model, tok, run.path / "model")
-    run.mark_done("quantize", key, inputs, seconds, peak_rss_mb=peak_rss_mb(), device=str(device),
+    run.mark_done("quantize", key, inputs, seconds, peak_rss_mb=peak_rss_mb(), peak_rss_mb_after_layer=hwm,
+                  device=str(device),
                   streamed=bool(streamed), **_quant_summary(doc),
                   **({"synthetic": lab} if (lab := synthetic_label(src)) else {}))
     return run.path / QUANTIZED
