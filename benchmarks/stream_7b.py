@@ -173,7 +173,9 @@ def main() -> None:
     for stage in ("calibrate", "allocate", "prune") + (("quantize",) if args.quantize else ()):
         rec = man[stage]
         stage_rows.append({"stage": stage, "seconds": rec["seconds"], "peak_rss_mb": round(rec["peak_rss_mb"]),
-                           "streamed": rec.get("streamed")})
+                           "streamed": rec.get("streamed"),
+                           **({"peak_rss_mb_after_layer": rec["peak_rss_mb_after_layer"]}
+                              if rec.get("peak_rss_mb_after_layer") else {})})
     doc = {
         "title": f"SYNTHETIC llama2-7b shapes, {args.layers} decoder layers, bf16: streamed calibrate + Wanda/DLP "
                  f"{sparsity:.0%} prune" + (" + GPTQ 4-bit" if args.quantize else ""),
@@ -208,6 +210,10 @@ def main() -> None:
     lines += ["", "| stage (manifest) | seconds | peak RSS MiB (stage's own VmHWM) | streamed |", "|---|---|---|---|"]
     for r in stage_rows:
         lines.append(f"| {r['stage']} | {r['seconds']:.1f} | {r['peak_rss_mb']} | {r['streamed']} |")
+    for r in stage_rows:
+        if r.get("peak_rss_mb_after_layer"):
+            lines += ["", f"{r['stage']}: the stage's running peak RSS (MiB) after each decoder layer: "
+                          + ", ".join(str(v) for v in r["peak_rss_mb_after_layer"])]
     lines += ["", f"Disk: synthetic model {model_bytes / 1e9:.2f} GB, pruned model {pruned_bytes / 1e9:.2f} GB "
               f"(bf16, zeros stored dense)"
               + (f"; packed 4-bit checkpoint (RUN/quantized: codes of kept weights only, bitmask, float32 scale + zero "
