@@ -133,9 +133,8 @@ def dequantize(q: Tensor, scale: Tensor, zero: Tensor, keep: Tensor) -> Tensor:
     """The one formula for fake-quant values: scale·(q - zero) where kept, exactly 0 where pruned (float32;
     the loader uses it too, so the restore is bit-exact)."""
     scale, zero = scale.to(torch.float32), zero.to(torch.float32)
-    w = q.to(torch.float32, copy=True)
-    if w.shape != torch.broadcast_shapes(w.shape, scale.shape, zero.shape, keep.shape):
-        w = w.expand(torch.broadcast_shapes(w.shape, scale.shape, zero.shape, keep.shape)).clone()
+    shape = torch.broadcast_shapes(q.shape, scale.shape, zero.shape, keep.shape)
+    w = torch.empty(shape, dtype=torch.float32, device=q.device).copy_(q)   # converts and broadcasts in one buffer
     # in place, the same IEEE operations as scale * (q - zero): one [out, in] float32 buffer, not four
     return w.sub_(zero).mul_(scale).masked_fill_(keep.logical_not(), 0.0)
 
@@ -316,7 +315,6 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int = 128, act_order: bool
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
         Wf, keep, H = Wf[:, perm], keep[:, perm], H[perm][:, perm]
     U = _inverse_hessian_factor(H, percdamp, who="gptq", into=H)   # U overwrites H (ours): one [in, in] float32 less
-    del H
     qz = ColumnQuantizer(rows, cols, bits, group_size, sym, W.device, perm)
     if qz.static:
         qz.static_groups(W.detach(), _keep_mask(W, mask))

@@ -15,6 +15,7 @@ until the inputs of layer 0 are captured; see `StreamedModel.release_residents`)
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -227,18 +228,17 @@ def trim_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc malloc_trim; a no-op elsewhere). A streamed stage frees a
     whole decoder layer's tensors at a time, and without this freed heap pages stay resident into the next layer
     (streamed GPTQ at LLaMA2-7B shapes, AMD EPYC Zen 5: 0.93 GiB resident between layers without, 0.48 GiB with)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim   # noqa: B018 (glibc only)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_LIBC = None
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 # torch dtype -> the safetensors header's name for it
