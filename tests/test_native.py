@@ -76,15 +76,29 @@ def test_sparse_kernels_equal_the_dense_product(rows, cols, sparsity, uneven, ki
     np.testing.assert_allclose(Y, X.astype(np.float64) @ W.T.astype(np.float64) + bias, rtol=1e-4, atol=1e-3)
     if uneven and "rowptr" in arrs and rows > 7:
         assert (np.diff(arrs["rowptr"]) == 0).any()               # empty rows were exercised
+    if fmt in ("csr", "ell"):           # the plain-numba twin (CPUs without AVX-512F run it) gives the same sums
+        twin = np.ones(rows, np.float32)
+        if fmt == "csr":
+            K.csr_gemv_portable(arrs["rowptr"], arrs["cols"], arrs["vals"], x, bias, twin, True)
+        else:
+            K.ell_gemv_portable(arrs["cols"], arrs["vals"], x, bias, twin, True)
+        np.testing.assert_allclose(twin, 1 + bias + ref, rtol=1e-4, atol=1e-3)
 
 
-def test_dense_kernel_and_format_choice():
+@pytest.mark.parametrize("rows", [64, 63, 1])
+def test_dense_kernel_and_format_choice(rows):
     rng = np.random.default_rng(1)
-    W = rng.standard_normal((64, 96)).astype(np.float32)
+    W = rng.standard_normal((rows, 96)).astype(np.float32)      # odd counts: dense_gemv's last row goes alone
     x = rng.standard_normal(96).astype(np.float32)
-    out = np.zeros(64, np.float32)
-    K.dense_gemv(W, x, EMPTY, out, False)
-    np.testing.assert_allclose(out, W @ x, rtol=1e-5, atol=1e-4)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    for gemv in (K.dense_gemv, K.GEMV_SERIAL["dense"]):
+        out = np.zeros(rows, np.float32)
+        gemv(W, x, EMPTY, out, False)
+        np.testing.assert_allclose(out, W @ x, rtol=1e-5, atol=1e-4)
+        gemv(W, x, bias, out, True)
+        np.testing.assert_allclose(out, 2 * (W @ x) + bias, rtol=1e-5, atol=1e-4)
+    if rows != 64:
+        return
     W[:, :40] = 0                                                 # 42% sparse: below the crossover -> dense
     assert compress(W, 0.55)[0] == "dense"
     W[:, :60] = 0                                                 # 62.5%, equal rows -> ELL

@@ -69,7 +69,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .lowbit import BLOCK, LANES, _features, _is, _matrix, _unrolled, _vec_types, group_blocks, has_vbmi2, has_vnni
-from .simd_rows import _put
+from .simd_rows import PREFETCH_BYTES, _put, prefetch
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 BITS = 4
@@ -152,6 +152,7 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
             mv = builder.bitcast(mk, m64)
             o = builder.load(off)
             p = builder.gep(va.data, [o])
+            prefetch(builder, va.data, builder.add(o, ir.Constant(i64, PREFETCH_BYTES)))
             raw = builder.load(builder.bitcast(p, v64b.as_pointer()), align=1)
             d = builder.shuffle_vector(raw, ir.Constant(v64b, ir.Undefined), dup)
             nib = builder.and_(builder.call(mshift, [ctrl, d]), low)

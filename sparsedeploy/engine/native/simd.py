@@ -8,7 +8,8 @@ stores one 16-bit mask per 16 input columns and only its nonzero values, packed.
     acc = fma(v, xv, acc);  off += popcount(mask)
 
 so a weight costs its 4 value bytes plus one mask bit (1/8 byte), against 4 + 2 for CSR's uint16 column
-index, and no gather is needed (the input block is contiguous). The masked load of x also makes the last,
+index, and no gather is needed (the input block is contiguous). Once per UNROLL blocks it also prefetches the values
+simd_rows.PREFETCH_BYTES further on (Intel's stream prefetchers stop at every 4 KiB page). The masked load of x also makes the last,
 partial block safe: bits past the row's width are zero, so nothing past the end of x is read.
 
 LLVM lowers the generic `llvm.masked.expandload` / `llvm.masked.load` intrinsics to single AVX-512
@@ -30,7 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd_rows import _put, lane_sums
+from .simd_rows import PREFETCH_BYTES, _put, lane_sums, prefetch
 
 LANES = 16
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)   # as kernels.py; kept here so that
@@ -62,11 +63,14 @@ def _expanded_blocks(builder, va, ma, voff, mstart):
     zero = ir.Constant(v16, [0.0] * LANES)
     off = cgutils.alloca_once_value(builder, voff)
 
-    def expanded(b):
+    def expanded(b, ahead=False):
+        """ahead: also prefetch the values PREFETCH_BYTES on (once per UNROLL blocks is enough: see simd_rows)."""
         mk = builder.load(builder.gep(ma.data, [builder.add(mstart, b)]))
         mvec = builder.bitcast(mk, m16)
         o = builder.load(off)
         v = builder.call(expand, [builder.gep(va.data, [o]), mvec, zero])
+        if ahead:
+            prefetch(builder, va.data, builder.add(o, ir.Constant(i64, PREFETCH_BYTES // 4)))
         builder.store(builder.add(o, builder.zext(builder.call(ctpop, [mk]), i64)), off)
         return v, mvec
 
@@ -90,8 +94,8 @@ def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
         expanded, mload, fma, zero = _expanded_blocks(builder, va, ma, args[3], args[4])
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
 
-        def block(b, acc):
-            v, mvec = expanded(b)
+        def block(b, acc, ahead=False):
+            v, mvec = expanded(b, ahead)
             xv = builder.call(mload, [builder.gep(xa.data, [builder.mul(b, ir.Constant(i64, LANES))]),
                                       ir.Constant(i32, 4), mvec, zero])
             builder.store(builder.call(fma, [v, xv, builder.load(acc)]), acc)
@@ -102,7 +106,7 @@ def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
         with cgutils.for_range(builder, groups) as loop:
             base = builder.mul(loop.index, ir.Constant(i64, UNROLL))
             for u in range(UNROLL):
-                block(builder.add(base, ir.Constant(i64, u)), accs[u])
+                block(builder.add(base, ir.Constant(i64, u)), accs[u], u == 0)
         with cgutils.for_range(builder, builder.sub(nblk, builder.mul(groups, ir.Constant(i64, UNROLL)))) as loop:
             block(builder.add(builder.mul(groups, ir.Constant(i64, UNROLL)), loop.index), accs[0])
         acc = accs[0]
