@@ -501,8 +501,9 @@ def vnni_q4_dot(typingctx, w4, woff, ws, soff, q, corr, scale, nblk):
 
 @intrinsic
 def gather_dot(typingctx, cols, vals, off, cnt, x):
-    """float32 sum over j < cnt of float(vals.flat[off + j]) * x[cols.flat[off + j]]: 16 lanes a step with
-    512-bit gathers (plain numba loops stay at 256 bits here), four accumulators, the tail under a lane mask."""
+    """float32 sum over j < cnt of float(vals.flat[off + j]) * x[cols.flat[off + j]], vals int8 or float32: 16
+    lanes a step with 512-bit gathers (plain numba loops stay at 256 bits here), four accumulators, the tail
+    under a lane mask, the index and value streams prefetched PREFETCH_BYTES ahead."""
     if not (isinstance(cols, types.Array) and cols.dtype in (types.uint16, types.uint32)
             and (_is(vals, types.int8) or _is(vals, types.float32)) and _is(x, types.float32, 1)):
         return None

@@ -123,15 +123,74 @@ def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
     return sig, codegen
 
 
+PAIR_UNROLL = 2
+
+
+@intrinsic
+def bitmask_dot2(typingctx, vals, masks, x, voff0, voff1, mstart, nblk):
+    """(bitmask_dot of row r, of row r + 1) in one loop: the rows' masks at mstart and mstart + nblk, their values
+    from voff0 and voff1. Per block both rows' values are expanded and FMA'd into one masked load of x (the
+    union of the two masks); PAIR_UNROLL blocks a trip, an accumulator per (row, block of the trip). Two value
+    streams per core: on a 2-core Intel Xeon VM 1.1-1.4x faster than one row at a time at 7B shapes, cold, at
+    50-80% (4096x11008 at 50%: 4.68 -> 3.38 ms). The float sums are ordered differently from bitmask_dot's
+    (fewer accumulators), so a row agrees with it to rounding."""
+    if not (isinstance(vals, types.Array) and vals.dtype == types.float32 and isinstance(masks, types.Array)
+            and masks.dtype == types.uint16 and isinstance(x, types.Array) and x.dtype == types.float32):
+        return None
+    sig = types.UniTuple(types.float32, 2)(vals, masks, x, types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        va = context.make_array(signature.args[0])(context, builder, args[0])
+        ma = context.make_array(signature.args[1])(context, builder, args[1])
+        xa = context.make_array(signature.args[2])(context, builder, args[2])
+        mstart, nblk = args[5], args[6]
+        rows = [_expanded_blocks(builder, va, ma, args[3], mstart),
+                _expanded_blocks(builder, va, ma, args[4], builder.add(mstart, nblk))]
+        mload, fma, zero = rows[0][1], rows[0][2], rows[0][3]
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(PAIR_UNROLL)] for _ in rows]
+
+        def block(b, u, ahead=False):
+            got = [row[0](b, ahead) for row in rows]
+            xv = builder.call(mload, [builder.gep(xa.data, [builder.mul(b, ir.Constant(i64, LANES))]),
+                                      ir.Constant(i32, 4), builder.or_(got[0][1], got[1][1]), zero])
+            for k, (v, _) in enumerate(got):
+                builder.store(builder.call(fma, [v, xv, builder.load(accs[k][u])]), accs[k][u])
+
+        groups = builder.udiv(nblk, ir.Constant(i64, PAIR_UNROLL))
+        with cgutils.for_range(builder, groups) as loop:
+            base = builder.mul(loop.index, ir.Constant(i64, PAIR_UNROLL))
+            for u in range(PAIR_UNROLL):
+                block(builder.add(base, ir.Constant(i64, u)), u, u == 0)
+        done = builder.mul(groups, ir.Constant(i64, PAIR_UNROLL))
+        with cgutils.for_range(builder, builder.sub(nblk, done)) as loop:
+            block(builder.add(done, loop.index), 0)
+        totals = []
+        for row_accs in accs:
+            t = builder.load(row_accs[0])
+            for a_ in row_accs[1:]:
+                t = builder.fadd(t, builder.load(a_))
+            totals.append(t)
+        return context.make_tuple(builder, signature.return_type, lane_sums(builder, totals))
+
+    return sig, codegen
+
+
 # The bitmask products (kernels.py re-exports them). Same conventions as the other products there.
 @njit(**_OPTS)
 def bitmask_gemv(rowptr, masks, vals, x, bias, out, acc):
+    """Rows in pairs (bitmask_dot2), a last odd row alone (bitmask_dot)."""
     n = rowptr.shape[0] - 1
     nblk = masks.shape[0] // n if n else 0
     has_bias = bias.shape[0] == n
-    for r in prange(n):
-        s = bitmask_dot(vals, masks, x, rowptr[r], r * nblk, nblk)
-        _put(out, r, s, bias, has_bias, acc)
+    for p in prange((n + 1) // 2):
+        r = 2 * p
+        if r + 1 < n:
+            s0, s1 = bitmask_dot2(vals, masks, x, rowptr[r], rowptr[r + 1], r * nblk, nblk)
+            _put(out, r, s0, bias, has_bias, acc)
+            _put(out, r + 1, s1, bias, has_bias, acc)
+        else:
+            _put(out, r, bitmask_dot(vals, masks, x, rowptr[r], r * nblk, nblk), bias, has_bias, acc)
 
 
 @njit(**_OPTS)
