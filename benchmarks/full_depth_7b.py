@@ -247,7 +247,7 @@ def main() -> None:
             fmts: dict[str, int] = {}
             for layer in index["layers"]:
                 for g in layer.values():
-                    f = g["format"] + ("/serial" if g.get("serial") else "")
+                    f = g["format"] + ("/serial" if g.get("serial") else "/portable" if g.get("portable") else "")
                     fmts[f] = fmts.get(f, 0) + 1
             tn = index.get("tuning") or {}
             tuning = {"other_load": tn.get("other_load"), "fallback": tn.get("fallback"), "attempts": tn.get("attempts")}

@@ -173,8 +173,9 @@ def test_native_greedy_tokens_equal_pytorch(deployments, which, crossover, forma
             for g in layer.values():
                 ms = g["measured_ms"]
                 fmts = {"dense", "ell" if which == "wanda" else "csr", "bitmask"}
-                assert set(ms) == fmts | {f + "/serial" for f in fmts}          # parallel and serial builds
-                chosen = g["format"] + ("/serial" if g["serial"] else "")
+                twins = {f + "/portable" for f in fmts if f in K.GEMV_PORTABLE}  # the index kernels' plain loops
+                assert set(ms) == fmts | {f + "/serial" for f in fmts} | twins   # parallel and serial builds
+                chosen = g["format"] + ("/serial" if g["serial"] else "/portable" if g.get("portable") else "")
                 if tuning.get("fallback"):           # the machine stayed busy: fewest bytes, parallel (test_tune)
                     assert not g["serial"]
                 else:
@@ -217,6 +218,61 @@ def test_native_prefill_in_chunks_and_stored_weights_equal_torch(deployments, wh
         for g, names in arch.stacks().items():
             ref = np.concatenate([src[f"{arch.layers}.{i}.{n}.weight"] for n in names], 0)
             np.testing.assert_array_equal(layer[g].dense(), ref)
+
+
+def test_a_recorded_portable_build_loads_the_plain_loop_and_decodes_pytorchs_tokens(deployments, monkeypatch):
+    """Where the CPU has AVX-512F the tuner times fp32 CSR / ELL twice (the gather intrinsic and the plain-numba
+    loop, "csr/portable"); a build that records the plain loop must load it and decode the same tokens."""
+    from sparsedeploy.engine.decode import greedy_decode
+    from sparsedeploy.engine.native import tune
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.export.native import ensure_native
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    if not K.GEMV_PORTABLE:
+        pytest.skip("this CPU has one build of the fp32 index kernels (no AVX-512F)")
+    real = tune.choose_formats
+
+    def portable(layers, **kw):          # time as usual, then record the plain loop wherever CSR / ELL won
+        choice, rec = real(layers, **kw)
+        return [{g: (f.split("/")[0] + "/portable" if f.split("/")[0] in K.GEMV_PORTABLE else f)
+                 for g, f in c.items()} for c in choice], rec
+
+    monkeypatch.setattr(tune, "choose_formats", portable)
+    meta = read_deployment(deployments["magnitude"])
+    index = ensure_native(meta, force=True, formats=("csr", "ell"))
+    assert all(g["format"] in ("csr", "ell") and g.get("portable") for layer in index["layers"] for g in layer.values())
+    rt = NativeRuntime(meta["onnx"], cache_len=int(meta["seqlen"]))
+    assert all(lin.gemv is K.GEMV_PORTABLE[lin.fmt] for layer in rt.model.layers for lin in
+               (layer[g] for g in ("qkv", "o", "up", "down")))
+    v = meta["verified"]
+    assert greedy_decode(rt, v["prompt_ids"], len(v["tokens"])).tokens == v["tokens"]
+    ensure_native(meta, force=True)                                 # leave the shared fixture as it was
+
+
+def test_fp32_index_formats_are_timed_in_both_builds_where_both_exist(monkeypatch):
+    from sparsedeploy.engine.native import tune
+
+    class Idle:
+        fraction = 0.0
+
+        def __init__(self, pids):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(tune, "OtherLoad", Idle)
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((48, 80)).astype(np.float32)
+    W[rng.random(W.shape) < 0.8] = 0
+    W[0, :] = 1                                                   # uneven rows: CSR
+    _, rec = tune.choose_formats([{"qkv": W}], threads=2, rounds=1, serial=False)
+    assert ("csr/portable" in rec["ms"][0]["qkv"]) == ("csr" in K.GEMV_PORTABLE)
+    assert "bitmask/portable" not in rec["ms"][0]["qkv"] and "dense/portable" not in rec["ms"][0]["qkv"]
 
 
 def test_a_native_worker_process_starts_and_decodes_without_torch(deployments):

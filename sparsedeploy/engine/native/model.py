@@ -54,7 +54,7 @@ class Linear:
                  "args", "panels")
 
     def __init__(self, fmt: str, arrays: dict[str, np.ndarray], bias: np.ndarray | None, shape, serial: bool = False,
-                 act_columns: int = DEFAULT_ACT_COLUMNS):
+                 act_columns: int = DEFAULT_ACT_COLUMNS, portable: bool = False):
         self.fmt = fmt
         self.act_columns = int(act_columns)
         self.rows, self.cols_in = int(shape[0]), int(shape[1])
@@ -96,6 +96,8 @@ class Linear:
             self.qbuf = act_buffers(self.cols_in, self.act_columns)
         self.nbytes = sum(int(x.nbytes) for x in arrays.values()) + int(self.bias.nbytes)
         self.gemv = (K.GEMV_SERIAL if serial else K.GEMV)[fmt]          # the build the tuner measured fastest
+        if portable and fmt in K.GEMV_PORTABLE:                         # (the plain-numba twin: see kernels.py)
+            self.gemv = K.GEMV_PORTABLE[fmt]
         self.args = (self.a, self.b, self.c, self.d, self.e, self.gs)[:_NARGS[fmt]]     # the kernel's weight arguments
 
     def vec(self, x: np.ndarray, out: np.ndarray, acc: bool) -> None:
@@ -351,7 +353,8 @@ class NativeModel:
                    "mlp_norm": (t[f"{p}.mlp_norm.w"], t.get(f"{p}.mlp_norm.b"))}
             for g, info in groups.items():
                 arrs = {k.rsplit(".", 1)[1]: v for k, v in t.items() if k.startswith(f"{p}.{g}.") and not k.endswith(".bias")}
-                lay[g] = Linear(info["format"], arrs, t.get(f"{p}.{g}.bias"), info["shape"], info.get("serial", False), ac)
+                lay[g] = Linear(info["format"], arrs, t.get(f"{p}.{g}.bias"), info["shape"], info.get("serial", False), ac,
+                               info.get("portable", False))
             self.layers.append(lay)
         self.inter = self.layers[0]["down"].cols_in if self.layers else 0
         self.embed = t["embed"]

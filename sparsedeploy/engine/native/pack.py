@@ -465,7 +465,7 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
             layer_groups = {}
             for g, names in arch.stacks().items():
                 W, mats = stacked[g]
-                fmt, _, serial = choice[g].partition("/")
+                fmt, _, build = choice[g].partition("/")
                 parts = [codes(src + n) for n in names] if fmt in INT4_FORMATS and codes is not None else []
                 from_codes = bool(parts) and all(x is not None for x in parts)      # read once per linear
                 arrs = _int4_from_codes(parts) if from_codes else encode(W, fmt)
@@ -482,9 +482,11 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
                         source.get(b) if source.has(b) else np.zeros(m.shape[0], np.float32)
                         for b, m in zip(bnames, mats)]))
                 nnz = int(np.count_nonzero(W))
-                layer_groups[g] = {"format": fmt, "serial": bool(serial), "shape": list(W.shape), "nnz": nnz,
+                layer_groups[g] = {"format": fmt, "serial": build == "serial", "shape": list(W.shape), "nnz": nnz,
                                    "sparsity": round(1 - nnz / W.size, 6), "linears": list(names),
                                    "rows": [int(m.shape[0]) for m in mats]}
+                if build == "portable":
+                    layer_groups[g]["portable"] = True
                 if fmt in INT4_FORMATS:
                     layer_groups[g]["codes"] = "gptq" if from_codes else "rtn"
                 if ms is not None:

@@ -64,6 +64,8 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
                 c[g][fmt] = Linear(fmt, arrs, None, W.shape)
                 if serial and W.size <= SERIAL_MAX_WEIGHTS:
                     c[g][fmt + "/serial"] = Linear(fmt, arrs, None, W.shape, serial=True)
+                if fmt in K.GEMV_PORTABLE:         # fp32 CSR / ELL: the gather intrinsic and the plain loop, both timed
+                    c[g][fmt + "/portable"] = Linear(fmt, arrs, None, W.shape, portable=True)
         cands.append(c)
     order = [g for g in GROUP_ORDER if layers and g in layers[0]] + [g for g in (layers[0] if layers else {}) if g not in GROUP_ORDER]
     xs = {g: rng.standard_normal(layers[0][g].shape[1]).astype(np.float32) for g in order} if layers else {}
