@@ -47,6 +47,11 @@ def has_avx512() -> bool:
     return bool(feats.get("avx512f", False))
 
 
+def _made(context, builder, signature, args):
+    """The (vals, masks, x) array arguments of a bitmask intrinsic, made accessible (their data pointers)."""
+    return [context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3)]
+
+
 def _expanded_blocks(builder, va, ma, voff, mstart):
     """For a bitmask row (values from voff, masks from mstart): expanded(b) -> (block b's values in their lanes,
     absent 0; its mask as <16 x i1>), the value offset advancing by each mask's popcount (ask in order); and the
@@ -87,9 +92,7 @@ def bitmask_dot(typingctx, vals, masks, x, voff, mstart, nblk):
 
     def codegen(context, builder, signature, args):
         i64, i32 = ir.IntType(64), ir.IntType(32)
-        va = context.make_array(signature.args[0])(context, builder, args[0])
-        ma = context.make_array(signature.args[1])(context, builder, args[1])
-        xa = context.make_array(signature.args[2])(context, builder, args[2])
+        va, ma, xa = _made(context, builder, signature, args)
         nblk = args[5]
         expanded, mload, fma, zero = _expanded_blocks(builder, va, ma, args[3], args[4])
         accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
@@ -141,9 +144,7 @@ def bitmask_dot2(typingctx, vals, masks, x, voff0, voff1, mstart, nblk):
 
     def codegen(context, builder, signature, args):
         i64, i32 = ir.IntType(64), ir.IntType(32)
-        va = context.make_array(signature.args[0])(context, builder, args[0])
-        ma = context.make_array(signature.args[1])(context, builder, args[1])
-        xa = context.make_array(signature.args[2])(context, builder, args[2])
+        va, ma, xa = _made(context, builder, signature, args)
         mstart, nblk = args[5], args[6]
         rows = [_expanded_blocks(builder, va, ma, args[3], mstart),
                 _expanded_blocks(builder, va, ma, args[4], builder.add(mstart, nblk))]
@@ -228,9 +229,7 @@ def _bitmask_rows(T: int):
 
         def codegen(context, builder, signature, args):
             i64, i32 = ir.IntType(64), ir.IntType(32)
-            va = context.make_array(signature.args[0])(context, builder, args[0])
-            ma = context.make_array(signature.args[1])(context, builder, args[1])
-            xa = context.make_array(signature.args[2])(context, builder, args[2])
+            va, ma, xa = _made(context, builder, signature, args)
             nblk, l0 = args[5], args[6]
             xs = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
             expanded, mload, fma, zero = _expanded_blocks(builder, va, ma, args[3], args[4])
