@@ -153,6 +153,9 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
             o = builder.load(off)
             p = builder.gep(va.data, [o])
             prefetch(builder, va.data, builder.add(o, ir.Constant(i64, PREFETCH_BYTES)))
+            # the masks too: 8 bytes a block, most of the bytes at high sparsity; without this the kernel ran slower
+            # as sparsity rose on an Intel Xeon (4096x4096 cold, 50/70/90%: 0.42/0.54/0.73 ms; with it 0.34/0.33/0.31)
+            prefetch(builder, ma.data, builder.add(builder.add(mstart, b), ir.Constant(i64, PREFETCH_BYTES // 8)))
             raw = builder.load(builder.bitcast(p, v64b.as_pointer()), align=1)
             d = builder.shuffle_vector(raw, ir.Constant(v64b, ir.Undefined), dup)
             nib = builder.and_(builder.call(mshift, [ctrl, d]), low)

@@ -14,7 +14,8 @@ multiplied into 8, 4 or 2 tokens' blocks in turn, and the tile's horizontal sums
 reduction costs about 3 vector operations per token instead of 31 scalar ones). As in the gemv, each token
 chains the vpdpbusd of a whole activation group's 4 blocks into one int32 accumulator from its group lanes, then
 one conversion and one FMA into its float accumulator (8 tokens: 16 live vectors). The weight blocks come from
-lowbit's block emitters, so they prefetch their stream as the gemv does (simd_rows.PREFETCH_BYTES ahead).
+lowbit's block emitters, so they prefetch their streams (values and masks) as the gemv does (simd_rows.PREFETCH_BYTES
+ahead).
 Where a step's time goes: benchmarks/batch_step.py ('head').
 """
 from __future__ import annotations
