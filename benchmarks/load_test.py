@@ -7,7 +7,8 @@ concurrency level (default 1, 2, 4, 8, 16 clients) runs N clients that each send
 (a --prompt-tokens long prompt, default 64) after another for --duration seconds, and reports generated
 tokens/s (and the ratio to the batch-1 server at the same level), time to first token p50/p99, latency p50/p99,
 errors by kind (429s included), the batched server's mean step time (from /metrics), and each server's resident
-memory (HTTP process and engine worker) before and after its sweep. Both servers feed a prompt in chunks of 64
+memory (HTTP process and engine worker) before and after its sweep, and the cores each part kept busy per
+level (CPU seconds / wall seconds of the engine worker, the HTTP process and the clients). Both servers feed a prompt in chunks of 64
 tokens by default (the batch-1 server: --prefill-chunk; the batched one: --batch-prefill per step), so the ratio
 measures batching, not a token-by-token prompt. Writes benchmarks/results/load_test_<engine>_sweep_<cpu>.{json,md}
 (or --out STEM), naming the CPU. On an idle machine:
@@ -78,6 +79,31 @@ def rss_mb(pid: int) -> dict:
         return {k: round(v, 1) for k, v in out.items()}
     except psutil.Error:
         return {}
+
+
+def cpu_seconds(pid: int) -> dict:
+    """CPU seconds (user + system) so far of the server's HTTP process, its engine worker(s) and this process
+    (the clients): their differences over a level say how the 2 cores were shared."""
+    def used(p) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+    out = {"http": 0.0, "worker": 0.0, "clients": used(psutil.Process())}
+    try:
+        proc = psutil.Process(pid)
+        out["http"] = used(proc)
+        for child in proc.children(recursive=True):
+            try:
+                out["worker"] += used(child)
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return out
+
+
+def cpu_share(before: dict, after: dict, elapsed: float) -> dict:
+    """Cores each part kept busy over a level (CPU seconds / wall seconds)."""
+    return {k: round((after[k] - before[k]) / elapsed, 2) for k in before} if elapsed > 0 else {}
 
 
 def free_port() -> int:
@@ -243,6 +269,10 @@ def step_stats(before: dict, after: dict) -> dict:
     return {"steps": int(n), "step_ms_mean": round(1e3 * t / n, 3)}
 
 
+def _cores(c: dict | None) -> str:
+    return f"{c['worker']:.2f} / {c['http']:.2f} / {c['clients']:.2f}" if c else ""
+
+
 def write_reports(doc: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     c = doc["config"]
@@ -258,7 +288,8 @@ def write_reports(doc: dict, stem: Path) -> None:
            f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, load average at start "
            f"{doc['machine']['loadavg_at_start']}; {doc['finished']}.", "",
            "| server | clients | ok / total | tokens/s | × batch-1 | TTFT p50 / p99 (s) | latency p50 / p99 (s) | "
-           "errors | mean step (ms) |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "errors | mean step (ms) | cores busy: worker / HTTP / clients |",
+           "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     base = {lv["clients"]: lv["summary"]["tokens_per_s"] for srv in doc["servers"] if srv["max_batch"] == 1
             for lv in srv["levels"]}
     for srv in doc["servers"]:
@@ -268,7 +299,8 @@ def write_reports(doc: dict, stem: Path) -> None:
             md.append(f"| max-batch {srv['max_batch']} | {lv['clients']} | {s['ok']} / {s['requests']} | "
                       f"{s['tokens_per_s']} | {ratio} | {s['ttft_p50_s']} / {s['ttft_p99_s']} | "
                       f"{s['latency_p50_s']} / {s['latency_p99_s']} | "
-                      f"{json.dumps(s['errors']) if s['errors'] else 'none'} | {lv['steps'].get('step_ms_mean', '')} |")
+                      f"{json.dumps(s['errors']) if s['errors'] else 'none'} | {lv['steps'].get('step_ms_mean', '')} | "
+                      f"{_cores(lv.get('cpu_cores'))} |")
     md += ["", "| server | RSS before → after the sweep (MB, HTTP + worker) | worker restarts | exit code |",
            "|---|---|---:|---:|"]
     for srv in doc["servers"]:
@@ -331,12 +363,13 @@ def main() -> None:
             rows = []
             for n in levels:
                 print(f"max-batch {mb} ({health['engine']}): {n} clients × {a.duration:g} s ...", flush=True)
-                m0 = server_metrics(url)
+                m0, c0, t0 = server_metrics(url), cpu_seconds(server.pid), time.perf_counter()
                 results, elapsed = asyncio.run(run_clients(url, n, a.duration, a.max_tokens, a.temperature,
                                                            a.timeout_s + 30, prompts))
+                c1, t1 = cpu_seconds(server.pid), time.perf_counter()
                 m1 = server_metrics(url)
                 rows.append({"clients": n, "summary": summarize(results, elapsed), "steps": step_stats(m0, m1),
-                             "rss_after": rss_mb(server.pid)})
+                             "cpu_cores": cpu_share(c0, c1, t1 - t0), "rss_after": rss_mb(server.pid)})
                 print(f"  {json.dumps(rows[-1]['summary'])}", flush=True)
             rss_after = rss_mb(server.pid)
             metrics = server_metrics(url)

@@ -157,22 +157,25 @@ def test_batched_lowbit_products_equal_token_by_token(fmt, L):
 
 
 @pytest.mark.parametrize("fmt", ["csr", "ell", "bitmask", "dense"])
-@pytest.mark.parametrize("L", [2, 3, 6, 8, 13, 16, 21, 40, 64, 83, 130])
-def test_row_tiled_products_equal_the_dense_product(fmt, L):
+@pytest.mark.parametrize("L,cols", [(L, 300) for L in (2, 3, 6, 8, 13, 16, 21, 40, 64, 83, 130)]
+                         + [(L, 2100) for L in (13, 21, 64, 83)])
+def test_row_tiled_products_equal_the_dense_product(fmt, L, cols):
     """Linear.mat_rows (a batched step's [R, in] products: up to model.PANEL_ROWS_MIN rows simd_rows' 8/16/64-row
     tiles (up to 4 rows of the bitmask format simd.bitmask_gemm_rows' 4/2-row tiles), more rows
     simd_rows.csr_gemm_panels, 64 rows a call past 80; a dense group dense_gemm_rows' 2x8 / 4x4 / 8x2 / 16x1
     register tiles over 16-row blocks and the rows past the last block) against numpy's product of the same
-    matrix, with bias and accumulation."""
-    from sparsedeploy.engine.native.model import Linear
+    matrix, with bias and accumulation. 2100 columns: wider than model.PANEL_IN_MAX, so prompt chunks take the
+    row tiles too."""
+    from sparsedeploy.engine.native.model import PANEL_IN_MAX, Linear
     from sparsedeploy.engine.native.pack import encode
 
     rng = np.random.default_rng(L)
-    rows, cols = 67, 300                                   # 3 column panels of the prompt-chunk product
+    rows = 67                                              # 300 columns: 3 column panels of the prompt-chunk product
+    assert (cols > PANEL_IN_MAX) == (cols == 2100)
     W = rng.standard_normal((rows, cols)).astype(np.float32)
     if fmt == "ell":                                       # the same count kept in every row
         for r in range(rows):
-            W[r, rng.permutation(cols)[:210]] = 0
+            W[r, rng.permutation(cols)[:cols * 7 // 10]] = 0
     elif fmt != "dense":
         W[rng.random(W.shape) < 0.7] = 0
     bias = rng.standard_normal(rows).astype(np.float32)

@@ -31,15 +31,17 @@ _EMPTY = np.zeros(0, dtype=np.float32)
 # SmolLM2 Wanda+DLP 70%, AMD EPYC, one thread (busy machine): B = 2 / 4 steps 23 / 27 ms against 29 / 33 with
 # the twin, B = 8 47 against 43 (8 masked loads and FMAs per 16 columns cost more than the twin's bytes save)
 BITMASK_ROWS = 4
-# prompt chunks (more than 8 rows) of groups at most this wide run simd_rows.csr_gemm_panels; wider ones (down,
-# 1536 columns: its whole transposed input, 393 KiB at 64 rows, sits in L2) the 64-row tiles (csr_gemm_t). On
-# SmolLM2 Wanda+DLP 70%, AMD EPYC, one thread, 64 rows, per matrix: up 2.2 ms against 2.6, qkv / o equal,
-# down 1.16 against 0.90 (busy machine)
-PANEL_IN_MAX = 1024
-# ... and only past this many rows: up to it the row tiles (16 rows per pass over a weight row) are faster. On
-# SmolLM2 Wanda+DLP 70%, AMD EPYC, 2 threads, q|k|v + o + gate|up over 30 layers (interleaved runs, exclusive
-# lock): 16 rows 14 ms against 30 with the panels, 32 rows 28-29 against 35-39
-PANEL_ROWS_MIN = 32
+# prompt chunks (more than PANEL_ROWS_MIN rows) of groups at most this wide run simd_rows.csr_gemm_panels; wider
+# ones the row tiles (csr_gemm_t; their memory: a panel-major copy of the group while batched steps are open).
+# benchmarks/panel_ab.py (results/panel_ab_amd_epyc.md: SmolLM2 Wanda+DLP 70%, AMD EPYC Zen 4, 2 threads, 30
+# layers' matrices, interleaved rounds), 64 rows: down (576 x 1536) 18.8 ms on the panels against 23.2 on the
+# tiles, all four groups 65.2 against 84.4. (An earlier limit of 1024, measured with one thread on a busy
+# machine, had sent down to the tiles.) 7B-wide groups (4096, 11008 columns) keep the tiles: not measured.
+PANEL_IN_MAX = 2048
+# ... and only past this many rows: up to it the row tiles (8 rows per pass over a weight row) are faster. Same
+# table: 8 rows tiles 17.5 ms against panels 27.1; 16 rows a tie (34.3 / 34.6); 32 rows panels 42.8 against 62.5.
+# (It was 32, from one thread on a busy machine.)
+PANEL_ROWS_MIN = 8
 # how many of a Linear's (a, b, c, d, e, gs) its format's kernels take, in that order
 _NARGS = {"dense": 1, "ell": 2, "csr": 3, "bitmask": 3, "int8": 2, "int8_ell": 3, "int8_csr": 4, "int8_bitmask": 4,
           "int8_perm": 5, "q4": 2, "int4_bitmask": 6}
@@ -195,7 +197,7 @@ class Linear:
         csr_gemm_t(rowptr, cols, vals, Xt, self.bias, Y, acc)
 
     def mat_panels(self, X: np.ndarray, Y: np.ndarray, acc: bool) -> None:
-        """X [R, in] -> Y [R, rows] for R > 8 rows (prompt chunks) of an fp32 sparse group at most PANEL_IN_MAX
+        """X [R, in] -> Y [R, rows] for R > PANEL_ROWS_MIN rows (prompt chunks) of an fp32 sparse group at most PANEL_IN_MAX
         wide: simd_rows.csr_gemm_panels over up to PANEL_ROWS rows per call (64 at a time while more are left)."""
         if self.panels is None:
             self.prepare_rows()
@@ -272,10 +274,13 @@ def _xt_buffer(width: int, rows: int, tile: int = TILE, kind: str = "x") -> np.n
     return buf
 
 
+TRANSPOSE_NUMPY_MAX = 1024
+
+
 def _transpose(X: np.ndarray, Xt: np.ndarray) -> None:
-    """Xt[:, :L] = X.T: numpy's strided copy, or simd_rows.transpose_into for inputs wider than PANEL_IN_MAX
-    (numpy: 206 us for 64 x 1536, the down group's prompt chunk, against 68; AMD EPYC)."""
-    if X.shape[1] > PANEL_IN_MAX:
+    """Xt[:, :L] = X.T: numpy's strided copy, or simd_rows.transpose_into for inputs wider than
+    TRANSPOSE_NUMPY_MAX (numpy: 206 us for 64 x 1536, the down group's prompt chunk, against 68; AMD EPYC)."""
+    if X.shape[1] > TRANSPOSE_NUMPY_MAX:
         transpose_into(X, Xt)
     else:
         Xt[:, :X.shape[0]] = X.T
