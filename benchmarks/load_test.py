@@ -287,17 +287,21 @@ def write_reports(doc: dict, stem: Path) -> None:
            f"{c['batch_prefill']} prompt tokens per step.", "",
            f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, load average at start "
            f"{doc['machine']['loadavg_at_start']}; {doc['finished']}.", "",
-           "| server | clients | ok / total | tokens/s | × batch-1 | TTFT p50 / p99 (s) | latency p50 / p99 (s) | "
-           "errors | mean step (ms) | cores busy: worker / HTTP / clients |",
-           "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+           "'× batch-1': tokens/s over the batch-1 server's at the same level; '× 1 client': over the same server's "
+           "own 1-client level (the gain from concurrency alone, whatever path a lone request takes).", "",
+           "| server | clients | ok / total | tokens/s | × batch-1 | × 1 client | TTFT p50 / p99 (s) | "
+           "latency p50 / p99 (s) | errors | mean step (ms) | cores busy: worker / HTTP / clients |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     base = {lv["clients"]: lv["summary"]["tokens_per_s"] for srv in doc["servers"] if srv["max_batch"] == 1
             for lv in srv["levels"]}
     for srv in doc["servers"]:
+        one = next((lv["summary"]["tokens_per_s"] for lv in srv["levels"] if lv["clients"] == 1), None)
         for lv in srv["levels"]:
             s = lv["summary"]
             ratio = (f"{s['tokens_per_s'] / base[lv['clients']]:.2f}" if base.get(lv["clients"]) else "")
+            own = f"{s['tokens_per_s'] / one:.2f}" if one else ""
             md.append(f"| max-batch {srv['max_batch']} | {lv['clients']} | {s['ok']} / {s['requests']} | "
-                      f"{s['tokens_per_s']} | {ratio} | {s['ttft_p50_s']} / {s['ttft_p99_s']} | "
+                      f"{s['tokens_per_s']} | {ratio} | {own} | {s['ttft_p50_s']} / {s['ttft_p99_s']} | "
                       f"{s['latency_p50_s']} / {s['latency_p99_s']} | "
                       f"{json.dumps(s['errors']) if s['errors'] else 'none'} | {lv['steps'].get('step_ms_mean', '')} | "
                       f"{_cores(lv.get('cpu_cores'))} |")
@@ -346,7 +350,12 @@ def main() -> None:
     ap.add_argument("--label", default="full run")
     ap.add_argument("--note", default=None, help="a line printed in bold at the top of the report")
     ap.add_argument("--out", type=Path, default=None, help="report stem (default benchmarks/results/load_test_<engine>_sweep_<cpu>)")
+    ap.add_argument("--rerender", type=Path, default=None, metavar="JSON",
+                    help="only write a saved run's .md again from its .json (after a change to the report's layout)")
     a = ap.parse_args()
+    if a.rerender is not None:
+        write_reports(json.loads(a.rerender.read_text(encoding="utf-8")), a.rerender.with_suffix(""))
+        return
     levels, batches = _ints(a.clients), _ints(a.max_batch)
 
     dep = ensure_deployment(a.deployment)
