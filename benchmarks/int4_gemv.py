@@ -41,8 +41,8 @@ def kernels(portable: bool):
 
     e = np.zeros(0, np.float32)
 
-    def i4(gs, k):
-        enc = lambda W: I4.encode_int4_bitmask_from_weights(W, gs)  # noqa: E731
+    def i4(gs, k, scales="fp32"):
+        enc = lambda W: I4.encode_int4_bitmask_from_weights(W, gs, scales=scales)  # noqa: E731
         call = lambda a, x, o: k(a["rowptr"], a["masks"], a["vals"], a["scale"], a["zero"], gs,  # noqa: E731
                                  x["q"], x["corr"], x["s"], e, o, False)
         return (True, enc, call)
@@ -56,6 +56,8 @@ def kernels(portable: bool):
         "int4 bitmask g256": i4(256, I4.int4_bitmask_gemv),
         "int4 bitmask g128": i4(128, I4.int4_bitmask_gemv),
         "int4 bitmask g64": i4(64, I4.int4_bitmask_gemv),
+        "int4 bitmask g256 fp16": i4(256, I4.int4_bitmask_gemv, "fp16"),     # float16 scales and zeros (uint16 bits)
+        "int4 bitmask g128 fp16": i4(128, I4.int4_bitmask_gemv, "fp16"),
     }
     if portable:
         ks["int4 bitmask g128, plain numba"] = i4(128, I4.int4_bitmask_gemv_portable)
@@ -79,6 +81,9 @@ def asm_worker():
     LB.quantize_act(x, q, corr, s)
     e, out = np.zeros(0, np.float32), np.zeros(64, np.float32)
     bm, i4, q4 = LB.encode_int8_bitmask(Wk), I4.encode_int4_bitmask_from_weights(Wk, 128), LB.encode_q4(W)
+    h4 = I4.encode_int4_bitmask_from_weights(Wk, 128, scales="fp16")
+    I4.int4_bitmask_gemv_vnni(h4["rowptr"], h4["masks"], h4["vals"], h4["scale"], h4["zero"], 128, q, corr, s, e, out,
+                              False) if I4.kernel_paths()["int4_bitmask"] != "portable" else None
     calls = {"int4_bitmask_gemv_vnni": (I4, lambda: I4.int4_bitmask_gemv_vnni(
                  i4["rowptr"], i4["masks"], i4["vals"], i4["scale"], i4["zero"], 128, q, corr, s, e, out, False)),
              "int8_bitmask_gemv_vnni": (LB, lambda: LB.int8_bitmask_gemv_vnni(
@@ -98,6 +103,8 @@ def asm_worker():
         ins = [l.strip().split()[0] for l in body if l.strip() and not l.strip().endswith(":")]
         count = lambda pre: sum(1 for i in ins if i.startswith(pre))  # noqa: E731
         res[name] = {"function_vpdpbusd": len(re.findall(r"\bvpdpbusd\b", asm)),
+                     # the float16 scales' widening (the uint16-scale specialisation, compiled above)
+                     "function_vcvtph2ps": len(re.findall(r"\bvcvtph2ps\b", asm)),
                      "function_vpexpandb": len(re.findall(r"\bvpexpandb\b", asm)),
                      "loop_instructions": len(ins), "vpdpbusd": count("vpdpbusd"), "vpexpandb": count("vpexpandb"),
                      "vpmultishiftqb": count("vpmultishiftqb"), "vperm": count("vperm"), "popcnt": count("popcnt"),
@@ -118,6 +125,7 @@ def main():
     ap.add_argument("--working-set-mib", type=int, default=512)
     ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     ap.add_argument("--portable", action="store_true", help="also time the plain-numba int4 kernel")
+    ap.add_argument("--kernels", default=None, help="comma-separated kernel names to time (default: all)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/int4_gemv_<cpu>")
     ap.add_argument("--asm-worker", action="store_true")
     ap.add_argument("--asm-only", action="store_true")
@@ -145,6 +153,12 @@ def main():
     threads = K.set_threads(args.threads)
     bw = measure_bandwidth(threads=threads, mbytes=256)
     ks = kernels(args.portable)
+    if args.kernels:
+        want = [k.strip() for k in args.kernels.split(",") if k.strip()]
+        bad = [k for k in want if k not in ks]
+        if bad:
+            raise SystemExit(f"int4_gemv: unknown kernel {bad[0]!r}; use some of: {', '.join(ks)}")
+        ks = {k: v for k, v in ks.items() if k in want}
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     ws = args.working_set_mib << 20
@@ -205,7 +219,7 @@ def report(res) -> str:
          f"Cold: the stored arrays copied until the copies hold >= {res['working_set_mib']} MiB, walked in turn; hot: one "
          f"copy called repeatedly; median of {res['repeats']} repeats. GB/s = bytes read (stored arrays + int8 "
          "activation blocks) / time. bytes/weight = stored bytes / (out x in): for int4 bitmask, 0.5 per kept weight + "
-         "1/8 (mask) + 8/group (float32 scale and zero) + rowptr. Rows pruned per output row by magnitude (equal "
+         "1/8 (mask) + 8/group (float32 scale and zero; `fp16` rows: 4/group, float16 ones) + rowptr. Rows pruned per output row by magnitude (equal "
          "counts); int4 by RTN on the GPTQ grid (asymmetric, float zero point) per group of 256 / 128 / 64 columns (a group of 256 shares the activation scale of its 4 blocks: the VNNI kernel chains 4 blocks in integers, g128 chains 2, g64 none). "
          "`x Q4` = Q4_0-like dense cold time / this kernel's, `x i8bm` = int8 bitmask cold time at the same "
          "sparsity / this kernel's. rel err = ||y - W x|| / ||W x|| against the fp32 product of the same pruned "

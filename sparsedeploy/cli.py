@@ -180,6 +180,8 @@ def export(
     weights: str = typer.Option("int8", help="native: value type of the decoder weights: int8 | int4 | fp32"),
     head: Optional[str] = typer.Option(None, help="native, low-bit: lm_head int8 (default) | q4"),
     act_columns: Optional[int] = typer.Option(None, "--act-columns", help="native, low-bit: columns per int8 activation scale: 256 (default; four 64-column dot products chained in integers: faster) | 64 (+0.4% perplexity over fp32 activations on SmolLM2 int8, against +1.7% for 256)"),
+    int4_group: Optional[int] = typer.Option(None, "--int4-group", help="native, --weights int4: input columns per scale / zero point of the round-to-nearest groups: 128 (default) | 64 | 256 | ... | -1 (one per row); a GPTQ RUN keeps its own"),
+    int4_scales: Optional[str] = typer.Option(None, "--int4-scales", help="native, --weights int4: storage of the scales and zero points: fp32 (default; a GPTQ RUN's codes bit-exact) | fp16 (4 instead of 8 bytes a group: with --int4-group 256, 0.296 bytes a weight at 70%)"),
     crossover: Optional[float] = typer.Option(None, help="native: fixed format rule instead of timing each layer's groups"),
     prune_magnitude: Optional[float] = typer.Option(None, "--prune-magnitude", help="native: magnitude-prune every "
                                                     "decoder linear to this sparsity while streaming (SYNTHETIC speed tables)"),
@@ -197,13 +199,16 @@ def export(
         if out is None:
             raise UserError("--format native needs --out DIR", "add --out, e.g. --out RUN/deployment-native")
         res = export_native_only(Path(resolve(run_or_model).path), out, weights=weights, head=head, crossover=crossover, cores=cores,
-                                 magnitude=prune_magnitude, seqlen=seqlen, act_columns=act_columns)
+                                 magnitude=prune_magnitude, seqlen=seqlen, act_columns=act_columns,
+                                 int4_group=int4_group, int4_scales=int4_scales)
         ui.out.print(f"native-only deployment {res['dir']}: {res['bytes'] / 1e9:.2f} GB on disk, built in "
                      f"{res['seconds']:.0f} s, peak RSS {res['peak_rss_mb'] or 0:.0f} MB")
         _warn_busy_tuning(res["index"].get("tuning"), "sparsedeploy export MODEL --format native --out DIR")
         return
-    if weights != "int8" or head is not None or crossover is not None or prune_magnitude is not None or act_columns is not None:
-        raise UserError("--weights/--head/--act-columns/--crossover/--prune-magnitude apply to --format native",
+    if (weights != "int8" or head is not None or crossover is not None or prune_magnitude is not None or act_columns is not None
+            or int4_group is not None or int4_scales is not None):
+        raise UserError("--weights/--head/--act-columns/--int4-group/--int4-scales/--crossover/--prune-magnitude apply "
+                        "to --format native",
                         "add --format native")
     if fmt == "gguf":
         from .export.gguf import check_type, export_gguf
@@ -227,11 +232,13 @@ def compile_(
     weights: Optional[str] = typer.Option(None, help="native: value type of the decoder weights: fp32 (default) | int8 (per-row round-to-nearest at compile time) | int4 (4-bit codes over a bitmask: a 4-bit GPTQ RUN's own codes, else round-to-nearest in groups of 128)"),
     head: Optional[str] = typer.Option(None, help="native, low-bit builds: the lm_head's storage: int8 per row (default) | q4 (4-bit, a float16 scale per 32 columns)"),
     act_columns: Optional[int] = typer.Option(None, "--act-columns", help="native, low-bit: columns per int8 activation scale: 256 (default; four 64-column dot products chained in integers: faster) | 64 (+0.4% perplexity over fp32 activations on SmolLM2 int8, against +1.7% for 256)"),
+    int4_group: Optional[int] = typer.Option(None, "--int4-group", help="native, --weights int4: input columns per scale / zero point of the round-to-nearest groups: 128 (default) | 64 | 256 | ... | -1 (one per row); a GPTQ RUN keeps its own"),
+    int4_scales: Optional[str] = typer.Option(None, "--int4-scales", help="native, --weights int4: storage of the scales and zero points: fp32 (default; a GPTQ RUN's codes bit-exact) | fp16 (4 instead of 8 bytes a group: with --int4-group 256, 0.296 bytes a weight at 70%)"),
 ):
     """Compile one decode step on the engine (in its own process, on a copy) and check its tokens."""
     from .bench.bench import compile_deployment
     rec = compile_deployment(deployment, engine, cores, crossover=crossover, force=force, weights=weights, head=head,
-                             act_columns=act_columns)
+                             act_columns=act_columns, int4_group=int4_group, int4_scales=int4_scales)
     note = f" (fallback: {rec['fallback_reason']})" if rec.get("fallback_reason") else ""
     match = {True: "equal PyTorch's", False: "DIFFER from PyTorch's", None: "not checked"}[rec.get("tokens_equal_pytorch")]
     if rec.get("tokens_equal_pytorch") is False and rec.get("tokens_match_pytorch"):
@@ -251,7 +258,8 @@ def compile_(
                          f"quantised weights alone: {rec.get('tokens_equal_pytorch_quantized_weights_only')}")
         ui.out.print(f"native: {n['threads']} threads ({n['threading_layer']}), stored groups {n['formats']} ({how}); "
                      f"decoder linears {wb['decoder_linears'] / 2**20:.1f} MB "
-                     f"(dense {wb['decoder_linears_dense'] / 2**20:.1f} MB), all weights {wb['total'] / 2**20:.1f} MB")
+                     f"({4 * wb['decoder_linears'] / max(wb['decoder_linears_dense'], 1):.3f} bytes a weight; "
+                     f"dense fp32 {wb['decoder_linears_dense'] / 2**20:.1f} MB), all weights {wb['total'] / 2**20:.1f} MB")
         _warn_busy_tuning(n.get("tuning"))
         for g in n.get("measured") or []:
             ms = ", ".join(f"{f} {v:.2f}" for f, v in g["ms_all_layers"].items())

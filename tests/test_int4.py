@@ -200,6 +200,78 @@ def test_int4_bitmask_kernels_equal_the_dequantised_product(shape, sparsity, gs,
             assert out[0] == 0                                   # the empty row
 
 
+
+@pytest.mark.parametrize("shape", [(33, 4096), (9, 11008), (17, 320), (3, 70000)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.7, 0.9])
+@pytest.mark.parametrize("gs,act", [(128, 256), (256, 256), (-1, 64)])
+def test_float16_scales_kernels_equal_the_dequantised_product(shape, sparsity, gs, act):
+    """Scales and zeros stored as float16 bits (uint16): the kernels widen them to exactly the float32 values the
+    dequantised matrix uses, on every chain length; 4 bytes a group instead of 8."""
+    rows, cols = shape
+    W = _matrix(rows, cols, sparsity, seed=rows + cols + 1)
+    x = _act(cols, rows)
+    q, corr, s = LB.act_buffers(cols, act)
+    LB.quantize_act(x, q, corr, s)
+    enc = I4.encode_int4_bitmask_from_weights(W, gs, scales="fp16")
+    ref32 = I4.encode_int4_bitmask_from_weights(W, gs)
+    assert enc["scale"].dtype == np.uint16 and enc["zero"].dtype == np.uint16 and I4.scale_type(enc) == "fp16"
+    assert enc["scale"].nbytes * 2 == ref32["scale"].nbytes
+    for name, k in _kernels():
+        out = np.full(rows, np.nan, np.float32)
+        _call(k, enc, q, corr, s, E, out, False)
+        _check(out, enc, x, act=act)
+
+
+def test_float16_widening_is_exact_for_every_float16():
+    """The portable kernel's integer conversion and the intrinsic's fpext give numpy's float16 -> float32 for
+    all 65,536 bit patterns but NaNs (normal, subnormal, zero, +-inf), checked through one-row products."""
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    ok = np.isfinite(want) & (np.abs(want) < 1e4)
+    got = np.array([I4._half_to_f32(b) for b in bits[ok][::37]], np.float32)
+    np.testing.assert_array_equal(got, want[ok][::37])
+    inf = np.array([I4._half_to_f32(np.uint16(0x7C00)), I4._half_to_f32(np.uint16(0xFC00))])
+    assert inf[0] == np.inf and inf[1] == -np.inf and np.isnan(I4._half_to_f32(np.uint16(0x7E00)))
+    # through the kernels: one row, one group of 64 kept weights with code 1 and zero 0, a single activation 1.0
+    # (the int8 code 127 times its scale 1/127): the product is the widened scale
+    cols = 64
+    x = np.zeros(cols, np.float32)
+    x[0] = 1.0
+    q, corr, s = LB.act_buffers(cols, 64)
+    LB.quantize_act(x, q, corr, s)
+    sample = bits[ok & (np.abs(want) > 1e-3) & (np.abs(want) < 100)][::97]
+    for h in sample:
+        enc = I4.encode_int4_bitmask(np.ones((1, cols), np.uint8), np.zeros((1, 1), np.float32),
+                                     np.zeros((1, 1), np.float32), np.ones((1, cols), bool), 64, scales="fp16")
+        enc["scale"][...] = h
+        wide = np.float32(h.view(np.float16))
+        for _, k in _kernels():
+            out = np.full(1, np.nan, np.float32)
+            _call(k, enc, q, corr, s, E, out, False)
+            np.testing.assert_allclose(out[0], wide * np.float32(127) * s[0], rtol=1e-6)
+
+
+def test_rtn_float16_codes_fit_the_stored_grid():
+    """With fp16 storage the round-to-nearest codes are chosen against the rounded scale and zero: every kept
+    weight's error is at most half a (stored) step, the stored values are float16-exact, and no kept weight
+    dequantises to 0."""
+    W = _matrix(24, 512, 0.7, seed=8)
+    codes, scale, zero, keep = I4.rtn_int4(W, 256, scales="fp16")
+    np.testing.assert_array_equal(scale, scale.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(zero, zero.astype(np.float16).astype(np.float32))
+    enc = I4.encode_int4_bitmask(codes, scale, zero, keep, 256, scales="fp16")
+    Wd = I4.dequantized_int4(enc, 512)
+    g = np.arange(512) // 256
+    err = np.abs(Wd - W)[keep]
+    step = scale[:, g][keep]
+    inside = ((W / scale[:, g] + zero[:, g]) >= -0.5)[keep] & ((W / scale[:, g] + zero[:, g]) <= 15.5)[keep]
+    assert (err[inside] <= 0.5 * step[inside] * (1 + 1e-5) + 1e-7).mean() > 0.99
+    assert ((Wd != 0) == keep).all()
+    with pytest.raises(ValueError, match="float16"):
+        I4.encode_int4_bitmask(codes, scale * 1e6, zero, keep, 256, scales="fp16")
+    with pytest.raises(ValueError, match="scale type"):
+        I4.encode_int4_bitmask(codes, scale, zero, keep, 256, scales="bf16")
+
 def test_chain_length_is_what_the_weight_groups_and_activation_scales_share():
     for nblk in (1, 9, 64):
         for act in (256, 64):

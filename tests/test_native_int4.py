@@ -169,6 +169,9 @@ def test_native_only_int4_export_of_a_gptq_run_uses_its_codes(tiny_llama_dir, co
     with pytest.raises(UserError, match="prune-magnitude"):
         export_native_only(run.path / "model", tmp_path / "dep2", weights="int4", magnitude=0.5, progress=False)
     assert not (tmp_path / "dep2").exists()
+    with pytest.raises(UserError, match="would round a GPTQ checkpoint's float32 scales") as e:
+        export_native_only(run.path / "model", tmp_path / "dep3", weights="int4", int4_scales="fp16", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "dep3").exists()
 
 
 def test_int4_refuses_a_3_bit_run_in_one_line(tiny_llama_dir, corpus_file, tmp_path):
@@ -186,3 +189,46 @@ def test_int4_refuses_a_3_bit_run_in_one_line(tiny_llama_dir, corpus_file, tmp_p
     with pytest.raises(UserError, match="3-bit GPTQ codes.*re-quantize the RUN with --bits 4") as e:
         ensure_native(meta, crossover=0.55, weights="int4")
     assert "\n" not in str(e.value)
+
+
+def test_int4_float16_scales_in_groups_of_256_decode_pytorchs_tokens_in_fewer_bytes(deployments):
+    """`compile --weights int4 --int4-group 256 --int4-scales fp16`: the groups store float16 scales and zeros
+    (uint16 bits) on the grid of 256 columns, the engine's tokens equal PyTorch's on exactly those weights, the
+    decoder bytes fall below the default (128, fp32) build's, and the storage is part of the key (kept by
+    keep_fixed, replaced by an explicit default)."""
+    from sparsedeploy.bench.bench import compile_deployment
+    from sparsedeploy.engine.native.runtime import NativeRuntime
+    from sparsedeploy.export.native import ensure_native, is_current
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    base = compile_deployment(deployments["magnitude"], "native", cores=2, crossover=0.55, force=True, weights="int4")
+    rec = compile_deployment(deployments["magnitude"], "native", cores=2, crossover=0.55, weights="int4",
+                             int4_group=256, int4_scales="fp16")
+    n = rec["native"]
+    assert "float16" in n["quantization"] and "groups of 256" in n["quantization"]
+    assert rec["tokens_match_pytorch"] is True
+    assert n["weight_bytes"]["decoder_linears"] < base["native"]["weight_bytes"]["decoder_linears"]
+    meta = read_deployment(deployments["magnitude"])
+    index = ensure_native(meta, cores=None, keep_fixed=True)
+    assert index["int4"] == {"group_size": 256, "scales": "fp16"} and index["key"]["int4"] == [256, "fp16"]
+    assert is_current(meta)
+    rt = NativeRuntime(meta["onnx"], cache_len=int(meta["seqlen"]))
+    for layer in rt.model.layers:
+        for lin in (v for v in layer.values() if not isinstance(v, tuple)):      # (the norms are tuples)
+            assert lin.d.dtype == np.uint16 and lin.e.dtype == np.uint16 and lin.gs >= 256
+    again = ensure_native(meta, crossover=0.55, weights="int4", int4_group=128, int4_scales="fp32")
+    assert again["int4"] == {"group_size": 128, "scales": "fp32"} and "int4" not in again["key"]
+
+
+def test_int4_storage_options_refuse_bad_input_in_one_line(deployments, tiny_llama_dir, corpus_file, tmp_path):
+    from sparsedeploy.errors import UserError
+    from sparsedeploy.export.native import ensure_native
+    from sparsedeploy.export.onnx_kv import read_deployment
+
+    meta = read_deployment(deployments["dense"])
+    for kw, msg in (({"weights": "int8", "int4_scales": "fp16"}, "are for int4 builds"),
+                    ({"weights": "int4", "int4_group": 96}, "multiple of 64"),
+                    ({"weights": "int4", "int4_scales": "bf16"}, "storage of the int4 scales")):
+        with pytest.raises(UserError, match=msg) as e:
+            ensure_native(meta, crossover=0.55, **kw)
+        assert "\n" not in str(e.value)

@@ -110,6 +110,10 @@ def test_the_value_type_is_in_the_key_and_kept_by_bench(deployments):
     (["compile", "{dep}", "--engine", "native", "--weights", "int8", "--act-columns", "128"], "--act-columns 128"),
     (["compile", "{dep}", "--engine", "native", "--act-columns", "64"], "is for low-bit builds"),
     (["compile", "{dep}", "--engine", "onnxruntime", "--act-columns", "64"], "native engine only"),
+    (["compile", "{dep}", "--engine", "native", "--weights", "int8", "--int4-scales", "fp16"], "are for int4 builds"),
+    (["compile", "{dep}", "--engine", "native", "--weights", "int4", "--int4-group", "100"], "--int4-group 100"),
+    (["compile", "{dep}", "--engine", "onnxruntime", "--int4-scales", "fp16"], "native engine only"),
+    (["export", "{dep}", "--int4-group", "256"], "apply to --format native"),
 ])
 def test_bad_weights_option_is_one_line(deployments, monkeypatch, capsys, argv, needle):
     argv = [a.replace("{dep}", str(deployments["magnitude"])) for a in argv]

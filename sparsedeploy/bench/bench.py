@@ -80,7 +80,8 @@ def _check_cores(cores: int | None) -> None:
 # ----------------------------------------------------------------------------------------------- compile
 def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores: int | None = None, *,
                        crossover: float | None = None, force: bool = False, weights: str | None = None,
-                       head: str | None = None, act_columns: int | None = None) -> dict:
+                       head: str | None = None, act_columns: int | None = None, int4_group: int | None = None,
+                       int4_scales: str | None = None) -> dict:
     """Compile the deployment for one decode step on `engine` (in a worker, on a copy of model.onnx), check
     that its greedy tokens equal PyTorch's from export time, and record compile time -> compile-<engine>.json.
     The native engine first builds DEPLOYMENT/native/ from the pruned safetensors: each group's format is the
@@ -88,7 +89,8 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
     sparsity, ELL/CSR above); `force`: rebuild. weights (native): the decoder groups' value type, "fp32" or
     "int8" (per-row round-to-nearest at build time); an int8 build's tokens are checked against PyTorch on the
     same fake-quantised weights and activations (export.native.lowbit_reference_tokens), and the index's
-    tokens against fp32 PyTorch are reported beside."""
+    tokens against fp32 PyTorch are reported beside. int4_group / int4_scales: an int4 build's storage
+    (pack.check_int4)."""
     from ..export.verify import VerificationError
 
     _check_engine(engine)
@@ -104,12 +106,14 @@ def compile_deployment(deployment: str | Path, engine: str = "deepsparse", cores
         from ..export.native import ensure_native
 
         index = ensure_native(meta, crossover=crossover, force=force, cores=cores, weights=weights, head=head,
-                              act_columns=act_columns)
+                              act_columns=act_columns, int4_group=int4_group, int4_scales=int4_scales)
     else:
         check(weights in (None, "fp32"), f"--weights {weights} is for the native engine only", "add --engine native")
         check(head is None, f"--head {head} is for the native engine only", "add --engine native --weights int8")
         check(act_columns is None, f"--act-columns {act_columns} is for the native engine only",
               "add --engine native --weights int8")
+        check(int4_group is None and int4_scales is None, "--int4-group / --int4-scales are for the native engine only",
+              "add --engine native --weights int4")
     build_s = time.perf_counter() - t0
     with WorkerRuntime(engine, onnx_path, cores=cores, seq_len=1, cache_len=int(meta["seqlen"])) as w:
         rec = {"requested_engine": engine, "engine": w.name, "fallback_reason": w.fallback_reason,

@@ -14,14 +14,14 @@ from pathlib import Path
 from .. import ui
 from ..errors import UserError, check
 from ..engine.native.kernels import default_threads
-from ..engine.native.pack import (FORMAT_VERSION, NATIVE_DIR, build, check_act_columns, check_head, check_weights,
-                                  load_tensors, read_index)
+from ..engine.native.pack import (DEFAULT_INT4, FORMAT_VERSION, NATIVE_DIR, build, check_act_columns, check_head,
+                                  check_int4, check_weights, load_tensors, read_index)
 from ..engine.cpuinfo import cpu_name
 
 
 def native_key(meta: dict, crossover: float | None, threads: int | None = None,
                formats: tuple[str, ...] | None = None, weights: str = "fp32", head: str | None = None,
-               act_columns: int | None = None) -> dict:
+               act_columns: int | None = None, int4: tuple[int, str] | None = None) -> dict:
     """What the native weights depend on. With measured formats (crossover None) that includes the CPU and the
     thread count they were timed with: the same deployment on another machine is re-tuned there. A value type
     other than fp32 is part of the key (an fp32 build's key is what it was before value types existed)."""
@@ -32,7 +32,21 @@ def native_key(meta: dict, crossover: float | None, threads: int | None = None,
             **({"formats": sorted(formats)} if formats else {}),
             **({"weights": weights} if weights != "fp32" else {}),
             **({"head": head} if head == "q4" else {}),           # the default heads keep the keys they had
-            **({"act_columns": int(act_columns)} if act_columns not in (None, default_act_columns()) else {})}
+            **({"act_columns": int(act_columns)} if act_columns not in (None, default_act_columns()) else {}),
+            **({"int4": list(int4)} if int4 is not None and tuple(int4) != DEFAULT_INT4 else {})}
+
+
+def built_int4(index: dict | None) -> tuple[int, str] | None:
+    """An index's int4 storage (group, scales), None where it is not an int4 build."""
+    s = (index or {}).get("int4")
+    return (int(s["group_size"]), str(s["scales"])) if s else None
+
+
+def wanted_int4(old: dict | None, group: int | None, scales: str | None, weights: str, keep_fixed: bool) -> tuple[int, str]:
+    """Explicit --int4-group / --int4-scales win; else `keep_fixed` keeps what an int4 build used; else (128, fp32)."""
+    if group is None and scales is None and keep_fixed and weights == "int4" and built_int4(old) is not None:
+        return built_int4(old)
+    return check_int4(group, scales, weights)
 
 
 def wanted_crossover(old: dict | None, crossover: float | None, keep_fixed: bool):
@@ -70,7 +84,8 @@ def is_current(meta: dict, *, cores: int | None = None) -> bool:
     return index is not None and index.get("key") == native_key(meta, index.get("crossover"), cores,
                                                                  weights=index.get("weights") or "fp32",
                                                                  head=index.get("head"),
-                                                                 act_columns=index.get("act_columns"))
+                                                                 act_columns=index.get("act_columns"),
+                                                                 int4=built_int4(index))
 
 
 def check_zeros(index: dict, meta: dict) -> None:
@@ -99,11 +114,13 @@ def build_from_model(model, meta: dict, *, crossover: float | None = None, cores
 
 def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = False, cores: int | None = None,
                   formats: tuple[str, ...] | None = None, keep_fixed: bool = False, weights: str | None = None,
-                  head: str | None = None, act_columns: int | None = None) -> dict:
+                  head: str | None = None, act_columns: int | None = None, int4_group: int | None = None,
+                  int4_scales: str | None = None) -> dict:
     """The deployment's native index, building it when missing, stale or asked for (`force`).
     weights: the decoder groups' value type ("fp32" | "int8"; None: fp32, or with keep_fixed what was built).
     act_columns: a low-bit build's activation scale width (256 or 64; None: 256, or with keep_fixed what was
-    built)."""
+    built). int4_group / int4_scales: an int4 build's storage (pack.check_int4; None: 128 / fp32, or with
+    keep_fixed what was built)."""
     from ..pipeline.models import resolve
 
     ndir = Path(meta["dir"]) / NATIVE_DIR
@@ -112,7 +129,8 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
         check(old is not None, f"{meta['dir']} is a native-only deployment without readable native weights",
               "re-export it: sparsedeploy export MODEL --format native --out DIR")
         check(not force and weights in (None, old.get("weights")) and head in (None, old.get("head")) and crossover is None
-              and act_columns in (None, old.get("act_columns")),
+              and act_columns in (None, old.get("act_columns"))
+              and (int4_group, int4_scales) == (None, None),
               f"{meta['dir']} is a native-only deployment: its native weights ({old.get('weights')}, head "
               f"{old.get('head')}) were built at export", "re-export it with the options you want: "
               "sparsedeploy export MODEL --format native --weights ... --head ... --out DIR")
@@ -121,7 +139,8 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     wt = wanted_weights(old, weights, keep_fixed)
     hd = wanted_head(old, head, wt, keep_fixed)
     ac = wanted_act_columns(old, act_columns, wt, keep_fixed)
-    want = native_key(meta, c, cores, formats, wt, hd, ac)
+    i4 = wanted_int4(old, int4_group, int4_scales, wt, keep_fixed)
+    want = native_key(meta, c, cores, formats, wt, hd, ac, i4 if wt == "int4" else None)
     if old is not None and old.get("key") == want and not force:
         return old
     check(not meta.get("synthetic"), f"{meta['dir']} is a synthetic deployment without native weights",
@@ -147,7 +166,7 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     with ui.progress(f"native weights for {meta['dir']} ({how})", 1) as bar:
         config = json.loads((Path(meta["dir"]) / "config.json").read_text())
         index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats,
-                      weights=wt, codes=codes, head=hd, act_columns=ac)
+                      weights=wt, codes=codes, head=hd, act_columns=ac, int4=i4 if wt == "int4" else None)
         bar(1)
     check_zeros(index, meta)
     return index
@@ -233,8 +252,10 @@ def lowbit_reference_model(meta: dict, index: dict):
                     W = mod.weight.detach().float().numpy()
                     if info["format"] == "int4_bitmask":
                         if info.get("codes") != "gptq":
-                            codes, sc, zr, keep = rtn_int4(W, INT4_GROUP)
-                            g = np.arange(W.shape[1]) // INT4_GROUP
+                            gs, scales = built_int4(index) or (INT4_GROUP, "fp32")
+                            codes, sc, zr, keep = rtn_int4(W, gs, scales)
+                            gs = W.shape[1] if gs == -1 else gs
+                            g = np.arange(W.shape[1]) // gs
                             W = np.where(keep, sc[:, g] * (codes.astype(np.float32) - zr[:, g]), np.float32(0))
                             mod.weight.copy_(torch.from_numpy(W.astype(np.float32)).to(mod.weight.dtype))
                     else:
@@ -383,7 +404,8 @@ def native_only_meta(index: dict, config: dict, *, seqlen: int, source: str, mag
 def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str = "int8", head: str | None = None,
                        crossover: float | None = None, formats: tuple[str, ...] | None = None,
                        cores: int | None = None, magnitude: float | None = None, seqlen: int = 256,
-                       progress: bool = True, act_columns: int | None = None) -> dict:
+                       progress: bool = True, act_columns: int | None = None, int4_group: int | None = None,
+                       int4_scales: str | None = None) -> dict:
     """A native-only deployment of a model folder, streamed: config.json, the tokenizer, sparsedeploy.json and
     native/ — no ONNX graph (a full-depth 7B model's fp32 graph is 27 GB; the native engine needs only its own
     weights and the cache geometry). The decoder layers are read, optionally magnitude-pruned (`magnitude`),
@@ -413,6 +435,7 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
     check_weights(weights)
     head = check_head(head, weights)
     act_columns = check_act_columns(act_columns, weights)
+    int4 = check_int4(int4_group, int4_scales, weights)
     source = FolderSource(model_dir, magnitude)
     config = source.config
     codes = gptq_codes_for(model_dir) if weights == "int4" else None
@@ -432,12 +455,14 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
                                                                 "magnitude": magnitude,
                                                                 **({"codes": "gptq"} if codes else {})},
                "crossover": crossover, **({"formats": sorted(formats)} if formats else {}),
-               "weights": weights, "head": head, **({"act_columns": act_columns} if act_columns != default_act_columns() else {})}
+               "weights": weights, "head": head, **({"act_columns": act_columns} if act_columns != default_act_columns() else {}),
+               **({"int4": list(int4)} if int4 != DEFAULT_INT4 else {})}
         n = int(config["num_hidden_layers"])
         with ui.progress(f"native-only deployment of {model_dir.name} ({weights}{', GPTQ codes' if codes else ''}, "
                          f"head {head}{'' if not magnitude else f', magnitude {magnitude:.0%}'})", n) as bar:
             index = write_native(source, config, tmp / NATIVE_DIR, key=key, crossover=crossover, threads=cores,
                                  formats=formats, weights=weights, codes=codes, head=head, act_columns=act_columns,
+                                 int4=int4 if weights == "int4" else None,
                                  on_layer=(lambda i: bar(i + 1)) if progress else None)
         meta = native_only_meta(index, config, seqlen=seqlen, source=str(model_dir.resolve()), magnitude=magnitude)
         meta["build"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _peak_rss_mb()}

@@ -11,12 +11,16 @@ is exactly 0 and has no code (the grid has no level at 0), so the format needs t
                                (pack_bits' order); each block starts on a byte (an odd count leaves a 0
                                high nibble: 1/4 byte per block on average), so a block is ceil(popcount / 2)
                                bytes; then 64 zero bytes, so a block may load 64 bytes from any offset
-                scale, zero float32 [out, ngroups]   ngroups = ceil(in / group_size)
+                scale, zero float32 [out, ngroups]   ngroups = ceil(in / group_size); or uint16 [out, ngroups],
+                               the bits of their float16 rounding (SCALE_TYPES "fp16": 4 bytes a group
+                               instead of 8), widened to float32 in registers (the intrinsic's fpext,
+                               vcvtph2ps; the portable kernel's integer `_half_to_f32`)
                 group_size int64 [1]   a multiple of 64 (a group is whole 64-column blocks); the GPTQ
                                stage's -1 (one group per row) is stored as the row width rounded up to 64
 
-about 0.5 byte per kept weight + 1/8 byte per weight (mask) + 8 / group_size bytes per weight (scale, zero)
-+ 1/256 byte per weight (block alignment). Byte-aligned blocks spare the kernel a variable 4-bit shift of the
+about 0.5 byte per kept weight + 1/8 byte per weight (mask) + 8 / group_size bytes per weight (scale, zero;
+4 / group_size as float16) + 1/256 byte per weight (block alignment): at 70% with groups of 128 and float32
+scales 0.343 bytes a weight, with groups of 256 and float16 ones 0.296. Byte-aligned blocks spare the kernel a variable 4-bit shift of the
 nibble offsets (a broadcast and an add a block).
 
 Activations are the int8 blocks of `lowbit.quantize_act` (s_b = max|x| / 127 over the block's 256-column
@@ -66,7 +70,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .lowbit import BLOCK, LANES, _features, _is, _matrix, _unrolled, _vec_types, group_blocks, has_vbmi2, has_vnni
 from .simd_rows import PREFETCH_BYTES, _put, prefetch
@@ -75,6 +79,7 @@ _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 BITS = 4
 MAXQ = 2 ** BITS - 1
 PAD = 64                       # zero bytes after the packed codes: a block loads 64 bytes from any offset
+SCALE_TYPES = ("fp32", "fp16")  # storage of the per-group scale and zero point (fp16: as uint16 bits)
 
 
 # ----------------------------------------------------------------------------- which path this CPU gets
@@ -107,10 +112,12 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
     chain (1, 2 or 4; int4_chain): that many consecutive blocks share their activation scale and weight group,
     so their dot and msum chain in int32 and the float step (two conversions, two FMAs) runs once per chain;
     the blocks past the last whole chain go one by one."""
-    if not (_is(vals, types.uint8, 1) and _is(masks, types.uint64, 1) and _is(gscale, types.float32)
-            and _is(gzero, types.float32) and gscale.layout == "C" and gzero.layout == "C"
+    sdt = gscale.dtype if isinstance(gscale, types.Array) else None
+    if not (_is(vals, types.uint8, 1) and _is(masks, types.uint64, 1) and sdt in (types.float32, types.uint16)
+            and _is(gscale, sdt) and _is(gzero, sdt) and gscale.layout == "C" and gzero.layout == "C"
             and _is(q, types.int8, 1) and _is(scale, types.float32, 1)):
         return None
+    half = sdt == types.uint16          # scales / zeros stored as float16 bits (SCALE_TYPES): widened in registers
     sig = types.float32(vals, masks, types.int64, types.int64, gscale, gzero, types.int64, types.int64, q, scale,
                         types.int64, types.int64)
 
@@ -173,6 +180,9 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
             g = builder.load(gi)
             gs = builder.load(builder.gep(gsa.data, [g]))
             gz = builder.load(builder.gep(gza.data, [g]))
+            if half:                    # float16 bits -> float32 (vcvtph2ps where the CPU has F16C)
+                gs = builder.fpext(builder.bitcast(gs, ir.HalfType()), f32)
+                gz = builder.fpext(builder.bitcast(gz, ir.HalfType()), f32)
             s = builder.load(builder.gep(sa.data, [b]))
             e = builder.call(fma, [builder.sitofp(msum, v16f), splat(builder.fneg(gz)), builder.sitofp(dot, v16f)])
             builder.store(builder.call(fma, [e, splat(builder.fmul(s, gs)), builder.load(acc)]), acc)
@@ -220,6 +230,38 @@ def vnni_int4_bitmask_dot(typingctx, vals, masks, boff, mstart, gscale, gzero, g
         return builder.fadd(builder.load(result), rest)
 
     return sig, codegen
+
+
+def widen(x):
+    """A stored scale or zero as float32: float32 as it is, uint16 as the float16 it holds (numba has no float16
+    on CPUs); the portable kernel's twin of the intrinsic's fpext."""
+    if isinstance(x, np.uint16):
+        return np.float32(np.array(x, np.uint16).view(np.float16))
+    return np.float32(x)
+
+
+@njit(cache=True, nogil=True)
+def _half_to_f32(x):
+    """float16 bits -> float32 in integer arithmetic (no F16C needed): every float16 is exact in float32."""
+    h = np.int32(x)
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 0:
+        v = np.float32(m) * np.float32(2.0 ** -24)
+    elif e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(1024 + m) * np.float32(2.0 ** (e - 25))
+    return -v if (h >> 15) & 1 else v
+
+
+@overload(widen)
+def _widen(x):
+    if x == types.float32:
+        return lambda x: x
+    if x == types.uint16:
+        return lambda x: _half_to_f32(x)
+    return None
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -290,8 +332,8 @@ def int4_bitmask_gemv_portable(rowptr, masks, vals, gscale, gzero, group_size, q
                     msum += qj
                     k += 1
             off += (k + 1) >> 1
-            e = np.float32(dot) - gzero[r, g] * np.float32(msum)
-            s += e * (scale[b] * gscale[r, g])
+            e = np.float32(dot) - widen(gzero[r, g]) * np.float32(msum)
+            s += e * (scale[b] * widen(gscale[r, g]))
         _put(out, r, s, bias, has_bias, acc)
 
 
@@ -310,10 +352,38 @@ def _group_size(group_size, in_features: int) -> int:
     return gs
 
 
-def encode_int4_bitmask(codes, scale, zero, keep, group_size) -> dict[str, np.ndarray]:
+def stored_scales(a, scales: str = "fp32") -> np.ndarray:
+    """Scales or zero points as stored: float32, or ("fp16") the uint16 bits of their float16 rounding (ValueError
+    where one does not fit a float16)."""
+    if scales not in SCALE_TYPES:
+        raise ValueError(f"int4_bitmask: scale type {scales!r} is not one of {', '.join(SCALE_TYPES)}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if scales == "fp32":
+        return a.copy()
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)
+    if not np.isfinite(h).all():
+        raise ValueError("int4_bitmask: a scale or zero point does not fit a float16 (|x| > 65504 or not finite); "
+                         "store them as fp32")
+    return h.view(np.uint16)
+
+
+def as_f32(a) -> np.ndarray:
+    """Stored scales or zero points (float32, or float16 bits in uint16) as float32."""
+    a = np.asarray(a)
+    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a.astype(np.float32, copy=False)
+
+
+def scale_type(enc) -> str:
+    """'fp16' when the group's scales and zeros are stored as float16 bits, else 'fp32'."""
+    return "fp16" if np.asarray(enc["scale"]).dtype == np.uint16 else "fp32"
+
+
+def encode_int4_bitmask(codes, scale, zero, keep, group_size, scales: str = "fp32") -> dict[str, np.ndarray]:
     """GPTQ-stage output -> the int4_bitmask arrays (module doc). codes uint8 [out, in] (0..15 where kept;
     anything where pruned), scale / zero float32 [out, ceil(in / group_size)], keep bool [out, in];
-    group_size a multiple of 64 (ValueError otherwise) or -1 (one group per row)."""
+    group_size a multiple of 64 (ValueError otherwise) or -1 (one group per row). scales: their storage, "fp32"
+    (exact) or "fp16" (rounded to float16, stored as uint16 bits: 4 instead of 8 bytes a group)."""
     codes = np.asarray(codes)
     keep = np.asarray(keep)
     if codes.ndim != 2 or keep.shape != codes.shape:
@@ -343,8 +413,8 @@ def encode_int4_bitmask(codes, scale, zero, keep, group_size) -> dict[str, np.nd
     lo = pos % 2 == 0
     vals[pos[lo] >> 1] = kept[lo]
     vals[pos[~lo] >> 1] |= kept[~lo] << 4
-    return {"rowptr": rowptr, "masks": masks, "vals": vals, "scale": scale.copy(), "zero": zero.copy(),
-            "group_size": np.array([gs], np.int64)}
+    return {"rowptr": rowptr, "masks": masks, "vals": vals, "scale": stored_scales(scale, scales),
+            "zero": stored_scales(zero, scales), "group_size": np.array([gs], np.int64)}
 
 
 def _nibble_positions(bits):
@@ -362,12 +432,14 @@ def _nibble_positions(bits):
     return 2 * start[blk] + rank, nbytes.reshape(out_f, nblk)
 
 
-def rtn_int4(W, group_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def rtn_int4(W, group_size, scales: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Round-to-nearest asymmetric 4-bit on pipeline/quantize.py's grid, per row and group, over the nonzeros
     (kept = W != 0): scale = (max - min) / 15, zero = -min / scale (one distinct value: scale = |min|, at
     least 1e-8; no kept value: min -1, max 1), code = clip(rint(w / scale + zero), 0, 15), moved one level
-    where its level would be exactly 0. Returns (codes uint8 [out, in], 0 where pruned; scale, zero float32
-    [out, groups]; keep bool [out, in]); group_size as in encode_int4_bitmask."""
+    where its level would be exactly 0. scales "fp16": scale, then zero, rounded to float16 before the codes are
+    chosen (the codes fit the stored grid; scale at least 2^-24, float16's smallest). Returns (codes uint8
+    [out, in], 0 where pruned; scale, zero float32 [out, groups], float16-exact with "fp16"; keep bool [out, in]);
+    group_size as in encode_int4_bitmask."""
     W = _matrix(W)
     out_f, in_f = W.shape
     gs = _group_size(group_size, in_f)
@@ -384,7 +456,11 @@ def rtn_int4(W, group_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         xmax = np.where(has, np.where(Kg, Wg, np.float32(-np.inf)).max(axis=1), np.float32(1)).astype(np.float32)
         s = ((xmax - xmin) / np.float32(MAXQ)).astype(np.float32)
         s = np.where(s <= 0, np.maximum(np.abs(xmin), np.float32(1e-8)), s).astype(np.float32)
+        if scales == "fp16":
+            s = np.maximum(as_f32(stored_scales(s, "fp16")), np.float32(2.0 ** -24))
         z = (-xmin / s).astype(np.float32)
+        if scales == "fp16":
+            z = as_f32(stored_scales(z, "fp16"))
         qf = np.clip(np.rint(Wg / s[:, None] + z[:, None]), 0, MAXQ).astype(np.float32)
         hit = Kg & (s[:, None] * (qf - z[:, None]) == 0)
         qf = np.where(hit, np.where(qf < MAXQ, qf + 1, qf - 1), qf)
@@ -393,14 +469,15 @@ def rtn_int4(W, group_size) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     return codes, scale, zero, keep
 
 
-def encode_int4_bitmask_from_weights(W, group_size=128) -> dict[str, np.ndarray]:
-    """int4_bitmask of W quantised by `rtn_int4` (kept = the nonzeros of W)."""
-    codes, scale, zero, keep = rtn_int4(W, group_size)
-    return encode_int4_bitmask(codes, scale, zero, keep, group_size)
+def encode_int4_bitmask_from_weights(W, group_size=128, scales: str = "fp32") -> dict[str, np.ndarray]:
+    """int4_bitmask of W quantised by `rtn_int4` (kept = the nonzeros of W), scales stored as `scales`."""
+    codes, scale, zero, keep = rtn_int4(W, group_size, scales)
+    return encode_int4_bitmask(codes, scale, zero, keep, group_size, scales)
 
 
 def decode_int4_bitmask(enc, in_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of encode_int4_bitmask: (codes uint8 [out, in], 0 where pruned; scale; zero; keep)."""
+    """Inverse of encode_int4_bitmask: (codes uint8 [out, in], 0 where pruned; scale; zero (float32, widened from
+    float16 where stored so); keep)."""
     rowptr, masks, vals = enc["rowptr"], enc["masks"], enc["vals"]
     out_f = rowptr.shape[0] - 1
     nblk = masks.shape[0] // out_f if out_f else 0
@@ -409,7 +486,7 @@ def decode_int4_bitmask(enc, in_features: int) -> tuple[np.ndarray, np.ndarray, 
     keep = bits.reshape(out_f, nblk * BLOCK)[:, :in_features].astype(bool)
     codes = np.zeros((out_f, in_features), np.uint8)
     codes[keep] = (vals[pos >> 1] >> (4 * (pos & 1)).astype(np.uint8)) & 15
-    return codes, enc["scale"], enc["zero"], keep
+    return codes, as_f32(enc["scale"]), as_f32(enc["zero"]), keep
 
 
 def dequantized_int4(enc, in_features: int) -> np.ndarray:

@@ -21,8 +21,8 @@ per row;
 the int8 dense, bitmask and perm products quantise their input vector to int8, one scale per 256 columns (VNNI dot
 products).
 With `weights="int4"` every group is int4_bitmask (int4.py): 4-bit codes of the kept weights on the GPTQ stage's
-grid (per row and group of INT4_GROUP columns a float32 scale and zero point) over a keep bitmask, about
-d/2 + 1/8 + 8/group bytes a weight; the codes are the GPTQ checkpoint's own when the deployment comes from a
+grid (per row and group of INT4_GROUP columns, or `--int4-group`, a float32 scale and zero point, or with
+`--int4-scales fp16` float16 ones) over a keep bitmask, about d/2 + 1/8 + 8/group (fp16: 4/group) bytes a weight; the codes are the GPTQ checkpoint's own when the deployment comes from a
 4-bit quantised RUN (`codes`, bit-exact with its fake-quant weights), else round-to-nearest at build time.
 Which one is fastest depends on the CPU (its bandwidth,
 gathers, AVX-512), the shape and the sparsity, so by default each group's format is *measured*: tune.py
@@ -69,7 +69,9 @@ def sparse_format(W: np.ndarray) -> str:
 VALUE_TYPES = ("fp32", "int8", "int4")
 INT8_FORMATS = ("int8", "int8_ell", "int8_csr", "int8_bitmask", "int8_perm")
 INT4_FORMATS = ("int4_bitmask",)
-INT4_GROUP = 128                          # columns per scale/zero of a round-to-nearest int4 build
+INT4_GROUP = 128                          # columns per scale/zero of a round-to-nearest int4 build (default)
+INT4_SCALES = ("fp32", "fp16")            # storage of an int4 build's scales and zero points (int4.SCALE_TYPES)
+DEFAULT_INT4 = (INT4_GROUP, "fp32")
 HEADS = ("int8", "q4")
 PERM_MIN_SPARSITY = 0.75                  # int8_perm is a tuner candidate for groups at least this sparse
 PERM_MAX_WIDTH = 65536 * 64               # (a vector stores its first block in 16 bits)                    # a low-bit build's lm_head: int8 per row (default) or Q4_0-like
@@ -107,12 +109,28 @@ def check_act_columns(act_columns: int | None, weights: str) -> int:
     return int(act_columns)
 
 
-def encode(W: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
-    """One matrix in one stored format (see the module doc)."""
+def check_int4(group: int | None, scales: str | None, weights: str) -> tuple[int, str]:
+    """An int4 build's storage: (columns per scale / zero point of its round-to-nearest groups, 128 by default,
+    a multiple of 64 or -1 = one per row; "fp32" (default) or "fp16" scales and zero points)."""
+    if group is None and scales is None:
+        return DEFAULT_INT4
+    check(weights == "int4", "--int4-group / --int4-scales are for int4 builds", "add --weights int4")
+    g = INT4_GROUP if group is None else int(group)
+    check(g == -1 or (g > 0 and g % 64 == 0), f"--int4-group {group} is not a positive multiple of 64 (or -1)",
+          "use 64, 128, 256 (or -1: one scale per row): an int4 group is whole 64-column blocks")
+    sc = "fp32" if scales is None else str(scales)
+    check(sc in INT4_SCALES, f"--int4-scales {scales!r} is not a storage of the int4 scales",
+          f"use one of: {', '.join(INT4_SCALES)}")
+    return g, sc
+
+
+def encode(W: np.ndarray, fmt: str, int4: tuple[int, str] = DEFAULT_INT4) -> dict[str, np.ndarray]:
+    """One matrix in one stored format (see the module doc); int4 groups round-to-nearest with the storage
+    `int4` (group, scales)."""
     if fmt in INT4_FORMATS:
         from .int4 import encode_int4_bitmask_from_weights
 
-        return encode_int4_bitmask_from_weights(W, INT4_GROUP)
+        return encode_int4_bitmask_from_weights(W, int4[0], scales=int4[1])
     if fmt in INT8_FORMATS:
         from . import lowbit as LB
 
@@ -320,13 +338,14 @@ def stack_layer(source, arch, i: int) -> dict[str, tuple[np.ndarray, list[np.nda
 def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, key: dict,
           crossover: float | None = None, threads: int | None = None, formats: tuple[str, ...] | None = None,
           share_with: str | Path | None = None, weights: str = "fp32", codes=None, head: str | None = None,
-          act_columns: int | None = None) -> dict:
+          act_columns: int | None = None, int4: tuple[int, str] | None = None) -> dict:
     """Compress the in-memory `tensors` into out_dir: `write_native` over them, with the formats (crossover None)
     measured over all layers together in decode order (tune.choose_formats), as a decode step meets them.
     See write_native for the arguments."""
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
           "use e.g. 0.55, or omit it to choose each group's format by measurement")
     check_weights(weights)
+    storage = check_int4(*(int4 or (None, None)), weights)
     source = DictSource(tensors)
     plan = None
     if crossover is None:
@@ -335,17 +354,18 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         arch = native_arch(config)
         stacked = [{g: W for g, (W, _) in stack_layer(source, arch, i).items()}
                    for i in range(int(config["num_hidden_layers"]))]
-        plan = choose_formats(stacked, threads=threads, formats=formats, weights=weights)
+        plan = choose_formats(stacked, threads=threads, formats=formats, weights=weights, int4=storage)
         del stacked
     return write_native(source, config, out_dir, key=key, crossover=crossover, threads=threads, formats=formats,
                         share_with=share_with, weights=weights, codes=codes, head=head, plan=plan,
-                        act_columns=act_columns)
+                        act_columns=act_columns, int4=int4)
 
 
 def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crossover: float | None = None,
                  threads: int | None = None, formats: tuple[str, ...] | None = None,
                  share_with: str | Path | None = None, weights: str = "fp32", codes=None, head: str | None = None,
-                 plan: tuple[list, dict] | None = None, on_layer=None, act_columns: int | None = None) -> dict:
+                 plan: tuple[list, dict] | None = None, on_layer=None, act_columns: int | None = None,
+                 int4: tuple[int, str] | None = None) -> dict:
     """Compress a model into out_dir, reading it from `source` (has(name), get(name) -> float32 array: DictSource,
     or a streamed reader of a model folder) one decoder layer at a time and writing each layer's arrays as they
     are made (ArrayWriter): residents are the shared tensors while they are written, then one layer. Written to a
@@ -364,12 +384,16 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
     head: a low-bit build's lm_head, "int8" (per row, the default) or "q4" (Q4_0-like: 4-bit, a float16 scale
     per 32 columns, 0.5625 bytes a weight; lowbit.q4_gemv). act_columns: a low-bit build's activation scale width,
     256 (default) or 64 (index["act_columns"]; the formats are timed with 256). on_layer(i): called after layer
-    i is written."""
+    i is written. int4: an int4 build's (group, scales) storage (check_int4; default (128, "fp32")): the group of
+    its round-to-nearest groups (a GPTQ checkpoint's codes keep their own) and its scales' and zeros' storage."""
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
           "use e.g. 0.55, or omit it to choose each group's format by measurement")
     check_weights(weights)
     head = check_head(head, weights)
     act_columns = check_act_columns(act_columns, weights)
+    int4 = check_int4(*(int4 or (None, None)), weights)
+    check(codes is None or int4[1] == "fp32", "--int4-scales fp16 would round a GPTQ checkpoint's float32 scales "
+          "(its codes would no longer give its weights)", "drop --int4-scales for a quantized RUN")
     arch = native_arch(config)
     n_layers = int(config["num_hidden_layers"])
     out_dir = Path(out_dir)
@@ -449,7 +473,7 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
                 from .tune import choose_formats
 
                 c, rec = choose_formats([{g: W for g, (W, _) in stacked.items()}], threads=threads, formats=formats,
-                                        weights=weights)
+                                        weights=weights, int4=int4)
                 choice, ms = c[0], rec["ms"][0]
                 measured[kind] = (choice, ms, i)
                 if tuning is None:
@@ -468,7 +492,7 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
                 fmt, _, build = choice[g].partition("/")
                 parts = [codes(src + n) for n in names] if fmt in INT4_FORMATS and codes is not None else []
                 from_codes = bool(parts) and all(x is not None for x in parts)      # read once per linear
-                arrs = _int4_from_codes(parts) if from_codes else encode(W, fmt)
+                arrs = _int4_from_codes(parts, int4[1]) if from_codes else encode(W, fmt, int4)
                 if from_codes:
                     int4_sources.add("gptq")
                 elif fmt in INT4_FORMATS:
@@ -503,8 +527,9 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
         dense_bytes = sum(4 * int(np.prod(v["shape"])) for lg in groups_index for v in lg.values())
         stored_linear = sum(b for k, b in nbytes.items() if k.startswith("layers.") and k.split(".")[2] in ("qkv", "o", "up", "down"))
         index = {"format_version": FORMAT_VERSION, "key": key, "arch": arch.name, "crossover": crossover,
-                 "weights": weights, "quantization": _quantization(weights, int4_sources, head, act_columns),
+                 "weights": weights, "quantization": _quantization(weights, int4_sources, head, act_columns, int4),
                  "act_columns": act_columns,
+                 **({"int4": {"group_size": int4[0], "scales": int4[1]}} if weights == "int4" else {}),
                  "tuning": None if tuning is None else {k: v for k, v in tuning.items() if k != "ms"},
                  "config": config, "layers": groups_index, "tied_lm_head": tied, "head": head, "zeros": zeros,
                  "bytes": {"total": sum(nbytes.values()), "decoder_linears": stored_linear,
@@ -526,26 +551,33 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
     return index
 
 
-def _int4_from_codes(parts: list[tuple]) -> dict[str, np.ndarray]:
-    """One stacked int4_bitmask group from the GPTQ codes of its linears (rows concatenated)."""
+def _int4_from_codes(parts: list[tuple], scales: str = "fp32") -> dict[str, np.ndarray]:
+    """One stacked int4_bitmask group from the GPTQ codes of its linears (rows concatenated); scales "fp16": the
+    checkpoint's float32 scales and zeros rounded to float16 (then no longer bit-exact with its weights)."""
     from .int4 import encode_int4_bitmask
 
     gs = {int(p[4]) for p in parts}
     check(len(gs) == 1, "the stacked linears of one group were quantised with different group sizes",
           "re-quantize the RUN with one --group-size")
-    return encode_int4_bitmask(*(np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in range(4)), gs.pop())
+    return encode_int4_bitmask(*(np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in range(4)), gs.pop(),
+                               scales=scales)
 
 
-def _quantization(weights: str, int4_sources: set[str], head: str = "int8", act_columns: int = 256) -> str | None:
+def _quantization(weights: str, int4_sources: set[str], head: str = "int8", act_columns: int = 256,
+                  int4: tuple[int, str] = DEFAULT_INT4) -> str | None:
     if weights == "fp32":
         return None
     act = f"activations int8 per {act_columns} columns in the int8 dense/bitmask/perm and int4 products"
     if weights == "int8":
         return f"int8 per output row, round-to-nearest at compile time (scale max|row| / 127); {act}; {_HEAD[head]}"
-    how = {"gptq": "the GPTQ checkpoint's codes (no re-quantisation)",
-           "rtn": f"round-to-nearest at compile time (asymmetric, groups of {INT4_GROUP})"}
+    group = "one group per row" if int4[0] == -1 else f"groups of {int4[0]}"
+    fp16 = int4[1] == "fp16"
+    how = {"gptq": "the GPTQ checkpoint's codes (no re-quantisation" + ("; its scales and zeros rounded to float16)"
+                                                                        if fp16 else ")"),
+           "rtn": f"round-to-nearest at compile time (asymmetric, {group}" + (", scale and zero rounded to float16 "
+                                                                               "before the codes)" if fp16 else ")")}
     return (f"int4 codes on the GPTQ grid over a keep bitmask: {' and '.join(how[s] for s in sorted(int4_sources))}; "
-            f"{act}; {_HEAD[head]}")
+            f"scales and zero points stored as {'float16' if fp16 else 'float32'}; {act}; {_HEAD[head]}")
 
 
 _HEAD = {"int8": "lm_head int8 per row", "q4": "lm_head 4-bit (Q4_0-like: float16 scale per 32 columns)"}

@@ -44,11 +44,13 @@ SERIAL_MAX_WEIGHTS = 1 << 22   # serial builds are timed only for groups of at m
 
 def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None = None, rounds: int = 7,
                    tie: float = 0.03, formats: tuple[str, ...] | None = None,
-                   serial: bool = True, weights: str = "fp32") -> tuple[list[dict[str, str]], dict]:
+                   serial: bool = True, weights: str = "fp32",
+                   int4: tuple[int, str] | None = None) -> tuple[list[dict[str, str]], dict]:
     """layers[i][group] = the stacked fp32 matrix. Returns (choice[i][group] = format, tuning record).
     formats: only these candidates (dense where none of them applies), e.g. to compare formats.
     serial: also time each format's serial build ("csr/serial"): no parallel region, for small products.
     weights: the value type ("fp32" or "int8"): only formats of that type are candidates (pack.candidates).
+    int4: an int4 build's (group, scales) storage, timed as it will be stored (pack.check_int4).
     A tie goes to fewer bytes, then to the parallel build."""
     used = K.set_threads(threads)
     rng = np.random.default_rng(0)
@@ -60,7 +62,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
             allowed = ([f for f in candidates(W, weights) if formats is None or f in formats]
                        or [{"fp32": "dense", "int8": "int8", "int4": "int4_bitmask"}[weights]])
             for fmt in allowed:
-                arrs = encode(W, fmt)
+                arrs = encode(W, fmt, int4) if int4 is not None else encode(W, fmt)
                 c[g][fmt] = Linear(fmt, arrs, None, W.shape)
                 if serial and W.size <= SERIAL_MAX_WEIGHTS:
                     c[g][fmt + "/serial"] = Linear(fmt, arrs, None, W.shape, serial=True)
