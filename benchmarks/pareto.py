@@ -68,9 +68,15 @@ def weight_view(meta: dict, weights: str, root: Path) -> dict:
 
 
 def split_weights(w: str) -> dict:
-    """'int8' -> the value type with its default head; 'int8+q4' -> int8 groups and a 4-bit lm_head."""
+    """'int8' -> the value type with its default head; 'int8+q4' -> int8 groups and a 4-bit lm_head;
+    'int4:256:fp16+q4' -> int4 groups in round-to-nearest groups of 256 with float16 scales (--int4-group,
+    --int4-scales) and a 4-bit lm_head."""
     weights, _, head = w.partition("+")
-    return {"weights": weights, "head": head or None}
+    weights, *storage = weights.split(":")
+    out = {"weights": weights, "head": head or None}
+    if storage:
+        out.update(int4_group=int(storage[0]), int4_scales=storage[1] if len(storage) > 1 else None)
+    return out
 
 
 def lowbit_perplexity(meta: dict, index: dict, ecfg, cache: Path, act_width: int | None = None) -> float:
@@ -332,7 +338,10 @@ def synthetic(work: Path, a) -> None:
                 v = weight_view(d, w, work / "views_synthetic")
                 idx = read_index(Path(v["dir"]) / "native")
                 sw = split_weights(w)
-                if idx is None or idx.get("weights") != sw["weights"] or idx.get("head") != (sw["head"] or "int8"):
+                want4 = ({"group_size": sw["int4_group"], "scales": sw.get("int4_scales") or "fp32"} if "int4_group" in sw
+                         else {"group_size": 128, "scales": "fp32"} if sw["weights"] == "int4" else None)
+                if (idx is None or idx.get("weights") != sw["weights"] or idx.get("head") != (sw["head"] or "int8")
+                        or idx.get("int4") != want4):
                     with quiet():
                         build_from_model(_synthetic_pruned(cfg, p), v, cores=a.cores, **sw)
                 v.update(config=f"{d['config']} {w}", label=f"{d['config']} {w}", engines=["native"])

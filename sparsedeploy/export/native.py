@@ -99,15 +99,20 @@ def check_zeros(index: dict, meta: dict) -> None:
 
 
 def build_from_model(model, meta: dict, *, crossover: float | None = None, cores: int | None = None,
-                     share_with: Path | None = None, weights: str = "fp32", head: str | None = None) -> dict:
+                     share_with: Path | None = None, weights: str = "fp32", head: str | None = None,
+                     int4_group: int | None = None, int4_scales: str | None = None) -> dict:
     """Native weights straight from an in-memory torch model (synthetic sweeps have no weights on disk).
-    share_with: another deployment's native folder whose embedding/lm_head file may be hard-linked."""
+    share_with: another deployment's native folder whose embedding/lm_head file may be hard-linked.
+    int4_group / int4_scales: an int4 build's storage (pack.check_int4)."""
     tensors = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     config = json.loads((Path(meta["dir"]) / "config.json").read_text())
     head = check_head(head, weights)
+    i4 = check_int4(int4_group, int4_scales, weights)
     index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR,
-                  key=native_key(meta, crossover, cores, weights=weights, head=head),
-                  crossover=crossover, threads=cores, share_with=share_with, weights=weights, head=head)
+                  key=native_key(meta, crossover, cores, weights=weights, head=head,
+                                 int4=i4 if weights == "int4" else None),
+                  crossover=crossover, threads=cores, share_with=share_with, weights=weights, head=head,
+                  int4=i4 if weights == "int4" else None)
     check_zeros(index, meta)
     return index
 
