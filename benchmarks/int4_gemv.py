@@ -82,8 +82,9 @@ def asm_worker():
     e, out = np.zeros(0, np.float32), np.zeros(64, np.float32)
     bm, i4, q4 = LB.encode_int8_bitmask(Wk), I4.encode_int4_bitmask_from_weights(Wk, 128), LB.encode_q4(W)
     h4 = I4.encode_int4_bitmask_from_weights(Wk, 128, scales="fp16")
-    I4.int4_bitmask_gemv_vnni(h4["rowptr"], h4["masks"], h4["vals"], h4["scale"], h4["zero"], 128, q, corr, s, e, out,
-                              False) if I4.kernel_paths()["int4_bitmask"] != "portable" else None
+    if I4.kernel_paths()["int4_bitmask"] != "portable":     # compile the uint16-scale specialisation too
+        I4.int4_bitmask_gemv_vnni(h4["rowptr"], h4["masks"], h4["vals"], h4["scale"], h4["zero"], 128, q, corr, s, e,
+                                  out, False)
     calls = {"int4_bitmask_gemv_vnni": (I4, lambda: I4.int4_bitmask_gemv_vnni(
                  i4["rowptr"], i4["masks"], i4["vals"], i4["scale"], i4["zero"], 128, q, corr, s, e, out, False)),
              "int8_bitmask_gemv_vnni": (LB, lambda: LB.int8_bitmask_gemv_vnni(

@@ -330,7 +330,7 @@ def synthetic(work: Path, a) -> None:
     lowbit = [w for w in a.native_weights.split(",") if w != "fp32"]
     views = []
     if "native" in engines and lowbit:
-        from sparsedeploy.engine.native.pack import read_index
+        from sparsedeploy.engine.native.pack import check_int4, read_index
         from sparsedeploy.export.native import build_from_model
 
         for p, d in zip(cfg.sparsities, deps):         # the sweep returns them in this order
@@ -338,8 +338,8 @@ def synthetic(work: Path, a) -> None:
                 v = weight_view(d, w, work / "views_synthetic")
                 idx = read_index(Path(v["dir"]) / "native")
                 sw = split_weights(w)
-                want4 = ({"group_size": sw["int4_group"], "scales": sw.get("int4_scales") or "fp32"} if "int4_group" in sw
-                         else {"group_size": 128, "scales": "fp32"} if sw["weights"] == "int4" else None)
+                g4, s4 = check_int4(sw.get("int4_group"), sw.get("int4_scales"), sw["weights"])
+                want4 = {"group_size": g4, "scales": s4} if sw["weights"] == "int4" else None
                 if (idx is None or idx.get("weights") != sw["weights"] or idx.get("head") != (sw["head"] or "int8")
                         or idx.get("int4") != want4):
                     with quiet():

@@ -109,10 +109,8 @@ def build_from_model(model, meta: dict, *, crossover: float | None = None, cores
     head = check_head(head, weights)
     i4 = check_int4(int4_group, int4_scales, weights)
     index = build(tensors, config, Path(meta["dir"]) / NATIVE_DIR,
-                  key=native_key(meta, crossover, cores, weights=weights, head=head,
-                                 int4=i4 if weights == "int4" else None),
-                  crossover=crossover, threads=cores, share_with=share_with, weights=weights, head=head,
-                  int4=i4 if weights == "int4" else None)
+                  key=native_key(meta, crossover, cores, weights=weights, head=head, int4=i4),
+                  crossover=crossover, threads=cores, share_with=share_with, weights=weights, head=head, int4=i4)
     check_zeros(index, meta)
     return index
 
@@ -145,7 +143,7 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     hd = wanted_head(old, head, wt, keep_fixed)
     ac = wanted_act_columns(old, act_columns, wt, keep_fixed)
     i4 = wanted_int4(old, int4_group, int4_scales, wt, keep_fixed)
-    want = native_key(meta, c, cores, formats, wt, hd, ac, i4 if wt == "int4" else None)
+    want = native_key(meta, c, cores, formats, wt, hd, ac, i4)
     if old is not None and old.get("key") == want and not force:
         return old
     check(not meta.get("synthetic"), f"{meta['dir']} is a synthetic deployment without native weights",
@@ -171,7 +169,7 @@ def ensure_native(meta: dict, *, crossover: float | None = None, force: bool = F
     with ui.progress(f"native weights for {meta['dir']} ({how})", 1) as bar:
         config = json.loads((Path(meta["dir"]) / "config.json").read_text())
         index = build(load_tensors(ref.path), config, ndir, key=want, crossover=c, threads=cores, formats=formats,
-                      weights=wt, codes=codes, head=hd, act_columns=ac, int4=i4 if wt == "int4" else None)
+                      weights=wt, codes=codes, head=hd, act_columns=ac, int4=i4)
         bar(1)
     check_zeros(index, meta)
     return index
@@ -240,9 +238,8 @@ def lowbit_reference_model(meta: dict, index: dict):
     import torch
 
     from ..arch import native_arch
-    from ..engine.native.int4 import rtn_int4
+    from ..engine.native.int4 import rtn_int4, stored_group_size
     from ..engine.native.lowbit import dequantized_q4, encode_q4, quantize_rows
-    from ..engine.native.pack import INT4_GROUP
     from ..pipeline.models import load, resolve
 
     ekey = meta.get("export_key") or {}
@@ -257,10 +254,9 @@ def lowbit_reference_model(meta: dict, index: dict):
                     W = mod.weight.detach().float().numpy()
                     if info["format"] == "int4_bitmask":
                         if info.get("codes") != "gptq":
-                            gs, scales = built_int4(index) or (INT4_GROUP, "fp32")
+                            gs, scales = built_int4(index) or DEFAULT_INT4
                             codes, sc, zr, keep = rtn_int4(W, gs, scales)
-                            gs = W.shape[1] if gs == -1 else gs
-                            g = np.arange(W.shape[1]) // gs
+                            g = np.arange(W.shape[1]) // stored_group_size(gs, W.shape[1])
                             W = np.where(keep, sc[:, g] * (codes.astype(np.float32) - zr[:, g]), np.float32(0))
                             mod.weight.copy_(torch.from_numpy(W.astype(np.float32)).to(mod.weight.dtype))
                     else:
@@ -467,7 +463,7 @@ def export_native_only(model_dir: str | Path, out: str | Path, *, weights: str =
                          f"head {head}{'' if not magnitude else f', magnitude {magnitude:.0%}'})", n) as bar:
             index = write_native(source, config, tmp / NATIVE_DIR, key=key, crossover=crossover, threads=cores,
                                  formats=formats, weights=weights, codes=codes, head=head, act_columns=act_columns,
-                                 int4=int4 if weights == "int4" else None,
+                                 int4=int4,
                                  on_layer=(lambda i: bar(i + 1)) if progress else None)
         meta = native_only_meta(index, config, seqlen=seqlen, source=str(model_dir.resolve()), magnitude=magnitude)
         meta["build"] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _peak_rss_mb()}

@@ -341,7 +341,7 @@ int4_bitmask_gemv = int4_bitmask_gemv_vnni if _PATHS["int4_bitmask"] != "portabl
 
 
 # ----------------------------------------------------------------------------- encoding (numpy)
-def _group_size(group_size, in_features: int) -> int:
+def stored_group_size(group_size, in_features: int) -> int:
     """group_size as stored: a positive multiple of 64, or -1 = one group per row (stored as the padded width)."""
     gs = int(group_size)
     if gs == -1:
@@ -389,7 +389,7 @@ def encode_int4_bitmask(codes, scale, zero, keep, group_size, scales: str = "fp3
     if codes.ndim != 2 or keep.shape != codes.shape:
         raise ValueError(f"int4_bitmask: codes {codes.shape} and keep {keep.shape} must be the same 2-D shape")
     out_f, in_f = codes.shape
-    gs = _group_size(group_size, in_f)
+    gs = stored_group_size(group_size, in_f)
     ng = -(-in_f // gs) if in_f else 0
     scale = np.ascontiguousarray(scale, dtype=np.float32)
     zero = np.ascontiguousarray(zero, dtype=np.float32)
@@ -442,7 +442,7 @@ def rtn_int4(W, group_size, scales: str = "fp32") -> tuple[np.ndarray, np.ndarra
     group_size as in encode_int4_bitmask."""
     W = _matrix(W)
     out_f, in_f = W.shape
-    gs = _group_size(group_size, in_f)
+    gs = stored_group_size(group_size, in_f)
     ng = -(-in_f // gs) if in_f else 0
     keep = W != 0
     scale = np.zeros((out_f, ng), np.float32)

@@ -111,14 +111,15 @@ def check_act_columns(act_columns: int | None, weights: str) -> int:
 
 def check_int4(group: int | None, scales: str | None, weights: str) -> tuple[int, str]:
     """An int4 build's storage: (columns per scale / zero point of its round-to-nearest groups, 128 by default,
-    a multiple of 64 or -1 = one per row; "fp32" (default) or "fp16" scales and zero points)."""
-    if group is None and scales is None:
+    a multiple of 64 or -1 = one per row; "fp32" (default) or "fp16" scales and zero points). The default storage
+    is what every build has (a value type without int4 groups ignores it); any other needs --weights int4."""
+    g = INT4_GROUP if group is None else int(group)
+    sc = "fp32" if scales is None else str(scales)
+    if (g, sc) == DEFAULT_INT4:
         return DEFAULT_INT4
     check(weights == "int4", "--int4-group / --int4-scales are for int4 builds", "add --weights int4")
-    g = INT4_GROUP if group is None else int(group)
     check(g == -1 or (g > 0 and g % 64 == 0), f"--int4-group {group} is not a positive multiple of 64 (or -1)",
           "use 64, 128, 256 (or -1: one scale per row): an int4 group is whole 64-column blocks")
-    sc = "fp32" if scales is None else str(scales)
     check(sc in INT4_SCALES, f"--int4-scales {scales!r} is not a storage of the int4 scales",
           f"use one of: {', '.join(INT4_SCALES)}")
     return g, sc
@@ -345,7 +346,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
     check(crossover is None or 0.0 <= crossover <= 1.0, f"--crossover {crossover} is outside [0, 1]",
           "use e.g. 0.55, or omit it to choose each group's format by measurement")
     check_weights(weights)
-    storage = check_int4(*(int4 or (None, None)), weights)
+    int4 = check_int4(*(int4 or (None, None)), weights)
     source = DictSource(tensors)
     plan = None
     if crossover is None:
@@ -354,7 +355,7 @@ def build(tensors: dict[str, np.ndarray], config: dict, out_dir: str | Path, *, 
         arch = native_arch(config)
         stacked = [{g: W for g, (W, _) in stack_layer(source, arch, i).items()}
                    for i in range(int(config["num_hidden_layers"]))]
-        plan = choose_formats(stacked, threads=threads, formats=formats, weights=weights, int4=storage)
+        plan = choose_formats(stacked, threads=threads, formats=formats, weights=weights, int4=int4)
         del stacked
     return write_native(source, config, out_dir, key=key, crossover=crossover, threads=threads, formats=formats,
                         share_with=share_with, weights=weights, codes=codes, head=head, plan=plan,
@@ -492,7 +493,7 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
                 fmt, _, build = choice[g].partition("/")
                 parts = [codes(src + n) for n in names] if fmt in INT4_FORMATS and codes is not None else []
                 from_codes = bool(parts) and all(x is not None for x in parts)      # read once per linear
-                arrs = _int4_from_codes(parts, int4[1]) if from_codes else encode(W, fmt, int4)
+                arrs = _int4_from_codes(parts) if from_codes else encode(W, fmt, int4)
                 if from_codes:
                     int4_sources.add("gptq")
                 elif fmt in INT4_FORMATS:
@@ -551,16 +552,15 @@ def write_native(source, config: dict, out_dir: str | Path, *, key: dict, crosso
     return index
 
 
-def _int4_from_codes(parts: list[tuple], scales: str = "fp32") -> dict[str, np.ndarray]:
-    """One stacked int4_bitmask group from the GPTQ codes of its linears (rows concatenated); scales "fp16": the
-    checkpoint's float32 scales and zeros rounded to float16 (then no longer bit-exact with its weights)."""
+def _int4_from_codes(parts: list[tuple]) -> dict[str, np.ndarray]:
+    """One stacked int4_bitmask group from the GPTQ codes of its linears (rows concatenated), scales and zeros
+    float32 as the checkpoint holds them (write_native refuses float16 storage for them)."""
     from .int4 import encode_int4_bitmask
 
     gs = {int(p[4]) for p in parts}
     check(len(gs) == 1, "the stacked linears of one group were quantised with different group sizes",
           "re-quantize the RUN with one --group-size")
-    return encode_int4_bitmask(*(np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in range(4)), gs.pop(),
-                               scales=scales)
+    return encode_int4_bitmask(*(np.concatenate([np.asarray(p[k]) for p in parts], axis=0) for k in range(4)), gs.pop())
 
 
 def _quantization(weights: str, int4_sources: set[str], head: str = "int8", act_columns: int = 256,
@@ -572,8 +572,7 @@ def _quantization(weights: str, int4_sources: set[str], head: str = "int8", act_
         return f"int8 per output row, round-to-nearest at compile time (scale max|row| / 127); {act}; {_HEAD[head]}"
     group = "one group per row" if int4[0] == -1 else f"groups of {int4[0]}"
     fp16 = int4[1] == "fp16"
-    how = {"gptq": "the GPTQ checkpoint's codes (no re-quantisation" + ("; its scales and zeros rounded to float16)"
-                                                                        if fp16 else ")"),
+    how = {"gptq": "the GPTQ checkpoint's codes (no re-quantisation)",
            "rtn": f"round-to-nearest at compile time (asymmetric, {group}" + (", scale and zero rounded to float16 "
                                                                                "before the codes)" if fp16 else ")")}
     return (f"int4 codes on the GPTQ grid over a keep bitmask: {' and '.join(how[s] for s in sorted(int4_sources))}; "

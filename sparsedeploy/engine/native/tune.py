@@ -33,7 +33,7 @@ from ..cpuinfo import cpu_name, cpu_tag  # noqa: F401  (re-exported: benchmarks 
 from ..cpuload import OtherLoad
 from . import kernels as K
 from .model import Linear
-from .pack import candidates, encode
+from .pack import DEFAULT_INT4, candidates, encode
 
 GROUP_ORDER = ("qkv", "o", "up", "down")
 BUSY_LOAD = 0.15               # other processes' share of the CPU above which a timing is not trusted
@@ -62,7 +62,7 @@ def choose_formats(layers: list[dict[str, np.ndarray]], *, threads: int | None =
             allowed = ([f for f in candidates(W, weights) if formats is None or f in formats]
                        or [{"fp32": "dense", "int8": "int8", "int4": "int4_bitmask"}[weights]])
             for fmt in allowed:
-                arrs = encode(W, fmt, int4) if int4 is not None else encode(W, fmt)
+                arrs = encode(W, fmt, int4 or DEFAULT_INT4)
                 c[g][fmt] = Linear(fmt, arrs, None, W.shape)
                 if serial and W.size <= SERIAL_MAX_WEIGHTS:
                     c[g][fmt + "/serial"] = Linear(fmt, arrs, None, W.shape, serial=True)
